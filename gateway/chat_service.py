@@ -1,0 +1,126 @@
+"""OpenAI chat completions on top of the decode loop; knows nothing about HTTP."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from gateway.generation import Finished, GenerationRequest, Generator, TextDelta
+from gateway.sampling import SamplingParams
+from gateway.swarm_client import InferenceSession
+from gateway.templating import PromptBuilder
+from protocol.errors import ContextLengthExceeded, ModelNotFound
+from protocol.openai import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    Choice,
+    ChoiceDelta,
+    ChunkChoice,
+    CompletionUsage,
+    PromptTokensDetails,
+)
+
+SYSTEM_FINGERPRINT = "swarmgate-v1"
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    max_length: int  # the model's context window in tokens
+    created: int
+
+
+class ChatService:
+    def __init__(self, model: ServedModel, prompts: PromptBuilder, generator: Generator) -> None:
+        self.model = model
+        self._prompts = prompts
+        self._generator = generator
+
+    def prepare(self, request: ChatCompletionRequest) -> GenerationRequest:
+        """Validate a request against the model and turn it into prompt tokens."""
+        if request.model != self.model.id:
+            raise ModelNotFound(f"the model {request.model!r} does not exist; this gateway serves {self.model.id!r}")
+        prompt = self._prompts.chat_prompt(request.messages)
+        room = self.model.max_length - len(prompt)
+        limit = request.token_limit()
+        if room <= 0 or (limit is not None and limit > room):
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {self.model.max_length} tokens; the "
+                f"messages use {len(prompt)} and {limit or 1} more were requested",
+                param="messages",
+            )
+        sampling = SamplingParams(
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            seed=request.seed,
+        )
+        return GenerationRequest(prompt, limit or room, sampling, request.stop_sequences())
+
+    async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
+        generation = self.prepare(request)
+        session = await self._generator.open(generation)
+        parts: list[str] = []
+        async for event in self._generator.generate(generation, session):
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            else:
+                finished = event
+        return ChatCompletion(
+            id=_completion_id(),
+            model=self.model.id,
+            choices=[Choice(message=ChatCompletionMessage(content="".join(parts)),
+                            finish_reason=finished.finish_reason)],  # type: ignore[arg-type]
+            usage=_usage(finished),
+            system_fingerprint=SYSTEM_FINGERPRINT,
+        )
+
+    async def open(self, generation: GenerationRequest) -> InferenceSession:
+        return await self._generator.open(generation)
+
+    async def stream(
+        self,
+        request: ChatCompletionRequest,
+        generation: GenerationRequest,
+        session: InferenceSession,
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        """Chunks of a prepared request: role first, then text, then the finish reason."""
+        completion_id, created = _completion_id(), int(time.time())
+
+        def chunk(delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(
+                id=completion_id, created=created, model=self.model.id,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+                system_fingerprint=SYSTEM_FINGERPRINT,
+            )
+
+        try:
+            yield chunk(ChoiceDelta(role="assistant", content=""))
+            async for event in self._generator.generate(generation, session):
+                if isinstance(event, TextDelta):
+                    yield chunk(ChoiceDelta(content=event.text))
+                    continue
+                yield chunk(ChoiceDelta(), event.finish_reason)
+                if request.stream_options is not None and request.stream_options.include_usage:
+                    yield ChatCompletionChunk(
+                        id=completion_id, created=created, model=self.model.id, choices=[],
+                        system_fingerprint=SYSTEM_FINGERPRINT, usage=_usage(event),
+                    )
+        finally:  # also when the client leaves before generation began
+            await session.close()
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _usage(finished: Finished) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=finished.prompt_tokens,
+        completion_tokens=finished.completion_tokens,
+        total_tokens=finished.prompt_tokens + finished.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=finished.cached_tokens),
+    )

@@ -1,0 +1,77 @@
+"""The one place where exceptions become OpenAI-shaped error responses."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from protocol.errors import (
+    CapacityExceeded,
+    ContextLengthExceeded,
+    ModelNotFound,
+    NoRouteError,
+    PeerUnavailable,
+    RequestError,
+    SwarmError,
+)
+from protocol.openai import ErrorDetail, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 5  # what clients are told to wait when the swarm has no room or no route
+
+
+@dataclass(frozen=True)
+class HTTPError:
+    status: int
+    body: ErrorResponse
+    headers: dict[str, str] | None = None
+
+
+def _error(status: int, message: str, type_: str, *, param: str | None = None,
+           code: str | None = None, retry: bool = False) -> HTTPError:
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
+    detail = ErrorDetail(message=message, type=type_, param=param, code=code)
+    return HTTPError(status, ErrorResponse(error=detail), headers)
+
+
+def to_http_error(exc: BaseException) -> HTTPError:
+    """Map any exception to its HTTP status and OpenAI error body."""
+    if isinstance(exc, ModelNotFound):
+        return _error(404, exc.message, "invalid_request_error", param="model", code="model_not_found")
+    if isinstance(exc, ContextLengthExceeded):
+        return _error(400, exc.message, "invalid_request_error", param=exc.param,
+                      code="context_length_exceeded")
+    if isinstance(exc, RequestError):
+        return _error(400, exc.message, "invalid_request_error", param=exc.param, code=exc.code)
+    if isinstance(exc, RequestValidationError):
+        return _validation_error(exc)
+    if isinstance(exc, HTTPException):
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+    if isinstance(exc, NoRouteError):
+        return _error(503, f"the swarm cannot serve this model right now: {exc}",
+                      "service_unavailable_error", code="no_route", retry=True)
+    if isinstance(exc, CapacityExceeded):
+        return _error(429, str(exc), "rate_limit_error", code="capacity_exceeded", retry=True)
+    if isinstance(exc, PeerUnavailable):
+        return _error(503, f"a server of the swarm failed: {exc}", "service_unavailable_error",
+                      code="peer_unavailable", retry=True)
+    if isinstance(exc, SwarmError):
+        return _error(502, f"swarm error: {exc}", "server_error")
+    logger.exception("unexpected error", exc_info=exc)
+    return _error(500, "internal server error", "server_error")
+
+
+def _validation_error(exc: RequestValidationError) -> HTTPError:
+    first = exc.errors()[0] if exc.errors() else {}
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        return _error(400, "the request body is not valid JSON", "invalid_request_error")
+    param = ".".join(location) or None
+    message = first.get("msg", "invalid request")
+    if param:
+        message = f"{param}: {message}"
+    return _error(400, message, "invalid_request_error", param=param)

@@ -1,0 +1,128 @@
+"""The decode loop: prompt tokens in, text deltas out, driven through a swarm session.
+
+No HTTP here. The gateway holds the model's embedding, final norm and LM head; the swarm
+runs every transformer block in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from gateway.sampling import SamplingParams, make_generator, sample
+from gateway.swarm_client import InferenceSession, SwarmClient
+from gateway.text import Decoder, IncrementalDetokenizer, StopMatcher
+from models.loading import Head
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+class HeadRunner:
+    """The gateway's share of the model, run off the event loop on one thread."""
+
+    def __init__(self, head: Head) -> None:
+        self._head = head
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    async def embed(self, ids: list[int]) -> torch.Tensor:
+        """ids: n token ids → hidden [1, n, hidden_size] (fp32)."""
+        return await self._run(lambda: self._embed(ids))
+
+    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [1, n, hidden_size] → logits of the last position [vocab] (fp32)."""
+        return await self._run(lambda: self._logits(hidden))
+
+    @torch.inference_mode()
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        return self._head.embed(torch.tensor([ids], dtype=torch.long))
+
+    @torch.inference_mode()
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._head.lm_head(self._head.norm(hidden[:, -1].float()))[0]
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False)
+
+
+class Generator:
+    def __init__(
+        self, head: HeadRunner, tokenizer: Decoder, swarm: SwarmClient, eos_ids: set[int]
+    ) -> None:
+        self._head = head
+        self._tokenizer = tokenizer
+        self._swarm = swarm
+        self._eos_ids = eos_ids
+
+    async def open(self, request: GenerationRequest) -> InferenceSession:
+        """A session on a chain of servers with room for the whole generation.
+
+        Opened before a response starts so that a missing route is an HTTP status, not an
+        error in the middle of a stream.
+        """
+        return await self._swarm.open_session(len(request.prompt_ids) + request.max_new_tokens)
+
+    async def generate(
+        self, request: GenerationRequest, session: InferenceSession
+    ) -> AsyncIterator[TextDelta | Finished]:
+        """Text as it is decoded, then one ``Finished``; always closes ``session``."""
+        prompt = request.prompt_ids
+        try:
+            rng = make_generator(request.sampling.seed)
+            detokenizer = IncrementalDetokenizer(self._tokenizer)
+            stops = StopMatcher(request.stop)
+            logits = await self._head.logits(await session.step(await self._head.embed(prompt)))
+            generated = 0
+            finish = "length"
+            while generated < request.max_new_tokens:
+                token = sample(logits, request.sampling, rng)
+                if token in self._eos_ids:
+                    finish = "stop"
+                    break
+                generated += 1
+                text = stops.push(detokenizer.push(token))
+                if text:
+                    yield TextDelta(text)
+                if stops.stopped:
+                    finish = "stop"
+                    break
+                if generated < request.max_new_tokens:  # the last token needs no forward pass
+                    hidden = await session.step(await self._head.embed([token]))
+                    logits = await self._head.logits(hidden)
+            if not stops.stopped:
+                tail = stops.push(detokenizer.flush()) + stops.flush()
+                if tail:
+                    yield TextDelta(tail)
+                if stops.stopped:
+                    finish = "stop"
+            yield Finished(finish, len(prompt), generated)
+        finally:
+            await session.close()

@@ -1,0 +1,105 @@
+"""HTTP routes: parse, call the service, shape the response. No logic of their own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from gateway import sse
+from gateway.chat_service import ChatService
+from gateway.errors import to_http_error
+from gateway.swarm_client import SwarmClient
+from protocol.errors import ModelNotFound, NoRouteError
+from protocol.openai import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    dump,
+)
+from routing.planner import plan_route
+
+router = APIRouter()
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
+
+
+def _chat(request: Request) -> ChatService:
+    return request.app.state.chat  # type: ignore[no-any-return]
+
+
+def _swarm(request: Request) -> SwarmClient:
+    return request.app.state.swarm  # type: ignore[no-any-return]
+
+
+@router.post("/v1/chat/completions", responses=_ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> object:
+    service = _chat(request)
+    if not body.stream:
+        return JSONResponse(dump(await service.complete(body)))
+    generation = service.prepare(body)
+    session = await service.open(generation)
+    chunks = service.stream(body, generation, session)
+    return EventSourceResponse(_events(chunks), sep=sse.SEP, ping=sse.PING_PERIOD_S)
+
+
+async def _events(chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ServerSentEvent]:
+    try:
+        async for chunk in chunks:
+            yield sse.chunk_event(chunk)
+    except Exception as e:  # the status line is long gone: report in-band, then end cleanly
+        yield sse.error_event(to_http_error(e).body)
+    yield sse.done_event()
+
+
+def _served_models(request: Request) -> list[ModelCard]:
+    model = _chat(request).model
+    snapshot = _swarm(request).snapshot()
+    try:
+        plan_route(snapshot, snapshot.num_blocks)
+    except NoRouteError:
+        return []
+    return [ModelCard(id=model.id, created=model.created)]
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> object:
+    return dump(ModelList(data=_served_models(request)))
+
+
+@router.get("/v1/models/{model_id:path}", responses=_ERRORS)
+async def get_model(model_id: str, request: Request) -> object:
+    for card in _served_models(request):
+        if card.id == model_id:
+            return dump(card)
+    raise ModelNotFound(f"the model {model_id!r} does not exist")
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    snapshot = _swarm(request).snapshot()
+    model = _chat(request).model.id
+    try:
+        route = plan_route(snapshot, snapshot.num_blocks)
+    except NoRouteError as e:
+        return JSONResponse({"status": "unavailable", "model": model, "reason": str(e)}, 503)
+    hops = [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in route]
+    return JSONResponse({"status": "ok", "model": model, "route": hops})
+
+
+@router.get("/swarm")
+async def swarm(request: Request) -> JSONResponse:
+    snapshot = _swarm(request).snapshot()
+    servers = [
+        {"peer_id": peer_id, **record.to_wire()}
+        for peer_id, record in sorted(snapshot.servers.items(), key=lambda kv: (kv[1].start, kv[0]))
+    ]
+    return JSONResponse({
+        "model": _chat(request).model.id,
+        "num_blocks": snapshot.num_blocks,
+        "servers": servers,
+    })

@@ -1,0 +1,21 @@
+"""Settings of one gateway process, read once at startup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    model_id: str  # the id clients send as `model`; also names the DHT prefix
+    model_path: Path  # local Hugging Face folder: tokenizer, embedding, norm, LM head
+    initial_peers: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8000
+    namespace: str = ""
+    redis_url: str | None = None
+    api_keys: tuple[str, ...] = ()
+    refresh_period_s: float = 2.0  # how often the swarm snapshot is re-read from the DHT
+    step_timeout_s: float = 60.0  # one hop's reply to one step
+    prefill_chunk_tokens: int | None = None  # None: as many as fit one P2P message

@@ -1,0 +1,217 @@
+"""The gateway's side of the swarm: a live snapshot and inference sessions over P2P.
+
+``SwarmClient`` is the seam the rest of the gateway is written against; ``P2PSwarmClient``
+is the real one (hivemind DHT + P2P streams), tests may pass any other implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import torch
+from hivemind import DHT
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from protocol.codec import make_request, read_tensors
+from protocol.errors import PeerUnavailable, ProtocolMismatch
+from protocol.rpc import (
+    RPC_INFERENCE,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepDone,
+    decode,
+    max_tokens_per_message,
+)
+from protocol.swarm import ModelRecord
+from routing.discovery import fetch_model, fetch_snapshot
+from routing.planner import Hop, plan_route
+from routing.snapshot import SwarmSnapshot
+
+logger = logging.getLogger(__name__)
+
+
+class InferenceSession(Protocol):
+    """One conversation's state on a chain of servers."""
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [1, n, hidden_size] for the next n positions → the chain's output, same shape."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SwarmClient(Protocol):
+    def snapshot(self) -> SwarmSnapshot: ...
+
+    async def open_session(self, max_length: int) -> InferenceSession: ...
+
+
+class _HopStream:
+    """One bidirectional ``rpc_inference`` stream to one server of the chain."""
+
+    def __init__(self, p2p: P2P, hop: Hop, timeout_s: float, chunk_tokens: int) -> None:
+        self.hop = hop
+        self._p2p = p2p
+        self._timeout_s = timeout_s
+        self._chunk_tokens = chunk_tokens
+        self._inputs: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self._outputs: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self.position = 0
+        self._closed = False
+
+    async def open(self, session_id: str, max_length: int) -> int:
+        peer = PeerID.from_base58(self.hop.peer_id)
+        self._outputs = await self._p2p.iterate_protobuf_handler(
+            peer, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
+        )
+        opening = OpenSession(
+            session_id=session_id, start=self.hop.start, end=self.hop.end, max_length=max_length
+        )
+        reply = await self._exchange(make_request(opening))
+        return decode(SessionOpened, reply.metadata).cached_tokens
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for chunk in hidden.split(self._chunk_tokens, dim=1):
+            reply = await self._exchange(make_request(Step(position=self.position), chunk))
+            done = decode(StepDone, reply.metadata)
+            self.position += chunk.shape[1]
+            if done.position != self.position:
+                raise ProtocolMismatch(f"server at {done.position} tokens, expected {self.position}")
+            tensors = read_tensors(reply)
+            if len(tensors) != 1 or tensors[0].shape != chunk.shape:
+                raise ProtocolMismatch("server returned hidden states of the wrong shape")
+            outputs.append(tensors[0])
+        return torch.cat(outputs, dim=1)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inputs.put_nowait(None)
+        if self._outputs is not None:
+            with contextlib.suppress(Exception):
+                await self._outputs.aclose()  # type: ignore[attr-defined]
+
+    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while (request := await self._inputs.get()) is not None:
+            yield request
+
+    async def _exchange(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        assert self._outputs is not None
+        self._inputs.put_nowait(request)
+        try:
+            return await asyncio.wait_for(anext(self._outputs), self._timeout_s)
+        except StopAsyncIteration:
+            raise PeerUnavailable(f"{self.hop.peer_id} closed the stream", self.hop.peer_id) from None
+        except asyncio.TimeoutError:
+            raise PeerUnavailable(f"{self.hop.peer_id} timed out", self.hop.peer_id) from None
+        except Exception as e:  # P2PHandlerError, P2PDaemonError, connection resets
+            raise PeerUnavailable(f"{self.hop.peer_id}: {e}", self.hop.peer_id) from e
+
+
+class ChainSession:
+    """A session on every hop of a route; hidden states flow gateway → hop → gateway → ..."""
+
+    def __init__(self, hops: list[_HopStream]) -> None:
+        self._hops = hops
+
+    @property
+    def route(self) -> list[Hop]:
+        return [h.hop for h in self._hops]
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        for hop in self._hops:
+            hidden = await hop.step(hidden)
+        return hidden
+
+    async def close(self) -> None:
+        await asyncio.gather(*(hop.close() for hop in self._hops))
+
+
+class P2PSwarmClient:
+    """Keeps a fresh snapshot of one model's swarm and opens sessions on it."""
+
+    def __init__(
+        self,
+        dht: DHT,
+        prefix: str,
+        *,
+        refresh_period_s: float = 2.0,
+        step_timeout_s: float = 60.0,
+        prefill_chunk_tokens: int | None = None,
+    ) -> None:
+        self._dht = dht
+        self._prefix = prefix
+        self._refresh_period_s = refresh_period_s
+        self._step_timeout_s = step_timeout_s
+        self._prefill_chunk_tokens = prefill_chunk_tokens
+        self._snapshot = SwarmSnapshot(model=None)
+        self._p2p: P2P | None = None
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._p2p = await self._dht.replicate_p2p()
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def aclose(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+
+    def snapshot(self) -> SwarmSnapshot:
+        return self._snapshot
+
+    async def refresh(self) -> SwarmSnapshot:
+        model = self._snapshot.model or await fetch_model(self._dht, self._prefix)
+        self._snapshot = await fetch_snapshot(self._dht, self._prefix, model)
+        return self._snapshot
+
+    async def open_session(self, max_length: int) -> ChainSession:
+        assert self._p2p is not None, "start() first"
+        snapshot = self._snapshot
+        failed: set[str] = set()
+        for _attempt in range(3):  # a server that fails to open is skipped, once per attempt
+            route = plan_route(snapshot, snapshot.num_blocks, exclude=failed)
+            try:
+                return await self._open_route(route, max_length)
+            except PeerUnavailable as e:
+                logger.warning("opening a session failed: %s", e)
+                if e.peer_id is None:
+                    raise
+                failed.add(e.peer_id)
+        raise PeerUnavailable(f"could not open a session (failed servers: {sorted(failed)})")
+
+    async def _open_route(self, route: list[Hop], max_length: int) -> ChainSession:
+        model = self._snapshot.model
+        assert model is not None
+        chunk = self._prefill_chunk_tokens or max_tokens_per_message(model.hidden_size)
+        session_id = uuid.uuid4().hex
+        hops = [_HopStream(self._p2p, hop, self._step_timeout_s, chunk) for hop in route]  # type: ignore[arg-type]
+        try:
+            await asyncio.gather(*(hop.open(session_id, max_length) for hop in hops))
+        except BaseException:
+            await asyncio.gather(*(hop.close() for hop in hops))
+            raise
+        return ChainSession(hops)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_period_s)
+            try:
+                await self.refresh()
+            except Exception as e:  # the last snapshot stays in use until the DHT answers
+                logger.warning("swarm refresh failed: %s", e)
+
+
+def model_of(client: SwarmClient) -> ModelRecord | None:
+    return client.snapshot().model

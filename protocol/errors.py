@@ -1,0 +1,68 @@
+"""Errors shared by every part of swarmgate.
+
+    SwarmError                  anything that went wrong in the swarm
+    ├── NoRouteError            no chain of online servers covers every block
+    ├── PeerUnavailable         a server of the chain failed or could not be reached
+    ├── SessionExpired          a server no longer holds the session's cache
+    ├── CapacityExceeded        a server or the gateway is full right now
+    └── ProtocolMismatch        a peer sent a message we cannot understand
+
+    RequestError                the client's request is wrong (never retried)
+    ├── InvalidRequest          bad JSON or parameter values
+    ├── ModelNotFound           the requested model is not served here
+    └── ContextLengthExceeded   prompt + max tokens exceed the model's context
+
+The gateway maps each class to an HTTP status once, in ``gateway/errors.py``.
+"""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Anything that went wrong in the swarm rather than in the request."""
+
+
+class NoRouteError(SwarmError):
+    """No chain of online servers covers every block of the model."""
+
+
+class PeerUnavailable(SwarmError):
+    """A server of the chain failed or could not be reached."""
+
+    def __init__(self, message: str, peer_id: str | None = None) -> None:
+        super().__init__(message)
+        self.peer_id = peer_id
+
+
+class SessionExpired(SwarmError):
+    """A server no longer holds the session's cache."""
+
+
+class CapacityExceeded(SwarmError):
+    """A server or the gateway has no room for this request right now."""
+
+
+class ProtocolMismatch(SwarmError):
+    """A peer sent a message that this version cannot understand."""
+
+
+class RequestError(Exception):
+    """The client's request is wrong; retrying it unchanged cannot help."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(RequestError):
+    """Malformed JSON or invalid parameter values."""
+
+
+class ModelNotFound(RequestError):
+    """The requested model is not served by this gateway."""
+
+
+class ContextLengthExceeded(RequestError):
+    """The prompt plus the tokens to generate do not fit the model's context."""

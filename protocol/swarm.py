@@ -1,0 +1,105 @@
+"""Records that servers publish in the DHT, validated wherever they are read.
+
+A server holding blocks ``[start, end)`` stores one ``ServerRecord`` under the key
+``"{prefix}.{block}"`` of every block it holds, with its peer id as the subkey. The model
+itself is described once under ``"{prefix}._model"``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROTOCOL_VERSION = 1
+MAX_SESSIONS_LISTED = 64  # keeps a record small however many sessions a server caches
+
+
+class NodeState(str, enum.Enum):
+    JOINING = "joining"
+    ONLINE = "online"
+    DRAINING = "draining"
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ServerRecord(_Record):
+    """What a block server announces about itself."""
+
+    version: int = PROTOCOL_VERSION
+    state: NodeState
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    throughput: float = Field(ge=0.0)  # tokens per second this server can decode
+    load: float = Field(default=0.0, ge=0.0)  # active inference streams
+    cache_bytes_free: int = Field(default=0, ge=0)
+    dtype: str = "float32"
+    quant: str = "none"
+    adapters: tuple[str, ...] = ()
+    sessions: tuple[str, ...] = Field(default=(), max_length=MAX_SESSIONS_LISTED)
+
+    @model_validator(mode="after")
+    def _span_is_not_empty(self) -> ServerRecord:
+        if self.end <= self.start:
+            raise ValueError(f"empty span [{self.start}, {self.end})")
+        return self
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @classmethod
+    def from_wire(cls, value: object) -> ServerRecord:
+        """Parse a DHT value; raises ``ValueError`` on anything malformed."""
+        if not isinstance(value, dict):
+            raise ValueError(f"server record must be a dict, got {type(value).__name__}")
+        try:
+            return cls.model_validate(value)
+        except ValidationError as e:
+            raise ValueError(f"malformed server record: {e}") from None
+
+
+class ModelRecord(_Record):
+    """What every server of a model agrees on; stored under ``{prefix}._model``."""
+
+    name: str = Field(min_length=1)
+    architecture: str
+    num_blocks: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    max_length: int = Field(gt=0)
+    dtype: str = "float32"
+
+    @classmethod
+    def from_wire(cls, value: object) -> ModelRecord:
+        if not isinstance(value, dict):
+            raise ValueError(f"model record must be a dict, got {type(value).__name__}")
+        try:
+            return cls.model_validate(value)
+        except ValidationError as e:
+            raise ValueError(f"malformed model record: {e}") from None
+
+
+def dht_prefix(model_name: str, namespace: str = "") -> str:
+    """The DHT key prefix of a model: its name, made safe, optionally namespaced."""
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "-", model_name).strip("-") or "model"
+    return f"{namespace}:{safe}" if namespace else safe
+
+
+def block_key(prefix: str, block: int) -> str:
+    return f"{prefix}.{block}"
+
+
+def model_key(prefix: str) -> str:
+    return f"{prefix}._model"
+
+
+def models_key(namespace: str = "") -> str:
+    """Where every model of a swarm is listed (subkey: the model's prefix), for `status`."""
+    return f"{namespace}:_swarmgate.models" if namespace else "_swarmgate.models"

@@ -1,0 +1,70 @@
+"""Forward passes over a span of blocks, with or without a session's KV cache. No I/O."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import create_causal_mask
+
+from models.loading import Span
+
+
+def new_cache(span: Span) -> DynamicCache:
+    """An empty cache with one slot per block of the span (slot = the layer's local index)."""
+    cache = DynamicCache()
+    # Created up front so that a session using only part of the span can read its length
+    # from its first slot instead of slot 0.
+    cache.layers.extend(DynamicLayer() for _ in span.layers)
+    return cache
+
+
+def cache_bytes(cache: DynamicCache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@torch.inference_mode()
+def forward_span(
+    span: Span,
+    hidden: torch.Tensor,
+    cache: DynamicCache | None,
+    *,
+    start: int | None = None,
+    end: int | None = None,
+) -> torch.Tensor:
+    """Run ``hidden`` through blocks ``[start, end)`` (absolute indices, default: the whole
+    span), appending to ``cache`` when one is given.
+
+    hidden: [batch, n, hidden_size], any float dtype; returns the same shape in fp32.
+    """
+    first = (span.start if start is None else start) - span.start
+    last = (span.end if end is None else end) - span.start
+    past = cache.layers[first].get_seq_length() if cache is not None else 0
+    x = hidden.to(span.dtype)
+    # position_ids: [1, n]; every row of a batch shares one history length.
+    position_ids = torch.arange(past, past + x.shape[1]).unsqueeze(0)
+    mask = create_causal_mask(
+        config=span.config,
+        inputs_embeds=x,
+        attention_mask=None,
+        past_key_values=cache,
+        position_ids=position_ids,
+        layer_idx=first,
+    )
+    cos, sin = span.rotary(x, position_ids)
+    position_embeddings = (cos.to(x.dtype), sin.to(x.dtype))
+    for layer in span.layers[first:last]:
+        x = layer(
+            x,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            position_embeddings=position_embeddings,
+        )
+    return x.float()

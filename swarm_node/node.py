@@ -1,0 +1,173 @@
+"""A block server's life: join the DHT, load a span, serve it, announce it, drain, leave."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import psutil
+import torch
+from hivemind import DHT
+
+from models.loading import DTYPES, Span, load_config, load_span
+from models.resolve import resolve_model
+from protocol.rpc import ServerInfo
+from protocol.swarm import ModelRecord, NodeState, ServerRecord, dht_prefix
+from routing.block_selection import choose_blocks
+from routing.discovery import announce, fetch_snapshot
+from swarm_node.handler import BlockHandler
+from swarm_node.kv_cache import SessionStore
+from swarm_node.settings import NodeSettings
+from swarm_node.throughput import measure_decode_throughput
+
+logger = logging.getLogger("swarmgate.node")
+
+
+def default_cache_bytes() -> int:
+    return psutil.virtual_memory().available // 4
+
+
+def kv_bytes_per_token_per_block(config: object, dtype: torch.dtype) -> int:
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # type: ignore[attr-defined]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
+    return 2 * heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class BlockServer:
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.state = NodeState.JOINING
+        self._stop = asyncio.Event()
+        self._hurry = False  # a second signal: leave without waiting for sessions
+
+    def request_stop(self) -> None:
+        self._hurry = self._stop.is_set()
+        self._stop.set()
+
+    async def run(self) -> None:
+        settings = self.settings
+        source = await asyncio.to_thread(resolve_model, settings.model, name=settings.model_name)
+        config = load_config(source.path)
+        dtype = DTYPES[settings.dtype]
+        model = ModelRecord(
+            name=source.name,
+            architecture=config.model_type,
+            num_blocks=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            max_length=config.max_position_embeddings,
+            dtype=settings.dtype,
+        )
+        self.prefix = dht_prefix(source.name, settings.namespace)
+        dht = DHT(
+            initial_peers=list(settings.initial_peers),
+            start=True,
+            host_maddrs=list(settings.host_maddrs),
+            announce_maddrs=list(settings.announce_maddrs) or None,
+            identity_path=settings.identity_path,
+        )
+        try:
+            await self._serve(dht, source.path, model, dtype)
+        finally:
+            dht.shutdown()
+            logger.info("left the swarm")
+
+    async def _serve(self, dht: DHT, folder: object, model: ModelRecord, dtype: torch.dtype) -> None:
+        settings = self.settings
+        self.peer_id = dht.peer_id.to_base58()
+        start, end = settings.blocks or await self._choose_blocks(dht, model)
+        logger.info("peer %s: loading blocks %d:%d of %s", self.peer_id, start, end, model.name)
+        began = time.monotonic()
+        span: Span = await asyncio.to_thread(load_span, folder, start, end, dtype)  # type: ignore[arg-type]
+        self.throughput = await asyncio.to_thread(measure_decode_throughput, span)
+        logger.info(
+            "loaded %d blocks in %.1f s; %.1f decode steps/s", end - start,
+            time.monotonic() - began, self.throughput,
+        )
+        budget = settings.cache_bytes if settings.cache_bytes is not None else default_cache_bytes()
+        self.sessions = SessionStore(budget, kv_bytes_per_token_per_block(span.config, dtype))
+        self.span = span
+        p2p = await dht.replicate_p2p()
+        self.handler = BlockHandler(span, self.sessions, self.info)
+        await self.handler.register(p2p)
+        self.state = NodeState.ONLINE
+        announcer = asyncio.create_task(self._announce_forever(dht, model))
+        print(f"swarmgate node: serving blocks {start}:{end} of {model.name} as {self.peer_id}", flush=True)
+        try:
+            await self._stop.wait()
+            await self._drain(dht, model)
+        finally:
+            announcer.cancel()
+            await self.handler.unregister(p2p)
+            self.handler.shutdown()
+
+    async def _choose_blocks(self, dht: DHT, model: ModelRecord) -> tuple[int, int]:
+        snapshot = await fetch_snapshot(dht, self.prefix, model)
+        length = self.settings.num_blocks or model.num_blocks
+        return choose_blocks(snapshot, model.num_blocks, length)
+
+    def record(self) -> ServerRecord:
+        return ServerRecord(
+            state=self.state,
+            start=self.span.start,
+            end=self.span.end,
+            throughput=self.throughput,
+            load=float(self.handler.active_streams),
+            cache_bytes_free=self.sessions.free_bytes,
+            dtype=self.settings.dtype,
+            quant=self.settings.quant,
+            sessions=tuple(self.sessions.session_ids()[:64]),
+        )
+
+    def info(self) -> ServerInfo:
+        record = self.record()
+        return ServerInfo(
+            start=record.start,
+            end=record.end,
+            state=record.state.value,
+            sessions=len(self.sessions),
+            load=record.load,
+            cache_bytes_free=record.cache_bytes_free,
+            throughput=record.throughput,
+        )
+
+    async def _announce(self, dht: DHT, model: ModelRecord) -> None:
+        ttl = 3 * self.settings.announce_period_s
+        await announce(
+            dht, self.prefix, self.peer_id, self.record(), model,
+            ttl_s=ttl, namespace=self.settings.namespace,
+        )
+
+    async def _announce_forever(self, dht: DHT, model: ModelRecord) -> None:
+        while True:
+            try:
+                await self._announce(dht, model)
+            except Exception as e:  # a missed announcement is retried next period
+                logger.warning("announce failed: %s", e)
+            await asyncio.sleep(self.settings.announce_period_s)
+
+    async def _drain(self, dht: DHT, model: ModelRecord) -> None:
+        """Tell gateways to stop placing sessions here, let open ones finish, then leave."""
+        self.state = NodeState.DRAINING
+        logger.info("draining: %d open sessions", len(self.sessions))
+        try:
+            await self._announce(dht, model)
+        except Exception as e:
+            logger.warning("could not announce draining: %s", e)
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        while len(self.sessions) and not self._hurry and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+
+def run_node(settings: NodeSettings) -> None:
+    """Run a block server until SIGTERM/SIGINT (a second signal skips the drain)."""
+
+    async def main() -> None:
+        server = BlockServer(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, server.request_stop)
+        await server.run()
+
+    asyncio.run(main())

@@ -1,0 +1,23 @@
+"""Settings of one block server, read once at startup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    model: str  # `smollm2`, a Hugging Face folder or a .gguf file
+    initial_peers: tuple[str, ...] = ()  # multiaddrs of any DHT peer of the swarm
+    blocks: tuple[int, int] | None = None  # [start, end); None: the least-covered span
+    num_blocks: int | None = None  # how many blocks to take when `blocks` is None (None: all)
+    model_name: str | None = None  # the model id; default: derived from `model`
+    dtype: str = "float32"
+    quant: str = "none"
+    cache_bytes: int | None = None  # KV cache budget; None: a quarter of available memory
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    announce_maddrs: tuple[str, ...] = ()
+    identity_path: str | None = None
+    announce_period_s: float = 10.0  # records expire after 3 periods
+    drain_timeout_s: float = 10.0  # how long open sessions may finish after SIGTERM
+    namespace: str = ""  # separates private swarms that share a DHT

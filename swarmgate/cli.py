@@ -1,0 +1,150 @@
+"""The `swarmgate` command: parse arguments, start the parts. Every flag reads an env var."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def _env_list(name: str) -> list[str]:
+    return (os.environ.get(name) or "").replace(",", " ").split()
+
+
+def _blocks(value: str) -> tuple[int, int]:
+    try:
+        start, end = (int(part) for part in value.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--blocks wants START:END, got {value!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"--blocks {value}: need 0 <= START < END")
+    return start, end
+
+
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default=_env("SWARMGATE_MODEL", "smollm2"),
+        help="`smollm2` (embedded default), a Hugging Face folder or a .gguf file",
+    )
+    parser.add_argument(
+        "--model-name", default=_env("SWARMGATE_MODEL_NAME"),
+        help="model id served to clients and used to find servers (default: from --model)",
+    )
+    parser.add_argument(
+        "--namespace", default=_env("SWARMGATE_NAMESPACE", ""),
+        help="keeps private swarms that share DHT peers apart",
+    )
+
+
+def _add_peers(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    peers = _env_list("SWARMGATE_INITIAL_PEERS")
+    parser.add_argument(
+        "--initial-peers", nargs="+", default=peers, required=required and not peers,
+        metavar="MADDR", help="multiaddrs of DHT peers, as printed by `swarmgate dht`",
+    )
+
+
+def _add_p2p(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host-maddrs", nargs="+", default=_env_list("SWARMGATE_HOST_MADDRS") or LOOPBACK_MADDRS,
+        metavar="MADDR", help="where to listen (default loopback; e.g. /ip4/0.0.0.0/tcp/31337)",
+    )
+    parser.add_argument(
+        "--announce-maddrs", nargs="+", default=_env_list("SWARMGATE_ANNOUNCE_MADDRS"),
+        metavar="MADDR", help="addresses other machines should dial (e.g. your public IP)",
+    )
+    parser.add_argument(
+        "--identity", default=_env("SWARMGATE_IDENTITY"),
+        help="file holding this peer's private key, for a stable peer id (created if missing)",
+    )
+
+
+def _add_http(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=_env("SWARMGATE_HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(_env("SWARMGATE_PORT", "8000") or 8000))
+    parser.add_argument("--redis-url", default=_env("REDIS_URL"))
+    parser.add_argument(
+        "--api-key", action="append", default=_env_list("SWARMGATE_API_KEY"),
+        help="require `Authorization: Bearer KEY` (repeat for several keys)",
+    )
+
+
+def _add_node_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        default=_env("SWARMGATE_DTYPE", "float32"))
+    parser.add_argument("--quant", choices=["none"], default=_env("SWARMGATE_QUANT", "none"),
+                        help="weight quantization (int8/nf4 are planned)")
+    parser.add_argument("--cache-bytes", type=int, default=_env("SWARMGATE_CACHE_BYTES"),
+                        help="KV cache budget in bytes (default: a quarter of free memory)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="swarmgate", description="Serve a language model from a swarm of machines."
+    )
+    parser.add_argument("--log-level", default=_env("SWARMGATE_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="a whole local swarm: DHT, nodes and gateway")
+    _add_model(up)
+    _add_http(up)
+    _add_node_options(up)
+    up.add_argument("--nodes", type=int, default=int(_env("SWARMGATE_NODES", "2") or 2),
+                    help="block servers that split the model's blocks evenly")
+    up.add_argument("--ready-timeout", type=float, default=600.0,
+                    help="seconds to wait for the swarm to become healthy")
+
+    dht = commands.add_parser("dht", help="a bootstrap DHT peer; prints its multiaddrs")
+    _add_peers(dht, required=False)
+    _add_p2p(dht)
+
+    node = commands.add_parser("node", help="a block server")
+    _add_model(node)
+    _add_peers(node, required=True)
+    _add_p2p(node)
+    _add_node_options(node)
+    node.add_argument("--blocks", type=_blocks, default=_env("SWARMGATE_BLOCKS"),
+                      metavar="START:END", help="blocks to serve (default: the least-covered)")
+    node.add_argument("--num-blocks", type=int, default=_env("SWARMGATE_NUM_BLOCKS"),
+                      help="how many blocks to take when --blocks is not given (default: all)")
+
+    gateway = commands.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")
+    _add_model(gateway)
+    _add_peers(gateway, required=True)
+    _add_http(gateway)
+    gateway.add_argument("--prefill-chunk-tokens", type=int,
+                         default=_env("SWARMGATE_PREFILL_CHUNK_TOKENS"),
+                         help="tokens per prefill message (default: as many as fit)")
+
+    status = commands.add_parser("status", help="print the swarm's coverage")
+    _add_peers(status, required=True)
+    status.add_argument("--namespace", default=_env("SWARMGATE_NAMESPACE", ""))
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from swarmgate import commands
+
+    handler = {
+        "up": commands.up,
+        "dht": commands.dht,
+        "node": commands.node,
+        "gateway": commands.gateway,
+        "status": commands.status,
+    }[args.command]
+    sys.exit(handler(args) or 0)

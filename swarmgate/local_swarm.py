@@ -1,0 +1,139 @@
+"""`swarmgate up`: a DHT, N block servers and the gateway on this machine, as one command.
+
+Every part but the DHT is a child process running the same CLI a multi-machine swarm uses.
+Children die with their parent (PR_SET_PDEATHSIG) so that even a SIGKILL of `up` leaves
+no block server behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from models.loading import load_config
+from models.resolve import ModelSource
+from routing.block_selection import split_evenly
+
+LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
+STOP_TIMEOUT_S = 20.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class LocalSwarm:
+    def __init__(self, source: ModelSource, args: argparse.Namespace) -> None:
+        self.source = source
+        self.args = args
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self._stop = threading.Event()
+
+    def run(self) -> int:
+        from hivemind import DHT
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        num_blocks = load_config(self.source.path).num_hidden_layers
+        spans = split_evenly(num_blocks, min(self.args.nodes, num_blocks))
+        dht = DHT(host_maddrs=LOOPBACK_MADDRS, start=True)
+        try:
+            peers = [str(m) for m in dht.get_visible_maddrs()]
+            for start, end in spans:
+                self._spawn(f"node {start}:{end}", ["node", "--blocks", f"{start}:{end}", *self._common(peers), *self._node_flags()])
+            self._spawn("gateway", ["gateway", *self._common(peers), *self._http_flags()])
+            if not self._wait_until_healthy():
+                return 1
+            self._print_banner(spans)
+            while not self._stop.wait(0.5):
+                dead = self._dead_child()
+                if dead:
+                    print(f"swarmgate up: {dead} exited; stopping the swarm", file=sys.stderr)
+                    return 1
+            return 0
+        finally:
+            self._stop_children()
+            dht.shutdown()
+
+    def _common(self, peers: list[str]) -> list[str]:
+        flags = ["--model", str(self.source.path), "--model-name", self.source.name]
+        if self.args.namespace:
+            flags += ["--namespace", self.args.namespace]
+        return [*flags, "--initial-peers", *peers]
+
+    def _node_flags(self) -> list[str]:
+        flags = ["--dtype", self.args.dtype, "--quant", self.args.quant]
+        if self.args.cache_bytes is not None:
+            flags += ["--cache-bytes", str(self.args.cache_bytes)]
+        return flags
+
+    def _http_flags(self) -> list[str]:
+        flags = ["--host", self.args.host, "--port", str(self.args.port)]
+        if self.args.redis_url:
+            flags += ["--redis-url", self.args.redis_url]
+        for key in self.args.api_key:
+            flags += ["--api-key", key]
+        return flags
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        command = [sys.executable, "-m", "swarmgate", "--log-level", self.args.log_level, *argv]
+        process = subprocess.Popen(command, preexec_fn=_die_with_parent)
+        self.children.append((name, process))
+
+    def _dead_child(self) -> str | None:
+        for name, process in self.children:
+            if process.poll() is not None:
+                return f"{name} (exit code {process.returncode})"
+        return None
+
+    def _wait_until_healthy(self) -> bool:
+        url = f"http://{self.args.host}:{self.args.port}/health"
+        deadline = time.monotonic() + self.args.ready_timeout
+        print("swarmgate up: starting the swarm (loading blocks, joining the DHT)...", file=sys.stderr)
+        while time.monotonic() < deadline and not self._stop.is_set():
+            dead = self._dead_child()
+            if dead:
+                print(f"swarmgate up: {dead} exited during startup", file=sys.stderr)
+                return False
+            try:
+                if httpx.get(url, timeout=2.0).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass  # the gateway is still starting
+            self._stop.wait(0.5)
+        if not self._stop.is_set():
+            print(f"swarmgate up: not healthy after {self.args.ready_timeout:.0f} s", file=sys.stderr)
+        return False
+
+    def _print_banner(self, spans: list[tuple[int, int]]) -> None:
+        base = f"http://{self.args.host}:{self.args.port}"
+        layout = ", ".join(f"{s}:{e}" for s, e in spans)
+        print(
+            f"\nswarmgate is ready: model {self.source.name!r} on {len(spans)} nodes (blocks {layout})\n"
+            f"  OpenAI base URL:  {base}/v1\n"
+            f"  try:  curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"model\":\"{self.source.name}\",\"stream\":true,"
+            f"\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n"
+            f"  Ctrl-C stops the swarm.\n",
+            flush=True,
+        )
+
+    def _stop_children(self) -> None:
+        for _, process in reversed(self.children):  # gateway first, so nodes see streams close
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for _, process in self.children:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
