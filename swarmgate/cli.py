@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_options(node)
     node.add_argument("--blocks", type=_blocks, default=_env("SWARMGATE_BLOCKS"),
                       metavar="START:END", help="blocks to serve (default: the least-covered)")
+    node.add_argument("--announce-period", type=float,
+                      default=float(_env("SWARMGATE_ANNOUNCE_PERIOD", "10") or 10),
+                      help="seconds between DHT announcements (records expire after 3)")
     node.add_argument("--num-blocks", type=int, default=_env("SWARMGATE_NUM_BLOCKS"),
                       help="how many blocks to take when --blocks is not given (default: all)")
 

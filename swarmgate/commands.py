@@ -56,6 +56,7 @@ def node(args: argparse.Namespace) -> None:
             announce_maddrs=tuple(args.announce_maddrs),
             identity_path=args.identity,
             namespace=args.namespace,
+            announce_period_s=args.announce_period,
         )
     )
 

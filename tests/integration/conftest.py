@@ -1,0 +1,66 @@
+"""A real swarm on loopback: a DHT, two block servers and the gateway under uvicorn."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hivemind import DHT
+
+from tests.processes import Process, free_port, http_ok, no_orphans, wait_for
+from tests.tiny_model import TINY_BLOCKS
+
+MODEL_ID = "tiny-llama"
+PREFILL_CHUNK_TOKENS = 16  # small, so that most prompts take several prefill messages
+
+
+@dataclass
+class Swarm:
+    base_url: str
+    model_id: str
+    model_path: Path
+    initial_peers: list[str]
+    nodes: list[Process]
+    gateway: Process
+
+
+def start_gateway(model: Path, peers: list[str], log_dir: Path, *extra: str, name: str = "gateway",
+                  model_id: str = MODEL_ID) -> tuple[Process, str]:
+    port = free_port()
+    argv = ["gateway", "--model", str(model), "--model-name", model_id, "--initial-peers", *peers,
+            "--port", str(port), *extra]
+    return Process(name, argv, log_dir), f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    logs = tmp_path_factory.mktemp("swarm-logs")
+    with no_orphans():
+        dht = DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+        processes: list[Process] = []
+        try:
+            peers = [str(m) for m in dht.get_visible_maddrs()]
+            half = TINY_BLOCKS // 2
+            for start, end in ((0, half), (half, TINY_BLOCKS)):
+                argv = ["node", "--model", str(tiny_model), "--model-name", MODEL_ID,
+                        "--initial-peers", *peers, "--blocks", f"{start}:{end}",
+                        "--announce-period", "2"]
+                processes.append(Process(f"node {start}:{end}", argv, logs))
+            gateway, url = start_gateway(
+                tiny_model, peers, logs, "--prefill-chunk-tokens", str(PREFILL_CHUNK_TOKENS)
+            )
+            processes.append(gateway)
+
+            def ready() -> bool:
+                for process in processes:
+                    assert process.alive(), f"{process.name} died:\n{process.output()[-3000:]}"
+                return http_ok(f"{url}/health")
+
+            wait_for(ready, 180, "the swarm to become healthy")
+            yield Swarm(url, MODEL_ID, tiny_model, peers, processes[:2], gateway)
+        finally:
+            for process in reversed(processes):
+                process.stop()
+            dht.shutdown()

@@ -1,0 +1,181 @@
+"""Chat completions through a real two-node swarm equal `transformers` `generate`."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.integration.conftest import PREFILL_CHUNK_TOKENS, Swarm
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    [{"role": "user", "content": "Name three planets."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}],
+    [
+        {"role": "user", "content": "What is 2+2?"},
+        {"role": "assistant", "content": "4."},
+        {"role": "user", "content": [{"type": "text", "text": "And 3+3?"}]},
+    ],
+    # Far longer than one prefill message.
+    [{"role": "user", "content": " ".join(f"Item {i} is a word about rivers." for i in range(40))}],
+]
+
+
+@lru_cache(maxsize=None)
+def _reference(model_path: Path) -> tuple[AutoModelForCausalLM, AutoTokenizer]:
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_path)
+
+
+def hf_greedy(model_path: Path, messages: list[dict], max_new_tokens: int) -> tuple[list[int], list[int]]:
+    """Prompt ids and the greedy continuation from `generate` on the whole model."""
+    model, tokenizer = _reference(model_path)
+    flat = [
+        {"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+         else "".join(p["text"] for p in m["content"])}
+        for m in messages
+    ]
+    text = tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+    generated = out[0, len(prompt):].tolist()
+    if generated and generated[-1] == tokenizer.eos_token_id:
+        generated = generated[:-1]
+    return prompt, generated
+
+
+def client(swarm: Swarm) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{swarm.base_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.mark.parametrize("messages", PROMPTS, ids=["planets", "system", "multi-turn", "long"])
+def test_greedy_output_equals_transformers_generate(swarm: Swarm, messages: list[dict]) -> None:
+    prompt, expected = hf_greedy(swarm.model_path, messages, max_new_tokens=24)
+    tokenizer = _reference(swarm.model_path)[1]
+
+    response = client(swarm).chat.completions.create(
+        model=swarm.model_id, messages=messages, max_tokens=24, temperature=0
+    )
+
+    assert response.usage.prompt_tokens == len(prompt)
+    assert response.usage.completion_tokens == len(expected)
+    assert response.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    assert response.choices[0].finish_reason == ("length" if len(expected) == 24 else "stop")
+
+
+def test_long_prompt_spans_several_prefill_messages(swarm: Swarm) -> None:
+    prompt, _ = hf_greedy(swarm.model_path, PROMPTS[-1], max_new_tokens=1)
+    assert len(prompt) > 4 * PREFILL_CHUNK_TOKENS
+
+
+def test_sdk_stream_matches_non_stream(swarm: Swarm) -> None:
+    messages = PROMPTS[0]
+    whole = client(swarm).chat.completions.create(
+        model=swarm.model_id, messages=messages, max_tokens=20, temperature=0
+    )
+    chunks = list(client(swarm).chat.completions.create(
+        model=swarm.model_id, messages=messages, max_tokens=20, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))
+
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_raw_sse_frames_end_with_done(swarm: Swarm) -> None:
+    body = {"model": swarm.model_id, "messages": PROMPTS[0], "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", f"{swarm.base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = "".join(r.iter_text())
+    events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_seeded_sampling_is_reproducible(swarm: Swarm) -> None:
+    def sample(seed: int) -> str:
+        r = client(swarm).chat.completions.create(
+            model=swarm.model_id, messages=PROMPTS[1], max_tokens=16, temperature=1.0, seed=seed
+        )
+        return r.choices[0].message.content or ""
+
+    assert sample(7) == sample(7)
+    assert len({sample(s) for s in range(4)}) > 1
+
+
+def test_stop_sequence_cuts_output(swarm: Swarm) -> None:
+    full = client(swarm).chat.completions.create(
+        model=swarm.model_id, messages=PROMPTS[0], max_tokens=24, temperature=0
+    ).choices[0].message.content
+    assert full and len(full) > 6
+    stop = full[3:6]
+    cut = client(swarm).chat.completions.create(
+        model=swarm.model_id, messages=PROMPTS[0], max_tokens=24, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        (b"{not json", 400, None),
+        (json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}), 404, "model_not_found"),
+        (json.dumps({"model": "tiny-llama", "messages": []}), 400, None),
+        (json.dumps({"model": "tiny-llama", "temperature": 5, "messages": [{"role": "user", "content": "x"}]}), 400, None),
+        (json.dumps({"model": "tiny-llama", "max_tokens": 100000, "messages": [{"role": "user", "content": "x"}]}), 400, "context_length_exceeded"),
+    ],
+    ids=["bad-json", "unknown-model", "no-messages", "bad-temperature", "too-long"],
+)
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
+    swarm: Swarm, body: bytes | str, status: int, code: str | None
+) -> None:
+    r = httpx.post(f"{swarm.base_url}/v1/chat/completions", content=body,
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"]
+    assert error["code"] == code
+
+    ok = client(swarm).chat.completions.create(
+        model=swarm.model_id, messages=PROMPTS[0], max_tokens=2, temperature=0
+    )
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_sdk_raises_not_found_for_unknown_model(swarm: Swarm) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client(swarm).chat.completions.create(model="nope", messages=PROMPTS[0])
+
+
+def test_health_models_and_swarm_describe_the_chain(swarm: Swarm) -> None:
+    health = httpx.get(f"{swarm.base_url}/health").json()
+    assert health["status"] == "ok"
+    assert [(h["start"], h["end"]) for h in health["route"]] == [(0, 2), (2, 4)]
+
+    models = client(swarm).models.list()
+    assert [m.id for m in models] == [swarm.model_id]
+
+    coverage = httpx.get(f"{swarm.base_url}/swarm").json()
+    assert coverage["model"] == swarm.model_id and coverage["num_blocks"] == 4
+    spans = sorted((s["start"], s["end"], s["state"]) for s in coverage["servers"])
+    assert spans == [(0, 2, "online"), (2, 4, "online")]

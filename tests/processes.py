@@ -1,0 +1,103 @@
+"""Start and always stop the real processes that integration and e2e tests need."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def p2pd_pids() -> set[int]:
+    found = set()
+    for process in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if "p2pd" in (process.info["name"] or "") or any(
+                "p2pd" in part for part in (process.info["cmdline"] or [])[:1]
+            ):
+                found.add(process.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.2) -> None:
+    """Poll ``condition`` until true; fail after ``timeout_s`` (bounded, never a fixed sleep)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(poll_s)
+    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class Process:
+    """A child running the `swarmgate` CLI, with its output kept in a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.log_path = log_dir / f"{name.replace(' ', '_').replace(':', '-')}.log"
+        self._log = open(self.log_path, "wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "swarmgate", *argv],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,  # its own group: stop() reaches every grandchild
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.popen.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, then SIGKILL to the whole group if it does not exit in time."""
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@contextmanager
+def no_orphans() -> Iterator[None]:
+    """Fails the test if p2pd daemons started inside the block outlive it."""
+    before = p2pd_pids()
+    yield
+    wait_for(lambda: not (p2pd_pids() - before), 20, "p2pd daemons to exit")
