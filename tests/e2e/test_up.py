@@ -1,0 +1,87 @@
+"""`swarmgate up` on the embedded model, used the way a person would: SDK and curl -N."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import openai
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.resolve import resolve_model
+from tests.processes import Process, free_port, http_ok, no_orphans, wait_for
+
+pytestmark = pytest.mark.slow
+
+QUESTION = [{"role": "user", "content": "Name three planets."}]
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Process]]:
+    port = free_port()
+    with no_orphans():
+        process = Process("up", ["up", "--port", str(port)], tmp_path_factory.mktemp("up"))
+        try:
+            def ready() -> bool:
+                assert process.alive(), f"swarmgate up exited:\n{process.output()[-3000:]}"
+                return "swarmgate is ready" in process.output() and http_ok(
+                    f"http://127.0.0.1:{port}/health"
+                )
+
+            wait_for(ready, 600, "swarmgate up to report ready", poll_s=0.5)
+            yield f"http://127.0.0.1:{port}", process
+        finally:
+            children = process.descendants()
+            process.stop(timeout_s=60)
+            wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                                     for c in children), 30, "every child of `up` to exit")
+
+
+def test_sdk_stream_is_token_exact_with_transformers(up: tuple[str, Process]) -> None:
+    url, _ = up
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    [model_id] = [m.id for m in client.models.list()]
+    stream = client.chat.completions.create(
+        model=model_id, messages=QUESTION, max_tokens=20, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    path = resolve_model("smollm2").path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=20, do_sample=False)
+    expected = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+    assert text == expected and text.strip()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_streams_until_done(up: tuple[str, Process]) -> None:
+    url, _ = up
+    body = {"model": "smollm2", "stream": True, "max_tokens": 12, "messages": QUESTION}
+    result = subprocess.run(
+        ["curl", "-sN", f"{url}/v1/chat/completions", "-H", "Content-Type: application/json",
+         "-d", json.dumps(body)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    events = [e for e in result.stdout.split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+
+
+def test_sigterm_stops_every_child(up: tuple[str, Process]) -> None:
+    _, process = up
+    children = process.descendants()
+    assert len([c for c in children if "swarmgate" in " ".join(c.cmdline())]) >= 3
+    assert process.stop(timeout_s=60) == 0
+    wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                             for c in children), 30, "every child of `up` to exit")
