@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hivemind import DHT
-
 from tests.processes import Process, free_port, http_ok, no_orphans, wait_for
 from tests.tiny_model import TINY_BLOCKS
 
@@ -38,10 +36,12 @@ def start_gateway(model: Path, peers: list[str], log_dir: Path, *extra: str, nam
 def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     logs = tmp_path_factory.mktemp("swarm-logs")
     with no_orphans():
-        dht = DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-        processes: list[Process] = []
+        # Started command by command, as the README tells a user to.
+        dht = Process("dht", ["dht"], logs)
+        processes: list[Process] = [dht]
         try:
-            peers = [str(m) for m in dht.get_visible_maddrs()]
+            wait_for(lambda: "--initial-peers" in dht.output() or not dht.alive(), 60, "the DHT")
+            peers = printed_initial_peers(dht.output())
             half = TINY_BLOCKS // 2
             for start, end in ((0, half), (half, TINY_BLOCKS)):
                 argv = ["node", "--model", str(tiny_model), "--model-name", MODEL_ID,
@@ -59,8 +59,15 @@ def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 return http_ok(f"{url}/health")
 
             wait_for(ready, 180, "the swarm to become healthy")
-            yield Swarm(url, MODEL_ID, tiny_model, peers, processes[:2], gateway)
+            yield Swarm(url, MODEL_ID, tiny_model, peers, processes[1:3], gateway)
         finally:
             for process in reversed(processes):
                 process.stop()
-            dht.shutdown()
+
+
+def printed_initial_peers(output: str) -> list[str]:
+    """The multiaddrs that `swarmgate dht` tells users to pass as --initial-peers."""
+    for line in output.splitlines():
+        if "--initial-peers" in line:
+            return line.split("--initial-peers", 1)[1].split()
+    raise AssertionError(f"`swarmgate dht` printed no multiaddrs:\n{output}")

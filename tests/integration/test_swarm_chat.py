@@ -179,3 +179,17 @@ def test_health_models_and_swarm_describe_the_chain(swarm: Swarm) -> None:
     assert coverage["model"] == swarm.model_id and coverage["num_blocks"] == 4
     spans = sorted((s["start"], s["end"], s["state"]) for s in coverage["servers"])
     assert spans == [(0, 2, "online"), (2, 4, "online")]
+
+
+def test_status_command_prints_the_coverage_table(swarm: Swarm) -> None:
+    from tests.processes import REPO
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "swarmgate", "status", "--json", "--initial-peers", *swarm.initial_peers],
+        capture_output=True, text=True, timeout=120, cwd=REPO, check=True,
+    )
+    [report] = json.loads(result.stdout)
+    assert report["model"] == swarm.model_id and report["health"].startswith("ok")
+    assert sorted((s["start"], s["end"]) for s in report["servers"]) == [(0, 2), (2, 4)]
