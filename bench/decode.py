@@ -23,10 +23,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.resolve import resolve_model  # noqa: E402
-from tests.processes import Process, free_port, http_ok, wait_for  # noqa: E402
+from models.resolve import resolve_model
+from tests.processes import Process, free_port, http_ok, wait_for
 
-MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
+MESSAGES = [
+    {"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}
+]
 
 
 class _Clock(BaseStreamer):
@@ -70,7 +72,11 @@ def bench_swarm(url: str, model_id: str, tokens: int) -> dict[str, float]:
     client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=4, temperature=0)
     start = time.perf_counter()
     stream = client.chat.completions.create(
-        model=model_id, messages=MESSAGES, max_tokens=tokens, temperature=0, stream=True,
+        model=model_id,
+        messages=MESSAGES,
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     times: list[float] = []
@@ -100,8 +106,11 @@ def main() -> None:
     port = free_port()
     log_dir = Path(__file__).resolve().parent / "results"
     log_dir.mkdir(exist_ok=True)
-    swarm = Process("bench-up", ["up", "--model", args.model, "--port", str(port),
-                                 "--nodes", str(args.nodes)], log_dir)
+    swarm = Process(
+        "bench-up",
+        ["up", "--model", args.model, "--port", str(port), "--nodes", str(args.nodes)],
+        log_dir,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: swarm.alive() and http_ok(f"{url}/health"), 600, "swarmgate up")
@@ -114,19 +123,24 @@ def main() -> None:
 
     hf = {k: median(hf_runs, k) for k in ("ttft_s", "decode_tok_s", "tokens")}
     sw = {k: median(swarm_runs, k) for k in ("ttft_s", "decode_tok_s", "tokens")}
-    print(json.dumps({
-        "date": time.strftime("%Y-%m-%d"),
-        "model": source.name,
-        "nodes": args.nodes,
-        "prompt_tokens": hf_runs[0]["prompt_tokens"],
-        "max_tokens": args.tokens,
-        "repeats": args.repeats,
-        "hf": hf,
-        "swarm": sw,
-        "decode_ratio": sw["decode_tok_s"] / hf["decode_tok_s"],
-        "ttft_ratio": hf["ttft_s"] / sw["ttft_s"],
-        "torch_threads": torch.get_num_threads(),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "model": source.name,
+                "nodes": args.nodes,
+                "prompt_tokens": hf_runs[0]["prompt_tokens"],
+                "max_tokens": args.tokens,
+                "repeats": args.repeats,
+                "hf": hf,
+                "swarm": sw,
+                "decode_ratio": sw["decode_tok_s"] / hf["decode_tok_s"],
+                "ttft_ratio": hf["ttft_s"] / sw["ttft_s"],
+                "torch_threads": torch.get_num_threads(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from protocol.openai import (
     ChoiceDelta,
     ChunkChoice,
     CompletionUsage,
+    FinishReason,
     PromptTokensDetails,
 )
 
@@ -43,7 +44,9 @@ class ChatService:
     def prepare(self, request: ChatCompletionRequest) -> GenerationRequest:
         """Validate a request against the model and turn it into prompt tokens."""
         if request.model != self.model.id:
-            raise ModelNotFound(f"the model {request.model!r} does not exist; this gateway serves {self.model.id!r}")
+            raise ModelNotFound(
+                f"the model {request.model!r} does not exist; this gateway serves {self.model.id!r}"
+            )
         prompt = self._prompts.chat_prompt(request.messages)
         room = self.model.max_length - len(prompt)
         limit = request.token_limit()
@@ -72,8 +75,12 @@ class ChatService:
         return ChatCompletion(
             id=_completion_id(),
             model=self.model.id,
-            choices=[Choice(message=ChatCompletionMessage(content="".join(parts)),
-                            finish_reason=finished.finish_reason)],  # type: ignore[arg-type]
+            choices=[
+                Choice(
+                    message=ChatCompletionMessage(content="".join(parts)),
+                    finish_reason=finished.finish_reason,
+                )
+            ],
             usage=_usage(finished),
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
@@ -90,10 +97,12 @@ class ChatService:
         """Chunks of a prepared request: role first, then text, then the finish reason."""
         completion_id, created = _completion_id(), int(time.time())
 
-        def chunk(delta: ChoiceDelta, finish: str | None = None) -> ChatCompletionChunk:
+        def chunk(delta: ChoiceDelta, finish: FinishReason | None = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(
-                id=completion_id, created=created, model=self.model.id,
-                choices=[ChunkChoice(delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+                id=completion_id,
+                created=created,
+                model=self.model.id,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish)],
                 system_fingerprint=SYSTEM_FINGERPRINT,
             )
 
@@ -106,8 +115,12 @@ class ChatService:
                 yield chunk(ChoiceDelta(), event.finish_reason)
                 if request.stream_options is not None and request.stream_options.include_usage:
                     yield ChatCompletionChunk(
-                        id=completion_id, created=created, model=self.model.id, choices=[],
-                        system_fingerprint=SYSTEM_FINGERPRINT, usage=_usage(event),
+                        id=completion_id,
+                        created=created,
+                        model=self.model.id,
+                        choices=[],
+                        system_fingerprint=SYSTEM_FINGERPRINT,
+                        usage=_usage(event),
                     )
         finally:  # also when the client leaves before generation began
             await session.close()

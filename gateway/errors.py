@@ -31,8 +31,15 @@ class HTTPError:
     headers: dict[str, str] | None = None
 
 
-def _error(status: int, message: str, type_: str, *, param: str | None = None,
-           code: str | None = None, retry: bool = False) -> HTTPError:
+def _error(
+    status: int,
+    message: str,
+    type_: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    retry: bool = False,
+) -> HTTPError:
     headers = {"Retry-After": str(RETRY_AFTER_S)} if retry else None
     detail = ErrorDetail(message=message, type=type_, param=param, code=code)
     return HTTPError(status, ErrorResponse(error=detail), headers)
@@ -41,10 +48,17 @@ def _error(status: int, message: str, type_: str, *, param: str | None = None,
 def to_http_error(exc: BaseException) -> HTTPError:
     """Map any exception to its HTTP status and OpenAI error body."""
     if isinstance(exc, ModelNotFound):
-        return _error(404, exc.message, "invalid_request_error", param="model", code="model_not_found")
+        return _error(
+            404, exc.message, "invalid_request_error", param="model", code="model_not_found"
+        )
     if isinstance(exc, ContextLengthExceeded):
-        return _error(400, exc.message, "invalid_request_error", param=exc.param,
-                      code="context_length_exceeded")
+        return _error(
+            400,
+            exc.message,
+            "invalid_request_error",
+            param=exc.param,
+            code="context_length_exceeded",
+        )
     if isinstance(exc, RequestError):
         return _error(400, exc.message, "invalid_request_error", param=exc.param, code=exc.code)
     if isinstance(exc, RequestValidationError):
@@ -52,13 +66,23 @@ def to_http_error(exc: BaseException) -> HTTPError:
     if isinstance(exc, HTTPException):
         return _error(exc.status_code, str(exc.detail), "invalid_request_error")
     if isinstance(exc, NoRouteError):
-        return _error(503, f"the swarm cannot serve this model right now: {exc}",
-                      "service_unavailable_error", code="no_route", retry=True)
+        return _error(
+            503,
+            f"the swarm cannot serve this model right now: {exc}",
+            "service_unavailable_error",
+            code="no_route",
+            retry=True,
+        )
     if isinstance(exc, CapacityExceeded):
         return _error(429, str(exc), "rate_limit_error", code="capacity_exceeded", retry=True)
     if isinstance(exc, PeerUnavailable):
-        return _error(503, f"a server of the swarm failed: {exc}", "service_unavailable_error",
-                      code="peer_unavailable", retry=True)
+        return _error(
+            503,
+            f"a server of the swarm failed: {exc}",
+            "service_unavailable_error",
+            code="peer_unavailable",
+            retry=True,
+        )
     if isinstance(exc, SwarmError):
         return _error(502, f"swarm error: {exc}", "server_error")
     logger.exception("unexpected error", exc_info=exc)

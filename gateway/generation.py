@@ -18,6 +18,7 @@ from gateway.sampling import SamplingParams, make_generator, sample
 from gateway.swarm_client import InferenceSession, SwarmClient
 from gateway.text import Decoder, IncrementalDetokenizer, StopMatcher
 from models.loading import Head
+from protocol.openai import FinishReason
 
 T = TypeVar("T")
 
@@ -26,7 +27,7 @@ T = TypeVar("T")
 class GenerationRequest:
     prompt_ids: list[int]
     max_new_tokens: int
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
 
 
@@ -37,7 +38,7 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class Finished:
-    finish_reason: str  # "stop" | "length"
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
@@ -63,11 +64,13 @@ class HeadRunner:
 
     @torch.inference_mode()
     def _embed(self, ids: list[int]) -> torch.Tensor:
-        return self._head.embed(torch.tensor([ids], dtype=torch.long))
+        hidden: torch.Tensor = self._head.embed(torch.tensor([ids], dtype=torch.long))
+        return hidden
 
     @torch.inference_mode()
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._head.lm_head(self._head.norm(hidden[:, -1].float()))[0]
+        logits: torch.Tensor = self._head.lm_head(self._head.norm(hidden[:, -1].float()))
+        return logits[0]
 
     def close(self) -> None:
         self._thread.shutdown(wait=False)
@@ -101,7 +104,7 @@ class Generator:
             stops = StopMatcher(request.stop)
             logits = await self._head.logits(await session.step(await self._head.embed(prompt)))
             generated = 0
-            finish = "length"
+            finish: FinishReason = "length"
             while generated < request.max_new_tokens:
                 token = sample(logits, request.sampling, rng)
                 if token in self._eos_ids:

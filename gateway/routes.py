@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -25,7 +26,9 @@ from routing.planner import plan_route
 
 router = APIRouter()
 
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)
+}
 
 
 def _chat(request: Request) -> ChatService:
@@ -98,8 +101,10 @@ async def swarm(request: Request) -> JSONResponse:
         {"peer_id": peer_id, **record.to_wire()}
         for peer_id, record in sorted(snapshot.servers.items(), key=lambda kv: (kv[1].start, kv[0]))
     ]
-    return JSONResponse({
-        "model": _chat(request).model.id,
-        "num_blocks": snapshot.num_blocks,
-        "servers": servers,
-    })
+    return JSONResponse(
+        {
+            "model": _chat(request).model.id,
+            "num_blocks": snapshot.num_blocks,
+            "servers": servers,
+        }
+    )

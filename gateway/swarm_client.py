@@ -79,12 +79,14 @@ class _HopStream:
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         outputs = []
-        for chunk in hidden.split(self._chunk_tokens, dim=1):
+        for chunk in torch.split(hidden, self._chunk_tokens, dim=1):
             reply = await self._exchange(make_request(Step(position=self.position), chunk))
             done = decode(StepDone, reply.metadata)
             self.position += chunk.shape[1]
             if done.position != self.position:
-                raise ProtocolMismatch(f"server at {done.position} tokens, expected {self.position}")
+                raise ProtocolMismatch(
+                    f"server at {done.position} tokens, expected {self.position}"
+                )
             tensors = read_tensors(reply)
             if len(tensors) != 1 or tensors[0].shape != chunk.shape:
                 raise ProtocolMismatch("server returned hidden states of the wrong shape")
@@ -110,8 +112,10 @@ class _HopStream:
         try:
             return await asyncio.wait_for(anext(self._outputs), self._timeout_s)
         except StopAsyncIteration:
-            raise PeerUnavailable(f"{self.hop.peer_id} closed the stream", self.hop.peer_id) from None
-        except asyncio.TimeoutError:
+            raise PeerUnavailable(
+                f"{self.hop.peer_id} closed the stream", self.hop.peer_id
+            ) from None
+        except TimeoutError:
             raise PeerUnavailable(f"{self.hop.peer_id} timed out", self.hop.peer_id) from None
         except Exception as e:  # P2PHandlerError, P2PDaemonError, connection resets
             raise PeerUnavailable(f"{self.hop.peer_id}: {e}", self.hop.peer_id) from e
@@ -196,7 +200,8 @@ class P2PSwarmClient:
         assert model is not None
         chunk = self._prefill_chunk_tokens or max_tokens_per_message(model.hidden_size)
         session_id = uuid.uuid4().hex
-        hops = [_HopStream(self._p2p, hop, self._step_timeout_s, chunk) for hop in route]  # type: ignore[arg-type]
+        assert self._p2p is not None, "start() first"
+        hops = [_HopStream(self._p2p, hop, self._step_timeout_s, chunk) for hop in route]
         try:
             await asyncio.gather(*(hop.open(session_id, max_length) for hop in hops))
         except BaseException:

@@ -31,6 +31,8 @@ class PromptBuilder:
                 conversation, add_generation_prompt=True, tokenize=False
             )
         except Exception as e:  # jinja raises on conversations a template refuses
-            raise InvalidRequest(f"the chat template rejected the messages: {e}", param="messages") from e
+            raise InvalidRequest(
+                f"the chat template rejected the messages: {e}", param="messages"
+            ) from e
         # The template already wrote any special tokens (BOS) it wants.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

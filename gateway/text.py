@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Decoder(Protocol):
-    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> Any: ...
 
 
 class IncrementalDetokenizer:
@@ -41,7 +41,7 @@ class IncrementalDetokenizer:
         return after[len(before) :]
 
     def _decode(self, start: int, end: int) -> str:
-        return self._tokenizer.decode(self._ids[start:end], skip_special_tokens=True)
+        return str(self._tokenizer.decode(self._ids[start:end], skip_special_tokens=True))
 
 
 class StopMatcher:

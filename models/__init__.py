@@ -3,4 +3,13 @@
 from models.loading import DTYPES, Head, Span, load_config, load_head, load_span
 from models.resolve import ModelSource, resolve_model
 
-__all__ = ["DTYPES", "Head", "ModelSource", "Span", "load_config", "load_head", "load_span", "resolve_model"]
+__all__ = [
+    "DTYPES",
+    "Head",
+    "ModelSource",
+    "Span",
+    "load_config",
+    "load_head",
+    "load_span",
+    "resolve_model",
+]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -22,7 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_config(folder: Path) -> PretrainedConfig:
-    config = AutoConfig.from_pretrained(folder)
+    config: PretrainedConfig = AutoConfig.from_pretrained(folder)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model type {config.model_type!r} is not supported yet "
@@ -33,10 +34,10 @@ def load_config(folder: Path) -> PretrainedConfig:
     return config
 
 
-def _skeleton(config: PretrainedConfig) -> torch.nn.Module:
+def _skeleton(config: PretrainedConfig) -> Any:
     """The model's module tree on the meta device: classes and shapes, no memory."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
 
 
 class _Weights:
@@ -52,7 +53,8 @@ class _Weights:
             if not single.is_file():
                 raise FileNotFoundError(f"no safetensors weights in {folder}")
             with safe_open(single, "pt") as f:
-                self._file_of = {name: single for name in f.keys()}
+                names = f.keys()  # a safe_open handle, not a dict: `in f` does not work
+                self._file_of = dict.fromkeys(names, single)
 
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
@@ -110,9 +112,9 @@ class Head:
     """The gateway's part of the model: token embedding, final norm and LM head (fp32)."""
 
     config: PretrainedConfig
-    embed: torch.nn.Embedding
+    embed: torch.nn.Module
     norm: torch.nn.Module
-    lm_head: torch.nn.Linear
+    lm_head: torch.nn.Module
 
 
 def load_head(folder: Path) -> Head:
@@ -125,9 +127,8 @@ def load_head(folder: Path) -> Head:
     if "lm_head.weight" in weights:
         head_state = weights.read("lm_head.", dtype)
     else:  # tied embeddings: the checkpoint stores the matrix once
-        head_state = {"weight": embed.weight}
+        head_state = {"weight": embed.get_parameter("weight")}
         if getattr(skeleton.lm_head, "bias", None) is not None:
             raise ValueError("tied LM head with a bias is not supported")
     lm_head = _materialize(skeleton.lm_head, head_state)
     return Head(config, embed, norm, lm_head)
-

@@ -79,7 +79,11 @@ class ChatCompletionRequest(OpenAIModel):
         return [s for s in stops if s]
 
     def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
 
 
 # ---- responses ----

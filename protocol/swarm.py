@@ -17,7 +17,7 @@ PROTOCOL_VERSION = 1
 MAX_SESSIONS_LISTED = 64  # keeps a record small however many sessions a server caches
 
 
-class NodeState(str, enum.Enum):
+class NodeState(enum.StrEnum):
     JOINING = "joining"
     ONLINE = "online"
     DRAINING = "draining"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from protocol.swarm import NodeState
 from routing.snapshot import SwarmSnapshot, coverage
 
@@ -26,4 +28,4 @@ def split_evenly(num_blocks: int, parts: int) -> list[tuple[int, int]]:
     if not 0 < parts <= num_blocks:
         raise ValueError(f"cannot split {num_blocks} blocks into {parts} spans")
     bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
-    return list(zip(bounds, bounds[1:]))
+    return list(itertools.pairwise(bounds))

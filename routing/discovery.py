@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
@@ -38,7 +39,7 @@ async def fetch_snapshot(dht: DHT, prefix: str, model: ModelRecord | None = None
     keys = [block_key(prefix, b) for b in range(model.num_blocks)]
     found = await asyncio.gather(*(_get(dht, key) for key in keys))
     servers: dict[str, ServerRecord] = {}
-    for key, entry in zip(keys, found):
+    for key, entry in zip(keys, found, strict=True):
         if entry is None or not isinstance(entry.value, dict):
             continue
         for peer_id, item in entry.value.items():
@@ -64,12 +65,16 @@ async def announce(
     """Store ``record`` under every block it holds and the model record, expiring in ``ttl_s``."""
     expiration = get_dht_time() + ttl_s
     stores = [
-        dht.store(block_key(prefix, b), record.to_wire(), expiration, subkey=peer_id, return_future=True)
+        dht.store(
+            block_key(prefix, b), record.to_wire(), expiration, subkey=peer_id, return_future=True
+        )
         for b in range(record.start, record.end)
     ]
     stores.append(dht.store(model_key(prefix), model.to_wire(), expiration, return_future=True))
     stores.append(
-        dht.store(models_key(namespace), model.to_wire(), expiration, subkey=prefix, return_future=True)
+        dht.store(
+            models_key(namespace), model.to_wire(), expiration, subkey=prefix, return_future=True
+        )
     )
     await asyncio.wait_for(asyncio.gather(*stores), DHT_TIMEOUT_S)
 

@@ -15,7 +15,7 @@ def new_cache(span: Span) -> DynamicCache:
     cache = DynamicCache()
     # Created up front so that a session using only part of the span can read its length
     # from its first slot instead of slot 0.
-    cache.layers.extend(DynamicLayer() for _ in span.layers)
+    cache.layers.extend(DynamicLayer() for _ in span.layers)  # type: ignore[no-untyped-call]
     return cache
 
 
@@ -44,7 +44,7 @@ def forward_span(
     """
     first = (span.start if start is None else start) - span.start
     last = (span.end if end is None else end) - span.start
-    past = cache.layers[first].get_seq_length() if cache is not None else 0
+    past = cache.get_seq_length(first) if cache is not None else 0
     x = hidden.to(span.dtype)
     # position_ids: [1, n]; every row of a batch shares one history length.
     position_ids = torch.arange(past, past + x.shape[1]).unsqueeze(0)

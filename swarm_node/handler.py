@@ -42,9 +42,7 @@ STEP_TIMEOUT_S = 600.0  # an idle session holds its reservation at most this lon
 
 
 class BlockHandler:
-    def __init__(
-        self, span: Span, sessions: SessionStore, info: Callable[[], ServerInfo]
-    ) -> None:
+    def __init__(self, span: Span, sessions: SessionStore, info: Callable[[], ServerInfo]) -> None:
         self.span = span
         self.sessions = sessions
         self._info = info
@@ -96,8 +94,12 @@ class BlockHandler:
                 if session.position + hidden.shape[1] > session.max_length:
                     raise InvalidRequest(f"session exceeds its max_length {session.max_length}")
                 out = await self._run(
-                    forward_span, self.span, hidden, session.cache,
-                    start=session.start, end=session.end,
+                    forward_span,
+                    self.span,
+                    hidden,
+                    session.cache,
+                    start=session.start,
+                    end=session.end,
                 )
                 session.position += hidden.shape[1]
                 yield make_response(StepDone(position=session.position), out)
@@ -121,15 +123,16 @@ class BlockHandler:
     ) -> runtime_pb2.ExpertResponse:
         return make_response(self._info())
 
-    async def _run(self, fn: Callable[..., torch.Tensor], *args: object, **kwargs: object) -> torch.Tensor:
+    async def _run(
+        self, fn: Callable[..., torch.Tensor], *args: object, **kwargs: object
+    ) -> torch.Tensor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._compute, lambda: fn(*args, **kwargs))
 
     def _check_range(self, start: int, end: int) -> None:
         if not self.span.start <= start < end <= self.span.end:
-            raise InvalidRequest(
-                f"blocks {start}:{end} requested, this server holds {self.span.start}:{self.span.end}"
-            )
+            held = f"{self.span.start}:{self.span.end}"
+            raise InvalidRequest(f"blocks {start}:{end} requested, this server holds {held}")
 
     def _one_tensor(self, request: runtime_pb2.ExpertRequest) -> torch.Tensor:
         tensors = read_tensors(request)
@@ -143,5 +146,7 @@ class BlockHandler:
                 f"{hidden.dtype} {list(hidden.shape)}"
             )
         if not 0 < hidden.shape[1] <= self._max_tokens:
-            raise InvalidRequest(f"{hidden.shape[1]} tokens in one message (max {self._max_tokens})")
+            raise InvalidRequest(
+                f"{hidden.shape[1]} tokens in one message (max {self._max_tokens})"
+            )
         return hidden

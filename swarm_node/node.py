@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import time
+from typing import Any
 
 import psutil
 import torch
@@ -26,13 +27,14 @@ logger = logging.getLogger("swarmgate.node")
 
 
 def default_cache_bytes() -> int:
-    return psutil.virtual_memory().available // 4
+    return int(psutil.virtual_memory().available) // 4
 
 
-def kv_bytes_per_token_per_block(config: object, dtype: torch.dtype) -> int:
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # type: ignore[attr-defined]
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads  # type: ignore[attr-defined]
-    return 2 * heads * head_dim * torch.finfo(dtype).bits // 8
+def kv_bytes_per_token_per_block(config: Any, dtype: torch.dtype) -> int:
+    """Keys and values of one token in one block."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return int(2 * heads * head_dim * torch.finfo(dtype).bits // 8)
 
 
 class BlockServer:
@@ -73,7 +75,9 @@ class BlockServer:
             dht.shutdown()
             logger.info("left the swarm")
 
-    async def _serve(self, dht: DHT, folder: object, model: ModelRecord, dtype: torch.dtype) -> None:
+    async def _serve(
+        self, dht: DHT, folder: object, model: ModelRecord, dtype: torch.dtype
+    ) -> None:
         settings = self.settings
         self.peer_id = dht.peer_id.to_base58()
         start, end = settings.blocks or await self._choose_blocks(dht, model)
@@ -82,8 +86,10 @@ class BlockServer:
         span: Span = await asyncio.to_thread(load_span, folder, start, end, dtype)  # type: ignore[arg-type]
         self.throughput = await asyncio.to_thread(measure_decode_throughput, span)
         logger.info(
-            "loaded %d blocks in %.1f s; %.1f decode steps/s", end - start,
-            time.monotonic() - began, self.throughput,
+            "loaded %d blocks in %.1f s; %.1f decode steps/s",
+            end - start,
+            time.monotonic() - began,
+            self.throughput,
         )
         budget = settings.cache_bytes if settings.cache_bytes is not None else default_cache_bytes()
         self.sessions = SessionStore(budget, kv_bytes_per_token_per_block(span.config, dtype))
@@ -93,7 +99,10 @@ class BlockServer:
         await self.handler.register(p2p)
         self.state = NodeState.ONLINE
         announcer = asyncio.create_task(self._announce_forever(dht, model))
-        print(f"swarmgate node: serving blocks {start}:{end} of {model.name} as {self.peer_id}", flush=True)
+        print(
+            f"swarmgate node: serving blocks {start}:{end} of {model.name} as {self.peer_id}",
+            flush=True,
+        )
         try:
             await self._stop.wait()
             await self._drain(dht, model)
@@ -135,8 +144,13 @@ class BlockServer:
     async def _announce(self, dht: DHT, model: ModelRecord) -> None:
         ttl = 3 * self.settings.announce_period_s
         await announce(
-            dht, self.prefix, self.peer_id, self.record(), model,
-            ttl_s=ttl, namespace=self.settings.namespace,
+            dht,
+            self.prefix,
+            self.peer_id,
+            self.record(),
+            model,
+            ttl_s=ttl,
+            namespace=self.settings.namespace,
         )
 
     async def _announce_forever(self, dht: DHT, model: ModelRecord) -> None:

@@ -31,15 +31,18 @@ def _blocks(value: str) -> tuple[int, int]:
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default=_env("SWARMGATE_MODEL", "smollm2"),
+        "--model",
+        default=_env("SWARMGATE_MODEL", "smollm2"),
         help="`smollm2` (embedded default), a Hugging Face folder or a .gguf file",
     )
     parser.add_argument(
-        "--model-name", default=_env("SWARMGATE_MODEL_NAME"),
+        "--model-name",
+        default=_env("SWARMGATE_MODEL_NAME"),
         help="model id served to clients and used to find servers (default: from --model)",
     )
     parser.add_argument(
-        "--namespace", default=_env("SWARMGATE_NAMESPACE", ""),
+        "--namespace",
+        default=_env("SWARMGATE_NAMESPACE", ""),
         help="keeps private swarms that share DHT peers apart",
     )
 
@@ -47,22 +50,33 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
 def _add_peers(parser: argparse.ArgumentParser, *, required: bool) -> None:
     peers = _env_list("SWARMGATE_INITIAL_PEERS")
     parser.add_argument(
-        "--initial-peers", nargs="+", default=peers, required=required and not peers,
-        metavar="MADDR", help="multiaddrs of DHT peers, as printed by `swarmgate dht`",
+        "--initial-peers",
+        nargs="+",
+        default=peers,
+        required=required and not peers,
+        metavar="MADDR",
+        help="multiaddrs of DHT peers, as printed by `swarmgate dht`",
     )
 
 
 def _add_p2p(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--host-maddrs", nargs="+", default=_env_list("SWARMGATE_HOST_MADDRS") or LOOPBACK_MADDRS,
-        metavar="MADDR", help="where to listen (default loopback; e.g. /ip4/0.0.0.0/tcp/31337)",
+        "--host-maddrs",
+        nargs="+",
+        default=_env_list("SWARMGATE_HOST_MADDRS") or LOOPBACK_MADDRS,
+        metavar="MADDR",
+        help="where to listen (default loopback; e.g. /ip4/0.0.0.0/tcp/31337)",
     )
     parser.add_argument(
-        "--announce-maddrs", nargs="+", default=_env_list("SWARMGATE_ANNOUNCE_MADDRS"),
-        metavar="MADDR", help="addresses other machines should dial (e.g. your public IP)",
+        "--announce-maddrs",
+        nargs="+",
+        default=_env_list("SWARMGATE_ANNOUNCE_MADDRS"),
+        metavar="MADDR",
+        help="addresses other machines should dial (e.g. your public IP)",
     )
     parser.add_argument(
-        "--identity", default=_env("SWARMGATE_IDENTITY"),
+        "--identity",
+        default=_env("SWARMGATE_IDENTITY"),
         help="file holding this peer's private key, for a stable peer id (created if missing)",
     )
 
@@ -72,18 +86,29 @@ def _add_http(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=int(_env("SWARMGATE_PORT", "8000") or 8000))
     parser.add_argument("--redis-url", default=_env("REDIS_URL"))
     parser.add_argument(
-        "--api-key", action="append", default=_env_list("SWARMGATE_API_KEY"),
+        "--api-key",
+        action="append",
+        default=_env_list("SWARMGATE_API_KEY"),
         help="require `Authorization: Bearer KEY` (repeat for several keys)",
     )
 
 
 def _add_node_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
-                        default=_env("SWARMGATE_DTYPE", "float32"))
-    parser.add_argument("--quant", choices=["none"], default=_env("SWARMGATE_QUANT", "none"),
-                        help="weight quantization (int8/nf4 are planned)")
-    parser.add_argument("--cache-bytes", type=int, default=_env("SWARMGATE_CACHE_BYTES"),
-                        help="KV cache budget in bytes (default: a quarter of free memory)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default=_env("SWARMGATE_DTYPE", "float32")
+    )
+    parser.add_argument(
+        "--quant",
+        choices=["none"],
+        default=_env("SWARMGATE_QUANT", "none"),
+        help="weight quantization (int8/nf4 are planned)",
+    )
+    parser.add_argument(
+        "--cache-bytes",
+        type=int,
+        default=_env("SWARMGATE_CACHE_BYTES"),
+        help="KV cache budget in bytes (default: a quarter of free memory)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,10 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(up)
     _add_http(up)
     _add_node_options(up)
-    up.add_argument("--nodes", type=int, default=int(_env("SWARMGATE_NODES", "2") or 2),
-                    help="block servers that split the model's blocks evenly")
-    up.add_argument("--ready-timeout", type=float, default=600.0,
-                    help="seconds to wait for the swarm to become healthy")
+    up.add_argument(
+        "--nodes",
+        type=int,
+        default=int(_env("SWARMGATE_NODES", "2") or 2),
+        help="block servers that split the model's blocks evenly",
+    )
+    up.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the swarm to become healthy",
+    )
 
     dht = commands.add_parser("dht", help="a bootstrap DHT peer; prints its multiaddrs")
     _add_peers(dht, required=False)
@@ -111,21 +144,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_peers(node, required=True)
     _add_p2p(node)
     _add_node_options(node)
-    node.add_argument("--blocks", type=_blocks, default=_env("SWARMGATE_BLOCKS"),
-                      metavar="START:END", help="blocks to serve (default: the least-covered)")
-    node.add_argument("--announce-period", type=float,
-                      default=float(_env("SWARMGATE_ANNOUNCE_PERIOD", "10") or 10),
-                      help="seconds between DHT announcements (records expire after 3)")
-    node.add_argument("--num-blocks", type=int, default=_env("SWARMGATE_NUM_BLOCKS"),
-                      help="how many blocks to take when --blocks is not given (default: all)")
+    node.add_argument(
+        "--blocks",
+        type=_blocks,
+        default=_env("SWARMGATE_BLOCKS"),
+        metavar="START:END",
+        help="blocks to serve (default: the least-covered)",
+    )
+    node.add_argument(
+        "--announce-period",
+        type=float,
+        default=float(_env("SWARMGATE_ANNOUNCE_PERIOD", "10") or 10),
+        help="seconds between DHT announcements (records expire after 3)",
+    )
+    node.add_argument(
+        "--num-blocks",
+        type=int,
+        default=_env("SWARMGATE_NUM_BLOCKS"),
+        help="how many blocks to take when --blocks is not given (default: all)",
+    )
 
     gateway = commands.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")
     _add_model(gateway)
     _add_peers(gateway, required=True)
     _add_http(gateway)
-    gateway.add_argument("--prefill-chunk-tokens", type=int,
-                         default=_env("SWARMGATE_PREFILL_CHUNK_TOKENS"),
-                         help="tokens per prefill message (default: as many as fit)")
+    gateway.add_argument(
+        "--prefill-chunk-tokens",
+        type=int,
+        default=_env("SWARMGATE_PREFILL_CHUNK_TOKENS"),
+        help="tokens per prefill message (default: as many as fit)",
+    )
 
     status = commands.add_parser("status", help="print the swarm's coverage")
     _add_peers(status, required=True)

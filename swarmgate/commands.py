@@ -6,10 +6,10 @@ import argparse
 import asyncio
 import json
 import signal
-import sys
 import threading
 
 from models.resolve import resolve_model
+from routing.snapshot import SwarmSnapshot
 
 
 def _wait_for_signal() -> None:
@@ -86,43 +86,23 @@ def status(args: argparse.Namespace) -> int:
     from hivemind import DHT
 
     from routing.discovery import fetch_models, fetch_snapshot
-    from routing.planner import plan_route
-    from protocol.errors import NoRouteError
-
-    async def read() -> list[tuple[str, object]]:
-        models = await fetch_models(client, args.namespace)
-        return [(prefix, await fetch_snapshot(client, prefix, m)) for prefix, m in models.items()]
+    from swarmgate.status import format_table, summarize
 
     client = DHT(initial_peers=args.initial_peers, client_mode=True, start=True)
+
+    async def read() -> list[SwarmSnapshot]:
+        models = await fetch_models(client, args.namespace)
+        return [await fetch_snapshot(client, prefix, m) for prefix, m in models.items()]
+
     try:
         snapshots = asyncio.run(read())
     finally:
         client.shutdown()
-    report = []
-    for _prefix, snapshot in snapshots:
-        try:
-            route = plan_route(snapshot, snapshot.num_blocks)  # type: ignore[attr-defined]
-            health = f"ok, {len(route)} hops"
-        except NoRouteError as e:
-            health = f"unavailable: {e}"
-        report.append((snapshot, health))
     if args.json:
-        print(json.dumps([
-            {"model": s.model.name, "num_blocks": s.num_blocks, "health": h,  # type: ignore[attr-defined]
-             "servers": [{"peer_id": p, **r.to_wire()} for p, r in s.servers.items()]}  # type: ignore[attr-defined]
-            for s, h in report
-        ], indent=2))
-        return 0
-    if not report:
-        print("no models announced in this swarm")
-        return 1
-    for snapshot, health in report:
-        print(f"{snapshot.model.name}: {snapshot.num_blocks} blocks, {health}")  # type: ignore[attr-defined]
-        print(f"  {'peer id':<54} {'blocks':>9} {'state':<9} {'tok/s':>7} {'load':>5}")
-        for peer_id, r in sorted(snapshot.servers.items(), key=lambda kv: kv[1].start):  # type: ignore[attr-defined]
-            print(f"  {peer_id:<54} {f'{r.start}:{r.end}':>9} {r.state.value:<9} "
-                  f"{r.throughput:>7.1f} {r.load:>5.0f}")
-    return 0
+        print(json.dumps([summarize(s) for s in snapshots], indent=2))
+    else:
+        print(format_table(snapshots))
+    return 0 if snapshots else 1
 
 
 def up(args: argparse.Namespace) -> int:
@@ -131,5 +111,3 @@ def up(args: argparse.Namespace) -> int:
     source = resolve_model(args.model, name=args.model_name)
     swarm = LocalSwarm(source, args)
     return swarm.run()
-
-

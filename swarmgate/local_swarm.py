@@ -48,7 +48,16 @@ class LocalSwarm:
         try:
             peers = [str(m) for m in dht.get_visible_maddrs()]
             for start, end in spans:
-                self._spawn(f"node {start}:{end}", ["node", "--blocks", f"{start}:{end}", *self._common(peers), *self._node_flags()])
+                self._spawn(
+                    f"node {start}:{end}",
+                    [
+                        "node",
+                        "--blocks",
+                        f"{start}:{end}",
+                        *self._common(peers),
+                        *self._node_flags(),
+                    ],
+                )
             self._spawn("gateway", ["gateway", *self._common(peers), *self._http_flags()])
             if not self._wait_until_healthy():
                 return 1
@@ -97,7 +106,9 @@ class LocalSwarm:
     def _wait_until_healthy(self) -> bool:
         url = f"http://{self.args.host}:{self.args.port}/health"
         deadline = time.monotonic() + self.args.ready_timeout
-        print("swarmgate up: starting the swarm (loading blocks, joining the DHT)...", file=sys.stderr)
+        print(
+            "swarmgate up: starting the swarm (loading blocks, joining the DHT)...", file=sys.stderr
+        )
         while time.monotonic() < deadline and not self._stop.is_set():
             dead = self._dead_child()
             if dead:
@@ -110,18 +121,21 @@ class LocalSwarm:
                 pass  # the gateway is still starting
             self._stop.wait(0.5)
         if not self._stop.is_set():
-            print(f"swarmgate up: not healthy after {self.args.ready_timeout:.0f} s", file=sys.stderr)
+            print(
+                f"swarmgate up: not healthy after {self.args.ready_timeout:.0f} s", file=sys.stderr
+            )
         return False
 
     def _print_banner(self, spans: list[tuple[int, int]]) -> None:
         base = f"http://{self.args.host}:{self.args.port}"
         layout = ", ".join(f"{s}:{e}" for s, e in spans)
         print(
-            f"\nswarmgate is ready: model {self.source.name!r} on {len(spans)} nodes (blocks {layout})\n"
+            f"\nswarmgate is ready: model {self.source.name!r} on {len(spans)} nodes "
+            f"(blocks {layout})\n"
             f"  OpenAI base URL:  {base}/v1\n"
             f"  try:  curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' "
-            f"-d '{{\"model\":\"{self.source.name}\",\"stream\":true,"
-            f"\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'\n"
+            f'-d \'{{"model":"{self.source.name}","stream":true,'
+            f'"messages":[{{"role":"user","content":"Hello!"}}]}}\'\n'
             f"  Ctrl-C stops the swarm.\n",
             flush=True,
         )

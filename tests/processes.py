@@ -37,7 +37,9 @@ def p2pd_pids() -> set[int]:
     return found
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.2) -> None:
+def wait_for(
+    condition: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.2
+) -> None:
     """Poll ``condition`` until true; fail after ``timeout_s`` (bounded, never a fixed sleep)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -50,10 +52,12 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, poll_s:
 class Process:
     """A child running the `swarmgate` CLI, with its output kept in a log file."""
 
-    def __init__(self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None
+    ):
         self.name = name
         self.log_path = log_dir / f"{name.replace(' ', '_').replace(':', '-')}.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "swarmgate", *argv],
             stdout=self._log,

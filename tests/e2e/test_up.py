@@ -27,6 +27,7 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Process]
     with no_orphans():
         process = Process("up", ["up", "--port", str(port)], tmp_path_factory.mktemp("up"))
         try:
+
             def ready() -> bool:
                 assert process.alive(), f"swarmgate up exited:\n{process.output()[-3000:]}"
                 return "swarmgate is ready" in process.output() and http_ok(
@@ -38,8 +39,13 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Process]
         finally:
             children = process.descendants()
             process.stop(timeout_s=60)
-            wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-                                     for c in children), 30, "every child of `up` to exit")
+            wait_for(
+                lambda: (
+                    not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+                ),
+                30,
+                "every child of `up` to exit",
+            )
 
 
 def test_sdk_stream_is_token_exact_with_transformers(up: tuple[str, Process]) -> None:
@@ -54,11 +60,12 @@ def test_sdk_stream_is_token_exact_with_transformers(up: tuple[str, Process]) ->
     path = resolve_model("smollm2").path
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)["input_ids"]
+    prompt = tokenizer.apply_chat_template(
+        QUESTION, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=20, do_sample=False)
-    expected = tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+    expected = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
     assert text == expected and text.strip()
 
 
@@ -67,9 +74,19 @@ def test_curl_streams_until_done(up: tuple[str, Process]) -> None:
     url, _ = up
     body = {"model": "smollm2", "stream": True, "max_tokens": 12, "messages": QUESTION}
     result = subprocess.run(
-        ["curl", "-sN", f"{url}/v1/chat/completions", "-H", "Content-Type: application/json",
-         "-d", json.dumps(body)],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            "curl",
+            "-sN",
+            f"{url}/v1/chat/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            json.dumps(body),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     events = [e for e in result.stdout.split("\n\n") if e.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
@@ -83,5 +100,8 @@ def test_sigterm_stops_every_child(up: tuple[str, Process]) -> None:
     children = process.descendants()
     assert len([c for c in children if "swarmgate" in " ".join(c.cmdline())]) >= 3
     assert process.stop(timeout_s=60) == 0
-    wait_for(lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-                             for c in children), 30, "every child of `up` to exit")
+    wait_for(
+        lambda: not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children),
+        30,
+        "every child of `up` to exit",
+    )

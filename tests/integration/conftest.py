@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from tests.processes import Process, free_port, http_ok, no_orphans, wait_for
 from tests.tiny_model import TINY_BLOCKS
 
@@ -24,11 +25,27 @@ class Swarm:
     gateway: Process
 
 
-def start_gateway(model: Path, peers: list[str], log_dir: Path, *extra: str, name: str = "gateway",
-                  model_id: str = MODEL_ID) -> tuple[Process, str]:
+def start_gateway(
+    model: Path,
+    peers: list[str],
+    log_dir: Path,
+    *extra: str,
+    name: str = "gateway",
+    model_id: str = MODEL_ID,
+) -> tuple[Process, str]:
     port = free_port()
-    argv = ["gateway", "--model", str(model), "--model-name", model_id, "--initial-peers", *peers,
-            "--port", str(port), *extra]
+    argv = [
+        "gateway",
+        "--model",
+        str(model),
+        "--model-name",
+        model_id,
+        "--initial-peers",
+        *peers,
+        "--port",
+        str(port),
+        *extra,
+    ]
     return Process(name, argv, log_dir), f"http://127.0.0.1:{port}"
 
 
@@ -44,9 +61,19 @@ def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             peers = printed_initial_peers(dht.output())
             half = TINY_BLOCKS // 2
             for start, end in ((0, half), (half, TINY_BLOCKS)):
-                argv = ["node", "--model", str(tiny_model), "--model-name", MODEL_ID,
-                        "--initial-peers", *peers, "--blocks", f"{start}:{end}",
-                        "--announce-period", "2"]
+                argv = [
+                    "node",
+                    "--model",
+                    str(tiny_model),
+                    "--model-name",
+                    MODEL_ID,
+                    "--initial-peers",
+                    *peers,
+                    "--blocks",
+                    f"{start}:{end}",
+                    "--announce-period",
+                    "2",
+                ]
                 processes.append(Process(f"node {start}:{end}", argv, logs))
             gateway, url = start_gateway(
                 tiny_model, peers, logs, "--prefill-chunk-tokens", str(PREFILL_CHUNK_TOKENS)

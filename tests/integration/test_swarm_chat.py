@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import httpx
@@ -29,25 +29,31 @@ PROMPTS = [
 ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _reference(model_path: Path) -> tuple[AutoModelForCausalLM, AutoTokenizer]:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(model_path)
 
 
-def hf_greedy(model_path: Path, messages: list[dict], max_new_tokens: int) -> tuple[list[int], list[int]]:
+def hf_greedy(
+    model_path: Path, messages: list[dict], max_new_tokens: int
+) -> tuple[list[int], list[int]]:
     """Prompt ids and the greedy continuation from `generate` on the whole model."""
     model, tokenizer = _reference(model_path)
     flat = [
-        {"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
-         else "".join(p["text"] for p in m["content"])}
+        {
+            "role": m["role"],
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else "".join(p["text"] for p in m["content"]),
+        }
         for m in messages
     ]
     text = tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
-    generated = out[0, len(prompt):].tolist()
+    generated = out[0, len(prompt) :].tolist()
     if generated and generated[-1] == tokenizer.eos_token_id:
         generated = generated[:-1]
     return prompt, generated
@@ -68,7 +74,9 @@ def test_greedy_output_equals_transformers_generate(swarm: Swarm, messages: list
 
     assert response.usage.prompt_tokens == len(prompt)
     assert response.usage.completion_tokens == len(expected)
-    assert response.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    assert response.choices[0].message.content == tokenizer.decode(
+        expected, skip_special_tokens=True
+    )
     assert response.choices[0].finish_reason == ("length" if len(expected) == 24 else "stop")
 
 
@@ -82,16 +90,24 @@ def test_sdk_stream_matches_non_stream(swarm: Swarm) -> None:
     whole = client(swarm).chat.completions.create(
         model=swarm.model_id, messages=messages, max_tokens=20, temperature=0
     )
-    chunks = list(client(swarm).chat.completions.create(
-        model=swarm.model_id, messages=messages, max_tokens=20, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client(swarm).chat.completions.create(
+            model=swarm.model_id,
+            messages=messages,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
 
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == [whole.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
@@ -105,7 +121,7 @@ def test_raw_sse_frames_end_with_done(swarm: Swarm) -> None:
     events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"
-    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    chunks = [json.loads(e[len("data: ") :]) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -122,9 +138,14 @@ def test_seeded_sampling_is_reproducible(swarm: Swarm) -> None:
 
 
 def test_stop_sequence_cuts_output(swarm: Swarm) -> None:
-    full = client(swarm).chat.completions.create(
-        model=swarm.model_id, messages=PROMPTS[0], max_tokens=24, temperature=0
-    ).choices[0].message.content
+    full = (
+        client(swarm)
+        .chat.completions.create(
+            model=swarm.model_id, messages=PROMPTS[0], max_tokens=24, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
     assert full and len(full) > 6
     stop = full[3:6]
     cut = client(swarm).chat.completions.create(
@@ -138,18 +159,46 @@ def test_stop_sequence_cuts_output(swarm: Swarm) -> None:
     ("body", "status", "code"),
     [
         (b"{not json", 400, None),
-        (json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}), 404, "model_not_found"),
+        (
+            json.dumps({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}),
+            404,
+            "model_not_found",
+        ),
         (json.dumps({"model": "tiny-llama", "messages": []}), 400, None),
-        (json.dumps({"model": "tiny-llama", "temperature": 5, "messages": [{"role": "user", "content": "x"}]}), 400, None),
-        (json.dumps({"model": "tiny-llama", "max_tokens": 100000, "messages": [{"role": "user", "content": "x"}]}), 400, "context_length_exceeded"),
+        (
+            json.dumps(
+                {
+                    "model": "tiny-llama",
+                    "temperature": 5,
+                    "messages": [{"role": "user", "content": "x"}],
+                }
+            ),
+            400,
+            None,
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "tiny-llama",
+                    "max_tokens": 100000,
+                    "messages": [{"role": "user", "content": "x"}],
+                }
+            ),
+            400,
+            "context_length_exceeded",
+        ),
     ],
     ids=["bad-json", "unknown-model", "no-messages", "bad-temperature", "too-long"],
 )
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(
     swarm: Swarm, body: bytes | str, status: int, code: str | None
 ) -> None:
-    r = httpx.post(f"{swarm.base_url}/v1/chat/completions", content=body,
-                   headers={"Content-Type": "application/json"}, timeout=30)
+    r = httpx.post(
+        f"{swarm.base_url}/v1/chat/completions",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == status
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -182,13 +231,26 @@ def test_health_models_and_swarm_describe_the_chain(swarm: Swarm) -> None:
 
 
 def test_status_command_prints_the_coverage_table(swarm: Swarm) -> None:
-    from tests.processes import REPO
     import subprocess
     import sys
 
+    from tests.processes import REPO
+
     result = subprocess.run(
-        [sys.executable, "-m", "swarmgate", "status", "--json", "--initial-peers", *swarm.initial_peers],
-        capture_output=True, text=True, timeout=120, cwd=REPO, check=True,
+        [
+            sys.executable,
+            "-m",
+            "swarmgate",
+            "status",
+            "--json",
+            "--initial-peers",
+            *swarm.initial_peers,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=True,
     )
     [report] = json.loads(result.stdout)
     assert report["model"] == swarm.model_id and report["health"].startswith("ok")
