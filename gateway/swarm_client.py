@@ -10,8 +10,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from typing import Protocol
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, Protocol
 
 import torch
 from hivemind import DHT
@@ -36,6 +36,17 @@ from routing.snapshot import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 10.0  # how long a closing stream may take to say goodbye
+
+_detached: set[asyncio.Task[None]] = set()  # strong references until each task finishes
+
+
+def _detach(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run ``coroutine`` outside the current task, so cancelling the caller cannot stop it."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _detached.add(task)
+    task.add_done_callback(_detached.discard)
+
 
 class InferenceSession(Protocol):
     """One conversation's state on a chain of servers."""
@@ -44,7 +55,10 @@ class InferenceSession(Protocol):
         """hidden: [1, n, hidden_size] for the next n positions → the chain's output, same shape."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Release the session on every server. Must not suspend: it runs in the cleanup
+        of cancelled requests, where an await would be cancelled before doing its work."""
+        ...
 
 
 class SwarmClient(Protocol):
@@ -93,14 +107,27 @@ class _HopStream:
             outputs.append(tensors[0])
         return torch.cat(outputs, dim=1)
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """End the stream; the server frees the session when it sees the end.
+
+        Synchronous on purpose: it runs while a disconnected client's request is being
+        cancelled, where any await would be cancelled too and leave the stream open.
+        """
         if self._closed:
             return
         self._closed = True
-        self._inputs.put_nowait(None)
+        self._inputs.put_nowait(None)  # hivemind's writer task sends END_OF_STREAM
         if self._outputs is not None:
+            _detach(self._wait_for_end(self._outputs))
+
+    async def _wait_for_end(self, outputs: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
+        try:
+            await asyncio.wait_for(anext(outputs), CLOSE_TIMEOUT_S)  # the server ends the stream
+        except (StopAsyncIteration, Exception):
+            pass
+        finally:
             with contextlib.suppress(Exception):
-                await self._outputs.aclose()  # type: ignore[attr-defined]
+                await outputs.aclose()  # type: ignore[attr-defined]
 
     async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while (request := await self._inputs.get()) is not None:
@@ -137,7 +164,8 @@ class ChainSession:
         return hidden
 
     async def close(self) -> None:
-        await asyncio.gather(*(hop.close() for hop in self._hops))
+        for hop in self._hops:  # no await: see _HopStream.close
+            hop.close()
 
 
 class P2PSwarmClient:
@@ -205,7 +233,8 @@ class P2PSwarmClient:
         try:
             await asyncio.gather(*(hop.open(session_id, max_length) for hop in hops))
         except BaseException:
-            await asyncio.gather(*(hop.close() for hop in hops))
+            for hop in hops:
+                hop.close()
             raise
         return ChainSession(hops)
 

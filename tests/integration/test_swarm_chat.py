@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.integration.conftest import PREFILL_CHUNK_TOKENS, Swarm
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -255,3 +256,17 @@ def test_status_command_prints_the_coverage_table(swarm: Swarm) -> None:
     [report] = json.loads(result.stdout)
     assert report["model"] == swarm.model_id and report["health"].startswith("ok")
     assert sorted((s["start"], s["end"]) for s in report["servers"]) == [(0, 2), (2, 4)]
+
+
+def test_client_disconnect_frees_the_sessions_on_every_node(swarm: Swarm) -> None:
+    def open_sessions() -> list[str]:
+        servers = httpx.get(f"{swarm.base_url}/swarm").json()["servers"]
+        return [s for server in servers for s in server["sessions"]]
+
+    body = {"model": swarm.model_id, "messages": PROMPTS[0], "max_tokens": 900, "stream": True}
+    with httpx.stream("POST", f"{swarm.base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        # Nodes announce every 2 s and the gateway re-reads every 2 s: the session shows up.
+        wait_for(lambda: len(open_sessions()) == 2, 30, "the session to be announced")
+    wait_for(lambda: open_sessions() == [], 30, "the nodes to free the session")

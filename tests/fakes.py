@@ -1,0 +1,84 @@
+"""Test doubles for the gateway's one seam, `SwarmClient`: the model runs in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.loading import load_config, load_span
+from protocol.errors import PeerUnavailable
+from protocol.swarm import ModelRecord, NodeState, ServerRecord
+from routing.planner import plan_route
+from routing.snapshot import SwarmSnapshot
+from swarm_node.backend import forward_span, new_cache
+
+
+class LocalSwarmClient:
+    """Every block in this process, behind the same interface as the P2P client.
+
+    ``covered=False`` announces no servers (no route); ``fail_after_steps`` makes each
+    session fail like a dying server after that many steps.
+    """
+
+    def __init__(
+        self,
+        model_path: Path,
+        model_id: str,
+        *,
+        covered: bool = True,
+        fail_after_steps: int | None = None,
+    ) -> None:
+        config = load_config(model_path)
+        blocks = config.num_hidden_layers
+        self.span = load_span(model_path, 0, blocks)
+        self.fail_after_steps = fail_after_steps
+        self.opened = 0
+        self.closed = 0
+        self.steps = 0  # over all sessions
+        servers = (
+            {
+                "local-peer": ServerRecord(
+                    state=NodeState.ONLINE, start=0, end=blocks, throughput=1.0
+                )
+            }
+            if covered
+            else {}
+        )
+        model = ModelRecord(
+            name=model_id,
+            architecture=config.model_type,
+            num_blocks=blocks,
+            hidden_size=config.hidden_size,
+            max_length=config.max_position_embeddings,
+        )
+        self._snapshot = SwarmSnapshot(model=model, servers=servers)
+
+    def snapshot(self) -> SwarmSnapshot:
+        return self._snapshot
+
+    async def open_session(self, max_length: int) -> LocalSession:
+        plan_route(self._snapshot, self._snapshot.num_blocks)  # NoRouteError when uncovered
+        self.opened += 1
+        return LocalSession(self)
+
+
+class LocalSession:
+    def __init__(self, client: LocalSwarmClient) -> None:
+        self._client = client
+        self._cache = new_cache(client.span)
+        self._steps = 0
+        self._closed = False
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        self._steps += 1
+        self._client.steps += 1
+        limit = self._client.fail_after_steps
+        if limit is not None and self._steps > limit:
+            raise PeerUnavailable("local-peer went away", "local-peer")
+        return forward_span(self._client.span, hidden, self._cache)
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._client.closed += 1

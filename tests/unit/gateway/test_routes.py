@@ -1,0 +1,101 @@
+"""The HTTP surface on an in-process swarm: status codes, error bodies and stream endings."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from tests.fakes import LocalSwarmClient
+
+MODEL_ID = "tiny"
+CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6}
+
+
+def _client(tiny_model: Path, swarm: LocalSwarmClient) -> Iterator[TestClient]:
+    app = create_app(GatewaySettings(model_id=MODEL_ID, model_path=tiny_model), swarm_client=swarm)
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
+def covered(tiny_model: Path) -> Iterator[tuple[TestClient, LocalSwarmClient]]:
+    swarm = LocalSwarmClient(tiny_model, MODEL_ID)
+    for client in _client(tiny_model, swarm):
+        yield client, swarm
+
+
+@pytest.fixture
+def uncovered(tiny_model: Path) -> Iterator[TestClient]:
+    yield from _client(tiny_model, LocalSwarmClient(tiny_model, MODEL_ID, covered=False))
+
+
+def _events(body: str) -> list[str]:
+    return [e for e in body.split("\n\n") if e and not e.startswith(":")]
+
+
+def test_no_route_is_503_with_retry_after(uncovered: TestClient) -> None:
+    for stream in (False, True):
+        r = uncovered.post("/v1/chat/completions", json={**CHAT, "stream": stream})
+        assert r.status_code == 503
+        assert r.headers["retry-after"].isdigit()
+        assert r.json()["error"]["code"] == "no_route"
+
+
+def test_health_and_models_reflect_coverage(uncovered: TestClient, covered: tuple) -> None:
+    down = uncovered.get("/health")
+    assert down.status_code == 503 and down.json()["reason"]
+    assert uncovered.get("/v1/models").json() == {"object": "list", "data": []}
+    assert uncovered.get(f"/v1/models/{MODEL_ID}").status_code == 404
+
+    client, _ = covered
+    assert client.get("/health").status_code == 200
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [MODEL_ID]
+    assert client.get(f"/v1/models/{MODEL_ID}").json()["id"] == MODEL_ID
+
+
+def test_every_session_is_closed(covered: tuple) -> None:
+    client, swarm = covered
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    assert _events(r.text)[-1] == "data: [DONE]"
+    assert swarm.opened == swarm.closed == 2
+
+
+def test_failure_mid_stream_sends_error_then_done(tiny_model: Path) -> None:
+    swarm = LocalSwarmClient(tiny_model, MODEL_ID, fail_after_steps=3)
+    for client in _client(tiny_model, swarm):
+        r = client.post("/v1/chat/completions", json={**CHAT, "stream": True, "max_tokens": 10})
+        assert r.status_code == 200
+        events = _events(r.text)
+        assert events[-1] == "data: [DONE]"
+        error = events[-2]
+        assert error.startswith("event: error\ndata: ")
+        body = json.loads(error.split("data: ", 1)[1])
+        assert body["error"]["code"] == "peer_unavailable"
+        assert swarm.closed == swarm.opened == 1
+
+
+def test_unknown_route_and_method_are_openai_shaped(covered: tuple) -> None:
+    client, _ = covered
+    for r in (client.get("/v1/nope"), client.get("/v1/chat/completions")):
+        assert r.status_code in (404, 405)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_max_tokens_sets_length_and_usage(covered: tuple) -> None:
+    client, _ = covered
+    r = client.post(
+        "/v1/chat/completions", json={**CHAT, "max_completion_tokens": 3, "temperature": 0}
+    ).json()
+    assert r["usage"]["completion_tokens"] <= 3
+    if r["usage"]["completion_tokens"] == 3:
+        assert r["choices"][0]["finish_reason"] == "length"
+    assert (
+        r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
+    )
