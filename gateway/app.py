@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from gateway.chat_service import ChatService, ServedModel
 from gateway.errors import to_http_error
 from gateway.generation import Generator, HeadRunner
-from gateway.routes import router
+from gateway.routes import api, ops
 from gateway.settings import GatewaySettings
 from gateway.swarm_client import P2PSwarmClient, SwarmClient
 from gateway.templating import PromptBuilder, load_tokenizer
@@ -64,7 +64,9 @@ def create_app(settings: GatewaySettings, swarm_client: SwarmClient | None = Non
             head.close()
 
     app = FastAPI(title="swarmgate", lifespan=lifespan)
-    app.include_router(router)
+    app.state.api_keys = settings.api_keys
+    app.include_router(api)
+    app.include_router(ops)
     for exc_type in (RequestError, SwarmError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, _error_response)
     return app

@@ -16,6 +16,7 @@ from protocol.errors import (
     PeerUnavailable,
     RequestError,
     SwarmError,
+    Unauthorized,
 )
 from protocol.openai import ErrorDetail, ErrorResponse
 
@@ -47,6 +48,8 @@ def _error(
 
 def to_http_error(exc: BaseException) -> HTTPError:
     """Map any exception to its HTTP status and OpenAI error body."""
+    if isinstance(exc, Unauthorized):
+        return _error(401, exc.message, "invalid_request_error", code="invalid_api_key")
     if isinstance(exc, ModelNotFound):
         return _error(
             404, exc.message, "invalid_request_error", param="model", code="model_not_found"

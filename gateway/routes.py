@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
@@ -13,7 +14,7 @@ from gateway import sse
 from gateway.chat_service import ChatService
 from gateway.errors import to_http_error
 from gateway.swarm_client import SwarmClient
-from protocol.errors import ModelNotFound, NoRouteError
+from protocol.errors import ModelNotFound, NoRouteError, Unauthorized
 from protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -24,7 +25,21 @@ from protocol.openai import (
 )
 from routing.planner import plan_route
 
-router = APIRouter()
+
+async def require_api_key(request: Request) -> None:
+    """With API keys configured, every /v1 request needs `Authorization: Bearer KEY`."""
+    keys: tuple[str, ...] = request.app.state.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("missing API key: send `Authorization: Bearer YOUR_KEY`")
+    if not any(hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys):
+        raise Unauthorized("incorrect API key provided")
+
+
+api = APIRouter(dependencies=[Depends(require_api_key)])  # the OpenAI surface
+ops = APIRouter()  # health and coverage stay open for probes and operators
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 503)
@@ -39,7 +54,7 @@ def _swarm(request: Request) -> SwarmClient:
     return request.app.state.swarm  # type: ignore[no-any-return]
 
 
-@router.post("/v1/chat/completions", responses=_ERRORS)
+@api.post("/v1/chat/completions", responses=_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> object:
     service = _chat(request)
     if not body.stream:
@@ -69,12 +84,12 @@ def _served_models(request: Request) -> list[ModelCard]:
     return [ModelCard(id=model.id, created=model.created)]
 
 
-@router.get("/v1/models")
+@api.get("/v1/models")
 async def list_models(request: Request) -> object:
     return dump(ModelList(data=_served_models(request)))
 
 
-@router.get("/v1/models/{model_id:path}", responses=_ERRORS)
+@api.get("/v1/models/{model_id:path}", responses=_ERRORS)
 async def get_model(model_id: str, request: Request) -> object:
     for card in _served_models(request):
         if card.id == model_id:
@@ -82,7 +97,7 @@ async def get_model(model_id: str, request: Request) -> object:
     raise ModelNotFound(f"the model {model_id!r} does not exist")
 
 
-@router.get("/health")
+@ops.get("/health")
 async def health(request: Request) -> JSONResponse:
     snapshot = _swarm(request).snapshot()
     model = _chat(request).model.id
@@ -94,7 +109,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "model": model, "route": hops})
 
 
-@router.get("/swarm")
+@ops.get("/swarm")
 async def swarm(request: Request) -> JSONResponse:
     snapshot = _swarm(request).snapshot()
     servers = [

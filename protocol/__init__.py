@@ -11,6 +11,7 @@ from protocol.errors import (
     RequestError,
     SessionExpired,
     SwarmError,
+    Unauthorized,
 )
 from protocol.swarm import ModelRecord, NodeState, ServerRecord, dht_prefix
 
@@ -28,5 +29,6 @@ __all__ = [
     "ServerRecord",
     "SessionExpired",
     "SwarmError",
+    "Unauthorized",
     "dht_prefix",
 ]

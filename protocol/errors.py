@@ -9,6 +9,7 @@
 
     RequestError                the client's request is wrong (never retried)
     ├── InvalidRequest          bad JSON or parameter values
+    ├── Unauthorized            a missing or wrong API key
     ├── ModelNotFound           the requested model is not served here
     └── ContextLengthExceeded   prompt + max tokens exceed the model's context
 
@@ -58,6 +59,10 @@ class RequestError(Exception):
 
 class InvalidRequest(RequestError):
     """Malformed JSON or invalid parameter values."""
+
+
+class Unauthorized(RequestError):
+    """The request carries no valid API key for a gateway that requires one."""
 
 
 class ModelNotFound(RequestError):

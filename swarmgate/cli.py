@@ -91,6 +91,11 @@ def _add_http(parser: argparse.ArgumentParser) -> None:
         default=_env_list("SWARMGATE_API_KEY"),
         help="require `Authorization: Bearer KEY` (repeat for several keys)",
     )
+    parser.add_argument(
+        "--api-key-file",
+        default=_env("SWARMGATE_API_KEY_FILE"),
+        help="file with one accepted API key per line",
+    )
 
 
 def _add_node_options(parser: argparse.ArgumentParser) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import threading
+from pathlib import Path
 
 from models.resolve import resolve_model
 from routing.snapshot import SwarmSnapshot
@@ -67,6 +69,10 @@ def gateway(args: argparse.Namespace) -> None:
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
 
+    if args.redis_url:
+        logging.getLogger("swarmgate").warning(
+            "--redis-url given, but session affinity is not implemented yet: running without it"
+        )
     source = resolve_model(args.model, name=args.model_name)
     settings = GatewaySettings(
         model_id=source.name,
@@ -76,10 +82,19 @@ def gateway(args: argparse.Namespace) -> None:
         port=args.port,
         namespace=args.namespace,
         redis_url=args.redis_url,
-        api_keys=tuple(args.api_key),
+        api_keys=api_keys(args.api_key, args.api_key_file),
         prefill_chunk_tokens=args.prefill_chunk_tokens,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+
+
+def api_keys(keys: list[str], key_file: str | None) -> tuple[str, ...]:
+    """Keys from flags and from a file (one per line; blank lines and # comments skipped)."""
+    found = [k.strip() for k in keys if k.strip()]
+    if key_file:
+        lines = Path(key_file).read_text().splitlines()
+        found += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    return tuple(found)
 
 
 def status(args: argparse.Namespace) -> int:

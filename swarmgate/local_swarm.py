@@ -90,6 +90,8 @@ class LocalSwarm:
             flags += ["--redis-url", self.args.redis_url]
         for key in self.args.api_key:
             flags += ["--api-key", key]
+        if self.args.api_key_file:
+            flags += ["--api-key-file", self.args.api_key_file]
         return flags
 
     def _spawn(self, name: str, argv: list[str]) -> None:

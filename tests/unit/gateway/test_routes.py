@@ -99,3 +99,21 @@ def test_max_tokens_sets_length_and_usage(covered: tuple) -> None:
     assert (
         r["usage"]["total_tokens"] == r["usage"]["prompt_tokens"] + r["usage"]["completion_tokens"]
     )
+
+
+def test_api_keys_guard_the_openai_routes_only(tiny_model: Path) -> None:
+    swarm = LocalSwarmClient(tiny_model, MODEL_ID)
+    settings = GatewaySettings(model_id=MODEL_ID, model_path=tiny_model, api_keys=("k1", "k2"))
+    with TestClient(create_app(settings, swarm_client=swarm)) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "k1"}):
+            r = client.get("/v1/models", headers=headers)
+            assert r.status_code == 401
+            assert r.json()["error"]["code"] == "invalid_api_key"
+        assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
+        for key in ("k1", "k2"):
+            assert (
+                client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
+                == 200
+            )
+        assert client.get("/health").status_code == 200
+        assert client.get("/swarm").status_code == 200
