@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from gateway.chat_service import ChatService, ServedModel
 from gateway.errors import to_http_error
 from gateway.generation import Generator, HeadRunner
+from gateway.metrics import GatewayMetrics
 from gateway.routes import api, ops
 from gateway.settings import GatewaySettings
 from gateway.swarm_client import P2PSwarmClient, SwarmClient
@@ -49,10 +50,11 @@ def create_app(settings: GatewaySettings, swarm_client: SwarmClient | None = Non
             await client.start()
             swarm = client
         app.state.swarm = swarm
+        metrics = app.state.metrics
         app.state.chat = ChatService(
             ServedModel(settings.model_id, config.max_position_embeddings, int(time.time())),
             PromptBuilder(tokenizer),
-            Generator(head, tokenizer, swarm, _eos_ids(config, tokenizer)),
+            Generator(head, tokenizer, swarm, _eos_ids(config, tokenizer), metrics),
         )
         try:
             yield
@@ -65,6 +67,7 @@ def create_app(settings: GatewaySettings, swarm_client: SwarmClient | None = Non
 
     app = FastAPI(title="swarmgate", lifespan=lifespan)
     app.state.api_keys = settings.api_keys
+    app.state.metrics = GatewayMetrics()
     app.include_router(api)
     app.include_router(ops)
     for exc_type in (RequestError, SwarmError, RequestValidationError, HTTPException, Exception):
@@ -74,6 +77,7 @@ def create_app(settings: GatewaySettings, swarm_client: SwarmClient | None = Non
 
 async def _error_response(request: Request, exc: Exception) -> JSONResponse:
     error = to_http_error(exc)
+    request.app.state.metrics.requests.labels(str(error.status)).inc()
     return JSONResponse(error.body.model_dump(mode="json"), error.status, headers=error.headers)
 
 

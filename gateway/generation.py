@@ -7,6 +7,7 @@ runs every transformer block in between.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import TypeVar
 
 import torch
 
+from gateway.metrics import GatewayMetrics
 from gateway.sampling import SamplingParams, make_generator, sample
 from gateway.swarm_client import InferenceSession, SwarmClient
 from gateway.text import Decoder, IncrementalDetokenizer, StopMatcher
@@ -29,6 +31,7 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    received_at: float = field(default_factory=time.monotonic)  # for time-to-first-token
 
 
 @dataclass(frozen=True)
@@ -78,12 +81,18 @@ class HeadRunner:
 
 class Generator:
     def __init__(
-        self, head: HeadRunner, tokenizer: Decoder, swarm: SwarmClient, eos_ids: set[int]
+        self,
+        head: HeadRunner,
+        tokenizer: Decoder,
+        swarm: SwarmClient,
+        eos_ids: set[int],
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._head = head
         self._tokenizer = tokenizer
         self._swarm = swarm
         self._eos_ids = eos_ids
+        self._metrics = metrics or GatewayMetrics()
 
     async def open(self, request: GenerationRequest) -> InferenceSession:
         """A session on a chain of servers with room for the whole generation.
@@ -98,6 +107,10 @@ class Generator:
     ) -> AsyncIterator[TextDelta | Finished]:
         """Text as it is decoded, then one ``Finished``; always closes ``session``."""
         prompt = request.prompt_ids
+        metrics = self._metrics
+        metrics.active_streams.inc()
+        metrics.prompt_tokens.inc(len(prompt))
+        outcome = "error"
         try:
             rng = make_generator(request.sampling.seed)
             detokenizer = IncrementalDetokenizer(self._tokenizer)
@@ -105,12 +118,17 @@ class Generator:
             logits = await self._head.logits(await session.step(await self._head.embed(prompt)))
             generated = 0
             finish: FinishReason = "length"
+            last = request.received_at
             while generated < request.max_new_tokens:
                 token = sample(logits, request.sampling, rng)
+                now = time.monotonic()
+                (metrics.token_latency if generated else metrics.ttft).observe(now - last)
+                last = now
                 if token in self._eos_ids:
                     finish = "stop"
                     break
                 generated += 1
+                metrics.generated_tokens.inc()
                 text = stops.push(detokenizer.push(token))
                 if text:
                     yield TextDelta(text)
@@ -126,6 +144,12 @@ class Generator:
                     yield TextDelta(tail)
                 if stops.stopped:
                     finish = "stop"
+            outcome = "ok"
             yield Finished(finish, len(prompt), generated)
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = "cancelled"
+            raise
         finally:
+            metrics.active_streams.dec()
+            metrics.requests.labels(outcome).inc()
             await session.close()

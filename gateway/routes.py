@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from gateway import sse
@@ -107,6 +108,11 @@ async def health(request: Request) -> JSONResponse:
         return JSONResponse({"status": "unavailable", "model": model, "reason": str(e)}, 503)
     hops = [{"peer_id": h.peer_id, "start": h.start, "end": h.end} for h in route]
     return JSONResponse({"status": "ok", "model": model, "route": hops})
+
+
+@ops.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @ops.get("/swarm")

@@ -117,3 +117,20 @@ def test_api_keys_guard_the_openai_routes_only(tiny_model: Path) -> None:
             )
         assert client.get("/health").status_code == 200
         assert client.get("/swarm").status_code == 200
+
+
+def test_metrics_count_requests_and_tokens(covered: tuple) -> None:
+    client, _ = covered
+    client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 4, "temperature": 0})
+    client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+    text = client.get("/metrics").text
+    samples = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    assert samples['swarmgate_requests_total{outcome="ok"}'] == 1
+    assert samples['swarmgate_requests_total{outcome="404"}'] == 1
+    assert 1 <= samples["swarmgate_generated_tokens_total"] <= 4
+    assert samples["swarmgate_time_to_first_token_seconds_count"] == 1
+    assert samples["swarmgate_active_generations"] == 0

@@ -1,0 +1,42 @@
+"""Prometheus metrics of one gateway, in a registry of its own (no global state)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "swarmgate_requests",
+            "Completion requests by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "swarmgate_prompt_tokens",
+            "Prompt tokens sent through the swarm",
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "swarmgate_generated_tokens", "Tokens generated", registry=self.registry
+        )
+        self.active_streams = Gauge(
+            "swarmgate_active_generations", "Generations in progress", registry=self.registry
+        )
+        self.ttft = Histogram(
+            "swarmgate_time_to_first_token_seconds",
+            "From request to first generated token",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.token_latency = Histogram(
+            "swarmgate_inter_token_seconds",
+            "Between generated tokens",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
