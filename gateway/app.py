@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from hivemind import DHT
 from starlette.exceptions import HTTPException
 
 from gateway.chat_service import ChatService, ServedModel
@@ -24,6 +23,7 @@ from gateway.templating import PromptBuilder, load_tokenizer
 from models.loading import load_config, load_head
 from protocol.errors import RequestError, SwarmError
 from protocol.swarm import dht_prefix
+from routing.dht import SwarmDHT
 
 logger = logging.getLogger("swarmgate.gateway")
 
@@ -39,7 +39,7 @@ def create_app(settings: GatewaySettings, swarm_client: SwarmClient | None = Non
         dht = None
         swarm = swarm_client
         if swarm is None:
-            dht = DHT(initial_peers=list(settings.initial_peers), start=True, client_mode=True)
+            dht = SwarmDHT(initial_peers=list(settings.initial_peers), start=True, client_mode=True)
             client = P2PSwarmClient(
                 dht,
                 dht_prefix(settings.model_id, settings.namespace),

@@ -17,6 +17,7 @@ from models.resolve import resolve_model
 from protocol.rpc import ServerInfo
 from protocol.swarm import ModelRecord, NodeState, ServerRecord, dht_prefix
 from routing.block_selection import choose_blocks
+from routing.dht import SwarmDHT
 from routing.discovery import announce, fetch_snapshot
 from swarm_node.handler import BlockHandler
 from swarm_node.kv_cache import SessionStore
@@ -62,7 +63,7 @@ class BlockServer:
             dtype=settings.dtype,
         )
         self.prefix = dht_prefix(source.name, settings.namespace)
-        dht = DHT(
+        dht = SwarmDHT(
             initial_peers=list(settings.initial_peers),
             start=True,
             host_maddrs=list(settings.host_maddrs),

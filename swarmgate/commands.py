@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from models.resolve import resolve_model
+from routing.dht import SwarmDHT
 from routing.snapshot import SwarmSnapshot
 
 
@@ -22,9 +23,7 @@ def _wait_for_signal() -> None:
 
 
 def dht(args: argparse.Namespace) -> None:
-    from hivemind import DHT
-
-    peer = DHT(
+    peer = SwarmDHT(
         initial_peers=args.initial_peers,
         host_maddrs=args.host_maddrs,
         announce_maddrs=args.announce_maddrs or None,
@@ -98,12 +97,10 @@ def api_keys(keys: list[str], key_file: str | None) -> tuple[str, ...]:
 
 
 def status(args: argparse.Namespace) -> int:
-    from hivemind import DHT
-
     from routing.discovery import fetch_models, fetch_snapshot
     from swarmgate.status import format_table, summarize
 
-    client = DHT(initial_peers=args.initial_peers, client_mode=True, start=True)
+    client = SwarmDHT(initial_peers=args.initial_peers, client_mode=True, start=True)
 
     async def read() -> list[SwarmSnapshot]:
         models = await fetch_models(client, args.namespace)

@@ -1,14 +1,14 @@
 """`swarmgate up`: a DHT, N block servers and the gateway on this machine, as one command.
 
-Every part but the DHT is a child process running the same CLI a multi-machine swarm uses.
-Children die with their parent (PR_SET_PDEATHSIG) so that even a SIGKILL of `up` leaves
-no block server behind.
+Every part but the DHT is a child process running the same CLI a multi-machine swarm uses,
+in a session of its own: Ctrl-C reaches `up` alone, which then stops the gateway before the
+nodes so that they drain cleanly. Children die with their parent (PR_SET_PDEATHSIG), so even
+a SIGKILL of `up` leaves no block server behind.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import signal
 import subprocess
 import sys
@@ -20,14 +20,10 @@ import httpx
 from models.loading import load_config
 from models.resolve import ModelSource
 from routing.block_selection import split_evenly
+from routing.dht import SwarmDHT, die_with_parent
 
 LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
 STOP_TIMEOUT_S = 20.0
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LocalSwarm:
@@ -38,13 +34,11 @@ class LocalSwarm:
         self._stop = threading.Event()
 
     def run(self) -> int:
-        from hivemind import DHT
-
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         num_blocks = load_config(self.source.path).num_hidden_layers
         spans = split_evenly(num_blocks, min(self.args.nodes, num_blocks))
-        dht = DHT(host_maddrs=LOOPBACK_MADDRS, start=True)
+        dht = SwarmDHT(host_maddrs=LOOPBACK_MADDRS, start=True)
         try:
             peers = [str(m) for m in dht.get_visible_maddrs()]
             for start, end in spans:
@@ -96,7 +90,7 @@ class LocalSwarm:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         command = [sys.executable, "-m", "swarmgate", "--log-level", self.args.log_level, *argv]
-        process = subprocess.Popen(command, preexec_fn=_die_with_parent)
+        process = subprocess.Popen(command, preexec_fn=die_with_parent, start_new_session=True)
         self.children.append((name, process))
 
     def _dead_child(self) -> str | None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -105,3 +107,30 @@ def test_sigterm_stops_every_child(up: tuple[str, Process]) -> None:
         30,
         "every child of `up` to exit",
     )
+
+
+def test_ctrl_c_stops_the_whole_swarm(tmp_path) -> None:
+    """Ctrl-C in a terminal sends SIGINT to the whole foreground process group."""
+    port = free_port()
+    with no_orphans():
+        process = Process("up-ctrl-c", ["up", "--port", str(port)], tmp_path)
+        try:
+            wait_for(
+                lambda: http_ok(f"http://127.0.0.1:{port}/health") or not process.alive(),
+                600,
+                "swarmgate up to become healthy",
+                poll_s=0.5,
+            )
+            assert process.alive(), process.output()[-3000:]
+            children = process.descendants()
+            os.killpg(process.popen.pid, signal.SIGINT)
+            assert process.popen.wait(60) == 0, process.output()[-3000:]
+            wait_for(
+                lambda: (
+                    not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+                ),
+                30,
+                "every child of `up` to exit",
+            )
+        finally:
+            process.stop()
