@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -28,6 +28,16 @@ class _Record(BaseModel):
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    @classmethod
+    def from_wire(cls, value: object) -> Self:
+        """Parse a DHT value; raises ``ValueError`` on anything malformed."""
+        if not isinstance(value, dict):
+            raise ValueError(f"{cls.__name__} must be a dict, got {type(value).__name__}")
+        try:
+            return cls.model_validate(value)
+        except ValidationError as e:
+            raise ValueError(f"malformed {cls.__name__}: {e}") from None
 
 
 class ServerRecord(_Record):
@@ -55,16 +65,6 @@ class ServerRecord(_Record):
     def length(self) -> int:
         return self.end - self.start
 
-    @classmethod
-    def from_wire(cls, value: object) -> ServerRecord:
-        """Parse a DHT value; raises ``ValueError`` on anything malformed."""
-        if not isinstance(value, dict):
-            raise ValueError(f"server record must be a dict, got {type(value).__name__}")
-        try:
-            return cls.model_validate(value)
-        except ValidationError as e:
-            raise ValueError(f"malformed server record: {e}") from None
-
 
 class ModelRecord(_Record):
     """What every server of a model agrees on; stored under ``{prefix}._model``."""
@@ -75,15 +75,6 @@ class ModelRecord(_Record):
     hidden_size: int = Field(gt=0)
     max_length: int = Field(gt=0)
     dtype: str = "float32"
-
-    @classmethod
-    def from_wire(cls, value: object) -> ModelRecord:
-        if not isinstance(value, dict):
-            raise ValueError(f"model record must be a dict, got {type(value).__name__}")
-        try:
-            return cls.model_validate(value)
-        except ValidationError as e:
-            raise ValueError(f"malformed model record: {e}") from None
 
 
 def dht_prefix(model_name: str, namespace: str = "") -> str:
