@@ -12,11 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from gateway.affinity import AffinityStore, InMemoryAffinityStore, RedisAffinityStore
 from gateway.chat_service import ChatService, ServedModel
 from gateway.errors import to_http_error
 from gateway.generation import Generator, HeadRunner
 from gateway.metrics import GatewayMetrics
 from gateway.routes import api, ops
+from gateway.sessions import SessionAffinity
 from gateway.settings import GatewaySettings
 from gateway.swarm_client import P2PSwarmClient, SwarmClient
 from gateway.templating import PromptBuilder, load_tokenizer
@@ -28,8 +30,13 @@ from routing.dht import SwarmDHT
 logger = logging.getLogger("swarmgate.gateway")
 
 
-def create_app(settings: GatewaySettings, swarm_client: SwarmClient | None = None) -> FastAPI:
-    """The gateway app; it joins the DHT on startup unless a ``swarm_client`` is given."""
+def create_app(
+    settings: GatewaySettings,
+    swarm_client: SwarmClient | None = None,
+    affinity_store: AffinityStore | None = None,
+) -> FastAPI:
+    """The gateway app; it joins the DHT on startup unless a ``swarm_client`` is given, and
+    keeps affinity in Redis with ``settings.redis_url``, else in memory."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -51,10 +58,20 @@ def create_app(settings: GatewaySettings, swarm_client: SwarmClient | None = Non
             swarm = client
         app.state.swarm = swarm
         metrics = app.state.metrics
+        store = affinity_store or _affinity_store(settings)
+        affinity = SessionAffinity(store, metrics)
         app.state.chat = ChatService(
             ServedModel(settings.model_id, config.max_position_embeddings, int(time.time())),
             PromptBuilder(tokenizer),
-            Generator(head, tokenizer, swarm, _eos_ids(config, tokenizer), metrics),
+            Generator(
+                head,
+                tokenizer,
+                swarm,
+                _eos_ids(config, tokenizer),
+                affinity,
+                salt=settings.model_id,
+                metrics=metrics,
+            ),
         )
         try:
             yield
@@ -64,6 +81,7 @@ def create_app(settings: GatewaySettings, swarm_client: SwarmClient | None = Non
             if dht is not None:
                 dht.shutdown()
             head.close()
+            await store.aclose()
 
     app = FastAPI(title="swarmgate", lifespan=lifespan)
     app.state.api_keys = settings.api_keys
@@ -79,6 +97,13 @@ async def _error_response(request: Request, exc: Exception) -> JSONResponse:
     error = to_http_error(exc)
     request.app.state.metrics.requests.labels(str(error.status)).inc()
     return JSONResponse(error.body.model_dump(mode="json"), error.status, headers=error.headers)
+
+
+def _affinity_store(settings: GatewaySettings) -> AffinityStore:
+    if settings.redis_url:
+        namespace = dht_prefix(settings.model_id, settings.namespace)
+        return RedisAffinityStore(settings.redis_url, namespace=namespace)
+    return InMemoryAffinityStore()
 
 
 def _eos_ids(config: object, tokenizer: object) -> set[int]:

@@ -7,9 +7,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from gateway.generation import Finished, GenerationRequest, Generator, TextDelta
+from gateway.generation import Finished, Generation, GenerationRequest, Generator, TextDelta
 from gateway.sampling import SamplingParams
-from gateway.swarm_client import InferenceSession
 from gateway.templating import PromptBuilder
 from protocol.errors import ContextLengthExceeded, ModelNotFound
 from protocol.openai import (
@@ -41,7 +40,9 @@ class ChatService:
         self._prompts = prompts
         self._generator = generator
 
-    def prepare(self, request: ChatCompletionRequest) -> GenerationRequest:
+    def prepare(
+        self, request: ChatCompletionRequest, session_key: str | None = None
+    ) -> GenerationRequest:
         """Validate a request against the model and turn it into prompt tokens."""
         if request.model != self.model.id:
             raise ModelNotFound(
@@ -61,13 +62,21 @@ class ChatService:
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed,
         )
-        return GenerationRequest(prompt, limit or room, sampling, request.stop_sequences())
+        return GenerationRequest(
+            prompt,
+            limit or room,
+            sampling,
+            request.stop_sequences(),
+            session_key=request.prompt_cache_key or session_key or request.user,
+        )
 
-    async def complete(self, request: ChatCompletionRequest) -> ChatCompletion:
-        generation = self.prepare(request)
-        session = await self._generator.open(generation)
+    async def complete(
+        self, request: ChatCompletionRequest, session_key: str | None = None
+    ) -> ChatCompletion:
+        prepared = self.prepare(request, session_key)
+        generation = await self._generator.open(prepared)
         parts: list[str] = []
-        async for event in self._generator.generate(generation, session):
+        async for event in self._generator.generate(prepared, generation):
             if isinstance(event, TextDelta):
                 parts.append(event.text)
             else:
@@ -85,14 +94,14 @@ class ChatService:
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
 
-    async def open(self, generation: GenerationRequest) -> InferenceSession:
-        return await self._generator.open(generation)
+    async def open(self, prepared: GenerationRequest) -> Generation:
+        return await self._generator.open(prepared)
 
     async def stream(
         self,
         request: ChatCompletionRequest,
-        generation: GenerationRequest,
-        session: InferenceSession,
+        prepared: GenerationRequest,
+        generation: Generation,
     ) -> AsyncIterator[ChatCompletionChunk]:
         """Chunks of a prepared request: role first, then text, then the finish reason."""
         completion_id, created = _completion_id(), int(time.time())
@@ -108,7 +117,7 @@ class ChatService:
 
         try:
             yield chunk(ChoiceDelta(role="assistant", content=""))
-            async for event in self._generator.generate(generation, session):
+            async for event in self._generator.generate(prepared, generation):
                 if isinstance(event, TextDelta):
                     yield chunk(ChoiceDelta(content=event.text))
                     continue
@@ -123,7 +132,7 @@ class ChatService:
                         usage=_usage(event),
                     )
         finally:  # also when the client leaves before generation began
-            await session.close()
+            await self._generator.close(generation)
 
 
 def _completion_id() -> str:

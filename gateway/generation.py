@@ -17,10 +17,12 @@ import torch
 
 from gateway.metrics import GatewayMetrics
 from gateway.sampling import SamplingParams, make_generator, sample
-from gateway.swarm_client import InferenceSession, SwarmClient
+from gateway.sessions import Claim, SessionAffinity
+from gateway.swarm_client import InferenceSession, SwarmClient, detach
 from gateway.text import Decoder, IncrementalDetokenizer, StopMatcher
 from models.loading import Head
 from protocol.openai import FinishReason
+from protocol.prefix import TokenHistory
 
 T = TypeVar("T")
 
@@ -31,6 +33,7 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    session_key: str | None = None  # the client's name for the conversation, if any
     received_at: float = field(default_factory=time.monotonic)  # for time-to-first-token
 
 
@@ -79,6 +82,16 @@ class HeadRunner:
         self._thread.shutdown(wait=False)
 
 
+@dataclass
+class Generation:
+    """An opened generation: its swarm session and the claim on its conversation."""
+
+    session: InferenceSession
+    claim: Claim
+    history: TokenHistory  # every token fed to the session
+    closed: bool = False
+
+
 class Generator:
     def __init__(
         self,
@@ -86,70 +99,112 @@ class Generator:
         tokenizer: Decoder,
         swarm: SwarmClient,
         eos_ids: set[int],
+        affinity: SessionAffinity,
+        *,
+        salt: str,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self._head = head
         self._tokenizer = tokenizer
         self._swarm = swarm
         self._eos_ids = eos_ids
+        self._affinity = affinity
+        self._salt = salt  # keeps prefix hashes of different models apart
         self._metrics = metrics or GatewayMetrics()
 
-    async def open(self, request: GenerationRequest) -> InferenceSession:
-        """A session on a chain of servers with room for the whole generation.
+    async def open(self, request: GenerationRequest) -> Generation:
+        """The conversation's session (or a fresh one), with room for the whole generation.
 
         Opened before a response starts so that a missing route is an HTTP status, not an
         error in the middle of a stream.
         """
-        return await self._swarm.open_session(len(request.prompt_ids) + request.max_new_tokens)
+        history = TokenHistory(request.prompt_ids, salt=self._salt)
+        claim = await self._affinity.claim(request.session_key, history.hashes)
+        try:
+            session = await self._swarm.open_session(
+                len(request.prompt_ids) + request.max_new_tokens,
+                session_id=claim.session_id,
+                prefix_hashes=history.hashes,
+                prefer=claim.prefer,
+            )
+        except BaseException:
+            detach(self._affinity.release(claim))
+            raise
+        return Generation(session, claim, history)
 
     async def generate(
-        self, request: GenerationRequest, session: InferenceSession
+        self, request: GenerationRequest, generation: Generation
     ) -> AsyncIterator[TextDelta | Finished]:
-        """Text as it is decoded, then one ``Finished``; always closes ``session``."""
+        """Text as it is decoded, then one ``Finished``; always closes the session."""
+        session, history = generation.session, generation.history
         prompt = request.prompt_ids
         metrics = self._metrics
         metrics.active_streams.inc()
         metrics.prompt_tokens.inc(len(prompt))
         outcome = "error"
+        # One prompt token is always sent again: its logits start the answer.
+        reused = min(session.cached_tokens, len(prompt) - 1)
         try:
-            rng = make_generator(request.sampling.seed)
-            detokenizer = IncrementalDetokenizer(self._tokenizer)
-            stops = StopMatcher(request.stop)
-            logits = await self._head.logits(await session.step(await self._head.embed(prompt)))
-            generated = 0
-            finish: FinishReason = "length"
-            last = request.received_at
-            while generated < request.max_new_tokens:
-                token = sample(logits, request.sampling, rng)
-                now = time.monotonic()
-                (metrics.token_latency if generated else metrics.ttft).observe(now - last)
-                last = now
-                if token in self._eos_ids:
-                    finish = "stop"
-                    break
-                generated += 1
-                metrics.generated_tokens.inc()
-                text = stops.push(detokenizer.push(token))
-                if text:
-                    yield TextDelta(text)
-                if stops.stopped:
-                    finish = "stop"
-                    break
-                if generated < request.max_new_tokens:  # the last token needs no forward pass
-                    hidden = await session.step(await self._head.embed([token]))
-                    logits = await self._head.logits(hidden)
-            if not stops.stopped:
-                tail = stops.push(detokenizer.flush()) + stops.flush()
-                if tail:
-                    yield TextDelta(tail)
-                if stops.stopped:
-                    finish = "stop"
+            async with self._affinity.held(generation.claim):
+                session.reuse(reused)
+                metrics.cached_tokens.inc(reused)
+                rng = make_generator(request.sampling.seed)
+                detokenizer = IncrementalDetokenizer(self._tokenizer)
+                stops = StopMatcher(request.stop)
+                hidden = await session.step(await self._head.embed(prompt[reused:]), history.hashes)
+                logits = await self._head.logits(hidden)
+                generated = 0
+                finish: FinishReason = "length"
+                last = request.received_at
+                while generated < request.max_new_tokens:
+                    token = sample(logits, request.sampling, rng)
+                    now = time.monotonic()
+                    (metrics.token_latency if generated else metrics.ttft).observe(now - last)
+                    last = now
+                    if token in self._eos_ids:
+                        finish = "stop"
+                        break
+                    generated += 1
+                    metrics.generated_tokens.inc()
+                    text = stops.push(detokenizer.push(token))
+                    if text:
+                        yield TextDelta(text)
+                    if stops.stopped:
+                        finish = "stop"
+                        break
+                    if generated < request.max_new_tokens:  # the last token needs no forward pass
+                        history.extend([token])
+                        hidden = await session.step(await self._head.embed([token]), history.hashes)
+                        logits = await self._head.logits(hidden)
+                if not stops.stopped:
+                    tail = stops.push(detokenizer.flush()) + stops.flush()
+                    if tail:
+                        yield TextDelta(tail)
+                    if stops.stopped:
+                        finish = "stop"
             outcome = "ok"
-            yield Finished(finish, len(prompt), generated)
+            yield Finished(finish, len(prompt), generated, reused)
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "cancelled"
             raise
         finally:
             metrics.active_streams.dec()
             metrics.requests.labels(outcome).inc()
-            await session.close()
+            await self.close(generation)
+
+    async def close(self, generation: Generation) -> None:
+        """Close the session, remember where it lives and release it (idempotent).
+
+        Never suspends: it also runs while a disconnected request is being cancelled."""
+        if generation.closed:
+            return
+        generation.closed = True
+        await generation.session.close()
+        detach(self._finish(generation))
+
+    async def _finish(self, generation: Generation) -> None:
+        history = generation.history
+        await self._affinity.remember(
+            generation.claim, generation.session.route, history.hashes, len(history)
+        )
+        await self._affinity.release(generation.claim)

@@ -38,5 +38,16 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.affinity_errors = Counter(
+            "swarmgate_affinity_errors",
+            "Affinity store (Redis) calls that failed",
+            registry=self.registry,
+        )
+        self.cached_tokens = Counter(
+            "swarmgate_cached_prompt_tokens",
+            "Prompt tokens reused from server caches",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

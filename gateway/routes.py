@@ -58,11 +58,12 @@ def _swarm(request: Request) -> SwarmClient:
 @api.post("/v1/chat/completions", responses=_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> object:
     service = _chat(request)
+    session_key = request.headers.get("x-session-id")
     if not body.stream:
-        return JSONResponse(dump(await service.complete(body)))
-    generation = service.prepare(body)
-    session = await service.open(generation)
-    chunks = service.stream(body, generation, session)
+        return JSONResponse(dump(await service.complete(body, session_key)))
+    prepared = service.prepare(body, session_key)
+    generation = await service.open(prepared)
+    chunks = service.stream(body, prepared, generation)
     return EventSourceResponse(_events(chunks), sep=sse.SEP, ping=sse.PING_PERIOD_S)
 
 

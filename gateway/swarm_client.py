@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +19,7 @@ from hivemind.proto import runtime_pb2
 
 from protocol.codec import make_request, read_tensors
 from protocol.errors import PeerUnavailable, ProtocolMismatch
+from protocol.prefix import BLOCK_TOKENS
 from protocol.rpc import (
     RPC_INFERENCE,
     OpenSession,
@@ -31,7 +31,7 @@ from protocol.rpc import (
 )
 from protocol.swarm import ModelRecord
 from routing.discovery import fetch_model, fetch_snapshot
-from routing.planner import Hop, plan_route
+from routing.planner import Hop, plan_route, route_is_usable
 from routing.snapshot import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ CLOSE_TIMEOUT_S = 10.0  # how long a closing stream may take to say goodbye
 _detached: set[asyncio.Task[None]] = set()  # strong references until each task finishes
 
 
-def _detach(coroutine: Coroutine[Any, Any, None]) -> None:
+def detach(coroutine: Coroutine[Any, Any, None]) -> None:
     """Run ``coroutine`` outside the current task, so cancelling the caller cannot stop it."""
     task = asyncio.get_running_loop().create_task(coroutine)
     _detached.add(task)
@@ -51,8 +51,21 @@ def _detach(coroutine: Coroutine[Any, Any, None]) -> None:
 class InferenceSession(Protocol):
     """One conversation's state on a chain of servers."""
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [1, n, hidden_size] for the next n positions → the chain's output, same shape."""
+    @property
+    def cached_tokens(self) -> int:
+        """Leading prompt tokens that every server of the chain already holds."""
+        ...
+
+    @property
+    def route(self) -> list[Hop]: ...
+
+    def reuse(self, tokens: int) -> None:
+        """Start the next step after ``tokens`` cached tokens (at most ``cached_tokens``)."""
+        ...
+
+    async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
+        """hidden: [1, n, hidden_size] for the next n positions → the chain's output, same
+        shape. ``hashes``: block hashes of every token fed so far, these included."""
         ...
 
     async def close(self) -> None:
@@ -64,7 +77,17 @@ class InferenceSession(Protocol):
 class SwarmClient(Protocol):
     def snapshot(self) -> SwarmSnapshot: ...
 
-    async def open_session(self, max_length: int) -> InferenceSession: ...
+    async def open_session(
+        self,
+        max_length: int,
+        *,
+        session_id: str,
+        prefix_hashes: Sequence[str] = (),
+        prefer: Sequence[Hop] | None = None,
+    ) -> InferenceSession:
+        """A session with room for ``max_length`` tokens, on ``prefer`` if that route still
+        works; servers report how much of ``prefix_hashes`` they already hold."""
+        ...
 
 
 class _HopStream:
@@ -80,21 +103,29 @@ class _HopStream:
         self.position = 0
         self._closed = False
 
-    async def open(self, session_id: str, max_length: int) -> int:
+    async def open(self, session_id: str, max_length: int, prefix_hashes: Sequence[str]) -> int:
         peer = PeerID.from_base58(self.hop.peer_id)
         self._outputs = await self._p2p.iterate_protobuf_handler(
             peer, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
         )
         opening = OpenSession(
-            session_id=session_id, start=self.hop.start, end=self.hop.end, max_length=max_length
+            session_id=session_id,
+            start=self.hop.start,
+            end=self.hop.end,
+            max_length=max_length,
+            prefix_hashes=list(prefix_hashes),
         )
         reply = await self._exchange(make_request(opening))
         return decode(SessionOpened, reply.metadata).cached_tokens
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
         outputs = []
         for chunk in torch.split(hidden, self._chunk_tokens, dim=1):
-            reply = await self._exchange(make_request(Step(position=self.position), chunk))
+            end = self.position + chunk.shape[1]
+            # The server keeps the hashes of the blocks it holds: send those this chunk completes.
+            new = hashes[self.position // BLOCK_TOKENS : end // BLOCK_TOKENS]
+            step = Step(position=self.position, new_hashes=list(new))
+            reply = await self._exchange(make_request(step, chunk))
             done = decode(StepDone, reply.metadata)
             self.position += chunk.shape[1]
             if done.position != self.position:
@@ -118,7 +149,7 @@ class _HopStream:
         self._closed = True
         self._inputs.put_nowait(None)  # hivemind's writer task sends END_OF_STREAM
         if self._outputs is not None:
-            _detach(self._wait_for_end(self._outputs))
+            detach(self._wait_for_end(self._outputs))
 
     async def _wait_for_end(self, outputs: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
         try:
@@ -151,16 +182,29 @@ class _HopStream:
 class ChainSession:
     """A session on every hop of a route; hidden states flow gateway → hop → gateway → ..."""
 
-    def __init__(self, hops: list[_HopStream]) -> None:
+    def __init__(self, hops: list[_HopStream], cached: list[int]) -> None:
         self._hops = hops
+        # A hop can only skip positions whose inputs it never needs again: the chain as a
+        # whole reuses what its least-informed server holds.
+        self._cached = min(cached, default=0)
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._cached
 
     @property
     def route(self) -> list[Hop]:
         return [h.hop for h in self._hops]
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    def reuse(self, tokens: int) -> None:
+        if not 0 <= tokens <= self._cached:
+            raise ValueError(f"cannot reuse {tokens} tokens, {self._cached} are cached")
         for hop in self._hops:
-            hidden = await hop.step(hidden)
+            hop.position = tokens
+
+    async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
+        for hop in self._hops:
+            hidden = await hop.step(hidden, hashes)
         return hidden
 
     async def close(self) -> None:
@@ -208,14 +252,24 @@ class P2PSwarmClient:
         self._snapshot = await fetch_snapshot(self._dht, self._prefix, model)
         return self._snapshot
 
-    async def open_session(self, max_length: int) -> ChainSession:
+    async def open_session(
+        self,
+        max_length: int,
+        *,
+        session_id: str,
+        prefix_hashes: Sequence[str] = (),
+        prefer: Sequence[Hop] | None = None,
+    ) -> ChainSession:
         assert self._p2p is not None, "start() first"
         snapshot = self._snapshot
         failed: set[str] = set()
         for _attempt in range(3):  # a server that fails to open is skipped, once per attempt
-            route = plan_route(snapshot, snapshot.num_blocks, exclude=failed)
+            if prefer and route_is_usable(snapshot, prefer, snapshot.num_blocks, exclude=failed):
+                route = list(prefer)
+            else:
+                route = plan_route(snapshot, snapshot.num_blocks, exclude=failed)
             try:
-                return await self._open_route(route, max_length)
+                return await self._open_route(route, max_length, session_id, prefix_hashes)
             except PeerUnavailable as e:
                 logger.warning("opening a session failed: %s", e)
                 if e.peer_id is None:
@@ -223,20 +277,23 @@ class P2PSwarmClient:
                 failed.add(e.peer_id)
         raise PeerUnavailable(f"could not open a session (failed servers: {sorted(failed)})")
 
-    async def _open_route(self, route: list[Hop], max_length: int) -> ChainSession:
+    async def _open_route(
+        self, route: list[Hop], max_length: int, session_id: str, prefix_hashes: Sequence[str]
+    ) -> ChainSession:
         model = self._snapshot.model
         assert model is not None
         chunk = self._prefill_chunk_tokens or max_tokens_per_message(model.hidden_size)
-        session_id = uuid.uuid4().hex
         assert self._p2p is not None, "start() first"
         hops = [_HopStream(self._p2p, hop, self._step_timeout_s, chunk) for hop in route]
         try:
-            await asyncio.gather(*(hop.open(session_id, max_length) for hop in hops))
+            cached = await asyncio.gather(
+                *(hop.open(session_id, max_length, prefix_hashes) for hop in hops)
+            )
         except BaseException:
             for hop in hops:
                 hop.close()
             raise
-        return ChainSession(hops)
+        return ChainSession(hops, list(cached))
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -16,6 +16,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from protocol.errors import ProtocolMismatch
+from protocol.prefix import MAX_BLOCKS
 from protocol.swarm import PROTOCOL_VERSION
 
 # Handler names registered on every server's P2P instance.
@@ -41,14 +42,20 @@ class OpenSession(RpcMessage):
     start: int = Field(ge=0)
     end: int = Field(gt=0)
     max_length: int = Field(gt=0)  # tokens the session may reach, to size the cache
+    # Chained hashes of the prompt's full token blocks (protocol.prefix): what to reuse.
+    prefix_hashes: list[str] = Field(default_factory=list, max_length=MAX_BLOCKS)
 
 
 class SessionOpened(RpcMessage):
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # leading prompt tokens this server already holds
 
 
 class Step(RpcMessage):
-    position: int = Field(ge=0)  # tokens the server should already hold for this session
+    # Where these tokens start. Below what the server holds, it drops the rest first (an
+    # edited or regenerated turn); above, the step is refused.
+    position: int = Field(ge=0)
+    # Hashes of the blocks that these tokens complete, so the next turn can find them.
+    new_hashes: list[str] = Field(default_factory=list, max_length=MAX_BLOCKS)
 
 
 class StepDone(RpcMessage):
@@ -65,10 +72,13 @@ class ServerInfo(RpcMessage):
     start: int
     end: int
     state: str
-    sessions: int
-    load: float
+    sessions: int  # cached sessions, in use or idle
+    load: float  # open inference streams
     cache_bytes_free: int
     throughput: float
+    evictions: int = 0
+    tokens_computed: int = 0  # positions run through the span since startup
+    tokens_reused: int = 0  # prompt positions served from a cache instead
 
 
 M = TypeVar("M", bound=RpcMessage)

@@ -53,7 +53,9 @@ class ServerRecord(_Record):
     dtype: str = "float32"
     quant: str = "none"
     adapters: tuple[str, ...] = ()
-    sessions: tuple[str, ...] = Field(default=(), max_length=MAX_SESSIONS_LISTED)
+    sessions: tuple[str, ...] = Field(default=(), max_length=MAX_SESSIONS_LISTED)  # cached
+    cached_sessions: int = Field(default=0, ge=0)  # all of them, listed or not
+    evictions: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _span_is_not_empty(self) -> ServerRecord:

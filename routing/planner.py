@@ -8,7 +8,7 @@ Spans may overlap: a hop may use only a sub-range of what its server holds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from protocol.errors import NoRouteError
@@ -83,3 +83,24 @@ def _describe_gap(servers: Mapping[str, ServerRecord], num_blocks: int) -> str:
     first, last = missing[0], missing[-1]
     blocks = f"block {first}" if first == last else f"blocks {first}..{last}"
     return f"no online server holds {blocks} (of {num_blocks})"
+
+
+def route_is_usable(
+    snapshot: SwarmSnapshot,
+    route: Sequence[Hop],
+    num_blocks: int,
+    *,
+    exclude: Set[str] = frozenset(),
+) -> bool:
+    """Whether a remembered route still works: contiguous, complete, every server online
+    and still holding its hop's blocks."""
+    online = snapshot.online()
+    position = 0
+    for hop in route:
+        record = online.get(hop.peer_id)
+        if hop.peer_id in exclude or record is None or hop.start != position:
+            return False
+        if not record.start <= hop.start < hop.end <= record.end:
+            return False
+        position = hop.end
+    return position == num_blocks > 0

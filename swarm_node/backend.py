@@ -19,6 +19,14 @@ def new_cache(span: Span) -> DynamicCache:
     return cache
 
 
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` positions of every block's keys and values."""
+    for layer in cache.layers:
+        held = layer.get_seq_length()  # type: ignore[union-attr]
+        if held > length:
+            layer.crop(length - held)  # type: ignore[union-attr]  # negative: tokens to drop
+
+
 def cache_bytes(cache: DynamicCache) -> int:
     total = 0
     for layer in cache.layers:

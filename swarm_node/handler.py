@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -72,14 +71,18 @@ class BlockHandler:
         first = await asyncio.wait_for(anext(requests), OPEN_TIMEOUT_S)
         opening = decode(OpenSession, first.metadata)
         self._check_range(opening.start, opening.end)
-        # One stream is one session here; the id only names it in logs and records.
-        session_id = f"{opening.session_id}:{uuid.uuid4().hex[:8]}"
-        session = self.sessions.open(
-            session_id, opening.start, opening.end, opening.max_length, new_cache(self.span)
+        session, cached = self.sessions.open(
+            opening.session_id,
+            opening.start,
+            opening.end,
+            opening.max_length,
+            opening.prefix_hashes,
+            lambda: new_cache(self.span),
         )
         self.active_streams += 1
         try:
-            yield make_response(SessionOpened(cached_tokens=0))
+            yield make_response(SessionOpened(cached_tokens=cached))
+            steps = 0
             while True:
                 try:
                     request = await asyncio.wait_for(anext(requests), STEP_TIMEOUT_S)
@@ -87,12 +90,10 @@ class BlockHandler:
                     return
                 step = decode(Step, request.metadata)
                 hidden = self._one_tensor(request)
-                if step.position != session.position:
-                    raise InvalidRequest(
-                        f"step at position {step.position}, session holds {session.position}"
-                    )
-                if session.position + hidden.shape[1] > session.max_length:
-                    raise InvalidRequest(f"session exceeds its max_length {session.max_length}")
+                tokens = hidden.shape[1]
+                self.sessions.begin_step(
+                    session, step.position, tokens, step.new_hashes, first=steps == 0
+                )
                 out = await self._run(
                     forward_span,
                     self.span,
@@ -101,11 +102,12 @@ class BlockHandler:
                     start=session.start,
                     end=session.end,
                 )
-                session.position += hidden.shape[1]
+                self.sessions.end_step(session, tokens)
+                steps += 1
                 yield make_response(StepDone(position=session.position), out)
         finally:
             self.active_streams -= 1
-            self.sessions.close(session_id)
+            self.sessions.release(session)
 
     async def rpc_forward(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext

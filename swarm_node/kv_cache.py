@@ -1,66 +1,189 @@
-"""Per-session KV caches under a byte budget. The only place that creates or drops them.
+"""Per-session KV caches that outlive their streams, under a byte budget.
 
-A session reserves room for its ``max_length`` tokens when it opens, so a server never
-accepts more sessions than it can finish: past the budget, opening fails with
-``CapacityExceeded`` and the gateway routes elsewhere.
+The only place that creates, trims or drops caches. A session's cache stays after its
+stream closes so that the conversation's next turn sends only its new tokens; idle
+sessions leave in LRU order when room is needed, or after an idle TTL. A session in use is
+never evicted: it reserves room for its ``max_length`` tokens when its stream opens, so a
+request that was accepted can always finish.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from transformers import DynamicCache
 
 from protocol.errors import CapacityExceeded, InvalidRequest
+from protocol.prefix import BLOCK_TOKENS, common_blocks
+from swarm_node.backend import crop_cache
+
+SizeOf = Callable[[DynamicCache], int]
 
 
 @dataclass
-class Session:
-    session_id: str
+class CachedSession:
+    key: str
     start: int
     end: int
-    max_length: int
-    reserved_bytes: int
     cache: DynamicCache
-    position: int = 0  # tokens held in the cache
-    opened_at: float = field(default_factory=time.monotonic)
+    reserved_bytes: int = 0  # held while in use, so the request can reach max_length
+    position: int = 0  # tokens in the cache
+    hashes: list[str] = field(default_factory=list)  # one per full block of those tokens
+    size_bytes: int = 0
+    in_use: bool = False
+    last_used: float = 0.0
+
+    def charge(self) -> int:
+        return max(self.size_bytes, self.reserved_bytes) if self.in_use else self.size_bytes
+
+
+@dataclass
+class CacheStats:
+    sessions: int
+    used_bytes: int
+    free_bytes: int
+    evictions: int
+    tokens_computed: int
+    tokens_reused: int
 
 
 class SessionStore:
-    def __init__(self, budget_bytes: int, bytes_per_token_per_block: int) -> None:
+    def __init__(
+        self,
+        budget_bytes: int,
+        bytes_per_token_per_block: int,
+        *,
+        idle_ttl_s: float = 600.0,
+        size_of: SizeOf,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.budget_bytes = budget_bytes
         self._per_token_block = bytes_per_token_per_block
-        self._sessions: dict[str, Session] = {}
+        self._idle_ttl_s = idle_ttl_s
+        self._size_of = size_of
+        self._clock = clock
+        self._sessions: OrderedDict[str, CachedSession] = OrderedDict()  # LRU first
+        self.evictions = 0
+        self.tokens_computed = 0
+        self.tokens_reused = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    @property
-    def reserved_bytes(self) -> int:
-        return sum(s.reserved_bytes for s in self._sessions.values())
-
-    @property
-    def free_bytes(self) -> int:
-        return max(0, self.budget_bytes - self.reserved_bytes)
-
     def session_ids(self) -> list[str]:
         return list(self._sessions)
 
-    def open(
-        self, session_id: str, start: int, end: int, max_length: int, cache: DynamicCache
-    ) -> Session:
-        if session_id in self._sessions:
-            raise InvalidRequest(f"session {session_id} is already open on this server")
-        need = max_length * (end - start) * self._per_token_block
-        if need > self.free_bytes:
-            raise CapacityExceeded(
-                f"session needs {need} cache bytes, {self.free_bytes} of "
-                f"{self.budget_bytes} are free"
-            )
-        session = Session(session_id, start, end, max_length, need, cache)
-        self._sessions[session_id] = session
-        return session
+    @property
+    def used_bytes(self) -> int:
+        return sum(s.charge() for s in self._sessions.values())
 
-    def close(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+    def stats(self) -> CacheStats:
+        used = self.used_bytes
+        return CacheStats(
+            len(self),
+            used,
+            max(0, self.budget_bytes - used),
+            self.evictions,
+            self.tokens_computed,
+            self.tokens_reused,
+        )
+
+    def open(
+        self,
+        session_id: str,
+        start: int,
+        end: int,
+        max_length: int,
+        prefix_hashes: Sequence[str],
+        new_cache: Callable[[], DynamicCache],
+    ) -> tuple[CachedSession, int]:
+        """A session for a new stream and how many of its prefix tokens are cached here."""
+        self.expire()
+        reserve = max_length * (end - start) * self._per_token_block
+        session = self._sessions.get(session_id)
+        if session is not None and session.in_use:
+            # Another stream is using this cache right now: never share it, fork a fresh one.
+            session_id, session = f"{session_id}#{uuid.uuid4().hex[:8]}", None
+        elif session is not None and (session.start, session.end) != (start, end):
+            self._drop(session_id)
+            session = None
+        if session is None:
+            session = CachedSession(session_id, start, end, new_cache())
+            cached = 0
+        else:
+            blocks = common_blocks(session.hashes, prefix_hashes)
+            cached = min(blocks * BLOCK_TOKENS, session.position)
+            self._sessions.pop(session_id)
+        self._make_room(max(0, reserve - session.size_bytes))
+        session.reserved_bytes, session.in_use = reserve, True
+        self._sessions[session_id] = session
+        return session, cached
+
+    def begin_step(
+        self,
+        session: CachedSession,
+        position: int,
+        tokens: int,
+        new_hashes: Sequence[str],
+        *,
+        first: bool = False,
+    ) -> None:
+        """Trim the cache to ``position`` (an edited or regenerated turn) and check the step.
+
+        ``first``: the stream's first step, whose ``position`` is the prefix it reuses.
+        """
+        if first:
+            self.tokens_reused += min(position, session.position)
+        if position > session.position:
+            raise InvalidRequest(f"step at position {position}, the cache holds {session.position}")
+        end = position + tokens
+        if end * (session.end - session.start) * self._per_token_block > max(
+            session.reserved_bytes, session.size_bytes
+        ):
+            raise InvalidRequest("the session grows past the max_length it opened with")
+        if position < session.position:
+            crop_cache(session.cache, position)
+            session.position = position
+        del session.hashes[position // BLOCK_TOKENS :]
+        if len(session.hashes) + len(new_hashes) > end // BLOCK_TOKENS:
+            raise InvalidRequest("more block hashes than full blocks")
+        session.hashes.extend(new_hashes)
+
+    def end_step(self, session: CachedSession, tokens: int) -> None:
+        session.position += tokens
+        session.size_bytes = self._size_of(session.cache)
+        self.tokens_computed += tokens
+
+    def release(self, session: CachedSession) -> None:
+        """The stream closed: the cache stays for the next turn (forks are not reusable)."""
+        session.in_use = False
+        session.last_used = self._clock()
+        if "#" in session.key or session.position == 0:
+            self._drop(session.key)
+
+    def expire(self) -> None:
+        now = self._clock()
+        for key in [
+            k
+            for k, s in self._sessions.items()
+            if not s.in_use and now - s.last_used > self._idle_ttl_s
+        ]:
+            self._drop(key, evicted=True)
+
+    def _make_room(self, need: int) -> None:
+        while self.used_bytes + need > self.budget_bytes:
+            victim = next((k for k, s in self._sessions.items() if not s.in_use), None)
+            if victim is None:
+                raise CapacityExceeded(
+                    f"no room for {need} cache bytes: {self.used_bytes} of "
+                    f"{self.budget_bytes} are held by sessions in use"
+                )
+            self._drop(victim, evicted=True)
+
+    def _drop(self, key: str, *, evicted: bool = False) -> None:
+        if self._sessions.pop(key, None) is not None and evicted:
+            self.evictions += 1

@@ -19,6 +19,7 @@ from protocol.swarm import MAX_SESSIONS_LISTED, ModelRecord, NodeState, ServerRe
 from routing.block_selection import choose_blocks
 from routing.dht import SwarmDHT
 from routing.discovery import announce, fetch_snapshot
+from swarm_node.backend import cache_bytes
 from swarm_node.handler import BlockHandler
 from swarm_node.kv_cache import SessionStore
 from swarm_node.settings import NodeSettings
@@ -93,7 +94,12 @@ class BlockServer:
             self.throughput,
         )
         budget = settings.cache_bytes if settings.cache_bytes is not None else default_cache_bytes()
-        self.sessions = SessionStore(budget, kv_bytes_per_token_per_block(span.config, dtype))
+        self.sessions = SessionStore(
+            budget,
+            kv_bytes_per_token_per_block(span.config, dtype),
+            idle_ttl_s=settings.cache_ttl_s,
+            size_of=cache_bytes,
+        )
         self.span = span
         p2p = await dht.replicate_p2p()
         self.handler = BlockHandler(span, self.sessions, self.info)
@@ -118,31 +124,39 @@ class BlockServer:
         return choose_blocks(snapshot, model.num_blocks, length)
 
     def record(self) -> ServerRecord:
+        stats = self.sessions.stats()
         return ServerRecord(
             state=self.state,
             start=self.span.start,
             end=self.span.end,
             throughput=self.throughput,
             load=float(self.handler.active_streams),
-            cache_bytes_free=self.sessions.free_bytes,
+            cache_bytes_free=stats.free_bytes,
+            cached_sessions=stats.sessions,
+            evictions=stats.evictions,
             dtype=self.settings.dtype,
             quant=self.settings.quant,
             sessions=tuple(self.sessions.session_ids()[:MAX_SESSIONS_LISTED]),
         )
 
     def info(self) -> ServerInfo:
-        record = self.record()
+        self.sessions.expire()
+        stats = self.sessions.stats()
         return ServerInfo(
-            start=record.start,
-            end=record.end,
-            state=record.state.value,
-            sessions=len(self.sessions),
-            load=record.load,
-            cache_bytes_free=record.cache_bytes_free,
-            throughput=record.throughput,
+            start=self.span.start,
+            end=self.span.end,
+            state=self.state.value,
+            sessions=stats.sessions,
+            load=float(self.handler.active_streams),
+            cache_bytes_free=stats.free_bytes,
+            throughput=self.throughput,
+            evictions=stats.evictions,
+            tokens_computed=stats.tokens_computed,
+            tokens_reused=stats.tokens_reused,
         )
 
     async def _announce(self, dht: DHT, model: ModelRecord) -> None:
+        self.sessions.expire()
         ttl = 3 * self.settings.announce_period_s
         await announce(
             dht,
@@ -165,13 +179,13 @@ class BlockServer:
     async def _drain(self, dht: DHT, model: ModelRecord) -> None:
         """Tell gateways to stop placing sessions here, let open ones finish, then leave."""
         self.state = NodeState.DRAINING
-        logger.info("draining: %d open sessions", len(self.sessions))
+        logger.info("draining: %d open streams", self.handler.active_streams)
         try:
             await self._announce(dht, model)
         except Exception as e:
             logger.warning("could not announce draining: %s", e)
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while len(self.sessions) and not self._hurry and time.monotonic() < deadline:
+        while self.handler.active_streams and not self._hurry and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
 
 

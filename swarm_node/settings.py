@@ -15,6 +15,7 @@ class NodeSettings:
     dtype: str = "float32"
     quant: str = "none"
     cache_bytes: int | None = None  # KV cache budget; None: a quarter of available memory
+    cache_ttl_s: float = 600.0  # an idle session's cache is dropped after this long
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     announce_maddrs: tuple[str, ...] = ()
     identity_path: str | None = None

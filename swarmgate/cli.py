@@ -114,6 +114,12 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         default=_env("SWARMGATE_CACHE_BYTES"),
         help="KV cache budget in bytes (default: a quarter of free memory)",
     )
+    parser.add_argument(
+        "--cache-ttl",
+        type=float,
+        default=float(_env("SWARMGATE_CACHE_TTL", "600") or 600),
+        help="seconds an idle session's KV cache is kept for its next turn",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

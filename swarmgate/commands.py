@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import signal
 import threading
 from pathlib import Path
@@ -53,6 +52,7 @@ def node(args: argparse.Namespace) -> None:
             dtype=args.dtype,
             quant=args.quant,
             cache_bytes=args.cache_bytes,
+            cache_ttl_s=args.cache_ttl,
             host_maddrs=tuple(args.host_maddrs),
             announce_maddrs=tuple(args.announce_maddrs),
             identity_path=args.identity,
@@ -68,10 +68,6 @@ def gateway(args: argparse.Namespace) -> None:
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
 
-    if args.redis_url:
-        logging.getLogger("swarmgate").warning(
-            "--redis-url given, but session affinity is not implemented yet: running without it"
-        )
     source = resolve_model(args.model, name=args.model_name)
     settings = GatewaySettings(
         model_id=source.name,

@@ -54,7 +54,7 @@ class LocalSwarm:
                 )
             self._spawn("gateway", ["gateway", *self._common(peers), *self._http_flags()])
             if not self._wait_until_healthy():
-                return 1
+                return 0 if self._stop.is_set() else 1  # asked to stop while starting: fine
             self._print_banner(spans)
             while not self._stop.wait(0.5):
                 dead = self._dead_child()
@@ -74,6 +74,7 @@ class LocalSwarm:
 
     def _node_flags(self) -> list[str]:
         flags = ["--dtype", self.args.dtype, "--quant", self.args.quant]
+        flags += ["--cache-ttl", str(self.args.cache_ttl)]
         if self.args.cache_bytes is not None:
             flags += ["--cache-bytes", str(self.args.cache_bytes)]
         return flags

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -9,7 +10,7 @@ import torch
 from models.loading import load_config, load_span
 from protocol.errors import PeerUnavailable
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
-from routing.planner import plan_route
+from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot
 from swarm_node.backend import forward_span, new_cache
 
@@ -57,20 +58,33 @@ class LocalSwarmClient:
     def snapshot(self) -> SwarmSnapshot:
         return self._snapshot
 
-    async def open_session(self, max_length: int) -> LocalSession:
-        plan_route(self._snapshot, self._snapshot.num_blocks)  # NoRouteError when uncovered
+    async def open_session(
+        self,
+        max_length: int,
+        *,
+        session_id: str,
+        prefix_hashes: Sequence[str] = (),
+        prefer: Sequence[Hop] | None = None,
+    ) -> LocalSession:
+        route = plan_route(self._snapshot, self._snapshot.num_blocks)  # NoRoute when uncovered
         self.opened += 1
-        return LocalSession(self)
+        return LocalSession(self, route)
 
 
 class LocalSession:
-    def __init__(self, client: LocalSwarmClient) -> None:
+    cached_tokens = 0  # every session starts from scratch here
+
+    def __init__(self, client: LocalSwarmClient, route: list[Hop]) -> None:
         self._client = client
+        self.route = route
         self._cache = new_cache(client.span)
         self._steps = 0
         self._closed = False
 
-    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    def reuse(self, tokens: int) -> None:
+        assert tokens == 0
+
+    async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
         self._steps += 1
         self._client.steps += 1
         limit = self._client.fail_after_steps

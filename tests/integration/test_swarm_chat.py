@@ -258,15 +258,15 @@ def test_status_command_prints_the_coverage_table(swarm: Swarm) -> None:
     assert sorted((s["start"], s["end"]) for s in report["servers"]) == [(0, 2), (2, 4)]
 
 
-def test_client_disconnect_frees_the_sessions_on_every_node(swarm: Swarm) -> None:
-    def open_sessions() -> list[str]:
+def test_client_disconnect_closes_the_streams_on_every_node(swarm: Swarm) -> None:
+    def open_streams() -> list[float]:
         servers = httpx.get(f"{swarm.base_url}/swarm").json()["servers"]
-        return [s for server in servers for s in server["sessions"]]
+        return [server["load"] for server in servers]
 
     body = {"model": swarm.model_id, "messages": PROMPTS[0], "max_tokens": 900, "stream": True}
     with httpx.stream("POST", f"{swarm.base_url}/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
         # Nodes announce every 2 s and the gateway re-reads every 2 s: the session shows up.
-        wait_for(lambda: len(open_sessions()) == 2, 30, "the session to be announced")
-    wait_for(lambda: open_sessions() == [], 30, "the nodes to free the session")
+        wait_for(lambda: open_streams() == [1, 1], 30, "the streams to be announced")
+    wait_for(lambda: open_streams() == [0, 0], 30, "the nodes to close the streams")

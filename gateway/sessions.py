@@ -1,0 +1,113 @@
+"""Which session a request continues, and the lease that keeps it to one request at a time.
+
+Lookup order: the client's session key (``prompt_cache_key``, ``X-Session-ID``, ``user``),
+else the longest prompt prefix seen before. The affinity store may fail at any moment
+(Redis restarting): then requests run on fresh sessions, with a warning and a metric, and
+affinity resumes by itself when the store answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from gateway.affinity import AffinityStore, SessionPin
+from gateway.metrics import GatewayMetrics
+from routing.planner import Hop
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+WARN_EVERY_S = 30.0  # a store that is down would otherwise log on every request
+
+
+@dataclass(frozen=True)
+class Claim:
+    session_id: str
+    prefer: tuple[Hop, ...] | None  # the route that holds the session's caches
+    lease: str | None  # None: the store was unreachable, the session id is fresh anyway
+    key: str | None
+
+
+class SessionAffinity:
+    def __init__(
+        self, store: AffinityStore, metrics: GatewayMetrics, *, lease_ttl_s: float = 30.0
+    ) -> None:
+        self._store = store
+        self._metrics = metrics
+        self._renew_every_s = lease_ttl_s / 3
+        self._last_warning = -WARN_EVERY_S
+
+    async def claim(self, key: str | None, hashes: Sequence[str]) -> Claim:
+        """The session to use: the one this conversation had, unless another request holds
+        it; then (or with no history) a fresh one. Never two requests on one cache."""
+        pin = await self._guard(
+            self._store.get_key(key) if key else self._store.longest_prefix(hashes)
+        )
+        if pin is not None:
+            taken, lease = await self._acquire(pin.session_id)
+            if not taken:
+                return Claim(pin.session_id, pin.route, lease, key)
+        session_id = uuid.uuid4().hex
+        _, lease = await self._acquire(session_id)
+        return Claim(session_id, None, lease, key)
+
+    async def remember(
+        self, claim: Claim, route: Sequence[Hop], hashes: Sequence[str], length: int
+    ) -> None:
+        """Record where the conversation's caches now live, for its next turn."""
+        pin = SessionPin(claim.session_id, tuple(route), length)
+        if claim.key:
+            await self._guard(self._store.put_key(claim.key, pin))
+        await self._guard(self._store.put_prefixes(hashes, pin))
+
+    async def release(self, claim: Claim) -> None:
+        if claim.lease is not None:
+            await self._guard(self._store.release(claim.session_id, claim.lease))
+
+    @contextlib.asynccontextmanager
+    async def held(self, claim: Claim) -> AsyncIterator[None]:
+        """Renews the lease while the body runs (a long generation outlives one TTL)."""
+        if claim.lease is None:
+            yield
+            return
+        renewer = asyncio.create_task(self._renew_forever(claim))
+        try:
+            yield
+        finally:
+            renewer.cancel()
+
+    async def _renew_forever(self, claim: Claim) -> None:
+        assert claim.lease is not None
+        while True:
+            await asyncio.sleep(self._renew_every_s)
+            await self._guard(self._store.renew(claim.session_id, claim.lease))
+
+    async def _acquire(self, session_id: str) -> tuple[bool, str | None]:
+        """(taken by another request, our lease token)."""
+        try:
+            lease = await self._store.acquire(session_id)
+        except Exception as e:
+            self._failed(e)
+            return False, None
+        return lease is None, lease
+
+    async def _guard(self, call: Awaitable[T]) -> T | None:
+        try:
+            return await call
+        except Exception as e:
+            self._failed(e)
+            return None
+
+    def _failed(self, error: Exception) -> None:
+        self._metrics.affinity_errors.inc()
+        now = time.monotonic()
+        if now - self._last_warning >= WARN_EVERY_S:
+            self._last_warning = now
+            logger.warning("affinity store unavailable, running without affinity: %s", error)
