@@ -1,0 +1,133 @@
+"""The server's session caches: reuse by prefix, trimming, LRU and TTL eviction, forks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from protocol.errors import CapacityExceeded, InvalidRequest
+from protocol.prefix import BLOCK_TOKENS, TokenHistory
+from swarm_node.backend import cache_bytes
+from swarm_node.kv_cache import CachedSession, SessionStore
+
+PER_TOKEN = 2 * 4 * 4  # keys+values, 1 head of 4 fp32 values, one block
+
+
+def new_cache() -> DynamicCache:
+    cache = DynamicCache()
+    cache.layers.append(DynamicLayer())  # type: ignore[no-untyped-call]
+    return cache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def store(budget_tokens: int, clock: Clock | None = None) -> SessionStore:
+    return SessionStore(
+        budget_tokens * PER_TOKEN,
+        PER_TOKEN,
+        idle_ttl_s=60,
+        size_of=cache_bytes,
+        clock=clock or Clock(),
+    )
+
+
+def run(
+    store_: SessionStore, session: CachedSession, tokens: list[int], history: TokenHistory
+) -> None:
+    """Feed ``tokens`` as one step, as the handler does (the forward pass fills the cache)."""
+    position = len(history)
+    history.extend(tokens)
+    new = history.hashes[position // BLOCK_TOKENS : len(history) // BLOCK_TOKENS]
+    store_.begin_step(session, position, len(tokens), new, first=True)
+    kv = torch.zeros(1, 1, len(tokens), 4)
+    session.cache.update(kv, kv, 0)
+    store_.end_step(session, len(tokens))
+
+
+def test_the_next_turn_reuses_the_common_prefix_block_aligned() -> None:
+    s = store(1000)
+    first = list(range(100))
+    history = TokenHistory()
+    session, cached = s.open("conv", 0, 1, 200, TokenHistory(first).hashes, new_cache)
+    assert cached == 0
+    run(s, session, first, history)
+    s.release(session)
+
+    follow_up = TokenHistory(first + [7] * 20)
+    session, cached = s.open("conv", 0, 1, 200, follow_up.hashes, new_cache)
+    assert cached == 96  # 3 full blocks of the 100 tokens
+    assert s.stats().sessions == 1
+
+
+def test_an_edited_turn_is_trimmed_to_the_common_prefix() -> None:
+    s = store(1000)
+    tokens = list(range(96))
+    history = TokenHistory()
+    session, _ = s.open("conv", 0, 1, 200, [], new_cache)
+    run(s, session, tokens, history)
+    s.release(session)
+
+    edited = TokenHistory(tokens[:40] + [999] * 56)
+    session, cached = s.open("conv", 0, 1, 200, edited.hashes, new_cache)
+    assert cached == 32
+    s.begin_step(session, cached, 64, edited.hashes[1:3], first=True)
+    assert session.position == 32 and session.cache.get_seq_length(0) == 32
+    assert session.hashes == edited.hashes[:3]
+    with pytest.raises(InvalidRequest):
+        s.begin_step(session, 33, 1, [])  # past what the cache holds
+
+
+def test_a_session_in_use_is_forked_never_shared() -> None:
+    s = store(1000)
+    a, _ = s.open("conv", 0, 1, 50, [], new_cache)
+    b, cached = s.open("conv", 0, 1, 50, [], new_cache)
+    assert b is not a and b.key != a.key and cached == 0
+    run(s, b, [1, 2, 3], TokenHistory())
+    s.release(b)
+    assert b.key not in s.session_ids()  # forks are private: dropped when done
+
+
+def test_idle_sessions_are_evicted_lru_first_and_in_use_ones_never() -> None:
+    s = store(100)
+    sessions = {}
+    for name in ("old", "mid"):
+        session, _ = s.open(name, 0, 1, 40, [], new_cache)
+        run(s, session, list(range(40)), TokenHistory())
+        s.release(session)
+        sessions[name] = session
+    s.open("busy", 0, 1, 30, [], new_cache)  # needs room for 30: evicts "old" only
+    assert s.session_ids() == ["mid", "busy"] and s.evictions == 1
+    with pytest.raises(CapacityExceeded):
+        s.open("huge", 0, 1, 90, [], new_cache)  # "mid" goes, "busy" is in use: still no room
+    assert "busy" in s.session_ids()
+
+
+def test_idle_sessions_expire_after_the_ttl() -> None:
+    clock = Clock()
+    s = store(1000, clock)
+    session, _ = s.open("conv", 0, 1, 10, [], new_cache)
+    run(s, session, [1, 2], TokenHistory())
+    s.release(session)
+    clock.now = 59
+    s.expire()
+    assert s.session_ids() == ["conv"]
+    clock.now = 61
+    s.expire()
+    assert s.session_ids() == [] and s.evictions == 1
+
+
+def test_a_different_span_is_a_different_cache() -> None:
+    s = store(1000)
+    session, _ = s.open("conv", 0, 1, 40, [], new_cache)
+    run(s, session, list(range(BLOCK_TOKENS)), TokenHistory())
+    s.release(session)
+    _, cached = s.open("conv", 0, 2, 40, TokenHistory(list(range(BLOCK_TOKENS))).hashes, new_cache)
+    assert cached == 0
