@@ -146,6 +146,34 @@ class InMemoryAffinityStore:
         self._values.clear()
 
 
+class NoAffinity:
+    """Affinity switched off (`--no-affinity`): every request starts a fresh session."""
+
+    async def get_key(self, key: str) -> SessionPin | None:
+        return None
+
+    async def put_key(self, key: str, pin: SessionPin) -> None:
+        pass
+
+    async def longest_prefix(self, hashes: Sequence[str]) -> SessionPin | None:
+        return None
+
+    async def put_prefixes(self, hashes: Sequence[str], pin: SessionPin) -> None:
+        pass
+
+    async def acquire(self, session_id: str) -> str | None:
+        return uuid.uuid4().hex
+
+    async def renew(self, session_id: str, token: str) -> bool:
+        return True
+
+    async def release(self, session_id: str, token: str) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+
 # Deletes or extends a lease only if it is still ours (another request may hold it now).
 _RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"

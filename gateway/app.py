@@ -12,7 +12,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from gateway.affinity import AffinityStore, InMemoryAffinityStore, RedisAffinityStore
+from gateway.affinity import (
+    AffinityStore,
+    InMemoryAffinityStore,
+    NoAffinity,
+    RedisAffinityStore,
+)
 from gateway.chat_service import ChatService, ServedModel
 from gateway.errors import to_http_error
 from gateway.generation import Generator, HeadRunner
@@ -100,6 +105,8 @@ async def _error_response(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _affinity_store(settings: GatewaySettings) -> AffinityStore:
+    if not settings.affinity:
+        return NoAffinity()
     if settings.redis_url:
         namespace = dht_prefix(settings.model_id, settings.namespace)
         return RedisAffinityStore(settings.redis_url, namespace=namespace)

@@ -183,6 +183,11 @@ class Generator:
                     if stops.stopped:
                         finish = "stop"
             outcome = "ok"
+            # Settled before the client hears the end, so that its next turn finds the
+            # session remembered and released.
+            generation.closed = True
+            await session.close()
+            await self._finish(generation)
             yield Finished(finish, len(prompt), generated, reused)
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "cancelled"

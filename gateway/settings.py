@@ -14,7 +14,8 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8000
     namespace: str = ""
-    redis_url: str | None = None
+    redis_url: str | None = None  # shared affinity; None: kept in this process
+    affinity: bool = True  # False: every request on a fresh session (for comparisons)
     api_keys: tuple[str, ...] = ()
     refresh_period_s: float = 2.0  # how often the swarm snapshot is re-read from the DHT
     step_timeout_s: float = 60.0  # one hop's reply to one step

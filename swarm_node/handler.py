@@ -7,6 +7,7 @@ loop (P2P, announcements) stays responsive while torch works.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 30.0  # a stream that never says which session it is gets dropped
 STEP_TIMEOUT_S = 600.0  # an idle session holds its reservation at most this long
+BUSY_WAIT_S = 2.0  # how long an open waits for the session's previous stream to end
 
 
 class BlockHandler:
@@ -48,6 +50,7 @@ class BlockHandler:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
         self._max_tokens = max_tokens_per_message(span.config.hidden_size)
         self.active_streams = 0
+        self._released = asyncio.Condition()
 
     async def register(self, p2p: P2P) -> None:
         Request = runtime_pb2.ExpertRequest
@@ -71,6 +74,7 @@ class BlockHandler:
         first = await asyncio.wait_for(anext(requests), OPEN_TIMEOUT_S)
         opening = decode(OpenSession, first.metadata)
         self._check_range(opening.start, opening.end)
+        await self._wait_until_idle(opening.session_id)
         session, cached = self.sessions.open(
             opening.session_id,
             opening.start,
@@ -108,6 +112,19 @@ class BlockHandler:
         finally:
             self.active_streams -= 1
             self.sessions.release(session)
+            async with self._released:
+                self._released.notify_all()
+
+    async def _wait_until_idle(self, session_id: str) -> None:
+        """A conversation's next turn can arrive before its last stream's end is processed
+        here; give that stream a moment to finish rather than forking a cold cache."""
+        # Still busy after that: a concurrent request, which gets a fork.
+        async with self._released:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._released.wait_for(lambda: not self.sessions.in_use(session_id)),
+                    BUSY_WAIT_S,
+                )
 
     async def rpc_forward(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext

@@ -74,6 +74,10 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
+    def in_use(self, session_id: str) -> bool:
+        session = self._sessions.get(session_id)
+        return session is not None and session.in_use
+
     def session_ids(self) -> list[str]:
         return list(self._sessions)
 

@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_peers(gateway, required=True)
     _add_http(gateway)
     gateway.add_argument(
+        "--no-affinity",
+        action="store_true",
+        default=_env("SWARMGATE_NO_AFFINITY", "") not in ("", "0", "false"),
+        help="start every request on a fresh session (no KV cache reuse across requests)",
+    )
+    gateway.add_argument(
         "--prefill-chunk-tokens",
         type=int,
         default=_env("SWARMGATE_PREFILL_CHUNK_TOKENS"),

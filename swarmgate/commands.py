@@ -77,6 +77,7 @@ def gateway(args: argparse.Namespace) -> None:
         port=args.port,
         namespace=args.namespace,
         redis_url=args.redis_url,
+        affinity=not args.no_affinity,
         api_keys=api_keys(args.api_key, args.api_key_file),
         prefill_chunk_tokens=args.prefill_chunk_tokens,
     )

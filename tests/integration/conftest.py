@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from protocol.rpc import ServerInfo
 from tests.processes import Process, free_port, http_ok, no_orphans, wait_for
 from tests.tiny_model import TINY_BLOCKS
 
@@ -98,3 +100,33 @@ def printed_initial_peers(output: str) -> list[str]:
         if "--initial-peers" in line:
             return line.split("--initial-peers", 1)[1].split()
     raise AssertionError(f"`swarmgate dht` printed no multiaddrs:\n{output}")
+
+
+def node_infos(peers: list[str], model_id: str = MODEL_ID) -> dict[str, ServerInfo]:
+    """Every node's own counters, asked over P2P (rpc_info), by peer id."""
+    from hivemind.p2p import PeerID
+    from hivemind.proto import runtime_pb2
+
+    from protocol.rpc import RPC_INFO, decode
+    from routing.dht import SwarmDHT
+    from routing.discovery import fetch_snapshot
+
+    async def read(dht: SwarmDHT) -> dict[str, ServerInfo]:
+        p2p = await dht.replicate_p2p()
+        snapshot = await fetch_snapshot(dht, model_id)
+        infos = {}
+        for peer in snapshot.servers:
+            reply = await p2p.call_protobuf_handler(
+                PeerID.from_base58(peer),
+                RPC_INFO,
+                runtime_pb2.ExpertRequest(),
+                runtime_pb2.ExpertResponse,
+            )
+            infos[peer] = decode(ServerInfo, reply.metadata)
+        return infos
+
+    dht = SwarmDHT(initial_peers=peers, client_mode=True, start=True)
+    try:
+        return asyncio.run(read(dht))
+    finally:
+        dht.shutdown()
