@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,22 +52,23 @@ def start_gateway(
     return Process(name, argv, log_dir), f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture(scope="session")
-def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    logs = tmp_path_factory.mktemp("swarm-logs")
+@contextmanager
+def run_swarm(
+    model: Path, logs: Path, spans: list[tuple[int, int]], *node_flags: str
+) -> Iterator[Swarm]:
+    """A DHT, one node per span and a gateway, started command by command as the README
+    tells a user to, and all stopped (with their p2pd daemons) on exit."""
     with no_orphans():
-        # Started command by command, as the README tells a user to.
         dht = Process("dht", ["dht"], logs)
         processes: list[Process] = [dht]
         try:
             wait_for(lambda: "--initial-peers" in dht.output() or not dht.alive(), 60, "the DHT")
             peers = printed_initial_peers(dht.output())
-            half = TINY_BLOCKS // 2
-            for start, end in ((0, half), (half, TINY_BLOCKS)):
+            for start, end in spans:
                 argv = [
                     "node",
                     "--model",
-                    str(tiny_model),
+                    str(model),
                     "--model-name",
                     MODEL_ID,
                     "--initial-peers",
@@ -75,10 +77,11 @@ def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                     f"{start}:{end}",
                     "--announce-period",
                     "2",
+                    *node_flags,
                 ]
                 processes.append(Process(f"node {start}:{end}", argv, logs))
             gateway, url = start_gateway(
-                tiny_model, peers, logs, "--prefill-chunk-tokens", str(PREFILL_CHUNK_TOKENS)
+                model, peers, logs, "--prefill-chunk-tokens", str(PREFILL_CHUNK_TOKENS)
             )
             processes.append(gateway)
 
@@ -88,10 +91,18 @@ def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 return http_ok(f"{url}/health")
 
             wait_for(ready, 180, "the swarm to become healthy")
-            yield Swarm(url, MODEL_ID, tiny_model, peers, processes[1:3], gateway)
+            yield Swarm(url, MODEL_ID, model, peers, processes[1:-1], gateway)
         finally:
             for process in reversed(processes):
                 process.stop()
+
+
+@pytest.fixture(scope="session")
+def swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    half = TINY_BLOCKS // 2
+    logs = tmp_path_factory.mktemp("swarm-logs")
+    with run_swarm(tiny_model, logs, [(0, half), (half, TINY_BLOCKS)]) as running:
+        yield running
 
 
 def printed_initial_peers(output: str) -> list[str]:
