@@ -21,6 +21,7 @@ from gateway.affinity import (
 from gateway.chat_service import ChatService, ServedModel
 from gateway.errors import to_http_error
 from gateway.generation import Generator, HeadRunner
+from gateway.limits import Admission, BodySizeLimit
 from gateway.metrics import GatewayMetrics
 from gateway.routes import api, ops
 from gateway.sessions import SessionAffinity
@@ -66,7 +67,12 @@ def create_app(
         store = affinity_store or _affinity_store(settings)
         affinity = SessionAffinity(store, metrics)
         app.state.chat = ChatService(
-            ServedModel(settings.model_id, config.max_position_embeddings, int(time.time())),
+            ServedModel(
+                settings.model_id,
+                max_length=config.max_position_embeddings,
+                vocab_size=config.vocab_size,
+                created=int(time.time()),
+            ),
             PromptBuilder(tokenizer),
             Generator(
                 head,
@@ -75,6 +81,7 @@ def create_app(
                 _eos_ids(config, tokenizer),
                 affinity,
                 salt=settings.model_id,
+                admission=Admission(settings.max_concurrent, settings.max_queue),
                 metrics=metrics,
             ),
         )
@@ -89,6 +96,7 @@ def create_app(
             await store.aclose()
 
     app = FastAPI(title="swarmgate", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.api_keys = settings.api_keys
     app.state.metrics = GatewayMetrics()
     app.include_router(api)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from gateway.generation import Finished, Generation, GenerationRequest, Generator, TextDelta
 from gateway.sampling import SamplingParams
 from gateway.templating import PromptBuilder
-from protocol.errors import ContextLengthExceeded, ModelNotFound
+from protocol.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from protocol.openai import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -31,6 +31,7 @@ SYSTEM_FINGERPRINT = "swarmgate-v1"
 class ServedModel:
     id: str
     max_length: int  # the model's context window in tokens
+    vocab_size: int
     created: int
 
 
@@ -48,6 +49,7 @@ class ChatService:
             raise ModelNotFound(
                 f"the model {request.model!r} does not exist; this gateway serves {self.model.id!r}"
             )
+        _refuse_unsupported(request)
         prompt = self._prompts.chat_prompt(request.messages)
         room = self.model.max_length - len(prompt)
         limit = request.token_limit()
@@ -61,6 +63,9 @@ class ChatService:
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p,
             seed=request.seed,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+            logit_bias=self._logit_bias(request.logit_bias),
         )
         return GenerationRequest(
             prompt,
@@ -69,6 +74,17 @@ class ChatService:
             request.stop_sequences(),
             session_key=request.prompt_cache_key or session_key or request.user,
         )
+
+    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
+        parsed = {int(token): value for token, value in (bias or {}).items()}
+        for token in parsed:
+            if token >= self.model.vocab_size:
+                raise InvalidRequest(
+                    f"logit_bias: token {token} is outside the vocabulary of "
+                    f"{self.model.vocab_size} tokens",
+                    param="logit_bias",
+                )
+        return parsed
 
     async def complete(
         self, request: ChatCompletionRequest, session_key: str | None = None
@@ -133,6 +149,25 @@ class ChatService:
                     )
         finally:  # also when the client leaves before generation began
             await self._generator.close(generation)
+
+
+def _refuse_unsupported(request: ChatCompletionRequest) -> None:
+    """Say so, rather than silently ignoring what a client asked for."""
+    if request.tools:
+        raise InvalidRequest(
+            "tools are not supported by this model", param="tools", code="unsupported_parameter"
+        )
+    if request.response_format is not None and request.response_format.type != "text":
+        raise InvalidRequest(
+            f"response_format {request.response_format.type!r} is not supported by this "
+            "model; only 'text' is",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    if request.logprobs or request.top_logprobs:
+        raise InvalidRequest(
+            "logprobs are not supported yet", param="logprobs", code="unsupported_parameter"
+        )
 
 
 def _completion_id() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import TypeVar
 
 import torch
 
+from gateway.limits import Admission
 from gateway.metrics import GatewayMetrics
 from gateway.sampling import SamplingParams, make_generator, sample
 from gateway.sessions import Claim, SessionAffinity
@@ -102,6 +104,7 @@ class Generator:
         affinity: SessionAffinity,
         *,
         salt: str,
+        admission: Admission | None = None,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self._head = head
@@ -111,6 +114,7 @@ class Generator:
         self._affinity = affinity
         self._salt = salt  # keeps prefix hashes of different models apart
         self._metrics = metrics or GatewayMetrics()
+        self._admission = admission or Admission(max_active=16, max_waiting=64)
 
     async def open(self, request: GenerationRequest) -> Generation:
         """The conversation's session (or a fresh one), with room for the whole generation.
@@ -118,17 +122,22 @@ class Generator:
         Opened before a response starts so that a missing route is an HTTP status, not an
         error in the middle of a stream.
         """
-        history = TokenHistory(request.prompt_ids, salt=self._salt)
-        claim = await self._affinity.claim(request.session_key, history.hashes)
+        await self._admission.acquire()
         try:
-            session = await self._swarm.open_session(
-                len(request.prompt_ids) + request.max_new_tokens,
-                session_id=claim.session_id,
-                prefix_hashes=history.hashes,
-                prefer=claim.prefer,
-            )
+            history = TokenHistory(request.prompt_ids, salt=self._salt)
+            claim = await self._affinity.claim(request.session_key, history.hashes)
+            try:
+                session = await self._swarm.open_session(
+                    len(request.prompt_ids) + request.max_new_tokens,
+                    session_id=claim.session_id,
+                    prefix_hashes=history.hashes,
+                    prefer=claim.prefer,
+                )
+            except BaseException:
+                detach(self._affinity.release(claim))
+                raise
         except BaseException:
-            detach(self._affinity.release(claim))
+            self._admission.release()
             raise
         return Generation(session, claim, history)
 
@@ -149,6 +158,7 @@ class Generator:
                 session.reuse(reused)
                 metrics.cached_tokens.inc(reused)
                 rng = make_generator(request.sampling.seed)
+                counts: Counter[int] = Counter()  # generated tokens, for the penalties
                 detokenizer = IncrementalDetokenizer(self._tokenizer)
                 stops = StopMatcher(request.stop)
                 hidden = await session.step(await self._head.embed(prompt[reused:]), history.hashes)
@@ -157,7 +167,7 @@ class Generator:
                 finish: FinishReason = "length"
                 last = request.received_at
                 while generated < request.max_new_tokens:
-                    token = sample(logits, request.sampling, rng)
+                    token = sample(logits, request.sampling, rng, counts)
                     now = time.monotonic()
                     (metrics.token_latency if generated else metrics.ttft).observe(now - last)
                     last = now
@@ -165,6 +175,7 @@ class Generator:
                         finish = "stop"
                         break
                     generated += 1
+                    counts[token] += 1
                     metrics.generated_tokens.inc()
                     text = stops.push(detokenizer.push(token))
                     if text:
@@ -187,6 +198,7 @@ class Generator:
             # session remembered and released.
             generation.closed = True
             await session.close()
+            self._admission.release()
             await self._finish(generation)
             yield Finished(finish, len(prompt), generated, reused)
         except (GeneratorExit, asyncio.CancelledError):
@@ -205,6 +217,7 @@ class Generator:
             return
         generation.closed = True
         await generation.session.close()
+        self._admission.release()
         detach(self._finish(generation))
 
     async def _finish(self, generation: Generation) -> None:

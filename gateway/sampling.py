@@ -1,8 +1,11 @@
-"""Choosing the next token from logits: greedy, temperature and nucleus (top-p)."""
+"""Choosing the next token from logits: penalties and biases, then greedy, temperature
+and nucleus (top-p) sampling."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -12,6 +15,13 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence of a generated token
+    logit_bias: Mapping[int, float] = field(default_factory=dict)  # token id → added logit
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
     @property
     def greedy(self) -> bool:
@@ -40,8 +50,31 @@ def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float) -> t
     return probs
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """logits: [vocab] → the next token id."""
+def adjust_logits(
+    logits: torch.Tensor, params: SamplingParams, generated: Counter[int]
+) -> torch.Tensor:
+    """logits: [vocab] → a copy with logit_bias added and OpenAI's presence and frequency
+    penalties subtracted for the tokens generated so far."""
+    logits = logits.clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype)
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        ids = torch.tensor(list(generated), dtype=torch.long)
+        counts = torch.tensor(list(generated.values()), dtype=logits.dtype)
+        logits[ids] -= counts * params.frequency_penalty + params.presence_penalty
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator,
+    generated: Counter[int] | None = None,
+) -> int:
+    """logits: [vocab] → the next token id; ``generated`` counts the tokens so far."""
+    if params.adjusts_logits:
+        logits = adjust_logits(logits, params, generated or Counter())
     if params.greedy:
         return int(torch.argmax(logits))
     probs = logits_to_probs(logits, params.temperature, params.top_p)

@@ -20,3 +20,6 @@ class GatewaySettings:
     refresh_period_s: float = 2.0  # how often the swarm snapshot is re-read from the DHT
     step_timeout_s: float = 60.0  # one hop's reply to one step
     prefill_chunk_tokens: int | None = None  # None: as many as fit one P2P message
+    max_concurrent: int = 16  # generations running at once
+    max_queue: int = 64  # requests waiting for a slot; beyond, 429 with Retry-After
+    max_body_bytes: int = 4 * 1024 * 1024

@@ -180,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_peers(gateway, required=True)
     _add_http(gateway)
     gateway.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=int(_env("SWARMGATE_MAX_CONCURRENT", "16") or 16),
+        help="generations running at once",
+    )
+    gateway.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(_env("SWARMGATE_MAX_QUEUE", "64") or 64),
+        help="requests waiting for a slot; beyond this, 429 with Retry-After",
+    )
+    gateway.add_argument(
         "--no-affinity",
         action="store_true",
         default=_env("SWARMGATE_NO_AFFINITY", "") not in ("", "0", "false"),

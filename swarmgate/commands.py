@@ -78,6 +78,8 @@ def gateway(args: argparse.Namespace) -> None:
         namespace=args.namespace,
         redis_url=args.redis_url,
         affinity=not args.no_affinity,
+        max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue,
         api_keys=api_keys(args.api_key, args.api_key_file),
         prefill_chunk_tokens=args.prefill_chunk_tokens,
     )

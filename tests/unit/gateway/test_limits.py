@@ -1,0 +1,104 @@
+"""Request limits and parameters the gateway applies or refuses out loud."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from starlette.testclient import TestClient
+
+from gateway.app import create_app
+from gateway.limits import Admission
+from gateway.sampling import SamplingParams, adjust_logits
+from gateway.settings import GatewaySettings
+from protocol.errors import CapacityExceeded
+from tests.fakes import LocalSwarmClient
+
+MODEL_ID = "tiny"
+CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5}
+
+
+@pytest.fixture
+def client(tiny_model: Path) -> Iterator[TestClient]:
+    settings = GatewaySettings(model_id=MODEL_ID, model_path=tiny_model, max_body_bytes=200_000)
+    app = create_app(settings, swarm_client=LocalSwarmClient(tiny_model, MODEL_ID))
+    with TestClient(app) as c:
+        yield c
+
+
+def test_penalties_and_bias_adjust_logits() -> None:
+    logits = torch.zeros(5)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, logit_bias={4: 3.0})
+    adjusted = adjust_logits(logits, params, Counter({1: 2, 2: 1}))
+    assert adjusted.tolist() == [0.0, -1.0, -0.75, 0.0, 3.0]
+    assert logits.tolist() == [0.0] * 5  # the caller's logits are left alone
+
+
+def test_logit_bias_steers_greedy_decoding(client: TestClient) -> None:
+    body = {**CHAT, "temperature": 0, "logit_bias": {"42": 100}}
+    r = client.post("/v1/chat/completions", json=body).json()
+    tokenizer = client.app.state.chat._prompts.tokenizer  # type: ignore[attr-defined]
+    assert r["choices"][0]["message"]["content"] == tokenizer.decode([42] * 5)
+    assert r["usage"]["completion_tokens"] == 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),
+    ],
+)
+def test_unsupported_or_invalid_parameters_are_400_not_ignored(
+    client: TestClient, extra: dict, param: str
+) -> None:
+    r = client.post("/v1/chat/completions", json={**CHAT, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"].startswith(param)
+
+
+def test_text_response_format_and_unknown_fields_are_accepted(client: TestClient) -> None:
+    body = {**CHAT, "response_format": {"type": "text"}, "some_future_field": 1}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_oversized_bodies_are_413(client: TestClient) -> None:
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 300_000}]}
+    r = client.post("/v1/chat/completions", json=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(400):
+            yield b"y" * 1000
+        yield b'"}]}'
+
+    r = client.post(
+        "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 413
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_admission_queues_then_refuses() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=1, max_waiting=1)
+        await admission.acquire()
+        waiter = asyncio.create_task(admission.acquire())
+        await asyncio.sleep(0)  # let it start waiting
+        with pytest.raises(CapacityExceeded):
+            await admission.acquire()
+        admission.release()
+        await asyncio.wait_for(waiter, 1)
+        admission.release()
+        await asyncio.wait_for(admission.acquire(), 1)
+
+    asyncio.run(scenario())
