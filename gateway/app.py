@@ -18,11 +18,13 @@ from gateway.affinity import (
     NoAffinity,
     RedisAffinityStore,
 )
-from gateway.chat_service import ChatService, ServedModel
+from gateway.chat_service import ChatService
+from gateway.completion_service import CompletionService
 from gateway.errors import to_http_error
 from gateway.generation import Generator, HeadRunner
 from gateway.limits import Admission, BodySizeLimit
 from gateway.metrics import GatewayMetrics
+from gateway.prepare import ServedModel
 from gateway.routes import api, ops
 from gateway.sessions import SessionAffinity
 from gateway.settings import GatewaySettings
@@ -66,25 +68,24 @@ def create_app(
         metrics = app.state.metrics
         store = affinity_store or _affinity_store(settings)
         affinity = SessionAffinity(store, metrics)
-        app.state.chat = ChatService(
-            ServedModel(
-                settings.model_id,
-                max_length=config.max_position_embeddings,
-                vocab_size=config.vocab_size,
-                created=int(time.time()),
-            ),
-            PromptBuilder(tokenizer),
-            Generator(
-                head,
-                tokenizer,
-                swarm,
-                _eos_ids(config, tokenizer),
-                affinity,
-                salt=settings.model_id,
-                admission=Admission(settings.max_concurrent, settings.max_queue),
-                metrics=metrics,
-            ),
+        served = ServedModel(
+            settings.model_id,
+            max_length=config.max_position_embeddings,
+            vocab_size=config.vocab_size,
+            created=int(time.time()),
         )
+        generator = Generator(
+            head,
+            tokenizer,
+            swarm,
+            _eos_ids(config, tokenizer),
+            affinity,
+            salt=settings.model_id,
+            admission=Admission(settings.max_concurrent, settings.max_queue),
+            metrics=metrics,
+        )
+        app.state.chat = ChatService(served, PromptBuilder(tokenizer), generator)
+        app.state.completions = CompletionService(served, tokenizer, generator)
         try:
             yield
         finally:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from gateway.generation import Finished, Generation, GenerationRequest, Generator, TextDelta
-from gateway.sampling import SamplingParams
+from gateway.prepare import ServedModel, check_model, generation_request
 from gateway.templating import PromptBuilder
-from protocol.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from protocol.errors import InvalidRequest
 from protocol.openai import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -27,14 +26,6 @@ from protocol.openai import (
 SYSTEM_FINGERPRINT = "swarmgate-v1"
 
 
-@dataclass(frozen=True)
-class ServedModel:
-    id: str
-    max_length: int  # the model's context window in tokens
-    vocab_size: int
-    created: int
-
-
 class ChatService:
     def __init__(self, model: ServedModel, prompts: PromptBuilder, generator: Generator) -> None:
         self.model = model
@@ -45,46 +36,11 @@ class ChatService:
         self, request: ChatCompletionRequest, session_key: str | None = None
     ) -> GenerationRequest:
         """Validate a request against the model and turn it into prompt tokens."""
-        if request.model != self.model.id:
-            raise ModelNotFound(
-                f"the model {request.model!r} does not exist; this gateway serves {self.model.id!r}"
-            )
+        check_model(self.model, request.model)
         _refuse_unsupported(request)
         prompt = self._prompts.chat_prompt(request.messages)
-        room = self.model.max_length - len(prompt)
-        limit = request.token_limit()
-        if room <= 0 or (limit is not None and limit > room):
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.model.max_length} tokens; the "
-                f"messages use {len(prompt)} and {limit or 1} more were requested",
-                param="messages",
-            )
-        sampling = SamplingParams(
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            seed=request.seed,
-            presence_penalty=request.presence_penalty or 0.0,
-            frequency_penalty=request.frequency_penalty or 0.0,
-            logit_bias=self._logit_bias(request.logit_bias),
-        )
-        return GenerationRequest(
-            prompt,
-            limit or room,
-            sampling,
-            request.stop_sequences(),
-            session_key=request.prompt_cache_key or session_key or request.user,
-        )
-
-    def _logit_bias(self, bias: dict[str, float] | None) -> dict[int, float]:
-        parsed = {int(token): value for token, value in (bias or {}).items()}
-        for token in parsed:
-            if token >= self.model.vocab_size:
-                raise InvalidRequest(
-                    f"logit_bias: token {token} is outside the vocabulary of "
-                    f"{self.model.vocab_size} tokens",
-                    param="logit_bias",
-                )
-        return parsed
+        key = request.prompt_cache_key or session_key or request.user
+        return generation_request(self.model, prompt, request, session_key=key, param="messages")
 
     async def complete(
         self, request: ChatCompletionRequest, session_key: str | None = None
@@ -106,7 +62,7 @@ class ChatService:
                     finish_reason=finished.finish_reason,
                 )
             ],
-            usage=_usage(finished),
+            usage=usage_of(finished),
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
 
@@ -138,14 +94,14 @@ class ChatService:
                     yield chunk(ChoiceDelta(content=event.text))
                     continue
                 yield chunk(ChoiceDelta(), event.finish_reason)
-                if request.stream_options is not None and request.stream_options.include_usage:
+                if request.include_usage():
                     yield ChatCompletionChunk(
                         id=completion_id,
                         created=created,
                         model=self.model.id,
                         choices=[],
                         system_fingerprint=SYSTEM_FINGERPRINT,
-                        usage=_usage(event),
+                        usage=usage_of(event),
                     )
         finally:  # also when the client leaves before generation began
             await self._generator.close(generation)
@@ -174,7 +130,7 @@ def _completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def _usage(finished: Finished) -> CompletionUsage:
+def usage_of(finished: Finished) -> CompletionUsage:
     return CompletionUsage(
         prompt_tokens=finished.prompt_tokens,
         completion_tokens=finished.completion_tokens,

@@ -9,16 +9,18 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from gateway import sse
 from gateway.chat_service import ChatService
+from gateway.completion_service import CompletionService
 from gateway.errors import to_http_error
 from gateway.swarm_client import SwarmClient
 from protocol.errors import ModelNotFound, NoRouteError, Unauthorized
 from protocol.openai import (
-    ChatCompletionChunk,
     ChatCompletionRequest,
+    CompletionRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
@@ -67,7 +69,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> obj
     return EventSourceResponse(_events(chunks), sep=sse.SEP, ping=sse.PING_PERIOD_S)
 
 
-async def _events(chunks: AsyncIterator[ChatCompletionChunk]) -> AsyncIterator[ServerSentEvent]:
+@api.post("/v1/completions", responses=_ERRORS)
+async def completions(body: CompletionRequest, request: Request) -> object:
+    service: CompletionService = request.app.state.completions
+    session_key = request.headers.get("x-session-id") or body.user
+    if not body.stream:
+        return JSONResponse(dump(await service.complete(body, session_key)))
+    prepared = service.prepare(body, session_key)
+    first = await service.open(prepared[0])
+    chunks = service.stream(body, prepared, first)
+    return EventSourceResponse(_events(chunks), sep=sse.SEP, ping=sse.PING_PERIOD_S)
+
+
+async def _events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[ServerSentEvent]:
     try:
         async for chunk in chunks:
             yield sse.chunk_event(chunk)

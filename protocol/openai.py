@@ -54,29 +54,29 @@ class ResponseFormat(OpenAIModel):
 MAX_MESSAGES = 2048  # a request with more is refused before it is tokenized
 
 
-class ChatCompletionRequest(OpenAIModel):
-    # Ordered by the official OpenAI API documentation.
-    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+class SamplingRequest(OpenAIModel):
+    """Fields that chat and text completions share, in the order OpenAI documents them."""
+
     model: str
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=1)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    prompt_cache_key: str | None = Field(default=None, max_length=1024)
-    response_format: ResponseFormat | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    tool_choice: Any = None
-    tools: list[Any] | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = Field(default=None, max_length=1024)
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences are allowed")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -88,13 +88,6 @@ class ChatCompletionRequest(OpenAIModel):
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return value
 
-    @field_validator("stop")
-    @classmethod
-    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences are allowed")
-        return value
-
     def stop_sequences(self) -> list[str]:
         if self.stop is None:
             return []
@@ -102,11 +95,46 @@ class ChatCompletionRequest(OpenAIModel):
         return [s for s in stops if s]
 
     def token_limit(self) -> int | None:
-        return (
-            self.max_completion_tokens
-            if self.max_completion_tokens is not None
-            else self.max_tokens
-        )
+        return self.max_tokens
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    logprobs: bool | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    response_format: ResponseFormat | None = None
+    tool_choice: Any = None
+    tools: list[Any] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def token_limit(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
+
+class CompletionRequest(SamplingRequest):
+    """`POST /v1/completions`: raw text (or token ids) in, text out."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    best_of: int | None = Field(default=None, ge=1, le=1)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per choice: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
 
 
 # ---- responses ----
@@ -170,6 +198,25 @@ class ChatCompletionChunk(OpenAIModel):
     created: int
     model: str
     choices: list[ChunkChoice]
+    system_fingerprint: str | None = None
+    usage: CompletionUsage | None = None
+
+
+class CompletionChoice(OpenAIModel):
+    index: int = 0
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class Completion(OpenAIModel):
+    """A text completion, and also each chunk of a streamed one (OpenAI uses one shape)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
     system_fingerprint: str | None = None
     usage: CompletionUsage | None = None
 

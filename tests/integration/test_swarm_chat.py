@@ -270,3 +270,23 @@ def test_client_disconnect_closes_the_streams_on_every_node(swarm: Swarm) -> Non
         # Nodes announce every 2 s and the gateway re-reads every 2 s: the session shows up.
         wait_for(lambda: open_streams() == [1, 1], 30, "the streams to be announced")
     wait_for(lambda: open_streams() == [0, 0], 30, "the nodes to close the streams")
+
+
+@pytest.mark.parametrize("prompt", ["Once upon a time", "The capital of France is " * 12])
+def test_text_completion_equals_transformers_generate(swarm: Swarm, prompt: str) -> None:
+    model, tokenizer = _reference(swarm.model_path)
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+    expected = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
+
+    sdk = client(swarm)
+    whole = sdk.completions.create(
+        model=swarm.model_id, prompt=prompt, max_tokens=12, temperature=0
+    )
+    assert whole.choices[0].text == expected
+    assert whole.usage.prompt_tokens == len(ids)
+    streamed = sdk.completions.create(
+        model=swarm.model_id, prompt=prompt, max_tokens=12, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expected

@@ -1,0 +1,155 @@
+"""OpenAI text completions (`/v1/completions`) on top of the decode loop; no HTTP here."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from gateway.chat_service import SYSTEM_FINGERPRINT, usage_of
+from gateway.generation import Finished, Generation, GenerationRequest, Generator, TextDelta
+from gateway.prepare import ServedModel, check_model, check_token_ids, generation_request
+from protocol.errors import InvalidRequest
+from protocol.openai import Completion, CompletionChoice, CompletionRequest, CompletionUsage
+
+MAX_PROMPTS = 16  # choices one request may ask for
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    generation: GenerationRequest
+    text: str  # the prompt as text, for `echo`
+
+
+class CompletionService:
+    def __init__(
+        self, model: ServedModel, tokenizer: PreTrainedTokenizerBase, generator: Generator
+    ) -> None:
+        self.model = model
+        self._tokenizer = tokenizer
+        self._generator = generator
+
+    def prepare(
+        self, request: CompletionRequest, session_key: str | None = None
+    ) -> list[PreparedPrompt]:
+        check_model(self.model, request.model)
+        if request.suffix:
+            raise InvalidRequest(
+                "suffix is not supported by this model",
+                param="suffix",
+                code="unsupported_parameter",
+            )
+        if request.logprobs is not None:
+            raise InvalidRequest(
+                "logprobs are not supported yet", param="logprobs", code="unsupported_parameter"
+            )
+        prompts = request.prompts()
+        if len(prompts) > MAX_PROMPTS:
+            raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+        prepared = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                ids = list(self._tokenizer(prompt)["input_ids"])
+                text = prompt
+            else:
+                check_token_ids(self.model, prompt, "prompt")
+                ids, text = prompt, str(self._tokenizer.decode(prompt))
+            generation = generation_request(
+                self.model, ids, request, session_key=session_key, param="prompt"
+            )
+            prepared.append(PreparedPrompt(generation, text))
+        return prepared
+
+    async def open(self, prepared: PreparedPrompt) -> Generation:
+        return await self._generator.open(prepared.generation)
+
+    async def complete(
+        self, request: CompletionRequest, session_key: str | None = None
+    ) -> Completion:
+        choices, finished = [], []
+        for index, prompt in enumerate(self.prepare(request, session_key)):
+            generation = await self.open(prompt)
+            parts = [prompt.text] if request.echo else []
+            async for event in self._generator.generate(prompt.generation, generation):
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                else:
+                    finished.append(event)
+                    choices.append(
+                        CompletionChoice(
+                            index=index, text="".join(parts), finish_reason=event.finish_reason
+                        )
+                    )
+        return Completion(
+            id=_completion_id(),
+            model=self.model.id,
+            choices=choices,
+            system_fingerprint=SYSTEM_FINGERPRINT,
+            usage=_total_usage(finished),
+        )
+
+    async def stream(
+        self,
+        request: CompletionRequest,
+        prepared: list[PreparedPrompt],
+        first: Generation,
+    ) -> AsyncIterator[Completion]:
+        """Chunks of each prompt's choice in turn (``first`` is already open), then usage."""
+        completion_id, created = _completion_id(), int(time.time())
+
+        def chunk(index: int, text: str, finish: Finished | None = None) -> Completion:
+            choice = CompletionChoice(
+                index=index, text=text, finish_reason=finish.finish_reason if finish else None
+            )
+            return Completion(
+                id=completion_id,
+                created=created,
+                model=self.model.id,
+                choices=[choice],
+                system_fingerprint=SYSTEM_FINGERPRINT,
+            )
+
+        finished: list[Finished] = []
+        generation: Generation | None = first
+        try:
+            for index, prompt in enumerate(prepared):
+                generation = generation or await self.open(prompt)
+                if request.echo:
+                    yield chunk(index, prompt.text)
+                async for event in self._generator.generate(prompt.generation, generation):
+                    if isinstance(event, TextDelta):
+                        yield chunk(index, event.text)
+                    else:
+                        finished.append(event)
+                        yield chunk(index, "", event)
+                generation = None
+            if request.include_usage():
+                yield Completion(
+                    id=completion_id,
+                    created=created,
+                    model=self.model.id,
+                    choices=[],
+                    system_fingerprint=SYSTEM_FINGERPRINT,
+                    usage=_total_usage(finished),
+                )
+        finally:  # also when the client leaves before a generation began
+            if generation is not None:
+                await self._generator.close(generation)
+
+
+def _completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def _total_usage(finished: list[Finished]) -> CompletionUsage:
+    return usage_of(
+        Finished(
+            "stop",
+            prompt_tokens=sum(f.prompt_tokens for f in finished),
+            completion_tokens=sum(f.completion_tokens for f in finished),
+            cached_tokens=sum(f.cached_tokens for f in finished),
+        )
+    )

@@ -1,0 +1,68 @@
+"""Checks and conversions every completion endpoint shares: request → GenerationRequest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.generation import GenerationRequest
+from gateway.sampling import SamplingParams
+from protocol.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
+from protocol.openai import SamplingRequest
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    max_length: int  # the model's context window in tokens
+    vocab_size: int
+    created: int
+
+
+def check_model(model: ServedModel, requested: str) -> None:
+    if requested != model.id:
+        raise ModelNotFound(
+            f"the model {requested!r} does not exist; this gateway serves {model.id!r}"
+        )
+
+
+def check_token_ids(model: ServedModel, ids: list[int], param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < model.vocab_size]
+    if bad:
+        raise InvalidRequest(
+            f"{param}: token {bad[0]} is outside the vocabulary of {model.vocab_size} tokens",
+            param=param,
+        )
+
+
+def generation_request(
+    model: ServedModel,
+    prompt: list[int],
+    request: SamplingRequest,
+    *,
+    session_key: str | None,
+    param: str,
+) -> GenerationRequest:
+    """Fit the request to the model's context and collect its sampling parameters."""
+    if not prompt:
+        raise InvalidRequest("the prompt is empty", param=param)
+    room = model.max_length - len(prompt)
+    limit = request.token_limit()
+    if room <= 0 or (limit is not None and limit > room):
+        raise ContextLengthExceeded(
+            f"this model's maximum context length is {model.max_length} tokens; the "
+            f"{param} use {len(prompt)} and {limit or 1} more were requested",
+            param=param,
+        )
+    bias = {int(token): value for token, value in (request.logit_bias or {}).items()}
+    check_token_ids(model, list(bias), "logit_bias")
+    sampling = SamplingParams(
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=request.seed,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=bias,
+    )
+    return GenerationRequest(
+        prompt, limit or room, sampling, request.stop_sequences(), session_key=session_key
+    )
