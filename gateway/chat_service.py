@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from gateway.generation import Finished, Generation, GenerationRequest, Generator, TextDelta
 from gateway.prepare import ServedModel, check_model, generation_request
@@ -34,77 +35,99 @@ class ChatService:
 
     def prepare(
         self, request: ChatCompletionRequest, session_key: str | None = None
-    ) -> GenerationRequest:
-        """Validate a request against the model and turn it into prompt tokens."""
+    ) -> list[GenerationRequest]:
+        """Validate a request against the model and turn it into one generation per choice."""
         check_model(self.model, request.model)
         _refuse_unsupported(request)
         prompt = self._prompts.chat_prompt(request.messages)
         key = request.prompt_cache_key or session_key or request.user
-        return generation_request(self.model, prompt, request, session_key=key, param="messages")
-
-    async def complete(
-        self, request: ChatCompletionRequest, session_key: str | None = None
-    ) -> ChatCompletion:
-        prepared = self.prepare(request, session_key)
-        generation = await self._generator.open(prepared)
-        parts: list[str] = []
-        async for event in self._generator.generate(prepared, generation):
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            else:
-                finished = event
-        return ChatCompletion(
-            id=_completion_id(),
-            model=self.model.id,
-            choices=[
-                Choice(
-                    message=ChatCompletionMessage(content="".join(parts)),
-                    finish_reason=finished.finish_reason,
-                )
-            ],
-            usage=usage_of(finished),
-            system_fingerprint=SYSTEM_FINGERPRINT,
-        )
+        first = generation_request(self.model, prompt, request, session_key=key, param="messages")
+        return [first] + [_another_choice(first, i) for i in range(1, request.n)]
 
     async def open(self, prepared: GenerationRequest) -> Generation:
         return await self._generator.open(prepared)
 
+    async def complete(
+        self, request: ChatCompletionRequest, session_key: str | None = None
+    ) -> ChatCompletion:
+        choices, finished = [], []
+        # Choices run one after another: each reuses the prompt the previous one cached.
+        for index, prepared in enumerate(self.prepare(request, session_key)):
+            generation = await self._generator.open(prepared)
+            parts: list[str] = []
+            async for event in self._generator.generate(prepared, generation):
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                else:
+                    finished.append(event)
+                    choices.append(
+                        Choice(
+                            index=index,
+                            message=ChatCompletionMessage(content="".join(parts)),
+                            finish_reason=event.finish_reason,
+                        )
+                    )
+        return ChatCompletion(
+            id=_completion_id(),
+            model=self.model.id,
+            choices=choices,
+            usage=usage_of(*finished),
+            system_fingerprint=SYSTEM_FINGERPRINT,
+        )
+
     async def stream(
         self,
         request: ChatCompletionRequest,
-        prepared: GenerationRequest,
-        generation: Generation,
+        prepared: list[GenerationRequest],
+        first: Generation,
     ) -> AsyncIterator[ChatCompletionChunk]:
-        """Chunks of a prepared request: role first, then text, then the finish reason."""
+        """Each choice in turn (``first`` is already open): its role, text and finish reason;
+        then the usage if asked for."""
         completion_id, created = _completion_id(), int(time.time())
 
-        def chunk(delta: ChoiceDelta, finish: FinishReason | None = None) -> ChatCompletionChunk:
+        def chunk(
+            index: int, delta: ChoiceDelta, finish: FinishReason | None = None
+        ) -> ChatCompletionChunk:
             return ChatCompletionChunk(
                 id=completion_id,
                 created=created,
                 model=self.model.id,
-                choices=[ChunkChoice(delta=delta, finish_reason=finish)],
+                choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)],
                 system_fingerprint=SYSTEM_FINGERPRINT,
             )
 
+        finished: list[Finished] = []
+        generation: Generation | None = first
         try:
-            yield chunk(ChoiceDelta(role="assistant", content=""))
-            async for event in self._generator.generate(prepared, generation):
-                if isinstance(event, TextDelta):
-                    yield chunk(ChoiceDelta(content=event.text))
-                    continue
-                yield chunk(ChoiceDelta(), event.finish_reason)
-                if request.include_usage():
-                    yield ChatCompletionChunk(
-                        id=completion_id,
-                        created=created,
-                        model=self.model.id,
-                        choices=[],
-                        system_fingerprint=SYSTEM_FINGERPRINT,
-                        usage=usage_of(event),
-                    )
-        finally:  # also when the client leaves before generation began
-            await self._generator.close(generation)
+            for index, choice in enumerate(prepared):
+                generation = generation or await self._generator.open(choice)
+                yield chunk(index, ChoiceDelta(role="assistant", content=""))
+                async for event in self._generator.generate(choice, generation):
+                    if isinstance(event, TextDelta):
+                        yield chunk(index, ChoiceDelta(content=event.text))
+                    else:
+                        finished.append(event)
+                        yield chunk(index, ChoiceDelta(), event.finish_reason)
+                generation = None
+            if request.include_usage():
+                yield ChatCompletionChunk(
+                    id=completion_id,
+                    created=created,
+                    model=self.model.id,
+                    choices=[],
+                    system_fingerprint=SYSTEM_FINGERPRINT,
+                    usage=usage_of(*finished),
+                )
+        finally:  # also when the client leaves before a generation began
+            if generation is not None:
+                await self._generator.close(generation)
+
+
+def _another_choice(first: GenerationRequest, index: int) -> GenerationRequest:
+    """Choice ``index`` of ``n``: the same request, its own seed when one was given."""
+    seed = first.sampling.seed
+    sampling = replace(first.sampling, seed=None if seed is None else seed + index)
+    return replace(first, sampling=sampling, received_at=time.monotonic())
 
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
@@ -130,10 +153,15 @@ def _completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def usage_of(finished: Finished) -> CompletionUsage:
+def usage_of(*finished: Finished) -> CompletionUsage:
+    """Usage of one choice, or of several choices of the same prompt (counted once)."""
+    prompt = finished[0].prompt_tokens if finished else 0
+    completion = sum(f.completion_tokens for f in finished)
     return CompletionUsage(
-        prompt_tokens=finished.prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        total_tokens=finished.prompt_tokens + finished.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=finished.cached_tokens),
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(
+            cached_tokens=finished[0].cached_tokens if finished else 0
+        ),
     )

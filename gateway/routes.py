@@ -64,8 +64,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> obj
     if not body.stream:
         return JSONResponse(dump(await service.complete(body, session_key)))
     prepared = service.prepare(body, session_key)
-    generation = await service.open(prepared)
-    chunks = service.stream(body, prepared, generation)
+    first = await service.open(prepared[0])
+    chunks = service.stream(body, prepared, first)
     return EventSourceResponse(_events(chunks), sep=sse.SEP, ping=sse.PING_PERIOD_S)
 
 

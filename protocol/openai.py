@@ -52,6 +52,7 @@ class ResponseFormat(OpenAIModel):
 
 
 MAX_MESSAGES = 2048  # a request with more is refused before it is tokenized
+MAX_CHOICES = 8  # `n`: choices are generated one after another
 
 
 class SamplingRequest(OpenAIModel):
@@ -61,7 +62,7 @@ class SamplingRequest(OpenAIModel):
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -122,6 +123,7 @@ class CompletionRequest(SamplingRequest):
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
     best_of: int | None = Field(default=None, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=1)  # several choices: send several prompts
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions

@@ -134,3 +134,30 @@ def test_metrics_count_requests_and_tokens(covered: tuple) -> None:
     assert 1 <= samples["swarmgate_generated_tokens_total"] <= 4
     assert samples["swarmgate_time_to_first_token_seconds_count"] == 1
     assert samples["swarmgate_active_generations"] == 0
+
+
+def test_n_choices_each_with_their_index(covered: tuple) -> None:
+    client, swarm = covered
+    greedy = client.post("/v1/chat/completions", json={**CHAT, "n": 2, "temperature": 0}).json()
+    assert [c["index"] for c in greedy["choices"]] == [0, 1]
+    texts = greedy["choices"]
+    assert texts[0]["message"] == texts[1]["message"]  # greedy: the same answer twice
+    completion = greedy["usage"]["completion_tokens"]
+    single = client.post("/v1/chat/completions", json={**CHAT, "temperature": 0}).json()
+    assert completion == 2 * single["usage"]["completion_tokens"]
+    assert greedy["usage"]["prompt_tokens"] == single["usage"]["prompt_tokens"]
+
+    sampled = {**CHAT, "n": 3, "seed": 5, "max_tokens": 8}
+    first = client.post("/v1/chat/completions", json=sampled).json()
+    again = client.post("/v1/chat/completions", json=sampled).json()
+    assert first["choices"] == again["choices"]  # seeded: reproducible, choice by choice
+
+    r = client.post("/v1/chat/completions", json={**CHAT, "n": 2, "stream": True})
+    chunks = [json.loads(e[6:]) for e in _events(r.text)[:-1]]
+    indices = [c["choices"][0]["index"] for c in chunks]
+    assert indices == sorted(indices) and set(indices) == {0, 1}
+    finishes = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]]
+    assert finishes == [0, 1]
+    assert swarm.opened == swarm.closed
+
+    assert client.post("/v1/chat/completions", json={**CHAT, "n": 9}).status_code == 400
