@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
-from gateway.generation import Finished, Generation, GenerationRequest, Generator, TextDelta
+from gateway.generation import (
+    Finished,
+    Generation,
+    GenerationRequest,
+    Generator,
+    TextDelta,
+    TokenLogprob,
+)
 from gateway.prepare import ServedModel, check_model, generation_request
 from gateway.templating import PromptBuilder
 from protocol.errors import InvalidRequest
@@ -16,12 +23,15 @@ from protocol.openai import (
     ChatCompletionChunk,
     ChatCompletionMessage,
     ChatCompletionRequest,
+    ChatCompletionTokenLogprob,
     Choice,
     ChoiceDelta,
+    ChoiceLogprobs,
     ChunkChoice,
     CompletionUsage,
     FinishReason,
     PromptTokensDetails,
+    TopLogprob,
 )
 
 SYSTEM_FINGERPRINT = "swarmgate-v1"
@@ -42,6 +52,8 @@ class ChatService:
         prompt = self._prompts.chat_prompt(request.messages)
         key = request.prompt_cache_key or session_key or request.user
         first = generation_request(self.model, prompt, request, session_key=key, param="messages")
+        if request.logprobs:
+            first = replace(first, logprobs=request.top_logprobs or 0)
         return [first] + [_another_choice(first, i) for i in range(1, request.n)]
 
     async def open(self, prepared: GenerationRequest) -> Generation:
@@ -55,9 +67,11 @@ class ChatService:
         for index, prepared in enumerate(self.prepare(request, session_key)):
             generation = await self._generator.open(prepared)
             parts: list[str] = []
+            logprobs: list[TokenLogprob] = []
             async for event in self._generator.generate(prepared, generation):
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
+                    logprobs += event.logprobs
                 else:
                     finished.append(event)
                     choices.append(
@@ -65,6 +79,7 @@ class ChatService:
                             index=index,
                             message=ChatCompletionMessage(content="".join(parts)),
                             finish_reason=event.finish_reason,
+                            logprobs=_logprobs(logprobs) if request.logprobs else None,
                         )
                     )
         return ChatCompletion(
@@ -86,13 +101,17 @@ class ChatService:
         completion_id, created = _completion_id(), int(time.time())
 
         def chunk(
-            index: int, delta: ChoiceDelta, finish: FinishReason | None = None
+            index: int,
+            delta: ChoiceDelta,
+            finish: FinishReason | None = None,
+            logprobs: ChoiceLogprobs | None = None,
         ) -> ChatCompletionChunk:
+            choice = ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
             return ChatCompletionChunk(
                 id=completion_id,
                 created=created,
                 model=self.model.id,
-                choices=[ChunkChoice(index=index, delta=delta, finish_reason=finish)],
+                choices=[choice],
                 system_fingerprint=SYSTEM_FINGERPRINT,
             )
 
@@ -104,7 +123,8 @@ class ChatService:
                 yield chunk(index, ChoiceDelta(role="assistant", content=""))
                 async for event in self._generator.generate(choice, generation):
                     if isinstance(event, TextDelta):
-                        yield chunk(index, ChoiceDelta(content=event.text))
+                        logprobs = _logprobs(event.logprobs) if request.logprobs else None
+                        yield chunk(index, ChoiceDelta(content=event.text), logprobs=logprobs)
                     else:
                         finished.append(event)
                         yield chunk(index, ChoiceDelta(), event.finish_reason)
@@ -121,6 +141,21 @@ class ChatService:
         finally:  # also when the client leaves before a generation began
             if generation is not None:
                 await self._generator.close(generation)
+
+
+def _logprobs(tokens: Sequence[TokenLogprob]) -> ChoiceLogprobs:
+    def entry(token: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))
+
+    return ChoiceLogprobs(
+        content=[
+            ChatCompletionTokenLogprob(
+                **entry(t.token, t.logprob).model_dump(),
+                top_logprobs=[entry(tok, lp) for tok, lp in t.top],
+            )
+            for t in tokens
+        ]
+    )
 
 
 def _another_choice(first: GenerationRequest, index: int) -> GenerationRequest:
@@ -142,10 +177,6 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
             "model; only 'text' is",
             param="response_format",
             code="unsupported_parameter",
-        )
-    if request.logprobs or request.top_logprobs:
-        raise InvalidRequest(
-            "logprobs are not supported yet", param="logprobs", code="unsupported_parameter"
         )
 
 

@@ -36,12 +36,21 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     session_key: str | None = None  # the client's name for the conversation, if any
+    logprobs: int | None = None  # None: off; k: each token's logprob and the top k
     received_at: float = field(default_factory=time.monotonic)  # for time-to-first-token
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # the most likely tokens at this position
 
 
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text this delta completes
 
 
 @dataclass(frozen=True)
@@ -159,6 +168,7 @@ class Generator:
                 metrics.cached_tokens.inc(reused)
                 rng = make_generator(request.sampling.seed)
                 counts: Counter[int] = Counter()  # generated tokens, for the penalties
+                pending: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
                 detokenizer = IncrementalDetokenizer(self._tokenizer)
                 stops = StopMatcher(request.stop)
                 hidden = await session.step(await self._head.embed(prompt[reused:]), history.hashes)
@@ -177,9 +187,12 @@ class Generator:
                     generated += 1
                     counts[token] += 1
                     metrics.generated_tokens.inc()
+                    if request.logprobs is not None:
+                        pending.append(self._logprob(logits, token, request.logprobs))
                     text = stops.push(detokenizer.push(token))
                     if text:
-                        yield TextDelta(text)
+                        yield TextDelta(text, tuple(pending))
+                        pending.clear()
                     if stops.stopped:
                         finish = "stop"
                         break
@@ -189,8 +202,8 @@ class Generator:
                         logits = await self._head.logits(hidden)
                 if not stops.stopped:
                     tail = stops.push(detokenizer.flush()) + stops.flush()
-                    if tail:
-                        yield TextDelta(tail)
+                    if tail or pending:
+                        yield TextDelta(tail, tuple(pending))
                     if stops.stopped:
                         finish = "stop"
             outcome = "ok"
@@ -208,6 +221,20 @@ class Generator:
             metrics.active_streams.dec()
             metrics.requests.labels(outcome).inc()
             await self.close(generation)
+
+    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+        """The model's own log-probabilities (before temperature, penalties and bias)."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        best = torch.topk(logprobs, top) if top else None
+        alternatives = (
+            tuple((self._token_text(int(i)), float(v)) for v, i in zip(*best, strict=True))
+            if best is not None
+            else ()
+        )
+        return TokenLogprob(self._token_text(token), float(logprobs[token]), alternatives)
+
+    def _token_text(self, token: int) -> str:
+        return str(self._tokenizer.decode([token], skip_special_tokens=False))
 
     async def close(self, generation: Generation) -> None:
         """Close the session, remember where it lives and release it (idempotent).

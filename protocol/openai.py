@@ -6,7 +6,7 @@ Requests ignore unknown fields, as OpenAI does; responses carry exactly OpenAI's
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -15,6 +15,7 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 
@@ -78,6 +79,12 @@ class SamplingRequest(OpenAIModel):
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
         return value
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> Self:
+        if getattr(self, "top_logprobs", None) and not getattr(self, "logprobs", None):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
 
     @field_validator("logit_bias")
     @classmethod
@@ -160,11 +167,26 @@ class ChatCompletionMessage(OpenAIModel):
     content: str | None = None
 
 
+class TopLogprob(OpenAIModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatCompletionTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(OpenAIModel):
+    content: list[ChatCompletionTokenLogprob] | None = None
+    refusal: list[ChatCompletionTokenLogprob] | None = None
+
+
 class Choice(OpenAIModel):
     index: int = 0
     message: ChatCompletionMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(OpenAIModel):
@@ -191,7 +213,7 @@ class ChunkChoice(OpenAIModel):
     index: int = 0
     delta: ChoiceDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(OpenAIModel):

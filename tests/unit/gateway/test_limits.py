@@ -51,7 +51,6 @@ def test_logit_bias_steers_greedy_decoding(client: TestClient) -> None:
     [
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logprobs": True}, "logprobs"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),

@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai.types.chat
 import pytest
 from starlette.testclient import TestClient
 
@@ -161,3 +162,29 @@ def test_n_choices_each_with_their_index(covered: tuple) -> None:
     assert swarm.opened == swarm.closed
 
     assert client.post("/v1/chat/completions", json={**CHAT, "n": 9}).status_code == 400
+
+
+def test_logprobs_of_each_token_and_its_top_alternatives(covered: tuple) -> None:
+    client, _ = covered
+    body = {**CHAT, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    raw = client.post("/v1/chat/completions", json=body).json()
+    response = openai.types.chat.ChatCompletion.model_validate(raw)
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens
+    assert "".join(t.token for t in content) == response.choices[0].message.content
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 2
+        assert t.top_logprobs[0].logprob == t.logprob  # greedy took the most likely token
+        assert bytes(t.bytes) == t.token.encode()
+
+    r = client.post("/v1/chat/completions", json={**body, "stream": True})
+    streamed = [
+        entry
+        for e in _events(r.text)[:-1]
+        for entry in ((json.loads(e[6:])["choices"][0].get("logprobs") or {}).get("content") or [])
+    ]
+    assert [e["token"] for e in streamed] == [t.token for t in content]
+
+    plain = client.post("/v1/chat/completions", json={**CHAT, "temperature": 0}).json()
+    assert plain["choices"][0]["logprobs"] is None
+    assert client.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2}).status_code == 400
