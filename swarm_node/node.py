@@ -22,6 +22,7 @@ from routing.discovery import announce, fetch_snapshot
 from swarm_node.backend import cache_bytes
 from swarm_node.handler import BlockHandler
 from swarm_node.kv_cache import SessionStore
+from swarm_node.metrics import serve_metrics
 from swarm_node.settings import NodeSettings
 from swarm_node.throughput import measure_decode_throughput
 
@@ -105,6 +106,8 @@ class BlockServer:
         self.handler = BlockHandler(span, self.sessions, self.info)
         await self.handler.register(p2p)
         self.state = NodeState.ONLINE
+        if settings.metrics_port is not None:
+            serve_metrics(settings.metrics_port, self.info, budget, settings.metrics_host)
         announcer = asyncio.create_task(self._announce_forever(dht, model))
         print(
             f"swarmgate node: serving blocks {start}:{end} of {model.name} as {self.peer_id}",

@@ -22,3 +22,5 @@ class NodeSettings:
     announce_period_s: float = 10.0  # records expire after 3 periods
     drain_timeout_s: float = 10.0  # how long open sessions may finish after SIGTERM
     namespace: str = ""  # separates private swarms that share a DHT
+    metrics_port: int | None = None  # Prometheus /metrics; None: not served
+    metrics_host: str = "127.0.0.1"

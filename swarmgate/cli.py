@@ -169,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between DHT announcements (records expire after 3)",
     )
     node.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env("SWARMGATE_METRICS_PORT"),
+        help="serve Prometheus metrics (cache, evictions, tokens) on this port",
+    )
+    node.add_argument(
+        "--metrics-host",
+        default=_env("SWARMGATE_METRICS_HOST", "127.0.0.1"),
+        help="address for --metrics-port (0.0.0.0 in a container)",
+    )
+    node.add_argument(
         "--num-blocks",
         type=int,
         default=_env("SWARMGATE_NUM_BLOCKS"),

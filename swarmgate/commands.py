@@ -58,6 +58,8 @@ def node(args: argparse.Namespace) -> None:
             identity_path=args.identity,
             namespace=args.namespace,
             announce_period_s=args.announce_period,
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     )
 

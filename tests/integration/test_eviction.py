@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.integration.conftest import Swarm, node_infos, run_swarm
 from tests.integration.test_affinity import Conversation, assistant, user
+from tests.processes import free_port
 from tests.tiny_model import TINY_BLOCKS
 
 pytestmark = pytest.mark.integration
@@ -18,10 +20,14 @@ pytestmark = pytest.mark.integration
 BUDGET_BYTES = 100 * 1024
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def small_swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     logs = tmp_path_factory.mktemp("small-swarm-logs")
-    with run_swarm(tiny_model, logs, [(0, TINY_BLOCKS)], "--cache-bytes", str(BUDGET_BYTES)) as s:
+    flags = ["--cache-bytes", str(BUDGET_BYTES), "--metrics-port", str(METRICS_PORT)]
+    with run_swarm(tiny_model, logs, [(0, TINY_BLOCKS)], *flags) as s:
         yield s
 
 
@@ -34,6 +40,9 @@ def test_a_tiny_budget_evicts_idle_sessions_and_answers_stay_exact(small_swarm: 
     [info] = node_infos(small_swarm.initial_peers).values()
     assert info.evictions >= 1
     assert info.cache_bytes_free <= BUDGET_BYTES
+    metrics = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics").text
+    assert f"swarmgate_node_cache_evictions_total {float(info.evictions)}" in metrics
+    assert f"swarmgate_node_cache_bytes_budget {float(BUDGET_BYTES)}" in metrics
 
     a2 = first.ask([*a1.messages, assistant(a1), user("Which is sweeter?")])
     assert a2.cached == 0  # its cache is gone, the answer is still exact (checked in ask)

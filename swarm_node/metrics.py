@@ -1,0 +1,54 @@
+"""A block server's Prometheus metrics, read from its live state when scraped."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from protocol.rpc import ServerInfo
+
+
+class _NodeCollector(Collector):
+    def __init__(self, info: Callable[[], ServerInfo], budget_bytes: int) -> None:
+        self._info = info
+        self._budget_bytes = budget_bytes
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        info = self._info()
+        yield GaugeMetricFamily(
+            "swarmgate_node_cached_sessions", "Sessions with a KV cache here", value=info.sessions
+        )
+        yield GaugeMetricFamily(
+            "swarmgate_node_open_streams", "Inference streams open now", value=info.load
+        )
+        yield GaugeMetricFamily(
+            "swarmgate_node_cache_bytes_free", "KV cache budget left", value=info.cache_bytes_free
+        )
+        yield GaugeMetricFamily(
+            "swarmgate_node_cache_bytes_budget", "KV cache budget", value=self._budget_bytes
+        )
+        yield CounterMetricFamily(
+            "swarmgate_node_cache_evictions", "Sessions evicted", value=info.evictions
+        )
+        yield CounterMetricFamily(
+            "swarmgate_node_tokens_computed",
+            "Positions run through this span",
+            value=info.tokens_computed,
+        )
+        yield CounterMetricFamily(
+            "swarmgate_node_tokens_reused",
+            "Prompt positions served from a cache",
+            value=info.tokens_reused,
+        )
+
+
+def serve_metrics(
+    port: int, info: Callable[[], ServerInfo], budget_bytes: int, host: str = "127.0.0.1"
+) -> None:
+    """Expose ``/metrics`` on ``host:port`` from a background thread."""
+    registry = CollectorRegistry()
+    registry.register(_NodeCollector(info, budget_bytes))
+    start_http_server(port, addr=host, registry=registry)
