@@ -59,23 +59,24 @@ def _swarm(request: Request) -> SwarmClient:
 
 @api.post("/v1/chat/completions", responses=_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> object:
-    service = _chat(request)
     session_key = request.headers.get("x-session-id")
-    if not body.stream:
-        return JSONResponse(dump(await service.complete(body, session_key)))
-    prepared = service.prepare(body, session_key)
-    first = await service.open(prepared[0])
-    chunks = service.stream(body, prepared, first)
-    return EventSourceResponse(_events(chunks), sep=sse.SEP, ping=sse.PING_PERIOD_S)
+    return await _respond(_chat(request), body, session_key)
 
 
 @api.post("/v1/completions", responses=_ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> object:
-    service: CompletionService = request.app.state.completions
     session_key = request.headers.get("x-session-id") or body.user
+    return await _respond(request.app.state.completions, body, session_key)
+
+
+async def _respond(
+    service: ChatService | CompletionService, body: Any, session_key: str | None
+) -> object:
+    """One JSON body, or a stream whose first generation is open before the status line
+    goes out (so that a missing route is a 503, not a broken stream)."""
     if not body.stream:
         return JSONResponse(dump(await service.complete(body, session_key)))
-    prepared = service.prepare(body, session_key)
+    prepared: Any = service.prepare(body, session_key)
     first = await service.open(prepared[0])
     chunks = service.stream(body, prepared, first)
     return EventSourceResponse(_events(chunks), sep=sse.SEP, ping=sse.PING_PERIOD_S)
