@@ -4,16 +4,29 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
 from gateway.chat_service import SYSTEM_FINGERPRINT, usage_of
-from gateway.generation import Finished, Generation, GenerationRequest, Generator, TextDelta
+from gateway.generation import (
+    Finished,
+    Generation,
+    GenerationRequest,
+    Generator,
+    TextDelta,
+    TokenLogprob,
+)
 from gateway.prepare import ServedModel, check_model, check_token_ids, generation_request
 from protocol.errors import InvalidRequest
-from protocol.openai import Completion, CompletionChoice, CompletionRequest, CompletionUsage
+from protocol.openai import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionUsage,
+)
 
 MAX_PROMPTS = 16  # choices one request may ask for
 
@@ -42,10 +55,6 @@ class CompletionService:
                 param="suffix",
                 code="unsupported_parameter",
             )
-        if request.logprobs is not None:
-            raise InvalidRequest(
-                "logprobs are not supported yet", param="logprobs", code="unsupported_parameter"
-            )
         prompts = request.prompts()
         if len(prompts) > MAX_PROMPTS:
             raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
@@ -60,6 +69,8 @@ class CompletionService:
             generation = generation_request(
                 self.model, ids, request, session_key=session_key, param="prompt"
             )
+            if request.logprobs is not None:
+                generation = replace(generation, logprobs=request.logprobs)
             prepared.append(PreparedPrompt(generation, text))
         return prepared
 
@@ -73,14 +84,19 @@ class CompletionService:
         for index, prompt in enumerate(self.prepare(request, session_key)):
             generation = await self.open(prompt)
             parts = [prompt.text] if request.echo else []
+            offsets = _Offsets(len(prompt.text) if request.echo else 0)
             async for event in self._generator.generate(prompt.generation, generation):
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
+                    offsets.add(event.logprobs)
                 else:
                     finished.append(event)
                     choices.append(
                         CompletionChoice(
-                            index=index, text="".join(parts), finish_reason=event.finish_reason
+                            index=index,
+                            text="".join(parts),
+                            finish_reason=event.finish_reason,
+                            logprobs=offsets.all if request.logprobs is not None else None,
                         )
                     )
         return Completion(
@@ -100,9 +116,17 @@ class CompletionService:
         """Chunks of each prompt's choice in turn (``first`` is already open), then usage."""
         completion_id, created = _completion_id(), int(time.time())
 
-        def chunk(index: int, text: str, finish: Finished | None = None) -> Completion:
+        def chunk(
+            index: int,
+            text: str,
+            finish: Finished | None = None,
+            logprobs: CompletionLogprobs | None = None,
+        ) -> Completion:
             choice = CompletionChoice(
-                index=index, text=text, finish_reason=finish.finish_reason if finish else None
+                index=index,
+                text=text,
+                finish_reason=finish.finish_reason if finish else None,
+                logprobs=logprobs,
             )
             return Completion(
                 id=completion_id,
@@ -117,11 +141,17 @@ class CompletionService:
         try:
             for index, prompt in enumerate(prepared):
                 generation = generation or await self.open(prompt)
+                offsets = _Offsets(len(prompt.text) if request.echo else 0)
                 if request.echo:
                     yield chunk(index, prompt.text)
                 async for event in self._generator.generate(prompt.generation, generation):
                     if isinstance(event, TextDelta):
-                        yield chunk(index, event.text)
+                        logprobs = offsets.add(event.logprobs)
+                        yield chunk(
+                            index,
+                            event.text,
+                            logprobs=logprobs if request.logprobs is not None else None,
+                        )
                     else:
                         finished.append(event)
                         yield chunk(index, "", event)
@@ -138,6 +168,29 @@ class CompletionService:
         finally:  # also when the client leaves before a generation began
             if generation is not None:
                 await self._generator.close(generation)
+
+
+class _Offsets:
+    """Builds the legacy logprobs lists, tracking where each token starts in the text."""
+
+    def __init__(self, start: int) -> None:
+        self._offset = start
+        self.all = CompletionLogprobs()
+
+    def add(self, tokens: Sequence[TokenLogprob]) -> CompletionLogprobs:
+        """Appends ``tokens`` and returns just their part, for one stream chunk."""
+        part = CompletionLogprobs(
+            tokens=[t.token for t in tokens],
+            token_logprobs=[t.logprob for t in tokens],
+            top_logprobs=[dict(t.top) for t in tokens],
+            text_offset=[],
+        )
+        for t in tokens:
+            part.text_offset.append(self._offset)
+            self._offset += len(t.token)
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(self.all, name).extend(getattr(part, name))
+        return part
 
 
 def _completion_id() -> str:

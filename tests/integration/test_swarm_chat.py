@@ -290,3 +290,30 @@ def test_text_completion_equals_transformers_generate(swarm: Swarm, prompt: str)
         model=swarm.model_id, prompt=prompt, max_tokens=12, temperature=0, stream=True
     )
     assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+
+
+def test_streamed_text_never_splits_a_multibyte_character(swarm: Swarm) -> None:
+    sdk = client(swarm)
+    messages = [{"role": "user", "content": "Écris quelque chose: é, ü, 中文, 🙂."}]
+    # The random tiny model samples freely from a byte-level vocabulary: find a seed whose
+    # answer holds characters of several bytes (bounded search).
+    for seed in range(30):
+        whole = sdk.chat.completions.create(
+            model=swarm.model_id, messages=messages, max_tokens=40, temperature=1.0, seed=seed
+        )
+        text = whole.choices[0].message.content or ""
+        if any(len(ch.encode()) > 1 for ch in text) and "\ufffd" not in text:
+            break
+    else:
+        pytest.fail("no seed produced multi-byte text")
+    stream = sdk.chat.completions.create(
+        model=swarm.model_id,
+        messages=messages,
+        max_tokens=40,
+        temperature=1.0,
+        seed=seed,
+        stream=True,
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)

@@ -80,7 +80,7 @@ def test_streamed_completion_chunks_validate_and_end_with_done(client: TestClien
     ("body", "param"),
     [
         ({"prompt": "x", "suffix": "y"}, "suffix"),
-        ({"prompt": "x", "logprobs": 2}, "logprobs"),
+        ({"prompt": "x", "logprobs": 6}, "logprobs"),
         ({"prompt": [10**9]}, "prompt"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": "x", "model": "other"}, "model"),
@@ -90,3 +90,32 @@ def test_bad_completion_requests_are_refused(client: TestClient, body: dict, par
     r = client.post("/v1/completions", json={**BASE, **body})
     assert r.status_code in (400, 404), r.text
     assert (r.json()["error"]["param"] or "").startswith(param)
+
+
+def test_completion_logprobs_line_up_with_the_text(client: TestClient) -> None:
+    c = complete(client, prompt="Once upon a time", logprobs=2, echo=True)
+    logprobs = c.choices[0].logprobs
+    assert logprobs is not None and c.usage is not None
+    assert len(logprobs.tokens) == c.usage.completion_tokens
+    generated = c.choices[0].text[len("Once upon a time") :]
+    assert "".join(logprobs.tokens) == generated
+    assert logprobs.text_offset[0] == len("Once upon a time")
+    for token, offset in zip(logprobs.tokens, logprobs.text_offset, strict=True):
+        assert c.choices[0].text[offset : offset + len(token)] == token
+    assert all(
+        len(top) == 2 and max(top.values()) == lp
+        for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs, strict=True)
+    )
+
+    body = {**BASE, "prompt": "Once upon a time", "logprobs": 2, "stream": True}
+    events = [
+        e
+        for e in client.post("/v1/completions", json=body).text.split("\n\n")
+        if e.startswith("data: {")
+    ]
+    streamed = [
+        t
+        for e in events
+        for t in (json.loads(e[6:])["choices"][0]["logprobs"] or {}).get("tokens", [])
+    ]
+    assert streamed == logprobs.tokens
