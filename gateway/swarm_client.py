@@ -29,7 +29,6 @@ from protocol.rpc import (
     decode,
     max_tokens_per_message,
 )
-from protocol.swarm import ModelRecord
 from routing.discovery import fetch_model, fetch_snapshot
 from routing.planner import Hop, plan_route, route_is_usable
 from routing.snapshot import SwarmSnapshot
@@ -302,7 +301,3 @@ class P2PSwarmClient:
                 await self.refresh()
             except Exception as e:  # the last snapshot stays in use until the DHT answers
                 logger.warning("swarm refresh failed: %s", e)
-
-
-def model_of(client: SwarmClient) -> ModelRecord | None:
-    return client.snapshot().model

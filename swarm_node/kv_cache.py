@@ -122,7 +122,7 @@ class SessionStore:
             blocks = common_blocks(session.hashes, prefix_hashes)
             cached = min(blocks * BLOCK_TOKENS, session.position)
             self._sessions.pop(session_id)
-        self._make_room(max(0, reserve - session.size_bytes))
+        self._make_room(max(reserve, session.size_bytes))  # what it will be charged once back
         session.reserved_bytes, session.in_use = reserve, True
         self._sessions[session_id] = session
         return session, cached
