@@ -1,0 +1,244 @@
+"""The OpenAI surface against a real uvicorn on the loopback swarm, driven by the official
+SDK and raw httpx: every parameter, every error with its exact body, chunk validation."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+from tests.integration.conftest import Swarm, start_gateway
+from tests.processes import http_ok, wait_for
+
+pytestmark = pytest.mark.integration
+
+HELLO = [{"role": "user", "content": "Say hello to the sea."}]
+
+
+def sdk(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+
+
+def raw_chat(url: str, body: dict) -> list[dict]:
+    """Every event of a streamed chat completion, validated with the SDK's chunk type."""
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60
+    ) as r:
+        assert r.status_code == 200
+        events = [e for e in r.read().decode().split("\n\n") if e.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk)
+    return chunks
+
+
+def test_every_chat_parameter_is_honoured(swarm: Swarm) -> None:
+    client = sdk(swarm.base_url)
+    base = {"model": swarm.model_id, "messages": HELLO, "max_tokens": 6}
+    greedy = client.chat.completions.create(**base, temperature=0)
+    ChatCompletion.model_validate(greedy.model_dump())
+    assert greedy.id.startswith("chatcmpl-") and greedy.system_fingerprint
+
+    # max_completion_tokens wins over max_tokens; finish_reason says why it stopped
+    short = client.chat.completions.create(**base, max_completion_tokens=2, temperature=0)
+    assert short.usage.completion_tokens <= 2
+
+    # n: several choices, each with its index; greedy choices agree
+    two = client.chat.completions.create(**base, n=2, temperature=0)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[0].message.content == two.choices[1].message.content
+
+    # seed: same seed, same sample
+    a = client.chat.completions.create(**base, temperature=1.2, top_p=0.9, seed=11)
+    b = client.chat.completions.create(**base, temperature=1.2, top_p=0.9, seed=11)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+    # logit_bias: a +100 bias makes greedy decoding repeat one token
+    biased = client.chat.completions.create(**base, temperature=0, logit_bias={"42": 100})
+    assert biased.usage.completion_tokens == 6
+
+    # penalties are accepted and change a repetitive greedy answer or leave it valid
+    client.chat.completions.create(**base, temperature=0, presence_penalty=2, frequency_penalty=2)
+
+    # logprobs with alternatives
+    lp = client.chat.completions.create(**base, temperature=0, logprobs=True, top_logprobs=3)
+    assert len(lp.choices[0].logprobs.content) == lp.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 for t in lp.choices[0].logprobs.content)
+
+    # stop: cut before the sequence, also in streams
+    text = greedy.choices[0].message.content or ""
+    if len(text) > 4:
+        cut = client.chat.completions.create(**base, temperature=0, stop=[text[2:4]])
+        assert cut.choices[0].message.content == text[: text.index(text[2:4])]
+
+    # user, prompt_cache_key, developer role, text parts, text response_format, unknown field
+    extra = client.chat.completions.create(
+        model=swarm.model_id,
+        max_tokens=3,
+        temperature=0,
+        user="u-1",
+        prompt_cache_key="k-1",
+        response_format={"type": "text"},
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+        ],
+        extra_body={"some_future_field": True},
+    )
+    assert extra.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streams_validate_chunk_by_chunk(swarm: Swarm) -> None:
+    body = {
+        "model": swarm.model_id,
+        "messages": HELLO,
+        "max_tokens": 5,
+        "n": 2,
+        "stream_options": {"include_usage": True},
+        "logprobs": True,
+    }
+    chunks = raw_chat(swarm.base_url, body)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+    assert {c["choices"][0]["index"] for c in chunks[:-1]} == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error"),
+    [
+        (
+            {"temperature": 3},
+            400,
+            {"type": "invalid_request_error", "param": "temperature", "code": None},
+        ),
+        ({"top_p": 0}, 400, {"type": "invalid_request_error", "param": "top_p", "code": None}),
+        ({"n": 0}, 400, {"type": "invalid_request_error", "param": "n", "code": None}),
+        (
+            {"max_tokens": 0},
+            400,
+            {"type": "invalid_request_error", "param": "max_tokens", "code": None},
+        ),
+        (
+            {"stop": ["a", "b", "c", "d", "e"]},
+            400,
+            {"type": "invalid_request_error", "param": "stop", "code": None},
+        ),
+        (
+            {"messages": []},
+            400,
+            {"type": "invalid_request_error", "param": "messages", "code": None},
+        ),
+        (
+            {"messages": [{"role": "robot", "content": "x"}]},
+            400,
+            {"type": "invalid_request_error", "param": "messages.0.role", "code": None},
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}]},
+            400,
+            {"type": "invalid_request_error", "param": "tools", "code": "unsupported_parameter"},
+        ),
+        (
+            {"response_format": {"type": "json_object"}},
+            400,
+            {
+                "type": "invalid_request_error",
+                "param": "response_format",
+                "code": "unsupported_parameter",
+            },
+        ),
+        (
+            {"max_tokens": 5000},
+            400,
+            {
+                "type": "invalid_request_error",
+                "param": "messages",
+                "code": "context_length_exceeded",
+            },
+        ),
+        (
+            {"model": "gpt-nope"},
+            404,
+            {"type": "invalid_request_error", "param": "model", "code": "model_not_found"},
+        ),
+    ],
+)
+def test_each_error_has_its_exact_body_and_the_server_keeps_serving(
+    swarm: Swarm, body: dict, status: int, error: dict
+) -> None:
+    request = {"model": swarm.model_id, "messages": HELLO, "max_tokens": 2, **body}
+    r = httpx.post(f"{swarm.base_url}/v1/chat/completions", json=request, timeout=30)
+    assert r.status_code == status
+    got = r.json()["error"]
+    assert set(got) == {"message", "type", "param", "code"} and got["message"]
+    assert {k: got[k] for k in ("type", "param", "code")} == error
+    after = sdk(swarm.base_url).chat.completions.create(
+        model=swarm.model_id, messages=HELLO, max_tokens=1
+    )
+    assert after.choices[0].finish_reason in ("stop", "length")
+
+
+def test_bad_json_and_oversized_bodies(swarm: Swarm) -> None:
+    url = f"{swarm.base_url}/v1/chat/completions"
+    r = httpx.post(url, content=b'{"model": ', headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    huge = {"model": swarm.model_id, "messages": [{"role": "user", "content": "x" * 5_000_000}]}
+    r = httpx.post(url, json=huge, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_sdk_maps_statuses_to_its_exceptions(swarm: Swarm) -> None:
+    client = sdk(swarm.base_url)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-nope", messages=HELLO)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model=swarm.model_id, messages=HELLO, temperature=5)
+    assert bad.value.param == "temperature"
+    assert client.models.retrieve(swarm.model_id).id == swarm.model_id
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-nope")
+
+
+@pytest.fixture
+def keyed_gateway(swarm: Swarm, tmp_path: Path) -> Iterator[str]:
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# team keys\nkey-from-file\n")
+    gateway, url = start_gateway(
+        swarm.model_path,
+        swarm.initial_peers,
+        tmp_path,
+        "--api-key",
+        "key-a",
+        "--api-key-file",
+        str(keys),
+        name="gateway-keys",
+    )
+    try:
+        wait_for(lambda: http_ok(f"{url}/health") or not gateway.alive(), 120, "the gateway")
+        yield url
+    finally:
+        gateway.stop()
+
+
+def test_api_keys_are_required_when_configured(swarm: Swarm, keyed_gateway: str) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        sdk(keyed_gateway, "wrong").models.list()
+    r = httpx.get(f"{keyed_gateway}/v1/models")
+    assert r.status_code == 401
+    assert r.json()["error"] == {
+        "message": r.json()["error"]["message"],
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+    for key in ("key-a", "key-from-file"):
+        assert [m.id for m in sdk(keyed_gateway, key).models.list()] == [swarm.model_id]
+    assert httpx.get(f"{keyed_gateway}/health").status_code == 200
+    assert httpx.get(f"{keyed_gateway}/metrics").status_code == 200
