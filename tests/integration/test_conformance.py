@@ -242,3 +242,35 @@ def test_api_keys_are_required_when_configured(swarm: Swarm, keyed_gateway: str)
         assert [m.id for m in sdk(keyed_gateway, key).models.list()] == [swarm.model_id]
     assert httpx.get(f"{keyed_gateway}/health").status_code == 200
     assert httpx.get(f"{keyed_gateway}/metrics").status_code == 200
+
+
+def test_no_full_chain_is_503_with_retry_after(swarm: Swarm, tmp_path: Path) -> None:
+    # A gateway for a model no server holds: it joins the swarm but finds no chain.
+    gateway, url = start_gateway(
+        swarm.model_path,
+        swarm.initial_peers,
+        tmp_path,
+        name="gateway-ghost",
+        model_id="ghost-model",
+    )
+    try:
+        wait_for(lambda: _listening(url) or not gateway.alive(), 120, "the gateway")
+        assert gateway.alive(), gateway.output()[-2000:]
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "unavailable" and health["reason"]
+        body = {"model": "ghost-model", "messages": HELLO, "max_tokens": 2}
+        for stream in (False, True):
+            r = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": stream})
+            assert r.status_code == 503 and int(r.headers["retry-after"]) > 0
+            assert r.json()["error"]["code"] == "no_route"
+        assert sdk(url).models.list().data == []
+    finally:
+        gateway.stop()
+
+
+def _listening(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return True
