@@ -84,6 +84,20 @@ class BlockServer:
         settings = self.settings
         self.peer_id = dht.peer_id.to_base58()
         start, end = settings.blocks or await self._choose_blocks(dht, model)
+        # Claim the span while loading, so that servers joining meanwhile pick other blocks.
+        joining = ServerRecord(state=NodeState.JOINING, start=start, end=end, throughput=0.0)
+        try:
+            await announce(
+                dht,
+                self.prefix,
+                self.peer_id,
+                joining,
+                model,
+                ttl_s=3 * settings.announce_period_s,
+                namespace=settings.namespace,
+            )
+        except Exception as e:
+            logger.warning("could not announce joining: %s", e)
         logger.info("peer %s: loading blocks %d:%d of %s", self.peer_id, start, end, model.name)
         began = time.monotonic()
         span: Span = await asyncio.to_thread(load_span, folder, start, end, dtype)  # type: ignore[arg-type]
