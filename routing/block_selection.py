@@ -15,6 +15,8 @@ def choose_blocks(snapshot: SwarmSnapshot, num_blocks: int, length: int) -> tupl
     by total coverage; ties go to the lowest start so that the choice is deterministic.
     Draining servers are about to leave, so their blocks count as uncovered.
     """
+    if num_blocks <= 0:
+        raise ValueError(f"a model has at least one block, got {num_blocks}")
     length = max(1, min(length, num_blocks))
     staying = {p: r for p, r in snapshot.servers.items() if r.state is not NodeState.DRAINING}
     counts = coverage(staying, num_blocks)

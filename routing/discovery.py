@@ -12,7 +12,14 @@ import logging
 from hivemind import DHT
 from hivemind.utils import get_dht_time
 
-from protocol.swarm import ModelRecord, ServerRecord, block_key, model_key, models_key
+from protocol.swarm import (
+    PROTOCOL_VERSION,
+    ModelRecord,
+    ServerRecord,
+    block_key,
+    model_key,
+    models_key,
+)
 from routing.snapshot import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
@@ -46,9 +53,14 @@ async def fetch_snapshot(dht: DHT, prefix: str, model: ModelRecord | None = None
             if peer_id in servers:
                 continue
             try:
-                servers[str(peer_id)] = ServerRecord.from_wire(item.value)
+                record = ServerRecord.from_wire(item.value)
             except ValueError as e:
                 logger.warning("ignoring record of %s under %s: %s", peer_id, key, e)
+                continue
+            if record.version != PROTOCOL_VERSION:  # a server this gateway cannot talk to
+                logger.warning("ignoring %s: protocol version %d", peer_id, record.version)
+                continue
+            servers[str(peer_id)] = record
     return SwarmSnapshot(model=model, servers=servers, taken_at=get_dht_time())
 
 

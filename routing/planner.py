@@ -80,8 +80,14 @@ def _describe_gap(servers: Mapping[str, ServerRecord], num_blocks: int) -> str:
     if not servers:
         return "no online servers in the swarm"
     missing = [b for b, n in enumerate(coverage(servers, num_blocks)) if n == 0]
-    first, last = missing[0], missing[-1]
-    blocks = f"block {first}" if first == last else f"blocks {first}..{last}"
+    runs: list[list[int]] = []
+    for block in missing:  # consecutive missing blocks as one run: "2..3, 7"
+        if runs and runs[-1][-1] == block - 1:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    listed = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}..{r[-1]}" for r in runs)
+    blocks = f"block {listed}" if len(missing) == 1 else f"blocks {listed}"
     return f"no online server holds {blocks} (of {num_blocks})"
 
 

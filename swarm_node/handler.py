@@ -32,6 +32,7 @@ from protocol.rpc import (
     decode,
     max_tokens_per_message,
 )
+from protocol.swarm import PROTOCOL_VERSION
 from swarm_node.backend import forward_span, new_cache
 from swarm_node.kv_cache import SessionStore
 
@@ -73,6 +74,10 @@ class BlockHandler:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         first = await asyncio.wait_for(anext(requests), OPEN_TIMEOUT_S)
         opening = decode(OpenSession, first.metadata)
+        if opening.version != PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"protocol version {opening.version}, this server speaks {PROTOCOL_VERSION}"
+            )
         self._check_range(opening.start, opening.end)
         await self._wait_until_idle(opening.session_id)
         session, cached = self.sessions.open(
