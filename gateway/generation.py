@@ -209,10 +209,7 @@ class Generator:
             outcome = "ok"
             # Settled before the client hears the end, so that its next turn finds the
             # session remembered and released.
-            generation.closed = True
-            await session.close()
-            self._admission.release()
-            await self._finish(generation)
+            await self.close(generation, settle=True)
             yield Finished(finish, len(prompt), generated, reused)
         except (GeneratorExit, asyncio.CancelledError):
             outcome = "cancelled"
@@ -236,16 +233,21 @@ class Generator:
     def _token_text(self, token: int) -> str:
         return str(self._tokenizer.decode([token], skip_special_tokens=False))
 
-    async def close(self, generation: Generation) -> None:
+    async def close(self, generation: Generation, *, settle: bool = False) -> None:
         """Close the session, remember where it lives and release it (idempotent).
 
-        Never suspends: it also runs while a disconnected request is being cancelled."""
+        Without ``settle`` it never suspends (the bookkeeping runs detached): it also runs
+        while a disconnected request is being cancelled. With it, the bookkeeping is done
+        before returning."""
         if generation.closed:
             return
         generation.closed = True
         await generation.session.close()
         self._admission.release()
-        detach(self._finish(generation))
+        if settle:
+            await self._finish(generation)
+        else:
+            detach(self._finish(generation))
 
     async def _finish(self, generation: Generation) -> None:
         history = generation.history

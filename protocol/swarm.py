@@ -14,6 +14,7 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROTOCOL_VERSION = 1
+LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]  # default listen address: this machine only
 MAX_SESSIONS_LISTED = 64  # keeps a record small however many sessions a server caches
 
 

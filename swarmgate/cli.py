@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
+from protocol.swarm import LOOPBACK_MADDRS
 
 
 def _env(name: str, default: str | None = None) -> str | None:

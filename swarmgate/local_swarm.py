@@ -19,10 +19,10 @@ import httpx
 
 from models.loading import load_config
 from models.resolve import ModelSource
+from protocol.swarm import LOOPBACK_MADDRS
 from routing.block_selection import split_evenly
 from routing.dht import SwarmDHT, die_with_parent
 
-LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
 STOP_TIMEOUT_S = 20.0
 
 
