@@ -26,7 +26,7 @@ from protocol.rpc import (
     SessionOpened,
     Step,
     StepDone,
-    decode,
+    decode_reply,
     max_tokens_per_message,
 )
 from routing.discovery import fetch_model, fetch_snapshot
@@ -115,7 +115,7 @@ class _HopStream:
             prefix_hashes=list(prefix_hashes),
         )
         reply = await self._exchange(make_request(opening))
-        return decode(SessionOpened, reply.metadata).cached_tokens
+        return decode_reply(SessionOpened, reply.metadata, self.hop.peer_id).cached_tokens
 
     async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
         outputs = []
@@ -125,7 +125,7 @@ class _HopStream:
             new = hashes[self.position // BLOCK_TOKENS : end // BLOCK_TOKENS]
             step = Step(position=self.position, new_hashes=list(new))
             reply = await self._exchange(make_request(step, chunk))
-            done = decode(StepDone, reply.metadata)
+            done = decode_reply(StepDone, reply.metadata, self.hop.peer_id)
             self.position += chunk.shape[1]
             if done.position != self.position:
                 raise ProtocolMismatch(

@@ -3,9 +3,12 @@
     SwarmError                  anything that went wrong in the swarm
     ├── NoRouteError            no chain of online servers covers every block
     ├── PeerUnavailable         a server of the chain failed or could not be reached
+    │   └── BadReply            a server answered with something unusable (NaN, wrong shape)
     ├── SessionExpired          a server no longer holds the session's cache
     ├── CapacityExceeded        a server or the gateway is full right now
     └── ProtocolMismatch        a peer sent a message we cannot understand
+
+Errors about one server carry its ``peer_id`` so that the gateway can route around it.
 
     RequestError                the client's request is wrong (never retried)
     ├── InvalidRequest          bad JSON or parameter values
@@ -35,6 +38,10 @@ class PeerUnavailable(SwarmError):
         self.peer_id = peer_id
 
 
+class BadReply(PeerUnavailable):
+    """A server answered with something unusable: NaN, a wrong dtype or shape, a bad count."""
+
+
 class SessionExpired(SwarmError):
     """A server no longer holds the session's cache."""
 
@@ -42,9 +49,17 @@ class SessionExpired(SwarmError):
 class CapacityExceeded(SwarmError):
     """A server or the gateway has no room for this request right now."""
 
+    def __init__(self, message: str, peer_id: str | None = None) -> None:
+        super().__init__(message)
+        self.peer_id = peer_id  # None: the gateway itself is full
+
 
 class ProtocolMismatch(SwarmError):
     """A peer sent a message that this version cannot understand."""
+
+    def __init__(self, message: str, peer_id: str | None = None) -> None:
+        super().__init__(message)
+        self.peer_id = peer_id
 
 
 class RequestError(Exception):

@@ -7,15 +7,26 @@ Every RPC carries hivemind ``ExpertRequest``/``ExpertResponse`` protobufs: tenso
     gateway → OpenSession          server → SessionOpened
     gateway → Step + hidden [1,n,H]  server → StepDone + hidden [1,n,H]   (repeated)
     gateway closes the stream      server frees the session
+
+Any reply may instead be an ``RpcError`` (a typed refusal, after which the server ends the
+stream): the gateway tells "this server is full, try a replica" from "this server is broken".
 """
 
 from __future__ import annotations
 
+import enum
+import json
 from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from protocol.errors import ProtocolMismatch
+from protocol.errors import (
+    CapacityExceeded,
+    PeerUnavailable,
+    ProtocolMismatch,
+    RequestError,
+    SwarmError,
+)
 from protocol.prefix import MAX_BLOCKS
 from protocol.swarm import PROTOCOL_VERSION
 
@@ -44,6 +55,8 @@ class OpenSession(RpcMessage):
     max_length: int = Field(gt=0)  # tokens the session may reach, to size the cache
     # Chained hashes of the prompt's full token blocks (protocol.prefix): what to reuse.
     prefix_hashes: list[str] = Field(default_factory=list, max_length=MAX_BLOCKS)
+    # False: a throwaway session (replaying a failed hop's inputs), dropped when it closes.
+    keep: bool = True
 
 
 class SessionOpened(RpcMessage):
@@ -81,6 +94,41 @@ class ServerInfo(RpcMessage):
     tokens_reused: int = 0  # prompt positions served from a cache instead
 
 
+class ErrorCode(enum.StrEnum):
+    CAPACITY = "capacity"  # no room for this session now: try a replica
+    DRAINING = "draining"  # leaving the swarm, takes no new sessions: try a replica
+    INVALID_REQUEST = "invalid_request"  # the server refuses what was asked (a stale record?)
+    PROTOCOL_MISMATCH = "protocol_mismatch"
+    INTERNAL = "internal"  # the server failed while computing
+
+
+class RpcError(RpcMessage):
+    error: ErrorCode
+    message: str = Field(default="", max_length=1000)
+
+    @classmethod
+    def of(cls, exc: BaseException) -> RpcError:
+        """The reply that tells a peer what went wrong here."""
+        if isinstance(exc, CapacityExceeded):
+            code = ErrorCode.CAPACITY
+        elif isinstance(exc, ProtocolMismatch):
+            code = ErrorCode.PROTOCOL_MISMATCH
+        elif isinstance(exc, RequestError):
+            code = ErrorCode.INVALID_REQUEST
+        else:
+            code = ErrorCode.INTERNAL
+        return cls(error=code, message=str(exc)[:1000])
+
+    def exception(self, peer_id: str) -> SwarmError:
+        """What the gateway raises for this reply from ``peer_id``."""
+        message = f"{peer_id}: {self.message or self.error.value}"
+        if self.error in (ErrorCode.CAPACITY, ErrorCode.DRAINING):
+            return CapacityExceeded(message, peer_id)
+        if self.error is ErrorCode.PROTOCOL_MISMATCH:
+            return ProtocolMismatch(message, peer_id)
+        return PeerUnavailable(message, peer_id)
+
+
 M = TypeVar("M", bound=RpcMessage)
 
 
@@ -90,6 +138,17 @@ def decode(kind: type[M], metadata: bytes) -> M:
         return kind.model_validate_json(metadata)
     except ValidationError as e:
         raise ProtocolMismatch(f"bad {kind.__name__} message: {e}") from None
+
+
+def decode_reply(kind: type[M], metadata: bytes, peer_id: str) -> M:
+    """A server's reply as ``kind``; its typed refusal, or anything malformed, raised as the
+    matching ``SwarmError`` naming ``peer_id``."""
+    try:
+        if b'"error"' in metadata and "error" in json.loads(metadata):
+            raise RpcError.model_validate_json(metadata).exception(peer_id)
+        return kind.model_validate_json(metadata)
+    except (ValidationError, ValueError) as e:
+        raise ProtocolMismatch(f"{peer_id} sent a bad {kind.__name__}: {e}", peer_id) from None
 
 
 def max_tokens_per_message(hidden_size: int, bytes_per_value: int = 4) -> int:

@@ -10,6 +10,10 @@ from transformers.masking_utils import create_causal_mask
 from models.loading import Span
 
 
+class CacheMismatch(RuntimeError):
+    """A cache's length disagrees with the position a step claims (a bug, never data)."""
+
+
 def new_cache(span: Span) -> DynamicCache:
     """An empty cache with one slot per block of the span (slot = the layer's local index)."""
     cache = DynamicCache()
@@ -42,20 +46,25 @@ def forward_span(
     hidden: torch.Tensor,
     cache: DynamicCache | None,
     *,
+    position: int = 0,
     start: int | None = None,
     end: int | None = None,
 ) -> torch.Tensor:
     """Run ``hidden`` through blocks ``[start, end)`` (absolute indices, default: the whole
-    span), appending to ``cache`` when one is given.
+    span) at positions ``position, position + 1, ...``, appending to ``cache`` when one is
+    given. The cache must hold exactly ``position`` tokens: positions are never inferred from
+    it, so a cache that lost or gained tokens is an error, not silently wrong output.
 
     hidden: [batch, n, hidden_size], any float dtype; returns the same shape in fp32.
     """
     first = (span.start if start is None else start) - span.start
     last = (span.end if end is None else end) - span.start
-    past = cache.get_seq_length(first) if cache is not None else 0
+    held = cache.get_seq_length(first) if cache is not None else position
+    if held != position:
+        raise CacheMismatch(f"the cache holds {held} tokens, the step starts at {position}")
     x = hidden.to(span.dtype)
     # position_ids: [1, n]; every row of a batch shares one history length.
-    position_ids = torch.arange(past, past + x.shape[1]).unsqueeze(0)
+    position_ids = torch.arange(position, position + x.shape[1]).unsqueeze(0)
     mask = create_causal_mask(
         config=span.config,
         inputs_embeds=x,
@@ -76,3 +85,13 @@ def forward_span(
             position_embeddings=position_embeddings,
         )
     return x.float()
+
+
+def inference_step(
+    span: Span, hidden: torch.Tensor, cache: DynamicCache, *, position: int, start: int, end: int
+) -> torch.Tensor:
+    """One step of a session: drop cached tokens from ``position`` on (an edited or
+    regenerated turn), then run ``hidden`` from there. Every change to a session's cache
+    happens here, on the compute thread, so none races a running forward."""
+    crop_cache(cache, position)
+    return forward_span(span, hidden, cache, position=position, start=start, end=end)

@@ -18,13 +18,20 @@ from hivemind.proto import runtime_pb2
 
 from models.loading import Span
 from protocol.codec import make_response, read_tensors
-from protocol.errors import InvalidRequest, ProtocolMismatch
+from protocol.errors import (
+    CapacityExceeded,
+    InvalidRequest,
+    ProtocolMismatch,
+    RequestError,
+    SwarmError,
+)
 from protocol.rpc import (
     RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
     Forward,
     OpenSession,
+    RpcError,
     ServerInfo,
     SessionOpened,
     Step,
@@ -33,8 +40,8 @@ from protocol.rpc import (
     max_tokens_per_message,
 )
 from protocol.swarm import PROTOCOL_VERSION
-from swarm_node.backend import forward_span, new_cache
-from swarm_node.kv_cache import SessionStore
+from swarm_node.backend import forward_span, inference_step, new_cache
+from swarm_node.kv_cache import CachedSession, SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +51,20 @@ BUSY_WAIT_S = 2.0  # how long an open waits for the session's previous stream to
 
 
 class BlockHandler:
-    def __init__(self, span: Span, sessions: SessionStore, info: Callable[[], ServerInfo]) -> None:
+    def __init__(
+        self,
+        span: Span,
+        sessions: SessionStore,
+        info: Callable[[], ServerInfo],
+        accepting: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.span = span
         self.sessions = sessions
         self._info = info
+        self._accepting = accepting  # False while draining: running streams go on, new ones wait
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
         self._max_tokens = max_tokens_per_message(span.config.hidden_size)
+        self._max_length = span.config.max_position_embeddings
         self.active_streams = 0
         self._released = asyncio.Condition()
 
@@ -72,53 +87,103 @@ class BlockHandler:
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        first = await asyncio.wait_for(anext(requests), OPEN_TIMEOUT_S)
-        opening = decode(OpenSession, first.metadata)
-        if opening.version != PROTOCOL_VERSION:
-            raise ProtocolMismatch(
-                f"protocol version {opening.version}, this server speaks {PROTOCOL_VERSION}"
+        """One session's stream. Refusals and failures are answered with a typed ``RpcError``
+        and end the stream; the session's state after any of them is consistent."""
+        try:
+            opening = await self._read_opening(requests)
+            await self._wait_until_idle(opening.session_id)
+            session, cached = self.sessions.open(
+                opening.session_id,
+                opening.start,
+                opening.end,
+                opening.max_length,
+                opening.prefix_hashes,
+                lambda: new_cache(self.span),
+                keep=opening.keep,
             )
-        self._check_range(opening.start, opening.end)
-        await self._wait_until_idle(opening.session_id)
-        session, cached = self.sessions.open(
-            opening.session_id,
-            opening.start,
-            opening.end,
-            opening.max_length,
-            opening.prefix_hashes,
-            lambda: new_cache(self.span),
-        )
+        except (SwarmError, RequestError) as e:
+            yield make_response(RpcError.of(e))
+            return
         self.active_streams += 1
         try:
             yield make_response(SessionOpened(cached_tokens=cached))
-            steps = 0
-            while True:
+            first = True
+            while (request := await self._next(requests)) is not None:
                 try:
-                    request = await asyncio.wait_for(anext(requests), STEP_TIMEOUT_S)
-                except StopAsyncIteration:
+                    step = decode(Step, request.metadata)
+                    hidden = self._one_tensor(request)
+                    hashes = self.sessions.check_step(
+                        session, step.position, hidden.shape[1], step.new_hashes
+                    )
+                    out = await self._step(session, step.position, hidden, hashes, first)
+                except (SwarmError, RequestError) as e:
+                    yield make_response(RpcError.of(e))
                     return
-                step = decode(Step, request.metadata)
-                hidden = self._one_tensor(request)
-                tokens = hidden.shape[1]
-                self.sessions.begin_step(
-                    session, step.position, tokens, step.new_hashes, first=steps == 0
-                )
-                out = await self._run(
-                    forward_span,
-                    self.span,
-                    hidden,
-                    session.cache,
-                    start=session.start,
-                    end=session.end,
-                )
-                self.sessions.end_step(session, tokens)
-                steps += 1
+                except Exception as e:
+                    logger.exception("a step of session %s failed", session.key)
+                    yield make_response(RpcError.of(e))
+                    return
+                first = False
                 yield make_response(StepDone(position=session.position), out)
         finally:
             self.active_streams -= 1
             self.sessions.release(session)
             async with self._released:
                 self._released.notify_all()
+
+    async def _read_opening(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    ) -> OpenSession:
+        first = await asyncio.wait_for(anext(requests), OPEN_TIMEOUT_S)
+        opening = decode(OpenSession, first.metadata)
+        if opening.version != PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"protocol version {opening.version}, this server speaks {PROTOCOL_VERSION}"
+            )
+        if not self._accepting():
+            raise CapacityExceeded("this server is draining and takes no new sessions")
+        self._check_range(opening.start, opening.end)
+        if opening.max_length > self._max_length:
+            raise InvalidRequest(
+                f"max_length {opening.max_length} exceeds the model's {self._max_length}"
+            )
+        return opening
+
+    @staticmethod
+    async def _next(
+        requests: AsyncIterator[runtime_pb2.ExpertRequest],
+    ) -> runtime_pb2.ExpertRequest | None:
+        try:
+            return await asyncio.wait_for(anext(requests), STEP_TIMEOUT_S)
+        except StopAsyncIteration:
+            return None
+
+    async def _step(
+        self,
+        session: CachedSession,
+        position: int,
+        hidden: torch.Tensor,
+        hashes: list[str],
+        first: bool,
+    ) -> torch.Tensor:
+        """All or nothing: the session records the step only once its forward completed."""
+        try:
+            out = await self._run(
+                inference_step,
+                self.span,
+                hidden,
+                session.cache,
+                position=position,
+                start=session.start,
+                end=session.end,
+            )
+        except BaseException:
+            # Cancelled (the stream dropped) while the compute thread may still be writing
+            # this cache, or the forward failed halfway: nobody may use this cache again.
+            self.sessions.discard(session)
+            raise
+        self.sessions.commit_step(session, position, hidden.shape[1], hashes, first=first)
+        return out
 
     async def _wait_until_idle(self, session_id: str) -> None:
         """A conversation's next turn can arrive before its last stream's end is processed
@@ -134,12 +199,15 @@ class BlockHandler:
     async def rpc_forward(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
-        forward = decode(Forward, request.metadata)
-        self._check_range(forward.start, forward.end)
-        hidden = self._one_tensor(request)
-        out = await self._run(
-            forward_span, self.span, hidden, None, start=forward.start, end=forward.end
-        )
+        try:
+            forward = decode(Forward, request.metadata)
+            self._check_range(forward.start, forward.end)
+            hidden = self._one_tensor(request)
+            out = await self._run(
+                forward_span, self.span, hidden, None, start=forward.start, end=forward.end
+            )
+        except (SwarmError, RequestError) as e:
+            return make_response(RpcError.of(e))
         return make_response(forward, out)
 
     async def rpc_info(

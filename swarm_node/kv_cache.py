@@ -5,6 +5,11 @@ stream closes so that the conversation's next turn sends only its new tokens; id
 sessions leave in LRU order when room is needed, or after an idle TTL. A session in use is
 never evicted: it reserves room for its ``max_length`` tokens when its stream opens, so a
 request that was accepted can always finish.
+
+A step is all or nothing: ``check_step`` validates it without changing anything, the
+forward pass runs, and only then ``commit_step`` records the new length. A step that fails
+or is cancelled mid-forward ``discard``s the session: its cache may be half-written, and the
+forward may still be running on it, so it is never handed to another stream.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from transformers import DynamicCache
 
 from protocol.errors import CapacityExceeded, InvalidRequest
 from protocol.prefix import BLOCK_TOKENS, common_blocks
-from swarm_node.backend import crop_cache
 
 SizeOf = Callable[[DynamicCache], int]
 
@@ -36,6 +40,7 @@ class CachedSession:
     size_bytes: int = 0
     in_use: bool = False
     last_used: float = 0.0
+    keep: bool = True  # False: dropped when its stream closes (a throwaway replay)
 
     def charge(self) -> int:
         return max(self.size_bytes, self.reserved_bytes) if self.in_use else self.size_bytes
@@ -104,6 +109,8 @@ class SessionStore:
         max_length: int,
         prefix_hashes: Sequence[str],
         new_cache: Callable[[], DynamicCache],
+        *,
+        keep: bool = True,
     ) -> tuple[CachedSession, int]:
         """A session for a new stream and how many of its prefix tokens are cached here."""
         self.expire()
@@ -123,25 +130,19 @@ class SessionStore:
             cached = min(blocks * BLOCK_TOKENS, session.position)
             self._sessions.pop(session_id)
         self._make_room(max(reserve, session.size_bytes))  # what it will be charged once back
-        session.reserved_bytes, session.in_use = reserve, True
+        session.reserved_bytes, session.in_use, session.keep = reserve, True, keep
         self._sessions[session_id] = session
         return session, cached
 
-    def begin_step(
-        self,
-        session: CachedSession,
-        position: int,
-        tokens: int,
-        new_hashes: Sequence[str],
-        *,
-        first: bool = False,
-    ) -> None:
-        """Trim the cache to ``position`` (an edited or regenerated turn) and check the step.
+    def check_step(
+        self, session: CachedSession, position: int, tokens: int, new_hashes: Sequence[str]
+    ) -> list[str]:
+        """Validate a step of ``tokens`` tokens from ``position`` without changing anything;
+        the block hashes the session will hold once it is done.
 
-        ``first``: the stream's first step, whose ``position`` is the prefix it reuses.
+        ``position`` below what the cache holds drops the rest first (an edited or
+        regenerated turn); above it, the step is refused.
         """
-        if first:
-            self.tokens_reused += min(position, session.position)
         if position > session.position:
             raise InvalidRequest(f"step at position {position}, the cache holds {session.position}")
         end = position + tokens
@@ -149,24 +150,44 @@ class SessionStore:
             session.reserved_bytes, session.size_bytes
         ):
             raise InvalidRequest("the session grows past the max_length it opened with")
-        if position < session.position:
-            crop_cache(session.cache, position)
-            session.position = position
-        del session.hashes[position // BLOCK_TOKENS :]
-        if len(session.hashes) + len(new_hashes) > end // BLOCK_TOKENS:
+        hashes = session.hashes[: position // BLOCK_TOKENS] + list(new_hashes)
+        if len(hashes) > end // BLOCK_TOKENS:
             raise InvalidRequest("more block hashes than full blocks")
-        session.hashes.extend(new_hashes)
+        return hashes
 
-    def end_step(self, session: CachedSession, tokens: int) -> None:
-        session.position += tokens
+    def commit_step(
+        self,
+        session: CachedSession,
+        position: int,
+        tokens: int,
+        hashes: list[str],
+        *,
+        first: bool = False,
+    ) -> None:
+        """Record a step whose forward pass completed (``hashes`` from ``check_step``).
+
+        ``first``: the stream's first step, whose ``position`` is the prefix it reused.
+        """
+        if first:
+            self.tokens_reused += min(position, session.position)
+        session.position = position + tokens
+        session.hashes = hashes
         session.size_bytes = self._size_of(session.cache)
         self.tokens_computed += tokens
+
+    def discard(self, session: CachedSession) -> None:
+        """Forget a session whose cache may be half-written; a forward may still be running
+        on it. The next stream under its id starts from an empty cache of its own."""
+        session.in_use, session.keep = False, False
+        if self._sessions.get(session.key) is session:
+            self._drop(session.key)
 
     def release(self, session: CachedSession) -> None:
         """The stream closed: the cache stays for the next turn (forks are not reusable)."""
         session.in_use = False
         session.last_used = self._clock()
-        if "#" in session.key or session.position == 0:
+        reusable = session.keep and "#" not in session.key and session.position > 0
+        if not reusable and self._sessions.get(session.key) is session:
             self._drop(session.key)
 
     def expire(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -9,6 +10,27 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from protocol.rpc import ServerInfo
+
+
+class InfoBoard:
+    """The node's latest ``ServerInfo``: rebuilt on the event loop, read from any thread.
+
+    Reading the session store from prometheus' scrape thread would iterate (and expire)
+    it while the loop mutates it; a published immutable snapshot cannot be torn.
+    """
+
+    def __init__(self, read: Callable[[], ServerInfo]) -> None:
+        self._read = read  # runs on the event loop only
+        self.latest = read()
+
+    def refresh(self) -> ServerInfo:
+        self.latest = self._read()  # one reference swap: readers see the old or the new
+        return self.latest
+
+    async def run(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            self.refresh()
 
 
 class _NodeCollector(Collector):

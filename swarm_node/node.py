@@ -22,11 +22,13 @@ from routing.discovery import announce, fetch_snapshot
 from swarm_node.backend import cache_bytes
 from swarm_node.handler import BlockHandler
 from swarm_node.kv_cache import SessionStore
-from swarm_node.metrics import serve_metrics
+from swarm_node.metrics import InfoBoard, serve_metrics
 from swarm_node.settings import NodeSettings
 from swarm_node.throughput import measure_decode_throughput
 
 logger = logging.getLogger("swarmgate.node")
+
+INFO_PERIOD_S = 1.0  # how stale the metrics endpoint's view may be
 
 
 def default_cache_bytes() -> int:
@@ -117,12 +119,18 @@ class BlockServer:
         )
         self.span = span
         p2p = await dht.replicate_p2p()
-        self.handler = BlockHandler(span, self.sessions, self.info)
+        self.handler = BlockHandler(
+            span, self.sessions, self.info, accepting=lambda: self.state is NodeState.ONLINE
+        )
         await self.handler.register(p2p)
         self.state = NodeState.ONLINE
+        board = InfoBoard(self.info)
         if settings.metrics_port is not None:
-            serve_metrics(settings.metrics_port, self.info, budget, settings.metrics_host)
+            serve_metrics(
+                settings.metrics_port, lambda: board.latest, budget, settings.metrics_host
+            )
         announcer = asyncio.create_task(self._announce_forever(dht, model))
+        publisher = asyncio.create_task(board.run(INFO_PERIOD_S))
         print(
             f"swarmgate node: serving blocks {start}:{end} of {model.name} as {self.peer_id}",
             flush=True,
@@ -132,6 +140,7 @@ class BlockServer:
             await self._drain(dht, model)
         finally:
             announcer.cancel()
+            publisher.cancel()
             await self.handler.unregister(p2p)
             self.handler.shutdown()
 
@@ -157,6 +166,7 @@ class BlockServer:
         )
 
     def info(self) -> ServerInfo:
+        """The node's counters now; call on the event loop only (it expires idle sessions)."""
         self.sessions.expire()
         stats = self.sessions.stats()
         return ServerInfo(

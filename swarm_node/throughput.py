@@ -19,9 +19,12 @@ def measure_decode_throughput(span: Span) -> float:
     hidden = torch.randn(1, 8, span.config.hidden_size)
     forward_span(span, hidden, cache)
     step = hidden[:, :1]
+    position = hidden.shape[1]
     for _ in range(WARMUP_STEPS):
-        forward_span(span, step, cache)
+        forward_span(span, step, cache, position=position)
+        position += 1
     began = time.perf_counter()
     for _ in range(MEASURED_STEPS):
-        forward_span(span, step, cache)
+        forward_span(span, step, cache, position=position)
+        position += 1
     return MEASURED_STEPS / max(time.perf_counter() - began, 1e-9)

@@ -90,7 +90,8 @@ class LocalSession:
         limit = self._client.fail_after_steps
         if limit is not None and self._steps > limit:
             raise PeerUnavailable("local-peer went away", "local-peer")
-        return forward_span(self._client.span, hidden, self._cache)
+        position = self._cache.get_seq_length(0)
+        return forward_span(self._client.span, hidden, self._cache, position=position)
 
     async def close(self) -> None:
         if not self._closed:

@@ -9,7 +9,7 @@ from transformers.cache_utils import DynamicLayer
 
 from protocol.errors import CapacityExceeded, InvalidRequest
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
-from swarm_node.backend import cache_bytes
+from swarm_node.backend import cache_bytes, crop_cache
 from swarm_node.kv_cache import CachedSession, SessionStore
 
 PER_TOKEN = 2 * 4 * 4  # keys+values, 1 head of 4 fp32 values, one block
@@ -46,10 +46,10 @@ def run(
     position = len(history)
     history.extend(tokens)
     new = history.hashes[position // BLOCK_TOKENS : len(history) // BLOCK_TOKENS]
-    store_.begin_step(session, position, len(tokens), new, first=True)
+    hashes = store_.check_step(session, position, len(tokens), new)
     kv = torch.zeros(1, 1, len(tokens), 4)
     session.cache.update(kv, kv, 0)
-    store_.end_step(session, len(tokens))
+    store_.commit_step(session, position, len(tokens), hashes, first=True)
 
 
 def test_the_next_turn_reuses_the_common_prefix_block_aligned() -> None:
@@ -78,11 +78,41 @@ def test_an_edited_turn_is_trimmed_to_the_common_prefix() -> None:
     edited = TokenHistory(tokens[:40] + [999] * 56)
     session, cached = s.open("conv", 0, 1, 200, edited.hashes, new_cache)
     assert cached == 32
-    s.begin_step(session, cached, 64, edited.hashes[1:3], first=True)
-    assert session.position == 32 and session.cache.get_seq_length(0) == 32
+    hashes = s.check_step(session, cached, 64, edited.hashes[1:3])
+    assert hashes == edited.hashes[:3]
+    assert session.position == 96, "checking a step changes nothing"
+    crop_cache(session.cache, cached)  # what the forward does first, on the compute thread
+    kv = torch.zeros(1, 1, 64, 4)
+    session.cache.update(kv, kv, 0)
+    s.commit_step(session, cached, 64, hashes, first=True)
+    assert session.position == 96 and session.cache.get_seq_length(0) == 96
     assert session.hashes == edited.hashes[:3]
     with pytest.raises(InvalidRequest):
-        s.begin_step(session, 33, 1, [])  # past what the cache holds
+        s.check_step(session, 97, 1, [])  # past what the cache holds
+
+
+def test_a_discarded_session_is_never_handed_out_again() -> None:
+    s = store(1000)
+    tokens = list(range(64))
+    history = TokenHistory()
+    session, _ = s.open("conv", 0, 1, 200, [], new_cache)
+    run(s, session, tokens, history)
+    s.release(session)
+    session, cached = s.open("conv", 0, 1, 200, history.hashes, new_cache)
+    assert cached == 64
+    s.discard(session)  # its step was cancelled mid-forward
+    s.release(session)  # the stream's cleanup runs after: it must not bring it back
+    assert "conv" not in s.session_ids()
+    again, cached = s.open("conv", 0, 1, 200, history.hashes, new_cache)
+    assert again is not session and again.cache is not session.cache and cached == 0
+
+
+def test_a_throwaway_session_is_dropped_when_its_stream_closes() -> None:
+    s = store(1000)
+    session, _ = s.open("replay", 0, 1, 50, [], new_cache, keep=False)
+    run(s, session, [1, 2, 3], TokenHistory())
+    s.release(session)
+    assert s.session_ids() == []
 
 
 def test_a_session_in_use_is_forked_never_shared() -> None:

@@ -1,0 +1,318 @@
+"""rpc_inference driven by fake request streams: steps are all or nothing under cancellation,
+refusals are typed, and the metrics thread never touches the session store."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from models.loading import Span, load_span
+from protocol.codec import make_request, read_tensors
+from protocol.errors import CapacityExceeded
+from protocol.prefix import BLOCK_TOKENS, TokenHistory
+from protocol.rpc import (
+    ErrorCode,
+    OpenSession,
+    RpcError,
+    ServerInfo,
+    SessionOpened,
+    Step,
+    StepDone,
+    decode,
+    decode_reply,
+)
+from swarm_node import handler as handler_module
+from swarm_node.backend import cache_bytes, forward_span, new_cache
+from swarm_node.handler import BlockHandler
+from swarm_node.kv_cache import SessionStore
+from swarm_node.metrics import InfoBoard, _NodeCollector
+from tests.tiny_model import TINY_BLOCKS
+
+
+@pytest.fixture(scope="module")
+def span(tiny_model: Path) -> Span:
+    return load_span(tiny_model, 0, TINY_BLOCKS)
+
+
+def make_store(span: Span) -> SessionStore:
+    per_token = 2 * span.config.num_key_value_heads * 16 * 4  # head_dim 16, fp32
+    return SessionStore(1 << 26, per_token, size_of=cache_bytes)
+
+
+def info_of(store: SessionStore) -> ServerInfo:
+    stats = store.stats()
+    return ServerInfo(
+        start=0,
+        end=TINY_BLOCKS,
+        state="online",
+        sessions=stats.sessions,
+        load=0.0,
+        cache_bytes_free=stats.free_bytes,
+        throughput=1.0,
+    )
+
+
+class FakeStream:
+    """The gateway's side of one rpc_inference stream, driven by hand."""
+
+    def __init__(self, handler: BlockHandler) -> None:
+        self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self.replies = handler.rpc_inference(self._incoming(), context=None)  # type: ignore[arg-type]
+
+    async def _incoming(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    def send(self, request: runtime_pb2.ExpertRequest) -> None:
+        self._requests.put_nowait(request)
+
+    async def exchange(self, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        self.send(request)
+        return await anext(self.replies)
+
+    async def open(self, session_id: str, hashes: list[str], max_length: int = 200) -> int:
+        opening = OpenSession(
+            session_id=session_id,
+            start=0,
+            end=TINY_BLOCKS,
+            max_length=max_length,
+            prefix_hashes=hashes,
+        )
+        reply = await self.exchange(make_request(opening))
+        return decode_reply(SessionOpened, reply.metadata, "node").cached_tokens
+
+    async def step(self, position: int, hidden: torch.Tensor, new: list[str]) -> torch.Tensor:
+        reply = await self.exchange(make_request(Step(position=position, new_hashes=new), hidden))
+        done = decode_reply(StepDone, reply.metadata, "node")
+        assert done.position == position + hidden.shape[1]
+        return read_tensors(reply)[0]
+
+    async def close(self) -> None:
+        self.send(None)  # type: ignore[arg-type]
+        with pytest.raises(StopAsyncIteration):
+            await anext(self.replies)
+
+
+def inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(1, n, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(span: Span, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The outputs of the same steps on a fresh cache, run directly."""
+    cache, position, outs = new_cache(span), 0, []
+    for piece in pieces:
+        outs.append(forward_span(span, piece, cache, position=position))
+        position += piece.shape[1]
+    return outs
+
+
+def hashes_for(n: int) -> list[str]:
+    return TokenHistory(list(range(n))).hashes
+
+
+class Gate:
+    def __init__(self) -> None:
+        self.entered = threading.Event()  # a one-token forward is running
+        self.open = threading.Event()  # it may finish
+
+
+@pytest.fixture
+def slow_forward(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+    """One-token steps block inside the compute thread until the gate opens."""
+    gate = Gate()
+    real = handler_module.inference_step
+
+    def gated(span: Span, hidden: torch.Tensor, cache: Any, **kw: Any) -> torch.Tensor:
+        if hidden.shape[1] == 1:
+            gate.entered.set()
+            gate.open.wait(30)
+        return real(span, hidden, cache, **kw)
+
+    monkeypatch.setattr(handler_module, "inference_step", gated)
+    yield gate
+    gate.open.set()
+
+
+async def wait_until(condition: Any) -> None:
+    for _ in range(500):  # bounded: 5 s
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError
+
+
+def test_a_step_cancelled_mid_forward_leaves_no_half_written_session(
+    span: Span, slow_forward: Gate
+) -> None:
+    # Block-aligned, so that a server that kept the session would resume exactly at its end.
+    n = 2 * BLOCK_TOKENS
+    prompt, turn = inputs(n, 1), inputs(1, 2)
+    expected = reference(span, [prompt, turn])
+
+    async def scenario() -> None:
+        store = make_store(span)
+        handler = BlockHandler(span, store, lambda: info_of(store))
+        first = FakeStream(handler)
+        assert await first.open("conv", []) == 0
+        out = await first.step(0, prompt, hashes_for(n))
+        torch.testing.assert_close(out, expected[0])
+        await first.close()
+
+        # The next turn: its one-token step is cancelled while the forward runs, as when
+        # hivemind drops a stream whose connection broke.
+        second = FakeStream(handler)
+        assert await second.open("conv", hashes_for(n)) == n
+        second.send(make_request(Step(position=n), turn))
+        pending = asyncio.ensure_future(anext(second.replies))
+        await wait_until(slow_forward.entered.is_set)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await second.replies.aclose()
+        assert "conv" not in store.session_ids(), "a half-written session must be dropped"
+        slow_forward.open.set()  # the orphaned forward now finishes writing to its own cache
+
+        # A retry sees a consistent session: whatever it reports cached, resending from
+        # there gives exactly the outputs of an undisturbed run.
+        retry = FakeStream(handler)
+        cached = await retry.open("conv", hashes_for(n))
+        history = torch.cat([prompt, turn], dim=1)
+        out = await retry.step(cached, history[:, cached:], hashes_for(n)[cached // 32 :])
+        torch.testing.assert_close(out[:, -1:], expected[1], atol=1e-4, rtol=1e-4)
+        await retry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_forward_is_a_typed_error_and_drops_the_session(
+    span: Span, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("out of memory, say")
+
+    async def scenario() -> None:
+        store = make_store(span)
+        handler = BlockHandler(span, store, lambda: info_of(store))
+        stream = FakeStream(handler)
+        await stream.open("conv", [])
+        await stream.step(0, inputs(40, 1), hashes_for(40))
+        monkeypatch.setattr(handler_module, "inference_step", broken)
+        reply = await stream.exchange(make_request(Step(position=40), inputs(1, 2)))
+        error = decode(RpcError, reply.metadata)
+        assert error.error is ErrorCode.INTERNAL
+        with pytest.raises(StopAsyncIteration):
+            await anext(stream.replies)
+        assert "conv" not in store.session_ids()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("opening", "code"),
+    [
+        (OpenSession(session_id="s", start=0, end=TINY_BLOCKS + 1, max_length=8), "invalid"),
+        (OpenSession(session_id="s", start=0, end=TINY_BLOCKS, max_length=10**6), "invalid"),
+        (OpenSession(version=99, session_id="s", start=0, end=1, max_length=8), "protocol"),
+        (OpenSession(session_id="s", start=0, end=TINY_BLOCKS, max_length=8), "draining"),
+    ],
+)
+def test_refusals_are_typed_so_the_gateway_knows_whether_to_try_a_replica(
+    span: Span, opening: OpenSession, code: str
+) -> None:
+    async def scenario() -> Exception:
+        store = make_store(span)
+        handler = BlockHandler(
+            span, store, lambda: info_of(store), accepting=lambda: code != "draining"
+        )
+        stream = FakeStream(handler)
+        reply = await stream.exchange(make_request(opening))
+        with pytest.raises(Exception) as caught:
+            decode_reply(SessionOpened, reply.metadata, "peer-x")
+        assert handler.active_streams == 0
+        return caught.value
+
+    error = asyncio.run(scenario())
+    assert getattr(error, "peer_id", None) == "peer-x"
+    if code == "draining":
+        assert isinstance(error, CapacityExceeded)  # full or leaving: try a replica
+    else:
+        assert not isinstance(error, CapacityExceeded)
+
+
+def test_a_step_past_the_cache_is_refused_and_the_session_stays_usable(span: Span) -> None:
+    prompt = inputs(40, 1)
+
+    async def scenario() -> None:
+        store = make_store(span)
+        handler = BlockHandler(span, store, lambda: info_of(store))
+        stream = FakeStream(handler)
+        await stream.open("conv", [])
+        await stream.step(0, prompt, hashes_for(40))
+        reply = await stream.exchange(make_request(Step(position=45), inputs(1, 2)))
+        assert decode(RpcError, reply.metadata).error is ErrorCode.INVALID_REQUEST
+        assert "45" in decode(RpcError, reply.metadata).message
+        await stream.replies.aclose()
+        again = FakeStream(handler)
+        assert await again.open("conv", hashes_for(40)) == BLOCK_TOKENS
+
+    asyncio.run(scenario())
+
+
+def test_the_metrics_thread_reads_a_snapshot_never_the_store(span: Span) -> None:
+    loop_thread: list[int] = []
+
+    class WatchedStore(SessionStore):
+        touched_from: set[int] = set()
+
+        def stats(self):  # type: ignore[no-untyped-def]
+            self.touched_from.add(threading.get_ident())
+            return super().stats()
+
+        def expire(self) -> None:
+            self.touched_from.add(threading.get_ident())
+            super().expire()
+
+    async def scenario() -> None:
+        loop_thread.append(threading.get_ident())
+        store = WatchedStore(1 << 26, 512, size_of=cache_bytes, idle_ttl_s=0.0)
+        handler = BlockHandler(span, store, lambda: info_of(store))
+        board = InfoBoard(lambda: (store.expire(), info_of(store))[1])
+        collector = _NodeCollector(lambda: board.latest, store.budget_bytes)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        scrapes = 0
+
+        def scrape() -> None:
+            nonlocal scrapes
+            while not stop.is_set():
+                try:
+                    list(collector.collect())
+                    scrapes += 1
+                except BaseException as e:
+                    errors.append(e)
+                    return
+
+        thread = threading.Thread(target=scrape)
+        thread.start()
+        try:
+            for i in range(6):
+                stream = FakeStream(handler)
+                await stream.open(f"conv-{i}", [])
+                await stream.step(0, inputs(8, i), [])
+                board.refresh()
+                await stream.close()
+        finally:
+            stop.set()
+            thread.join(10)
+        assert not errors and scrapes > 0
+        assert store.touched_from == {loop_thread[0]}
+        assert board.latest.sessions == len(store)
+
+    asyncio.run(scenario())
