@@ -59,7 +59,8 @@ def create_app(
                 dht,
                 dht_prefix(settings.model_id, settings.namespace),
                 refresh_period_s=settings.refresh_period_s,
-                step_timeout_s=settings.step_timeout_s,
+                embed=head.embed,
+                step_floor_s=settings.step_floor_s,
                 prefill_chunk_tokens=settings.prefill_chunk_tokens,
             )
             await client.start()

@@ -171,7 +171,7 @@ class Generator:
                 pending: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
                 detokenizer = IncrementalDetokenizer(self._tokenizer)
                 stops = StopMatcher(request.stop)
-                hidden = await session.step(await self._head.embed(prompt[reused:]), history.hashes)
+                hidden = await session.step(await self._head.embed(prompt[reused:]), history)
                 logits = await self._head.logits(hidden)
                 generated = 0
                 finish: FinishReason = "length"
@@ -198,7 +198,7 @@ class Generator:
                         break
                     if generated < request.max_new_tokens:  # the last token needs no forward pass
                         history.extend([token])
-                        hidden = await session.step(await self._head.embed([token]), history.hashes)
+                        hidden = await session.step(await self._head.embed([token]), history)
                         logits = await self._head.logits(hidden)
                 if not stops.stopped:
                     tail = stops.push(detokenizer.flush()) + stops.flush()

@@ -18,7 +18,9 @@ class GatewaySettings:
     affinity: bool = True  # False: every request on a fresh session (for comparisons)
     api_keys: tuple[str, ...] = ()
     refresh_period_s: float = 2.0  # how often the swarm snapshot is re-read from the DHT
-    step_timeout_s: float = 60.0  # one hop's reply to one step
+    # A hop's reply to one step may take this long, plus what its announced throughput
+    # allows for the step's size; later it counts as failed and the session fails over.
+    step_floor_s: float = 10.0
     prefill_chunk_tokens: int | None = None  # None: as many as fit one P2P message
     max_concurrent: int = 16  # generations running at once
     max_queue: int = 64  # requests waiting for a slot; beyond, 429 with Retry-After

@@ -1,4 +1,4 @@
-"""A frozen view of the swarm at one instant: what the planner decides on."""
+"""A frozen view of the swarm at one instant, and the hops that routes through it are made of."""
 
 from __future__ import annotations
 
@@ -6,6 +6,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One server of a route, running blocks ``[start, end)``: a sub-range of what it holds."""
+
+    peer_id: str
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
 
 
 @dataclass(frozen=True)

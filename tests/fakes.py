@@ -9,6 +9,7 @@ import torch
 
 from models.loading import load_config, load_span
 from protocol.errors import PeerUnavailable
+from protocol.prefix import TokenHistory
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
 from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot
@@ -84,7 +85,7 @@ class LocalSession:
     def reuse(self, tokens: int) -> None:
         assert tokens == 0
 
-    async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         self._steps += 1
         self._client.steps += 1
         limit = self._client.fail_after_steps

@@ -1,0 +1,183 @@
+"""One ``rpc_inference`` stream to one server: open, step, close, and nothing a server sends
+back is used before it is checked.
+
+Every way a hop can fail (dialing, the daemon, a timeout, a closed stream, a malformed or
+non-finite reply) surfaces as a ``SwarmError`` naming the peer, so the chain above can
+route around it: ``CapacityExceeded`` for "full or draining, try a replica",
+``PeerUnavailable`` (and ``BadReply``) or ``ProtocolMismatch`` for "broken, ban it".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from typing import Any
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from protocol.codec import make_request, read_tensors
+from protocol.errors import BadReply, PeerUnavailable, SwarmError
+from protocol.prefix import BLOCK_TOKENS
+from protocol.rpc import RPC_INFERENCE, OpenSession, SessionOpened, Step, StepDone, decode_reply
+from routing.planner import Hop
+
+OPEN_TIMEOUT_S = 10.0  # dialing a server and hearing its first reply
+CLOSE_TIMEOUT_S = 10.0  # how long a closing stream may take to say goodbye
+
+_detached: set[asyncio.Task[None]] = set()  # strong references until each task finishes
+
+
+def detach(coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run ``coroutine`` outside the current task, so cancelling the caller cannot stop it."""
+    task = asyncio.get_running_loop().create_task(coroutine)
+    _detached.add(task)
+    task.add_done_callback(_detached.discard)
+
+
+def check_hidden(tensor: torch.Tensor, shape: torch.Size, peer_id: str) -> torch.Tensor:
+    """A server's hidden states, if usable: fp32, the shape that was sent, all finite.
+
+    A NaN from a broken server would otherwise become token 0 (argmax of NaNs) or a 500.
+    """
+    if tensor.dtype != torch.float32 or tensor.shape != shape:
+        raise BadReply(
+            f"{peer_id} returned {tensor.dtype} {list(tensor.shape)}, expected float32 "
+            f"{list(shape)}",
+            peer_id,
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadReply(f"{peer_id} returned non-finite hidden states", peer_id)
+    return tensor
+
+
+def check_cached(cached: int, prefix_hashes: Sequence[str], peer_id: str) -> int:
+    """A server cannot hold more of a prompt than the blocks it was told about."""
+    if not 0 <= cached <= len(prefix_hashes) * BLOCK_TOKENS:
+        raise BadReply(f"{peer_id} claims {cached} cached tokens", peer_id)
+    return cached
+
+
+class HopStream:
+    """One bidirectional ``rpc_inference`` stream to one server of the chain.
+
+    ``position``: tokens this server's session holds (and the next step starts at).
+    ``deadline_s(tokens)``: how long the server may take to answer a step of that many
+    tokens before it counts as failed (derived from its advertised throughput).
+    """
+
+    def __init__(
+        self,
+        p2p: P2P,
+        hop: Hop,
+        chunk_tokens: int,
+        deadline_s: Callable[[int], float],
+        on_close: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.hop = hop
+        self._p2p = p2p
+        self._chunk_tokens = chunk_tokens
+        self._deadline_s = deadline_s
+        self._on_close = on_close
+        self._inputs: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
+        self._outputs: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self.position = 0
+        self.open_rtt_s = 0.0  # the opening round trip: no compute, mostly network
+        self._closed = False
+
+    @property
+    def peer_id(self) -> str:
+        return self.hop.peer_id
+
+    async def open(self, opening: OpenSession) -> int:
+        """Open the session; how many of ``opening.prefix_hashes``' tokens the server holds."""
+        began = time.monotonic()
+        try:
+            await asyncio.wait_for(self._dial(), OPEN_TIMEOUT_S)
+        except TimeoutError:
+            raise PeerUnavailable(f"{self.peer_id} did not answer in time", self.peer_id) from None
+        except SwarmError:
+            raise
+        except Exception as e:  # dial errors, daemon control failures
+            raise PeerUnavailable(f"{self.peer_id}: {e}", self.peer_id) from e
+        reply = await self._exchange(make_request(opening), OPEN_TIMEOUT_S)
+        self.open_rtt_s = time.monotonic() - began
+        cached = decode_reply(SessionOpened, reply.metadata, self.peer_id).cached_tokens
+        return check_cached(cached, opening.prefix_hashes, self.peer_id)
+
+    async def _dial(self) -> None:
+        peer = PeerID.from_base58(self.peer_id)
+        self._outputs = await self._p2p.iterate_protobuf_handler(
+            peer, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
+        )
+
+    async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
+        """hidden: [1, n, H] for positions ``position ..`` → this hop's output, same shape.
+        ``hashes``: block hashes of the whole history, these tokens included."""
+        outputs = []
+        for chunk in torch.split(hidden, self._chunk_tokens, dim=1):
+            end = self.position + chunk.shape[1]
+            # The server keeps the hashes of the blocks it holds: send those this chunk completes.
+            new = hashes[self.position // BLOCK_TOKENS : end // BLOCK_TOKENS]
+            step = Step(position=self.position, new_hashes=list(new))
+            reply = await self._exchange(
+                make_request(step, chunk), self._deadline_s(chunk.shape[1])
+            )
+            done = decode_reply(StepDone, reply.metadata, self.peer_id)
+            if done.position != end:
+                raise BadReply(
+                    f"{self.peer_id} at {done.position} tokens, expected {end}", self.peer_id
+                )
+            tensors = read_tensors(reply)
+            if len(tensors) != 1:
+                raise BadReply(f"{self.peer_id} returned {len(tensors)} tensors", self.peer_id)
+            outputs.append(check_hidden(tensors[0], chunk.shape, self.peer_id))
+            self.position = end
+        return torch.cat(outputs, dim=1)
+
+    def close(self) -> None:
+        """End the stream; the server frees or keeps the session when it sees the end.
+
+        Synchronous on purpose: it runs while a disconnected client's request is being
+        cancelled, where any await would be cancelled too and leave the stream open.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._on_close()
+        self._inputs.put_nowait(None)  # hivemind's writer task sends END_OF_STREAM
+        if self._outputs is not None:
+            detach(self._wait_for_end(self._outputs))
+
+    async def _wait_for_end(self, outputs: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
+        try:
+            await asyncio.wait_for(anext(outputs), CLOSE_TIMEOUT_S)  # the server ends the stream
+        except (StopAsyncIteration, Exception):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await outputs.aclose()  # type: ignore[attr-defined]
+
+    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        while (request := await self._inputs.get()) is not None:
+            yield request
+
+    async def _exchange(
+        self, request: runtime_pb2.ExpertRequest, timeout_s: float
+    ) -> runtime_pb2.ExpertResponse:
+        if self._outputs is None or self._closed:
+            raise PeerUnavailable(f"the stream to {self.peer_id} is closed", self.peer_id)
+        self._inputs.put_nowait(request)
+        try:
+            return await asyncio.wait_for(anext(self._outputs), timeout_s)
+        except StopAsyncIteration:
+            raise PeerUnavailable(f"{self.peer_id} closed the stream", self.peer_id) from None
+        except TimeoutError:
+            raise PeerUnavailable(
+                f"{self.peer_id} did not answer within {timeout_s:.1f} s", self.peer_id
+            ) from None
+        except Exception as e:  # P2PHandlerError, P2PDaemonError, connection resets
+            raise PeerUnavailable(f"{self.peer_id}: {e}", self.peer_id) from e
