@@ -12,19 +12,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import torch
+from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
 
 from protocol.codec import make_request, read_tensors
 from protocol.errors import BadReply, PeerUnavailable, SwarmError
 from protocol.prefix import BLOCK_TOKENS
-from protocol.rpc import RPC_INFERENCE, OpenSession, SessionOpened, Step, StepDone, decode_reply
+from protocol.rpc import (
+    MAX_MESSAGE_BYTES,
+    RPC_INFERENCE,
+    OpenSession,
+    SessionOpened,
+    Step,
+    StepDone,
+    decode_reply,
+)
 from routing.planner import Hop
 
+MAX_REPLY_BYTES = MAX_MESSAGE_BYTES + 64 * 1024  # hivemind's cap, plus framing and metadata
 OPEN_TIMEOUT_S = 10.0  # dialing a server and hearing its first reply
 CLOSE_TIMEOUT_S = 10.0  # how long a closing stream may take to say goodbye
 
@@ -67,6 +78,11 @@ class HopStream:
     ``position``: tokens this server's session holds (and the next step starts at).
     ``deadline_s(tokens)``: how long the server may take to answer a step of that many
     tokens before it counts as failed (derived from its advertised throughput).
+
+    The stream is framed here rather than through hivemind's ``iterate_protobuf_handler``:
+    that iterator notices a dead connection only once the caller sends its next request,
+    so a server killed mid-step would cost a whole deadline instead of a moment; and
+    here a reply's length is checked before it is read into memory.
     """
 
     def __init__(
@@ -82,8 +98,8 @@ class HopStream:
         self._chunk_tokens = chunk_tokens
         self._deadline_s = deadline_s
         self._on_close = on_close
-        self._inputs: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-        self._outputs: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
         self.position = 0
         self.open_rtt_s = 0.0  # the opening round trip: no compute, mostly network
         self._closed = False
@@ -96,23 +112,21 @@ class HopStream:
         """Open the session; how many of ``opening.prefix_hashes``' tokens the server holds."""
         began = time.monotonic()
         try:
-            await asyncio.wait_for(self._dial(), OPEN_TIMEOUT_S)
+            peer = PeerID.from_base58(self.peer_id)
+            _, self._reader, self._writer = await asyncio.wait_for(
+                self._p2p.call_binary_stream_handler(peer, RPC_INFERENCE), OPEN_TIMEOUT_S
+            )
         except TimeoutError:
             raise PeerUnavailable(f"{self.peer_id} did not answer in time", self.peer_id) from None
-        except SwarmError:
-            raise
-        except Exception as e:  # dial errors, daemon control failures
+        except Exception as e:  # a malformed peer id, dial errors, daemon control failures
             raise PeerUnavailable(f"{self.peer_id}: {e}", self.peer_id) from e
+        if self._closed:  # closed while dialing: nobody will close this stream later
+            self._writer.close()
+            raise PeerUnavailable(f"the stream to {self.peer_id} is closed", self.peer_id)
         reply = await self._exchange(make_request(opening), OPEN_TIMEOUT_S)
         self.open_rtt_s = time.monotonic() - began
         cached = decode_reply(SessionOpened, reply.metadata, self.peer_id).cached_tokens
         return check_cached(cached, opening.prefix_hashes, self.peer_id)
-
-    async def _dial(self) -> None:
-        peer = PeerID.from_base58(self.peer_id)
-        self._outputs = await self._p2p.iterate_protobuf_handler(
-            peer, RPC_INFERENCE, self._requests(), runtime_pb2.ExpertResponse
-        )
 
     async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
         """hidden: [1, n, H] for positions ``position ..`` → this hop's output, same shape.
@@ -122,14 +136,12 @@ class HopStream:
             end = self.position + chunk.shape[1]
             # The server keeps the hashes of the blocks it holds: send those this chunk completes.
             new = hashes[self.position // BLOCK_TOKENS : end // BLOCK_TOKENS]
-            step = Step(position=self.position, new_hashes=list(new))
-            reply = await self._exchange(
-                make_request(step, chunk), self._deadline_s(chunk.shape[1])
-            )
+            request = make_request(Step(position=self.position, new_hashes=list(new)), chunk)
+            reply = await self._exchange(request, self._deadline_s(chunk.shape[1]))
             done = decode_reply(StepDone, reply.metadata, self.peer_id)
             if done.position != end:
                 raise BadReply(
-                    f"{self.peer_id} at {done.position} tokens, expected {end}", self.peer_id
+                    f"{self.peer_id} is at {done.position}, expected {end}", self.peer_id
                 )
             tensors = read_tensors(reply)
             if len(tensors) != 1:
@@ -148,36 +160,66 @@ class HopStream:
             return
         self._closed = True
         self._on_close()
-        self._inputs.put_nowait(None)  # hivemind's writer task sends END_OF_STREAM
-        if self._outputs is not None:
-            detach(self._wait_for_end(self._outputs))
+        if self._reader is not None and self._writer is not None:
+            detach(self._say_goodbye(self._reader, self._writer))
 
-    async def _wait_for_end(self, outputs: AsyncIterator[runtime_pb2.ExpertResponse]) -> None:
+    async def _say_goodbye(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
-            await asyncio.wait_for(anext(outputs), CLOSE_TIMEOUT_S)  # the server ends the stream
-        except (StopAsyncIteration, Exception):
-            pass
-        finally:
             with contextlib.suppress(Exception):
-                await outputs.aclose()  # type: ignore[attr-defined]
-
-    async def _requests(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
-        while (request := await self._inputs.get()) is not None:
-            yield request
+                await asyncio.wait_for(_send(writer, P2P.ERROR_MARKER, b""), CLOSE_TIMEOUT_S)
+                # The server ends its side once it has released the session.
+                await asyncio.wait_for(reader.read(), CLOSE_TIMEOUT_S)
+        finally:
+            writer.close()
 
     async def _exchange(
         self, request: runtime_pb2.ExpertRequest, timeout_s: float
     ) -> runtime_pb2.ExpertResponse:
-        if self._outputs is None or self._closed:
+        if self._reader is None or self._writer is None or self._closed:
             raise PeerUnavailable(f"the stream to {self.peer_id} is closed", self.peer_id)
-        self._inputs.put_nowait(request)
+        reader, writer = self._reader, self._writer
+
+        async def round_trip() -> runtime_pb2.ExpertResponse:
+            await _send(writer, P2P.MESSAGE_MARKER, request.SerializeToString())
+            return await _receive(reader, self.peer_id)
+
         try:
-            return await asyncio.wait_for(anext(self._outputs), timeout_s)
-        except StopAsyncIteration:
+            return await asyncio.wait_for(round_trip(), timeout_s)
+        except SwarmError:
+            raise
+        except asyncio.IncompleteReadError:
             raise PeerUnavailable(f"{self.peer_id} closed the stream", self.peer_id) from None
         except TimeoutError:
             raise PeerUnavailable(
                 f"{self.peer_id} did not answer within {timeout_s:.1f} s", self.peer_id
             ) from None
-        except Exception as e:  # P2PHandlerError, P2PDaemonError, connection resets
+        except Exception as e:  # connection resets, the daemon going away
             raise PeerUnavailable(f"{self.peer_id}: {e}", self.peer_id) from e
+
+
+async def _send(writer: asyncio.StreamWriter, marker: bytes, payload: bytes) -> None:
+    writer.write(marker + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + payload)
+    await writer.drain()
+
+
+async def _receive(reader: asyncio.StreamReader, peer_id: str) -> runtime_pb2.ExpertResponse:
+    """One framed reply, its length bounded before a byte of it is buffered."""
+    marker = await reader.readexactly(1)
+    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
+    if length > MAX_REPLY_BYTES:
+        raise BadReply(f"{peer_id} sent a {length}-byte message", peer_id)
+    payload = await reader.readexactly(length)
+    if marker == P2P.ERROR_MARKER:  # hivemind's report of an exception in the handler
+        error = RPCError()
+        error.ParseFromString(payload)
+        raise PeerUnavailable(f"{peer_id}: {error.message or 'the handler failed'}", peer_id)
+    if marker != P2P.MESSAGE_MARKER:
+        raise BadReply(f"{peer_id} sent a malformed frame", peer_id)
+    response = runtime_pb2.ExpertResponse()
+    try:
+        response.ParseFromString(payload)
+    except DecodeError:
+        raise BadReply(f"{peer_id} sent a malformed message", peer_id) from None
+    return response

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import statistics
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence, Set
 from typing import Protocol
@@ -146,8 +147,13 @@ class P2PSwarmClient:
 
     def costs(self, **session: object) -> RouteCosts:
         """What this gateway knows beyond the snapshot, plus what one session adds."""
+        rtts = self.health.rtts()
+        # A server never measured is assumed typical, not slow: else the first server that
+        # answered would keep all traffic and new replicas would never be tried.
+        typical = statistics.median(rtts.values()) if rtts else RouteCosts.default_rtt_s
         return RouteCosts(
-            rtt_s=self.health.rtts(),
+            rtt_s=rtts,
+            default_rtt_s=typical,
             local_load=dict(self.open_streams),
             banned=self.health.banned(),
             **session,  # type: ignore[arg-type]

@@ -53,13 +53,19 @@ class Process:
     """A child running the `swarmgate` CLI, with its output kept in a log file."""
 
     def __init__(
-        self, name: str, argv: list[str], log_dir: Path, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        *,
+        module: str = "swarmgate",  # or a test double's module with the same CLI
     ):
         self.name = name
         self.log_path = log_dir / f"{name.replace(' ', '_').replace(':', '-')}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop())
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "swarmgate", *argv],
+            [sys.executable, "-m", module, *argv],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO,

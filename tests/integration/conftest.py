@@ -64,7 +64,7 @@ def run_swarm(
         try:
             wait_for(lambda: "--initial-peers" in dht.output() or not dht.alive(), 60, "the DHT")
             peers = printed_initial_peers(dht.output())
-            for start, end in spans:
+            for index, (start, end) in enumerate(spans):
                 argv = [
                     "node",
                     "--model",
@@ -79,7 +79,10 @@ def run_swarm(
                     "2",
                     *node_flags,
                 ]
-                processes.append(Process(f"node {start}:{end}", argv, logs))
+                name = f"node {start}:{end}" + (
+                    f" #{index}" if spans.count((start, end)) > 1 else ""
+                )
+                processes.append(Process(name, argv, logs))
             gateway, url = start_gateway(
                 model, peers, logs, "--prefill-chunk-tokens", str(PREFILL_CHUNK_TOKENS)
             )
@@ -141,3 +144,31 @@ def node_infos(peers: list[str], model_id: str = MODEL_ID) -> dict[str, ServerIn
         return asyncio.run(read(dht))
     finally:
         dht.shutdown()
+
+
+def start_node(
+    model: Path,
+    peers: list[str],
+    log_dir: Path,
+    blocks: tuple[int, int],
+    *extra: str,
+    name: str | None = None,
+    model_id: str = MODEL_ID,
+) -> Process:
+    """One `swarmgate node` for ``blocks``, announcing every 2 s, as `run_swarm` starts them."""
+    start, end = blocks
+    argv = [
+        "node",
+        "--model",
+        str(model),
+        "--model-name",
+        model_id,
+        "--initial-peers",
+        *peers,
+        "--blocks",
+        f"{start}:{end}",
+        "--announce-period",
+        "2",
+        *extra,
+    ]
+    return Process(name or f"node {start}:{end}", argv, log_dir)
