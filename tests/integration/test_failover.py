@@ -270,3 +270,35 @@ def test_a_server_answering_garbage_gets_a_clean_error_and_is_routed_around(
     finally:
         for process in [*faulty, *([fresh] if fresh else [])]:
             process.stop()
+
+
+def test_a_conversation_whose_server_died_between_turns_keeps_the_live_caches(
+    replicated: Swarm,
+) -> None:
+    import openai
+
+    sdk = openai.OpenAI(base_url=f"{replicated.base_url}/v1", api_key="unused", max_retries=0)
+    first = sdk.chat.completions.with_raw_response.create(
+        model=MODEL_ID, messages=MESSAGES, max_tokens=24, temperature=0
+    )
+    answer = first.parse().choices[0].message.content
+    route = [part.rsplit(":", 1) for part in first.headers["x-swarmgate-route"].split(",")]
+    assert [span for _, span in route] == ["0-2", "2-4"]
+    kill_hard(peers_of(replicated.nodes)[route[-1][0]][0])
+
+    follow_up = [
+        *MESSAGES,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And then what happened to the river?"},
+    ]
+    _, expected = hf_greedy(replicated.model_path, follow_up, 24)
+    second = sdk.chat.completions.with_raw_response.create(
+        model=MODEL_ID, messages=follow_up, max_tokens=24, temperature=0
+    )
+    reply = second.parse()
+    tokenizer = _reference(replicated.model_path)[1]
+    assert reply.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    # The first hop kept the conversation's cache; only the lost span was recomputed.
+    assert reply.usage.prompt_tokens_details.cached_tokens >= 32
+    new_route = second.headers["x-swarmgate-route"]
+    assert route[0][0] in new_route and route[-1][0] not in new_route
