@@ -60,6 +60,7 @@ def create_app(
                 dht_prefix(settings.model_id, settings.namespace),
                 refresh_period_s=settings.refresh_period_s,
                 embed=head.embed,
+                metrics=app.state.metrics,
                 step_floor_s=settings.step_floor_s,
                 prefill_chunk_tokens=settings.prefill_chunk_tokens,
             )

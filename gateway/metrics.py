@@ -48,6 +48,12 @@ class GatewayMetrics:
             "Prompt tokens reused from server caches",
             registry=self.registry,
         )
+        self.server_failures = Counter(
+            "swarmgate_server_failures",
+            "Servers that failed a session (each then banned for a while and routed around)",
+            ["error"],
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

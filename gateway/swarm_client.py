@@ -23,6 +23,7 @@ from hivemind.p2p import P2P
 
 from gateway.chain import ChainSession
 from gateway.hop_stream import HopStream, detach
+from gateway.metrics import GatewayMetrics
 from protocol.errors import NoRouteError, SwarmError
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import OpenSession, max_tokens_per_message
@@ -93,6 +94,7 @@ class P2PSwarmClient:
         prefill_chunk_tokens: int | None = None,
         step_floor_s: float = 10.0,
         health: PeerHealth | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._dht = dht
         self._prefix = prefix
@@ -101,6 +103,7 @@ class P2PSwarmClient:
         self._prefill_chunk_tokens = prefill_chunk_tokens
         self._step_floor_s = step_floor_s
         self.health = health or PeerHealth()
+        self._metrics = metrics or GatewayMetrics()
         self.open_streams: Counter[str] = Counter()  # this gateway's sessions per server
         self._snapshot = SwarmSnapshot(model=None)
         self._p2p: P2P | None = None
@@ -206,6 +209,7 @@ class P2PSwarmClient:
 
     def failed(self, peer_id: str, error: SwarmError) -> None:
         ban = self.health.on_failure(peer_id)
+        self._metrics.server_failures.labels(type(error).__name__).inc()
         logger.warning("server %s failed (%s); avoided for %.0f s", peer_id, error, ban)
 
     def succeeded(self, peer_id: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -85,6 +87,12 @@ class Process:
         except psutil.Error:
             return []
 
+    def kill_group(self) -> None:
+        """`kill -9` the process with its children (DHT, p2pd): as if its machine died."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
     def stop(self, timeout_s: float = 20.0) -> int:
         """SIGTERM, then SIGKILL to the whole group if it does not exit in time."""
         if self.alive():
@@ -96,6 +104,17 @@ class Process:
                 self.popen.wait(5)
         self._log.close()
         return self.popen.returncode
+
+
+_SERVING = re.compile(r"serving blocks (\d+):(\d+) of \S+ as ([1-9A-HJ-NP-Za-km-z]{30,})")
+
+
+def node_identity(process: Process) -> tuple[str, tuple[int, int]]:
+    """A started `swarmgate node`'s peer id and span, from what it printed."""
+    match = _SERVING.search(process.output())
+    if match is None:
+        raise AssertionError(f"{process.name} printed no peer id:\n{process.output()[-2000:]}")
+    return match[3], (int(match[1]), int(match[2]))
 
 
 def http_ok(url: str) -> bool:

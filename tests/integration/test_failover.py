@@ -6,12 +6,8 @@ all its daemons; kills are `kill -9` of a node's whole process group, as a machi
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import re
-import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,14 +21,13 @@ from tests.integration.conftest import (
     run_swarm,
 )
 from tests.integration.test_swarm_chat import _reference, hf_greedy
-from tests.processes import Process, wait_for
+from tests.processes import Process, node_identity, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 HALF = 2  # the tiny model's 4 blocks, split in two
 MESSAGES = [{"role": "user", "content": "Tell me a long story about a river and a mountain."}]
 MAX_TOKENS = 40
-_PEER = re.compile(r"serving blocks (\d+):(\d+) of \S+ as ([1-9A-HJ-NP-Za-km-z]{30,})")
 
 
 @dataclass
@@ -85,20 +80,12 @@ def expected_text(model_path: Path) -> tuple[str, int]:
 
 
 def peers_of(nodes: list[Process]) -> dict[str, tuple[Process, tuple[int, int]]]:
-    """peer id → (its process, its span), from what each node printed at startup."""
-    found = {}
-    for process in nodes:
-        match = _PEER.search(process.output())
-        assert match, f"{process.name} printed no peer id:\n{process.output()[-2000:]}"
-        found[match[3]] = (process, (int(match[1]), int(match[2])))
-    return found
+    """peer id → (its process, its span)."""
+    return {peer: (process, span) for process in nodes for peer, span in [node_identity(process)]}
 
 
 def kill_hard(process: Process) -> None:
-    """`kill -9` the node and its DHT child and p2pd: the machine is gone."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.popen.pid, signal.SIGKILL)
-    process.popen.wait(10)
+    process.kill_group()
 
 
 def start_node(
