@@ -74,7 +74,7 @@ class ChainSession:
         self._hops: list[HopStream] = []
         self._position = 0  # tokens every hop holds before the next step
         self._excluded: set[str] = set()  # failed or full: never again in this session
-        self._full: set[str] = set()
+        self._full: list[Hop] = []  # hops refused for lack of room
         self.failovers = 0
         self._known: dict[int, torch.Tensor] = {}  # hop index → its inputs [1, position, H]
 
@@ -112,9 +112,16 @@ class ChainSession:
                     await self._catch_up(index, start, history)
                 out = await self._step_hop(index, inputs[index], history)
             except _HopFailed as failure:
-                await self._replace(failure, began)
-                index = min(index, failure.index)
-                inputs = {k: v for k, v in inputs.items() if k <= index}
+                failed = failure.index
+                added = await self._replace(failure, began) - 1
+                if failed < index:
+                    # An upstream hop failed while replaying inputs for this one. The hops
+                    # up to here already ran this step and must not run it twice: go on
+                    # from here; the upstream replacement catches up at the next step.
+                    index += added
+                    inputs = {(k + added if k > failed else k): v for k, v in inputs.items()}
+                else:
+                    inputs = {k: v for k, v in inputs.items() if k <= index}
                 continue
             index += 1
             inputs[index] = out
@@ -189,11 +196,12 @@ class ChainSession:
             if stream is not None:
                 stream.close()
 
-    async def _replace(self, failure: _HopFailed, began: float) -> None:
-        """Close the failed hop and splice in fresh hops for its span (behind: they catch up)."""
+    async def _replace(self, failure: _HopFailed, began: float) -> int:
+        """Close the failed hop and splice in fresh hops for its span (behind: they catch up);
+        how many hops took its place."""
         failed = self._hops[failure.index]
         failed.close()
-        self._note_failure(failed.peer_id, failure.error, began)
+        self._note_failure(failed.hop, failure.error, began)
         route = self._plan(failed.hop.start, failed.hop.end, failure.error)
         logger.warning(
             "session %s: %s failed (%s); blocks %d:%d now on %s",
@@ -207,6 +215,7 @@ class ChainSession:
         replacements = await self._open_hops(route, (), began)
         self._hops[failure.index : failure.index + 1] = replacements
         self._known = {}
+        return len(replacements)
 
     async def _open_hops(
         self, route: Sequence[Hop], prefix_hashes: Sequence[str], began: float
@@ -230,7 +239,7 @@ class ChainSession:
                     continue
                 if not isinstance(error, SwarmError):
                     raise error
-                self._note_failure(hop.peer_id, error, began)
+                self._note_failure(hop, error, began)
                 sub = self._plan(hop.start, hop.end, error)
                 opened += await self._open_hops(sub, prefix_hashes, began)
         except BaseException:
@@ -252,21 +261,21 @@ class ChainSession:
             prefix_hashes=list(prefix_hashes),
         )
 
-    def _note_failure(self, peer_id: str, error: SwarmError, began: float) -> None:
+    def _note_failure(self, hop: Hop, error: SwarmError, began: float) -> None:
         self.failovers += 1
+        self._excluded.add(hop.peer_id)
+        if isinstance(error, CapacityExceeded):
+            self._full.append(hop)  # busy, not broken: no ban
+        else:
+            self._host.failed(hop.peer_id, error)
         if self.failovers > MAX_FAILOVERS or time.monotonic() - began > FAILOVER_BUDGET_S:
             raise error
-        self._excluded.add(peer_id)
-        if isinstance(error, CapacityExceeded):
-            self._full.add(peer_id)  # busy, not broken: no ban
-        else:
-            self._host.failed(peer_id, error)
 
     def _plan(self, start: int, end: int, cause: SwarmError) -> list[Hop]:
         try:
             return self._host.plan(start, end, self._excluded, self)
         except NoRouteError as e:
-            if self._full:
+            if any(full.start < end and start < full.end for full in self._full):
                 raise CapacityExceeded(
                     f"every server that can run blocks {start}:{end} is full or leaving"
                 ) from cause

@@ -1,0 +1,829 @@
+"""ChainSession over an in-process swarm: failover, catch-up, cache reuse and cleanup.
+
+Each fake server runs its span of the tiny model through the real ``SessionStore`` and
+``inference_step``, as ``swarm_node/handler.py`` does, so the chain's output can be held to
+the whole model's (fp32, 1e-4) whatever fails under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence, Set
+from pathlib import Path
+
+import pytest
+import torch
+
+from gateway import chain as chain_module
+from gateway.chain import MAX_FAILOVERS, ChainSession
+from gateway.hop_stream import check_cached, check_hidden
+from models.loading import Span, load_span
+from protocol.errors import (
+    BadReply,
+    CapacityExceeded,
+    NoRouteError,
+    PeerUnavailable,
+    ProtocolMismatch,
+    SwarmError,
+)
+from protocol.prefix import BLOCK_TOKENS, TokenHistory
+from protocol.rpc import OpenSession
+from protocol.swarm import ModelRecord, NodeState, ServerRecord
+from routing.planner import Hop, plan_route
+from routing.snapshot import SwarmSnapshot
+from swarm_node.backend import forward_span, inference_step, new_cache
+from swarm_node.kv_cache import CachedSession, SessionStore
+from tests.tiny_model import TINY_BLOCKS
+
+HIDDEN = 64
+VOCAB = 1000  # the chain never looks up a token: any deterministic table will do
+MAX_LENGTH = 256
+SESSION = "conv"
+EMBEDDING = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(0))
+TOKENS: list[int] = torch.randint(
+    VOCAB, (120,), generator=torch.Generator().manual_seed(1)
+).tolist()
+PROMPT = 40
+DECODE = 8
+# What generation.py feeds a chain: the prompt, then one token per step.
+STEPS = [TOKENS[:PROMPT], *([t] for t in TOKENS[PROMPT : PROMPT + DECODE])]
+FED = PROMPT + DECODE
+ROUTE = [Hop("a", 0, 2), Hop("b", 2, 4)]
+MODEL = ModelRecord(
+    name="tiny", architecture="llama", num_blocks=TINY_BLOCKS, hidden_size=HIDDEN, max_length=1024
+)
+
+Fault = Callable[[str], Exception]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Matrices this small gain nothing from a second thread, and lose a lot on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def gone(peer_id: str) -> Exception:
+    return PeerUnavailable(f"{peer_id} went away", peer_id)
+
+
+def full(peer_id: str) -> Exception:
+    return CapacityExceeded(f"{peer_id}: capacity", peer_id)
+
+
+def garbled(peer_id: str) -> Exception:
+    return ProtocolMismatch(f"{peer_id} sent a bad StepDone", peer_id)
+
+
+def embed(ids: Sequence[int]) -> torch.Tensor:
+    return EMBEDDING[list(ids)].unsqueeze(0)
+
+
+@functools.cache
+def span_of(model: Path, start: int, end: int) -> Span:
+    return load_span(model, start, end)  # spans hold no state: servers may share one
+
+
+class FakeServer:
+    """One block server: a span of the tiny model and the real per-session cache store.
+
+    Faults: ``down`` fails every open and step from now on; ``refuse`` fails new opens
+    only; ``fail_at(k, fault)`` brings the server down at its k-th step of a kept session;
+    ``nan_at`` answers that step with NaNs; the ``*_gate`` events hang until set.
+    """
+
+    def __init__(self, peer_id: str, span: Span) -> None:
+        self.peer_id = peer_id
+        self.span = span
+        self.store = SessionStore(1 << 40, 1, size_of=lambda cache: 0)
+        self.openings: list[OpenSession] = []
+        self.streams: list[FakeStream] = []
+        self.kept_steps = 0
+        self.down: Fault | None = None
+        self.refuse: Fault | None = None
+        self.fail_step: tuple[int, Fault] | None = None
+        self.nan_at: int | None = None
+        self.claim_extra = 0  # tokens to claim beyond what the store holds
+        self.open_gate: asyncio.Event | None = None
+        self.step_gate: asyncio.Event | None = None  # the chain's own sessions
+        self.replay_gate: asyncio.Event | None = None  # throwaway ones
+        self.waiting = 0  # opens and steps hanging on a gate now
+
+    def fail_at(self, step: int, fault: Fault = gone) -> None:
+        self.fail_step = (step, fault)
+
+    async def open(self, hop: Hop, opening: OpenSession) -> tuple[FakeStream, int]:
+        assert (hop.start, hop.end) == (opening.start, opening.end)
+        assert self.span.start <= hop.start < hop.end <= self.span.end
+        self.openings.append(opening)
+        # Like P2PSwarmClient.open_hop: the stream exists before it opens, and closes if not.
+        stream = FakeStream(self, hop, opening)
+        self.streams.append(stream)
+        try:
+            await self._gate(self.open_gate)
+            fault = self.down or self.refuse
+            if fault is not None:
+                raise fault(self.peer_id)
+            stream.session, cached = self.store.open(
+                opening.session_id,
+                hop.start,
+                hop.end,
+                opening.max_length,
+                opening.prefix_hashes,
+                lambda: new_cache(self.span),
+                keep=opening.keep,
+            )
+            return stream, check_cached(
+                cached + self.claim_extra, opening.prefix_hashes, hop.peer_id
+            )
+        except BaseException:
+            stream.close()
+            raise
+
+    async def _gate(self, gate: asyncio.Event | None) -> None:
+        if gate is not None:
+            self.waiting += 1
+            try:
+                await gate.wait()
+            finally:
+                self.waiting -= 1
+
+    def kept(self) -> list[FakeStream]:
+        """Streams of the chain's own sessions that opened, oldest first."""
+        return [s for s in self.streams if s.opening.keep and s.session is not None]
+
+    def replays(self) -> list[FakeStream]:
+        return [s for s in self.streams if not s.opening.keep]
+
+
+class FakeStream:
+    """What HopStream does, over a FakeServer: ``position`` is where the next step starts."""
+
+    def __init__(self, server: FakeServer, hop: Hop, opening: OpenSession) -> None:
+        self.server = server
+        self.hop = hop
+        self.opening = opening
+        self.position = 0
+        self.session: CachedSession | None = None
+        self.steps: list[tuple[int, int]] = []  # (position, tokens) of each step done
+        self.closed = False
+
+    @property
+    def peer_id(self) -> str:
+        return self.hop.peer_id
+
+    async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
+        server, session = self.server, self.session
+        assert session is not None and not self.closed, "step on a stream that is not open"
+        await server._gate(server.step_gate if self.opening.keep else server.replay_gate)
+        if self.opening.keep:
+            server.kept_steps += 1
+            if server.fail_step is not None and server.kept_steps == server.fail_step[0]:
+                server.down = server.fail_step[1]
+        if server.down is not None:
+            server.store.discard(session)
+            raise server.down(self.peer_id)
+        position, tokens = self.position, hidden.shape[1]
+        new = hashes[position // BLOCK_TOKENS : (position + tokens) // BLOCK_TOKENS]
+        held = server.store.check_step(session, position, tokens, new)  # InvalidRequest: a bug
+        out = inference_step(
+            server.span,
+            hidden,
+            session.cache,
+            position=position,
+            start=self.hop.start,
+            end=self.hop.end,
+        )
+        server.store.commit_step(session, position, tokens, held, first=not self.steps)
+        self.steps.append((position, tokens))
+        self.position = position + tokens
+        if self.opening.keep and server.kept_steps == server.nan_at:
+            out = torch.full_like(out, float("nan"))
+        return check_hidden(out, hidden.shape, self.peer_id)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.session is not None:
+                self.server.store.release(self.session)
+
+
+class FakeSwarm:
+    """The ChainHost: servers in this process, planned over with the real planner."""
+
+    def __init__(self, model: Path, spans: dict[str, tuple[int, int]]) -> None:
+        self.servers = {p: FakeServer(p, span_of(model, *span)) for p, span in spans.items()}
+        self.failures: list[tuple[str, SwarmError]] = []
+        self.successes: Counter[str] = Counter()
+        self.embedded: list[int] = []  # tokens per embed call
+        self.opened: list[str] = []  # peer ids, in the order the chain asked for them
+
+    def __getitem__(self, peer_id: str) -> FakeServer:
+        return self.servers[peer_id]
+
+    def snapshot(self) -> SwarmSnapshot:
+        servers = {
+            p: ServerRecord(
+                state=NodeState.ONLINE, start=s.span.start, end=s.span.end, throughput=10.0
+            )
+            for p, s in self.servers.items()
+        }
+        return SwarmSnapshot(model=MODEL, servers=servers)
+
+    @property
+    def streams(self) -> list[FakeStream]:
+        return [s for server in self.servers.values() for s in server.streams]
+
+    def open_streams(self) -> list[FakeStream]:
+        return [s for s in self.streams if not s.closed]
+
+    def failed_peers(self) -> list[str]:
+        return [p for p, _ in self.failures]
+
+    # ---- ChainHost ----
+
+    async def embed(self, ids: list[int]) -> torch.Tensor:
+        self.embedded.append(len(ids))
+        return embed(ids)
+
+    def plan(self, start: int, end: int, exclude: Set[str], session: ChainSession) -> list[Hop]:
+        # As P2PSwarmClient.plan: servers already in the chain only when nobody else can.
+        snapshot, in_chain = self.snapshot(), {hop.peer_id for hop in session.route}
+        try:
+            return plan_route(snapshot, end, start=start, exclude=exclude | in_chain)
+        except NoRouteError:
+            return plan_route(snapshot, end, start=start, exclude=exclude)
+
+    async def open_hop(self, hop: Hop, opening: OpenSession) -> tuple[FakeStream, int]:
+        self.opened.append(hop.peer_id)
+        return await self.servers[hop.peer_id].open(hop, opening)
+
+    def failed(self, peer_id: str, error: SwarmError) -> None:
+        self.failures.append((peer_id, error))
+
+    def succeeded(self, peer_id: str) -> None:
+        self.successes[peer_id] += 1
+
+
+def reference(model: Path, steps: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """The whole model's output for each step, fed the same way."""
+    span = span_of(model, 0, TINY_BLOCKS)
+    cache = new_cache(span)
+    outputs, position = [], 0
+    for tokens in steps:
+        outputs.append(forward_span(span, embed(tokens), cache, position=position))
+        position += len(tokens)
+    return outputs
+
+
+def assert_matches(outputs: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> None:
+    assert len(outputs) == len(expected)
+    for got, want in zip(outputs, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+async def feed(
+    session: ChainSession, history: TokenHistory, steps: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """Step the chain as generation.py does: extend the history, then send the new tokens."""
+    outputs = []
+    for tokens in steps:
+        history.extend(tokens)
+        outputs.append(await session.step(embed(tokens), history))
+    return outputs
+
+
+async def opened(
+    swarm: FakeSwarm, route: Sequence[Hop] = ROUTE, prefix_hashes: Sequence[str] = ()
+) -> ChainSession:
+    session = ChainSession(swarm, SESSION, MAX_LENGTH)  # type: ignore[arg-type]  # duck-typed
+    await session.open(route, prefix_hashes)
+    return session
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the condition never held")
+
+
+def run_chain(
+    swarm: FakeSwarm, route: Sequence[Hop] = ROUTE
+) -> tuple[ChainSession, list[torch.Tensor]]:
+    """Open ``route``, feed STEPS, close; the session and its outputs."""
+
+    async def scenario() -> tuple[ChainSession, list[torch.Tensor]]:
+        session = await opened(swarm, route)
+        try:
+            return session, await feed(session, TokenHistory(), STEPS)
+        finally:
+            await session.close()
+
+    return asyncio.run(scenario())
+
+
+def fails(swarm: FakeSwarm, error: type[SwarmError], route: Sequence[Hop] = ROUTE) -> SwarmError:
+    """Open ``route`` and feed STEPS until the chain raises ``error``; then close it."""
+
+    async def scenario() -> SwarmError:
+        session = ChainSession(swarm, SESSION, MAX_LENGTH)  # type: ignore[arg-type]
+        try:
+            with pytest.raises(error) as raised:
+                await session.open(route, ())
+                await feed(session, TokenHistory(), STEPS)
+            return raised.value
+        finally:
+            await session.close()
+
+    return asyncio.run(scenario())
+
+
+# ---- the happy path ----
+
+
+def test_two_hops_give_the_whole_models_output(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4)})
+    session, outputs = run_chain(swarm)
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    assert session.route == ROUTE
+    assert session.failovers == 0 and swarm.failures == []
+    for peer in "ab":
+        (stream,) = swarm[peer].streams  # one stream each, no replay
+        assert stream.opening.keep and stream.closed
+        assert stream.steps == [(0, PROMPT), *((p, 1) for p in range(PROMPT, FED))]
+        assert swarm[peer].store.session_ids() == [SESSION]  # kept for the next turn
+    assert swarm.embedded == []  # nothing was rebuilt
+    assert swarm.successes == Counter(a=1 + len(STEPS), b=1 + len(STEPS))  # open, steps
+
+
+def test_the_planner_route_over_one_server_per_block(tiny_model: Path) -> None:
+    spans = {f"s{b}": (b, b + 1) for b in range(TINY_BLOCKS)}
+    swarm = FakeSwarm(tiny_model, spans)
+    route = plan_route(swarm.snapshot(), TINY_BLOCKS)
+    assert len(route) == TINY_BLOCKS
+
+    session, outputs = run_chain(swarm, route)
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    assert session.route == route
+
+
+# ---- a server fails mid-generation: a replica takes its span ----
+
+
+def fail(server: FakeServer, step: int, how: str) -> type[SwarmError]:
+    """Make ``server`` fail at its ``step``-th step; the error the chain will see."""
+    if how == "nan":
+        server.nan_at = step
+        return BadReply
+    server.fail_at(step, {"gone": gone, "garbled": garbled}[how])
+    return {"gone": PeerUnavailable, "garbled": ProtocolMismatch}[how]
+
+
+@pytest.mark.parametrize("how", ["gone", "nan", "garbled"])
+@pytest.mark.parametrize("at_step", [1, 4])
+@pytest.mark.parametrize(("dead", "replica"), [("a", "a2"), ("b", "b2")])
+def test_a_replica_takes_over_mid_generation(
+    tiny_model: Path, dead: str, replica: str, at_step: int, how: str
+) -> None:
+    spans = {"a": (0, 2), "b": (2, 4), replica: dict(a=(0, 2), b=(2, 4))[dead]}
+    swarm = FakeSwarm(tiny_model, spans)
+    error = fail(swarm[dead], at_step, how)
+
+    session, outputs = run_chain(swarm)
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    ((peer, reported),) = swarm.failures  # reported once, as what it was
+    assert peer == dead and type(reported) is error and getattr(reported, "peer_id", None) == dead
+    assert session.failovers == 1
+    assert session.route == [
+        Hop(replica if h.peer_id == dead else h.peer_id, h.start, h.end) for h in ROUTE
+    ]
+    (stream,) = swarm[replica].kept()
+    assert stream.session is not None and stream.session.position == FED  # every position
+    held = sum(len(s) for s in STEPS[: at_step - 1])  # what the dead server held
+    expected_steps = [(0, held)] if held else []  # the catch-up, then the failed step on
+    expected_steps += [(held, len(STEPS[at_step - 1]))]
+    expected_steps += [(p, 1) for p in range(held + len(STEPS[at_step - 1]), FED)]
+    assert stream.steps == expected_steps
+    assert all(s.closed for s in swarm.streams)
+
+
+def test_the_last_hops_replacement_is_rebuilt_from_a_throwaway_replay(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4), "c": (2, 4)})
+    swarm["b"].fail_at(4)  # the 3rd decode step: 42 tokens held by then
+    held = PROMPT + 2
+
+    run_chain(swarm)
+
+    (replay,) = swarm["a"].replays()
+    assert replay.opening.session_id.startswith(f"{SESSION}/")
+    assert replay.opening.session_id != SESSION
+    assert replay.opening.max_length == held and replay.opening.prefix_hashes == []
+    assert replay.steps == [(0, held)] and replay.closed
+    assert swarm["a"].store.session_ids() == [SESSION]  # the server dropped the replay
+    (own,) = swarm["a"].kept()  # the chain's own session on a never moved back
+    assert own.steps == [(0, PROMPT), *((p, 1) for p in range(PROMPT, FED))]
+    assert swarm.embedded == [held]  # rebuilt once, from the token history
+
+
+def test_a_first_hop_replacement_needs_no_replay(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4), "a2": (0, 2)})
+    swarm["a"].fail_at(4)
+
+    run_chain(swarm)
+
+    assert all(s.opening.keep for s in swarm.streams)  # the embedding is its input
+    assert swarm.embedded == [PROMPT + 2]
+
+
+def test_a_failed_span_is_replanned_onto_two_smaller_servers(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4), "p": (0, 1), "q": (1, 2)})
+    swarm["a"].fail_at(3)
+
+    session, outputs = run_chain(swarm)
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    assert session.route == [Hop("p", 0, 1), Hop("q", 1, 2), Hop("b", 2, 4)]
+    assert session.failovers == 1 and swarm.failed_peers() == ["a"]
+    for peer in "pq":
+        (stream,) = swarm[peer].kept()
+        assert stream.steps[0] == (0, PROMPT + 1)  # caught up
+        assert stream.session is not None and stream.session.position == FED
+    # q's inputs came from p's catch-up: no server replayed anything.
+    assert [s for s in swarm.streams if not s.opening.keep] == []
+
+
+def test_a_middle_span_is_replanned_onto_two_smaller_servers(tiny_model: Path) -> None:
+    spans = {"a": (0, 1), "m": (1, 3), "z": (3, 4), "p": (1, 2), "q": (2, 3)}
+    swarm = FakeSwarm(tiny_model, spans)
+    swarm["m"].fail_at(5)
+    route = [Hop("a", 0, 1), Hop("m", 1, 3), Hop("z", 3, 4)]
+
+    session, outputs = run_chain(swarm, route)
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    assert session.route == [Hop("a", 0, 1), Hop("p", 1, 2), Hop("q", 2, 3), Hop("z", 3, 4)]
+    assert len(swarm["a"].replays()) == 1  # p's inputs; q's come from p's catch-up
+
+
+def test_a_replacement_that_fails_while_catching_up_is_replaced_too(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4), "c": (2, 4), "d": (2, 4)})
+    swarm["b"].fail_at(3)
+    swarm["c"].fail_at(1)  # its catch-up step
+    # The planner breaks the tie between c and d by peer id: c comes first.
+
+    session, outputs = run_chain(swarm)
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    assert swarm.failed_peers() == ["b", "c"]
+    assert session.failovers == 2
+    assert session.route == [Hop("a", 0, 2), Hop("d", 2, 4)]
+
+
+def test_a_server_already_in_the_chain_takes_the_span_when_nobody_else_can(
+    tiny_model: Path,
+) -> None:
+    swarm = FakeSwarm(tiny_model, {"x": (0, 4), "b": (2, 4)})
+    swarm["b"].fail_at(3)
+
+    session, outputs = run_chain(swarm, [Hop("x", 0, 2), Hop("b", 2, 4)])
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    assert session.route == [Hop("x", 0, 2), Hop("x", 2, 4)]
+
+
+# ---- between turns: the servers kept the conversation, or some of it ----
+
+FIRST_TURN = [TOKENS[:PROMPT], *([t] for t in TOKENS[PROMPT:70])]  # 70 tokens: 2 full blocks
+
+
+def second_turn(
+    swarm: FakeSwarm,
+    prompt: Sequence[int],
+    decode: Sequence[int],
+    between: Callable[[], None] = lambda: None,
+    reuse: Callable[[int], int] = lambda cached: cached,
+) -> tuple[ChainSession, list[torch.Tensor], int]:
+    """FIRST_TURN on ROUTE, ``between``, then the next turn as generation.py runs it: open
+    ROUTE with ``prompt``'s hashes, reuse what ``reuse(cached_tokens)`` says, step the rest
+    of ``prompt`` and then each of ``decode``. The session, its outputs, the tokens reused."""
+
+    async def scenario() -> tuple[ChainSession, list[torch.Tensor], int]:
+        session = await opened(swarm)
+        await feed(session, TokenHistory(), FIRST_TURN)
+        await session.close()
+        between()
+        session = await opened(swarm, ROUTE, TokenHistory(prompt).hashes)
+        reused = reuse(session.cached_tokens)
+        session.reuse(reused)
+        steps = [prompt[reused:], *([t] for t in decode)]
+        try:
+            return session, await feed(session, TokenHistory(prompt[:reused]), steps), reused
+        finally:
+            await session.close()
+
+    return asyncio.run(scenario())
+
+
+def expected_second_turn(
+    model: Path, prompt: Sequence[int], decode: Sequence[int], reused: int
+) -> list[torch.Tensor]:
+    return reference(model, [prompt[:reused], prompt[reused:], *([t] for t in decode)])[1:]
+
+
+@pytest.mark.parametrize(("dead", "new"), [("b", "c"), ("a", "c")])
+def test_only_the_lost_hop_is_replaced_and_rebuilt(tiny_model: Path, dead: str, new: str) -> None:
+    new_span = dict(a=(0, 2), b=(2, 4))[dead]
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4), new: new_span})
+    prompt, decode = TOKENS[:80], TOKENS[80:84]
+
+    def kill() -> None:
+        swarm[dead].down = gone
+
+    session, outputs, reused = second_turn(swarm, prompt, decode, kill)
+
+    assert reused == 2 * BLOCK_TOKENS  # the live hop's whole blocks
+    assert_matches(outputs, expected_second_turn(tiny_model, prompt, decode, reused))
+    assert swarm.failed_peers() == [dead] and session.failovers == 1
+    live = "a" if dead == "b" else "b"
+    assert session.route == [
+        Hop(new if h.peer_id == dead else h.peer_id, h.start, h.end) for h in ROUTE
+    ]
+    kept = swarm[live].kept()
+    assert len(kept) == 2  # one per turn: the live hop was opened once in turn 2
+    assert kept[1].steps == [(64, 16), (80, 1), (81, 1), (82, 1), (83, 1)]  # nothing recomputed
+    assert kept[1].session is kept[0].session  # the same cache, not a fork
+    (rebuilt,) = swarm[new].kept()
+    assert rebuilt.steps[0] == (0, 64)
+    replays = [s for s in swarm.streams if not s.opening.keep]
+    if dead == "b":  # c's inputs: the embedding through a, in a throwaway session
+        assert [(s.peer_id, s.steps) for s in replays] == [("a", [(0, 64)])]
+    else:  # c is the first hop: the embedding is its input
+        assert replays == []
+    assert all(s.closed for s in swarm.streams)
+
+
+def test_a_hop_holding_less_of_the_prefix_catches_up_from_where_it_stands(
+    tiny_model: Path,
+) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4)})
+    prompt, decode = TOKENS[:80], TOKENS[80:82]
+
+    def forget_a_block() -> None:
+        swarm["b"].claim_extra = -BLOCK_TOKENS  # b owns up to one block only
+
+    session, outputs, reused = second_turn(swarm, prompt, decode, forget_a_block)
+
+    assert reused == 64
+    assert_matches(outputs, expected_second_turn(tiny_model, prompt, decode, reused))
+    assert session.failovers == 0
+    assert swarm["b"].kept()[1].steps == [(32, 32), (64, 16), (80, 1), (81, 1)]
+    assert [(s.peer_id, s.steps) for s in swarm["a"].replays()] == [("a", [(0, 64)])]
+
+
+def test_reusing_fewer_tokens_than_cached_recomputes_the_rest(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4)})
+    prompt, decode = TOKENS[:64], TOKENS[64:66]  # a regenerated answer: the prompt is cached
+
+    # generation.py always sends the prompt's last token again: its logits start the answer.
+    session, outputs, reused = second_turn(swarm, prompt, decode, reuse=lambda cached: cached - 1)
+
+    assert reused == 63
+    assert_matches(outputs, expected_second_turn(tiny_model, prompt, decode, reused))
+    for peer in "ab":
+        assert swarm[peer].kept()[1].steps == [(63, 1), (64, 1), (65, 1)]
+    with pytest.raises(ValueError):
+        session.reuse(session.cached_tokens + 1)
+
+
+@pytest.mark.parametrize("how", ["gone", "lies"])
+def test_an_open_time_failure_replaces_that_hop_only(tiny_model: Path, how: str) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4), "c": (2, 4)})
+    if how == "gone":
+        swarm["b"].down = gone
+    else:  # claims a cached prefix it cannot hold: check_cached says BadReply
+        swarm["b"].claim_extra = 1
+
+    session, outputs = run_chain(swarm)
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    ((peer, error),) = swarm.failures
+    assert peer == "b" and isinstance(error, PeerUnavailable) and error.peer_id == "b"
+    assert type(error) is (PeerUnavailable if how == "gone" else BadReply)
+    assert session.route == [Hop("a", 0, 2), Hop("c", 2, 4)]
+    assert len(swarm["a"].streams) == 1 and swarm.embedded == []
+
+
+# ---- when failover cannot help, the error goes up and nothing stays open ----
+
+
+@pytest.mark.parametrize("when", ["open", "step"])
+def test_no_replacement_is_a_no_route_error_naming_the_blocks(tiny_model: Path, when: str) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4)})
+    if when == "open":
+        swarm["b"].down = gone
+    else:
+        swarm["b"].fail_at(3)
+
+    error = fails(swarm, NoRouteError)
+
+    assert "blocks 2:4" in str(error)
+    assert swarm.failed_peers() == ["b"]
+    assert swarm.open_streams() == []
+
+
+@pytest.mark.parametrize("when", ["open", "step"])
+def test_every_replica_full_is_capacity_exceeded_for_the_gateway(
+    tiny_model: Path, when: str
+) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4), "c": (2, 4), "d": (2, 4)})
+    swarm["c"].refuse = swarm["d"].refuse = full
+    if when == "open":
+        swarm["b"].refuse = full
+    else:
+        swarm["b"].fail_at(3)
+
+    error = fails(swarm, CapacityExceeded)
+
+    assert isinstance(error, CapacityExceeded) and error.peer_id is None  # the gateway's 429
+    assert "2:4" in str(error)
+    assert swarm.failed_peers() == ([] if when == "open" else ["b"])  # full is not broken
+    assert swarm.open_streams() == []
+
+
+def test_a_failed_open_closes_the_replacements_already_opened(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "a2": (0, 2), "b": (2, 4)})
+    swarm["a"].down = swarm["b"].down = gone  # a2 replaces a, then b has no replacement
+
+    error = fails(swarm, NoRouteError)
+
+    assert "blocks 2:4" in str(error)
+    assert swarm.opened == ["a", "b", "a2"] and swarm["a2"].kept()
+    assert swarm.open_streams() == []
+
+
+def replicas_that_all_fail(model: Path) -> FakeSwarm:
+    spans = {"a": (0, 2), "b": (2, 4)} | {f"r{i}": (2, 4) for i in range(MAX_FAILOVERS + 2)}
+    swarm = FakeSwarm(model, spans)
+    swarm["b"].fail_at(3)
+    for i in range(MAX_FAILOVERS + 2):
+        swarm[f"r{i}"].down = gone
+    return swarm
+
+
+def test_failures_beyond_max_failovers_go_up(tiny_model: Path) -> None:
+    swarm = replicas_that_all_fail(tiny_model)
+
+    error = fails(swarm, PeerUnavailable)
+
+    tried = [p for p in swarm.opened if p.startswith("r")]
+    assert len(tried) == MAX_FAILOVERS  # b, then six replicas: the seventh failure goes up
+    assert isinstance(error, PeerUnavailable) and error.peer_id == tried[-1]
+    assert swarm.open_streams() == []
+
+
+def test_the_failure_that_exhausts_the_budget_is_reported_too(tiny_model: Path) -> None:
+    swarm = replicas_that_all_fail(tiny_model)
+
+    error = fails(swarm, PeerUnavailable)
+
+    assert isinstance(error, PeerUnavailable)
+    assert swarm.failed_peers()[-1] == error.peer_id
+
+
+def test_a_step_past_the_failover_budget_raises_the_servers_error(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chain_module, "FAILOVER_BUDGET_S", -1.0)
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4), "c": (2, 4)})
+    swarm["b"].fail_at(3)
+
+    error = fails(swarm, PeerUnavailable)
+
+    assert isinstance(error, PeerUnavailable) and error.peer_id == "b"
+    assert swarm["c"].openings == []
+    assert swarm.open_streams() == []
+
+
+def test_an_unexpected_open_error_closes_the_hops_that_opened(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4), "c": (2, 4)})
+    swarm["b"].down = lambda peer_id: RuntimeError("a bug, not a failed server")
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(opened(swarm))
+
+    assert swarm.open_streams() == [] and swarm["c"].openings == []
+
+
+def test_no_route_stays_no_route_after_an_unrelated_server_was_full(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "a2": (0, 2), "b": (2, 4)})
+    swarm["a"].refuse = full  # replaced by a2 at open
+    swarm["b"].fail_at(3)  # nobody else holds blocks 2:4
+
+    fails(swarm, NoRouteError)
+
+
+# ---- the upstream replay fails while later hops already ran the step ----
+
+
+def test_an_upstream_replay_failure_does_not_step_a_hop_twice(tiny_model: Path) -> None:
+    spans = {"a": (0, 1), "m": (1, 2), "b": (2, 4), "a2": (0, 1), "c": (2, 4)}
+    swarm = FakeSwarm(tiny_model, spans)
+    route = [Hop("a", 0, 1), Hop("m", 1, 2), Hop("b", 2, 4)]
+    swarm["b"].fail_at(3)
+
+    async def scenario() -> list[torch.Tensor]:
+        session = await opened(swarm, route)
+        swarm["a"].refuse = full  # c's catch-up cannot replay through a
+        try:
+            return await feed(session, TokenHistory(), STEPS)
+        finally:
+            await session.close()
+
+    outputs = asyncio.run(scenario())
+
+    (middle,) = swarm["m"].kept()
+    assert middle.steps == [(0, PROMPT), *((p, 1) for p in range(PROMPT, FED))]
+    assert_matches(outputs, reference(tiny_model, STEPS))
+
+
+# ---- cancellation: whatever is in flight, nothing stays open ----
+
+
+def test_a_cancelled_step_then_close_leaves_nothing_open(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4)})
+
+    async def scenario() -> None:
+        session = await opened(swarm)
+        history = TokenHistory()
+        await feed(session, history, STEPS[:2])
+        swarm["b"].step_gate = asyncio.Event()
+        history.extend(STEPS[2])
+        task = asyncio.create_task(session.step(embed(STEPS[2]), history))
+        await until(lambda: swarm["b"].waiting == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await session.close()
+
+    asyncio.run(scenario())
+
+    assert len(swarm.streams) == 2 and swarm.open_streams() == []
+
+
+@pytest.mark.parametrize("hangs", ["replay open", "replay step", "replacement open"])
+def test_a_step_cancelled_during_failover_leaves_nothing_open(tiny_model: Path, hangs: str) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4), "c": (2, 4)})
+    swarm["b"].fail_at(3)
+    server = swarm["c"] if hangs == "replacement open" else swarm["a"]
+
+    async def scenario() -> None:
+        session = await opened(swarm)
+        history = TokenHistory()
+        await feed(session, history, STEPS[:2])
+        gate = asyncio.Event()  # never set
+        if hangs == "replay step":
+            server.replay_gate = gate
+        else:
+            server.open_gate = gate
+        task = asyncio.create_task(feed(session, history, STEPS[2:3]))
+        await until(lambda: server.waiting == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await session.close()
+        await until(lambda: server.waiting == 0)  # a cancelled open cleans up on its own
+
+    asyncio.run(scenario())
+
+    assert swarm.opened == ["a", "b", "c"] + ([] if hangs == "replacement open" else ["a"])
+    assert swarm.open_streams() == []
+
+
+def test_cancelling_open_closes_the_hops_that_opened(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4)})
+
+    async def scenario() -> ChainSession:
+        swarm["b"].open_gate = asyncio.Event()
+        session = ChainSession(swarm, SESSION, MAX_LENGTH)  # type: ignore[arg-type]
+        task = asyncio.create_task(session.open(ROUTE, ()))
+        await until(lambda: swarm["b"].waiting == 1 and bool(swarm["a"].kept()))
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await until(lambda: swarm["b"].waiting == 0)
+        return session
+
+    session = asyncio.run(scenario())
+
+    assert [s.peer_id for s in swarm.streams] == ["a", "b"]
+    assert swarm.open_streams() == []
+    assert session.route == []

@@ -1,0 +1,373 @@
+"""HopStream: nothing a server sends back is used unchecked, and every failure names the peer."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+import torch
+from hivemind.p2p import P2P
+from hivemind.proto import runtime_pb2
+from hivemind.proto.p2pd_pb2 import RPCError
+
+from gateway.hop_stream import HopStream, check_cached, check_hidden
+from protocol.codec import make_response, read_tensors
+from protocol.errors import BadReply, CapacityExceeded, PeerUnavailable
+from protocol.prefix import BLOCK_TOKENS, block_hashes
+from protocol.rpc import (
+    ErrorCode,
+    OpenSession,
+    RpcError,
+    SessionOpened,
+    Step,
+    StepDone,
+    decode,
+)
+from routing.planner import Hop
+
+PEER = "QmTestPeer"  # base58, as PeerID.from_base58 wants
+SHAPE = torch.Size([1, 3, 8])
+
+# ---- check_hidden ----
+
+
+def test_usable_hidden_states_pass_through() -> None:
+    tensor = torch.randn(SHAPE)
+    assert check_hidden(tensor, SHAPE, PEER) is tensor
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_hidden_states_are_a_bad_reply(value: float) -> None:
+    tensor = torch.randn(SHAPE)
+    tensor[0, 2, 5] = value
+    with pytest.raises(BadReply, match="non-finite") as raised:
+        check_hidden(tensor, SHAPE, PEER)
+    assert raised.value.peer_id == PEER
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64, torch.int64])
+def test_hidden_states_of_another_dtype_are_a_bad_reply(dtype: torch.dtype) -> None:
+    with pytest.raises(BadReply, match="expected float32") as raised:
+        check_hidden(torch.zeros(SHAPE, dtype=dtype), SHAPE, PEER)
+    assert raised.value.peer_id == PEER
+
+
+@pytest.mark.parametrize("shape", [[1, 2, 8], [1, 3, 4], [2, 3, 8], [3, 8], [1, 3, 8, 1]])
+def test_hidden_states_of_another_shape_are_a_bad_reply(shape: list[int]) -> None:
+    with pytest.raises(BadReply, match=PEER) as raised:
+        check_hidden(torch.zeros(shape), SHAPE, PEER)
+    assert raised.value.peer_id == PEER
+
+
+# ---- check_cached ----
+
+
+@pytest.mark.parametrize(("cached", "blocks"), [(0, 0), (0, 2), (40, 2), (64, 2)])
+def test_a_cached_count_the_hashes_allow_passes(cached: int, blocks: int) -> None:
+    assert check_cached(cached, ["h"] * blocks, PEER) == cached
+
+
+@pytest.mark.parametrize(("cached", "blocks"), [(-1, 2), (1, 0), (2 * BLOCK_TOKENS + 1, 2)])
+def test_a_cached_count_the_hashes_cannot_allow_is_a_bad_reply(cached: int, blocks: int) -> None:
+    with pytest.raises(BadReply, match=f"{cached} cached tokens") as raised:
+        check_cached(cached, ["h"] * blocks, PEER)
+    assert raised.value.peer_id == PEER
+
+
+# ---- HopStream over an in-memory stream ----
+
+Reply = Callable[[Step, torch.Tensor], runtime_pb2.ExpertResponse | bytes | None]
+
+
+def frame(payload: bytes, marker: bytes = P2P.MESSAGE_MARKER) -> bytes:
+    return marker + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + payload
+
+
+def doubled(step: Step, hidden: torch.Tensor) -> runtime_pb2.ExpertResponse:
+    return make_response(StepDone(position=step.position + hidden.shape[1]), hidden * 2)
+
+
+class Writer:
+    """The gateway's end of the stream: each frame it writes goes to the server."""
+
+    def __init__(self) -> None:
+        self.frames: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        length = int.from_bytes(data[1 : 1 + P2P.HEADER_LEN], P2P.BYTEORDER)
+        assert len(data) == 1 + P2P.HEADER_LEN + length  # one whole frame per write
+        self.frames.put_nowait((data[:1], data[1 + P2P.HEADER_LEN :]))
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeServer:
+    """The other end of ``rpc_inference``: answers the opening with ``opened``, then each
+    step with ``reply`` (a response, a raw frame, or ``None`` to hang). Records what it got."""
+
+    def __init__(self, cached: int = 0, reply: Reply = doubled) -> None:
+        self.opened: runtime_pb2.ExpertResponse | bytes = make_response(
+            SessionOpened(cached_tokens=cached)
+        )
+        self.reply = reply
+        self.opening: OpenSession | None = None
+        self.steps: list[tuple[Step, int]] = []  # each step and its tokens
+        self.ended = False  # the gateway said goodbye
+        self.reader: asyncio.StreamReader | None = None  # what the gateway reads
+
+    async def serve(self, writer: Writer, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        _, payload = await writer.frames.get()
+        self.opening = decode(OpenSession, runtime_pb2.ExpertRequest.FromString(payload).metadata)
+        self._send(reader, self.opened)
+        while True:
+            marker, payload = await writer.frames.get()
+            if marker == P2P.ERROR_MARKER:  # the gateway's end of stream
+                self.ended = True
+                reader.feed_eof()
+                return
+            request = runtime_pb2.ExpertRequest.FromString(payload)
+            step = decode(Step, request.metadata)
+            (hidden,) = read_tensors(request)
+            self.steps.append((step, hidden.shape[1]))
+            response = self.reply(step, hidden)
+            if response is not None:
+                self._send(reader, response)
+
+    @staticmethod
+    def _send(reader: asyncio.StreamReader, reply: runtime_pb2.ExpertResponse | bytes) -> None:
+        reader.feed_data(reply if isinstance(reply, bytes) else frame(reply.SerializeToString()))
+
+
+class FakeP2P:
+    def __init__(self, server: FakeServer | None, dialed: asyncio.Event | None = None) -> None:
+        self.server = server
+        self.dialed = dialed  # the dial hangs until it is set
+        self.writer = Writer()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def call_binary_stream_handler(
+        self, peer: object, name: str
+    ) -> tuple[None, asyncio.StreamReader, Writer]:
+        assert str(peer) == PEER and name == "swarmgate.rpc_inference"
+        if self.dialed is not None:
+            await self.dialed.wait()
+        if self.server is None:
+            raise ConnectionError("no route to host")
+        reader = asyncio.StreamReader()
+        self.tasks.append(asyncio.create_task(self.server.serve(self.writer, reader)))
+        return None, reader, self.writer
+
+
+OPENING = OpenSession(session_id="s", start=0, end=2, max_length=128, prefix_hashes=["h"] * 2)
+
+
+class Harness:
+    def __init__(
+        self, server: FakeServer | None, chunk_tokens: int = 16, dialed: asyncio.Event | None = None
+    ) -> None:
+        self.server = server
+        self.p2p = FakeP2P(server, dialed)
+        self.closes = 0
+        self.stream = HopStream(
+            self.p2p,  # duck-typed
+            Hop(PEER, 0, 2),
+            chunk_tokens,
+            deadline_s=lambda tokens: 0.2,
+            on_close=self._closed,
+        )
+
+    def _closed(self) -> None:
+        self.closes += 1
+
+
+def test_a_step_goes_in_chunks_with_the_hashes_each_one_completes() -> None:
+    server = FakeServer(cached=40)
+    tokens = list(range(100))
+    hidden = torch.randn(1, 30, 8)
+
+    async def scenario() -> None:
+        stream = Harness(server).stream
+        assert await stream.open(OPENING) == 40
+        stream.position = 40  # as ChainSession sets it
+        out = await stream.step(hidden, block_hashes(tokens[:70]))
+        torch.testing.assert_close(out, hidden * 2)
+        assert stream.position == 70
+
+    asyncio.run(scenario())
+
+    assert server.opening == OPENING
+    hashes = block_hashes(tokens[:70])
+    assert [(s.position, s.new_hashes, n) for s, n in server.steps] == [
+        (40, [], 16),
+        (56, [hashes[1]], 14),  # tokens 56..70 complete block 1 (tokens 32..64)
+    ]
+
+
+def test_an_open_claiming_more_than_the_prefix_is_a_bad_reply() -> None:
+    harness = Harness(FakeServer(cached=2 * BLOCK_TOKENS + 1))
+
+    async def scenario() -> None:
+        with pytest.raises(BadReply) as raised:
+            await harness.stream.open(OPENING)
+        assert raised.value.peer_id == PEER
+
+    asyncio.run(scenario())
+
+
+def test_a_full_server_says_so_with_its_peer_id() -> None:
+    server = FakeServer()
+    server.opened = make_response(RpcError(error=ErrorCode.CAPACITY, message="full"))
+
+    async def scenario() -> None:
+        with pytest.raises(CapacityExceeded) as raised:
+            await Harness(server).stream.open(OPENING)
+        assert raised.value.peer_id == PEER
+
+    asyncio.run(scenario())
+
+
+def test_a_server_that_cannot_be_dialed_is_unavailable() -> None:
+    async def scenario() -> None:
+        with pytest.raises(PeerUnavailable, match="no route to host") as raised:
+            await Harness(None).stream.open(OPENING)
+        assert raised.value.peer_id == PEER
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_closed_while_dialing_is_closed_when_the_dial_returns() -> None:
+    async def scenario() -> Harness:
+        dialed = asyncio.Event()
+        harness = Harness(FakeServer(), dialed=dialed)
+        opening = asyncio.create_task(harness.stream.open(OPENING))
+        await asyncio.sleep(0)
+        harness.stream.close()  # a cancelled request's cleanup
+        dialed.set()
+        with pytest.raises(PeerUnavailable, match="closed"):
+            await opening
+        return harness
+
+    harness = asyncio.run(scenario())
+
+    assert harness.p2p.writer.closed and harness.closes == 1
+
+
+def wrong_position(step: Step, hidden: torch.Tensor) -> runtime_pb2.ExpertResponse:
+    return make_response(StepDone(position=step.position), hidden)
+
+
+def two_tensors(step: Step, hidden: torch.Tensor) -> runtime_pb2.ExpertResponse:
+    return make_response(StepDone(position=step.position + hidden.shape[1]), hidden, hidden)
+
+
+def nan(step: Step, hidden: torch.Tensor) -> runtime_pb2.ExpertResponse:
+    return doubled(step, hidden * float("nan"))
+
+
+def bfloat16(step: Step, hidden: torch.Tensor) -> runtime_pb2.ExpertResponse:
+    return doubled(step, hidden.bfloat16())
+
+
+def fewer_tokens(step: Step, hidden: torch.Tensor) -> runtime_pb2.ExpertResponse:
+    return make_response(StepDone(position=step.position + hidden.shape[1]), hidden[:, :1])
+
+
+def internal_error(step: Step, hidden: torch.Tensor) -> runtime_pb2.ExpertResponse:
+    return make_response(RpcError(error=ErrorCode.INTERNAL, message="CUDA error"))
+
+
+def handler_error(step: Step, hidden: torch.Tensor) -> bytes:
+    return frame(RPCError(message="handler raised").SerializeToString(), P2P.ERROR_MARKER)
+
+
+def huge(step: Step, hidden: torch.Tensor) -> bytes:
+    return bytes(P2P.MESSAGE_MARKER) + (1 << 40).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER)
+
+
+def unknown_marker(step: Step, hidden: torch.Tensor) -> bytes:
+    return frame(doubled(step, hidden).SerializeToString(), b"\x07")
+
+
+def garbage(step: Step, hidden: torch.Tensor) -> bytes:
+    return frame(b"\xff" * 16)
+
+
+def silence(step: Step, hidden: torch.Tensor) -> None:
+    return None  # no answer within the deadline
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        (wrong_position, BadReply),
+        (two_tensors, BadReply),
+        (nan, BadReply),
+        (bfloat16, BadReply),
+        (fewer_tokens, BadReply),
+        (huge, BadReply),
+        (unknown_marker, BadReply),
+        (garbage, BadReply),
+        (internal_error, PeerUnavailable),
+        (handler_error, PeerUnavailable),
+        (silence, PeerUnavailable),
+    ],
+)
+def test_a_bad_step_reply_fails_the_hop_with_its_peer_id(
+    reply: Reply, error: type[PeerUnavailable]
+) -> None:
+    harness = Harness(FakeServer(reply=reply))
+
+    async def scenario() -> None:
+        await harness.stream.open(OPENING)
+        with pytest.raises(error) as raised:
+            await harness.stream.step(torch.randn(1, 2, 8), [])
+        assert type(raised.value) is error and raised.value.peer_id == PEER
+        assert harness.stream.position == 0  # nothing was accepted
+        harness.stream.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_server_ending_the_stream_is_unavailable() -> None:
+    def hang_up(step: Step, hidden: torch.Tensor) -> None:
+        assert server.reader is not None
+        server.reader.feed_eof()
+
+    server = FakeServer(reply=hang_up)
+
+    async def scenario() -> None:
+        stream = Harness(server).stream
+        await stream.open(OPENING)
+        with pytest.raises(PeerUnavailable, match="closed the stream") as raised:
+            await stream.step(torch.randn(1, 1, 8), [])
+        assert raised.value.peer_id == PEER
+
+    asyncio.run(scenario())
+
+
+def test_close_is_synchronous_idempotent_and_ends_the_servers_side() -> None:
+    server = FakeServer()
+    harness = Harness(server)
+
+    async def scenario() -> None:
+        await harness.stream.open(OPENING)
+        harness.stream.close()
+        harness.stream.close()
+        assert harness.closes == 1
+        with pytest.raises(PeerUnavailable, match="closed"):
+            await harness.stream.step(torch.randn(1, 1, 8), [])
+        for _ in range(100):  # the detached goodbye runs on its own
+            if harness.p2p.writer.closed:
+                break
+            await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+
+    assert server.ended and harness.p2p.writer.closed and server.steps == []
