@@ -33,6 +33,7 @@ from protocol.openai import (
     PromptTokensDetails,
     TopLogprob,
 )
+from routing.planner import Hop
 
 SYSTEM_FINGERPRINT = "swarmgate-v1"
 
@@ -61,11 +62,14 @@ class ChatService:
 
     async def complete(
         self, request: ChatCompletionRequest, session_key: str | None = None
-    ) -> ChatCompletion:
+    ) -> tuple[ChatCompletion, tuple[Hop, ...]]:
+        """The whole completion, and the route its first choice was generated on."""
         choices, finished = [], []
+        route: tuple[Hop, ...] = ()
         # Choices run one after another: each reuses the prompt the previous one cached.
         for index, prepared in enumerate(self.prepare(request, session_key)):
             generation = await self._generator.open(prepared)
+            route = route or generation.route
             parts: list[str] = []
             logprobs: list[TokenLogprob] = []
             async for event in self._generator.generate(prepared, generation):
@@ -82,13 +86,14 @@ class ChatService:
                             logprobs=_logprobs(logprobs) if request.logprobs else None,
                         )
                     )
-        return ChatCompletion(
+        completion = ChatCompletion(
             id=_completion_id(),
             model=self.model.id,
             choices=choices,
             usage=usage_of(*finished),
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
+        return completion, route
 
     async def stream(
         self,

@@ -27,6 +27,7 @@ from protocol.openai import (
     CompletionRequest,
     CompletionUsage,
 )
+from routing.planner import Hop
 
 MAX_PROMPTS = 16  # choices one request may ask for
 
@@ -79,10 +80,13 @@ class CompletionService:
 
     async def complete(
         self, request: CompletionRequest, session_key: str | None = None
-    ) -> Completion:
+    ) -> tuple[Completion, tuple[Hop, ...]]:
+        """The whole completion, and the route its first prompt was generated on."""
         choices, finished = [], []
+        route: tuple[Hop, ...] = ()
         for index, prompt in enumerate(self.prepare(request, session_key)):
             generation = await self.open(prompt)
+            route = route or generation.route
             parts = [prompt.text] if request.echo else []
             offsets = _Offsets(len(prompt.text) if request.echo else 0)
             async for event in self._generator.generate(prompt.generation, generation):
@@ -99,13 +103,14 @@ class CompletionService:
                             logprobs=offsets.all if request.logprobs is not None else None,
                         )
                     )
-        return Completion(
+        completion = Completion(
             id=_completion_id(),
             model=self.model.id,
             choices=choices,
             system_fingerprint=SYSTEM_FINGERPRINT,
             usage=_total_usage(finished),
         )
+        return completion, route
 
     async def stream(
         self,

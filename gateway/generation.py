@@ -25,6 +25,7 @@ from gateway.text import Decoder, IncrementalDetokenizer, StopMatcher
 from models.loading import Head
 from protocol.openai import FinishReason
 from protocol.prefix import TokenHistory
+from routing.planner import Hop
 
 T = TypeVar("T")
 
@@ -101,6 +102,7 @@ class Generation:
     claim: Claim
     history: TokenHistory  # every token fed to the session
     closed: bool = False
+    route: tuple[Hop, ...] = ()  # the servers the session was opened on
 
 
 class Generator:
@@ -148,7 +150,7 @@ class Generator:
         except BaseException:
             self._admission.release()
             raise
-        return Generation(session, claim, history)
+        return Generation(session, claim, history, route=tuple(session.route))
 
     async def generate(
         self, request: GenerationRequest, generation: Generation

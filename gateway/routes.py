@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -26,7 +26,7 @@ from protocol.openai import (
     ModelList,
     dump,
 )
-from routing.planner import plan_route
+from routing.planner import Hop, plan_route
 
 
 async def require_api_key(request: Request) -> None:
@@ -69,17 +69,33 @@ async def completions(body: CompletionRequest, request: Request) -> object:
     return await _respond(request.app.state.completions, body, session_key)
 
 
+ROUTE_HEADER = "X-Swarmgate-Route"
+
+
+def route_header(route: Sequence[Hop]) -> str:
+    """``peer:start-end,peer:start-end``: the servers of a route and their half-open block
+    ranges, in chain order (peer ids are base58: no ``:`` or ``,`` in them)."""
+    return ",".join(f"{hop.peer_id}:{hop.start}-{hop.end}" for hop in route)
+
+
 async def _respond(
     service: ChatService | CompletionService, body: Any, session_key: str | None
 ) -> object:
     """One JSON body, or a stream whose first generation is open before the status line
-    goes out (so that a missing route is a 503, not a broken stream)."""
+    goes out (so that a missing route is a 503, not a broken stream). Either way the
+    response names the route its (first) generation opened on, in ``ROUTE_HEADER``."""
     if not body.stream:
-        return JSONResponse(dump(await service.complete(body, session_key)))
+        completion, route = await service.complete(body, session_key)
+        return JSONResponse(dump(completion), headers={ROUTE_HEADER: route_header(route)})
     prepared: Any = service.prepare(body, session_key)
     first = await service.open(prepared[0])
     chunks = service.stream(body, prepared, first)
-    return EventSourceResponse(_events(chunks), sep=sse.SEP, ping=sse.PING_PERIOD_S)
+    return EventSourceResponse(
+        _events(chunks),
+        sep=sse.SEP,
+        ping=sse.PING_PERIOD_S,
+        headers={ROUTE_HEADER: route_header(first.route)},
+    )
 
 
 async def _events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[ServerSentEvent]:

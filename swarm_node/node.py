@@ -132,7 +132,9 @@ class BlockServer:
         announcer = asyncio.create_task(self._announce_forever(dht, model))
         publisher = asyncio.create_task(board.run(INFO_PERIOD_S))
         print(
-            f"swarmgate node: serving blocks {start}:{end} of {model.name} as {self.peer_id}",
+            f"swarmgate node: serving blocks {start}:{end} of {model.name} as {self.peer_id}; "
+            "others can join through it with --initial-peers "
+            + " ".join(str(m) for m in dht.get_visible_maddrs()),
             flush=True,
         )
         try:

@@ -120,6 +120,13 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         default=float(_env("SWARMGATE_CACHE_TTL", "600") or 600),
         help="seconds an idle session's KV cache is kept for its next turn",
     )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=float(_env("SWARMGATE_DRAIN_TIMEOUT", "10") or 10),
+        help="on SIGTERM, seconds that running streams may take to finish before the "
+        "server leaves (a second signal leaves at once)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -154,8 +154,10 @@ def start_node(
     *extra: str,
     name: str | None = None,
     model_id: str = MODEL_ID,
+    module: str = "swarmgate",
 ) -> Process:
-    """One `swarmgate node` for ``blocks``, announcing every 2 s, as `run_swarm` starts them."""
+    """One `swarmgate node` for ``blocks``, announcing every 2 s, as `run_swarm` starts them
+    (``module``: another module with the same command line, such as a test's wrapper)."""
     start, end = blocks
     argv = [
         "node",
@@ -171,4 +173,4 @@ def start_node(
         "2",
         *extra,
     ]
-    return Process(name or f"node {start}:{end}", argv, log_dir)
+    return Process(name or f"node {start}:{end}", argv, log_dir, module=module)

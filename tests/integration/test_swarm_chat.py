@@ -119,6 +119,9 @@ def test_raw_sse_frames_end_with_done(swarm: Swarm) -> None:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         raw = "".join(r.iter_text())
+    servers = httpx.get(f"{swarm.base_url}/swarm").json()["servers"]
+    peer = {(s["start"], s["end"]): s["peer_id"] for s in servers}
+    assert r.headers["x-swarmgate-route"] == f"{peer[0, 2]}:0-2,{peer[2, 4]}:2-4"
     events = [e for e in raw.split("\n\n") if e and not e.startswith(":")]
     assert all(e.startswith("data: ") for e in events)
     assert events[-1] == "data: [DONE]"

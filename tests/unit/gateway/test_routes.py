@@ -11,7 +11,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
+from gateway.routes import ROUTE_HEADER, route_header
 from gateway.settings import GatewaySettings
+from routing.planner import Hop
 from tests.fakes import LocalSwarmClient
 
 MODEL_ID = "tiny"
@@ -188,3 +190,27 @@ def test_logprobs_of_each_token_and_its_top_alternatives(covered: tuple) -> None
     plain = client.post("/v1/chat/completions", json={**CHAT, "temperature": 0}).json()
     assert plain["choices"][0]["logprobs"] is None
     assert client.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2}).status_code == 400
+
+
+def test_route_header_lists_each_hop_with_its_half_open_blocks() -> None:
+    route = [Hop("12D3KooWA", 0, 2), Hop("12D3KooWB", 2, 4)]
+    assert route_header(route) == "12D3KooWA:0-2,12D3KooWB:2-4"
+    assert route_header([Hop("solo", 0, 30)]) == "solo:0-30"
+    assert route_header([]) == ""
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_every_completion_names_its_route(covered: tuple, stream: bool) -> None:
+    client, _ = covered
+    text = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 3, "stream": stream}
+    for path, body in (
+        ("/v1/chat/completions", {**CHAT, "stream": stream}),
+        ("/v1/chat/completions", {**CHAT, "stream": stream, "n": 2}),
+        ("/v1/completions", text),
+        ("/v1/completions", {**text, "prompt": ["Hello", "Bye"]}),
+    ):
+        r = client.post(path, json=body)
+        assert r.status_code == 200
+        assert r.headers[ROUTE_HEADER] == "local-peer:0-4", (path, body)
+    refused = client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
+    assert refused.status_code == 404 and ROUTE_HEADER not in refused.headers
