@@ -221,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("SWARMGATE_PREFILL_CHUNK_TOKENS"),
         help="tokens per prefill message (default: as many as fit)",
     )
+    gateway.add_argument(
+        "--step-floor",
+        type=float,
+        default=float(_env("SWARMGATE_STEP_FLOOR", "10") or 10),
+        help="seconds any server may take for one step, plus what its announced throughput "
+        "allows, before it counts as failed and the session moves on without it",
+    )
 
     status = commands.add_parser("status", help="print the swarm's coverage")
     _add_peers(status, required=True)

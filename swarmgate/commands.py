@@ -85,6 +85,7 @@ def gateway(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         api_keys=api_keys(args.api_key, args.api_key_file),
         prefill_chunk_tokens=args.prefill_chunk_tokens,
+        step_floor_s=args.step_floor,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 
