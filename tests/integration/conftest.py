@@ -155,6 +155,7 @@ def start_node(
     name: str | None = None,
     model_id: str = MODEL_ID,
     module: str = "swarmgate",
+    env: dict[str, str] | None = None,
 ) -> Process:
     """One `swarmgate node` for ``blocks``, announcing every 2 s, as `run_swarm` starts them
     (``module``: another module with the same command line, such as a test's wrapper)."""
@@ -173,4 +174,4 @@ def start_node(
         "2",
         *extra,
     ]
-    return Process(name or f"node {start}:{end}", argv, log_dir, module=module)
+    return Process(name or f"node {start}:{end}", argv, log_dir, env=env, module=module)

@@ -15,11 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import (
-    MODEL_ID,
-    Swarm,
-    run_swarm,
-)
+from tests.integration.conftest import MODEL_ID, Swarm, run_swarm, start_node
 from tests.integration.test_swarm_chat import _reference, hf_greedy
 from tests.processes import Process, node_identity, wait_for
 
@@ -88,23 +84,9 @@ def kill_hard(process: Process) -> None:
     process.kill_group()
 
 
-def start_node(
-    swarm: Swarm, logs: Path, blocks: str, name: str, *, module: str = "swarmgate", **env: str
-) -> Process:
-    argv = [
-        "node",
-        "--model",
-        str(swarm.model_path),
-        "--model-name",
-        MODEL_ID,
-        "--initial-peers",
-        *swarm.initial_peers,
-        "--blocks",
-        blocks,
-        "--announce-period",
-        "2",
-    ]
-    return Process(name, argv, logs, env=env or None, module=module)
+def where(swarm: Swarm, logs: Path) -> tuple[Path, list[str], Path]:
+    """`start_node`'s first arguments for a node joining ``swarm``."""
+    return swarm.model_path, swarm.initial_peers, logs
 
 
 def servers(swarm: Swarm) -> list[dict]:
@@ -183,7 +165,7 @@ def test_with_no_replacement_the_stream_ends_cleanly_then_recovers(
     assert refused.json()["error"]["type"] == "service_unavailable_error"
 
     # ...and succeed, exactly, once a server for them joins.
-    fresh = start_node(swarm, logs, f"{HALF}:4", "node 2-4 fresh")
+    fresh = start_node(*where(swarm, logs), (HALF, 4), name="node 2-4 fresh")
     try:
 
         def serves() -> bool:
@@ -207,12 +189,11 @@ def test_a_server_answering_garbage_gets_a_clean_error_and_is_routed_around(
     kill_hard(nodes[good][0])
     faulty = [
         start_node(
-            swarm,
-            logs,
-            f"{HALF}:4",
-            f"faulty {fault}",
+            *where(swarm, logs),
+            (HALF, 4),
+            name=f"faulty {fault}",
             module="tests.fake_node",
-            FAKE_NODE_FAULT=fault,
+            env={"FAKE_NODE_FAULT": fault},
         )
         for fault in ("nan", "dtype")
     ]
@@ -243,7 +224,7 @@ def test_a_server_answering_garbage_gets_a_clean_error_and_is_routed_around(
 
         # A good server joins: every request is answered exactly, whichever faulty server
         # a request tries first (bans expire, so they may be tried again) is routed around.
-        fresh = start_node(swarm, logs, f"{HALF}:4", "node 2-4 good")
+        fresh = start_node(*where(swarm, logs), (HALF, 4), name="node 2-4 good")
 
         def serves_exactly() -> bool:
             assert fresh is not None and fresh.alive(), fresh.output()[-2000:] if fresh else ""
