@@ -93,12 +93,16 @@ def servers(swarm: Swarm) -> list[dict]:
     return list(httpx.get(f"{swarm.base_url}/swarm", timeout=5).json()["servers"])
 
 
+def online(swarm: Swarm) -> list[dict]:
+    return [s for s in servers(swarm) if s["state"] == "online"]
+
+
 @pytest.fixture
 def replicated(tiny_model: Path, tmp_path: Path) -> Iterator[Swarm]:
     """DHT + two servers for each half of the model + gateway."""
     spans = [(0, HALF), (0, HALF), (HALF, 4), (HALF, 4)]
     with run_swarm(tiny_model, tmp_path, spans) as swarm:
-        wait_for(lambda: len(servers(swarm)) == 4, 60, "all four servers in /swarm")
+        wait_for(lambda: len(online(swarm)) == 4, 120, "all four servers online")
         yield swarm
 
 
@@ -201,11 +205,7 @@ def test_a_server_answering_garbage_gets_a_clean_error_and_is_routed_around(
     try:
 
         def only_faulty_serve_2_4() -> bool:
-            held = [
-                s["peer_id"]
-                for s in servers(swarm)
-                if s["start"] == HALF and s["state"] == "online"
-            ]
+            held = [s["peer_id"] for s in online(swarm) if s["start"] == HALF]
             return len(held) == 2 and good not in held
 
         wait_for(only_faulty_serve_2_4, 120, "the faulty servers to replace the dead one")
