@@ -10,11 +10,12 @@
 
 Errors about one server carry its ``peer_id`` so that the gateway can route around it.
 
-    RequestError                the client's request is wrong (never retried)
+    RequestError                the client's request is wrong, or more than it may ask now
     ├── InvalidRequest          bad JSON or parameter values
     ├── Unauthorized            a missing or wrong API key
     ├── ModelNotFound           the requested model is not served here
-    └── ContextLengthExceeded   prompt + max tokens exceed the model's context
+    ├── ContextLengthExceeded   prompt + max tokens exceed the model's context
+    └── TooManyRequests         the client (API key) has too many requests in flight
 
 The gateway maps each class to an HTTP status once, in ``gateway/errors.py``.
 """
@@ -63,7 +64,8 @@ class ProtocolMismatch(SwarmError):
 
 
 class RequestError(Exception):
-    """The client's request is wrong; retrying it unchanged cannot help."""
+    """The client's request is wrong (retrying it unchanged cannot help), or more than the
+    client may ask for right now (``TooManyRequests``)."""
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -86,3 +88,7 @@ class ModelNotFound(RequestError):
 
 class ContextLengthExceeded(RequestError):
     """The prompt plus the tokens to generate do not fit the model's context."""
+
+
+class TooManyRequests(RequestError):
+    """The client (its API key) already has as many requests in flight as one may have."""

@@ -5,6 +5,7 @@ Requests ignore unknown fields, as OpenAI does; responses carry exactly OpenAI's
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal, Self
 
@@ -25,6 +26,16 @@ class OpenAIModel(BaseModel):
 
 # ---- requests ----
 
+# JSON's \ud800-style escapes can carry a lone UTF-16 surrogate, which is no character:
+# the tokenizer, Redis and our own responses cannot encode it.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_unicode(value: str) -> str:
+    if _LONE_SURROGATE.search(value):
+        raise ValueError("contains a lone surrogate (\\ud800-\\udfff), which is not valid Unicode")
+    return value
+
 
 class TextContentPart(OpenAIModel):
     type: Literal["text"]
@@ -35,6 +46,21 @@ class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _content_is_unicode(
+        cls, value: str | list[TextContentPart] | None
+    ) -> str | list[TextContentPart] | None:
+        # Checked here rather than per part, so that the error names `messages.N.content`.
+        for part in [value] if isinstance(value, str) else value or []:
+            valid_unicode(part if isinstance(part, str) else part.text)
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_unicode(cls, value: str | None) -> str | None:
+        return None if value is None else valid_unicode(value)
 
     def text(self) -> str:
         if self.content is None:
@@ -54,6 +80,8 @@ class ResponseFormat(OpenAIModel):
 
 MAX_MESSAGES = 2048  # a request with more is refused before it is tokenized
 MAX_CHOICES = 8  # `n`: choices are generated one after another
+MAX_STOP_CHARS = 256  # per stop sequence: each is looked for after every generated token
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64; seed + choice index still fits torch's seeds
 
 
 class SamplingRequest(OpenAIModel):
@@ -65,7 +93,7 @@ class SamplingRequest(OpenAIModel):
     max_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -78,6 +106,10 @@ class SamplingRequest(OpenAIModel):
     def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 4:
             raise ValueError("at most 4 stop sequences are allowed")
+        for stop in [value] if isinstance(value, str) else value or []:
+            if len(stop) > MAX_STOP_CHARS:
+                raise ValueError(f"a stop sequence may have at most {MAX_STOP_CHARS} characters")
+            valid_unicode(stop)
         return value
 
     @model_validator(mode="after")
@@ -135,6 +167,16 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_is_unicode(
+        cls, value: str | list[str] | list[int] | list[list[int]]
+    ) -> str | list[str] | list[int] | list[list[int]]:
+        for text in [value] if isinstance(value, str) else value:
+            if isinstance(text, str):
+                valid_unicode(text)
+        return value
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per choice: text, or token ids."""

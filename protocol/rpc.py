@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import enum
 import json
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from protocol.errors import (
     CapacityExceeded,
@@ -32,12 +32,15 @@ from protocol.swarm import PROTOCOL_VERSION
 
 # Handler names registered on every server's P2P instance.
 RPC_INFERENCE = "swarmgate.rpc_inference"
-RPC_FORWARD = "swarmgate.rpc_forward"
 RPC_INFO = "swarmgate.rpc_info"
 
 # hivemind refuses messages over 4 MiB; stay below with room for framing and metadata.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MESSAGE_BUDGET_BYTES = 3 * 1024 * 1024
+
+
+# A chained block hash (protocol.prefix): 16 bytes of blake2b, hex.
+BlockHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 
 
 class RpcMessage(BaseModel):
@@ -54,7 +57,7 @@ class OpenSession(RpcMessage):
     end: int = Field(gt=0)
     max_length: int = Field(gt=0)  # tokens the session may reach, to size the cache
     # Chained hashes of the prompt's full token blocks (protocol.prefix): what to reuse.
-    prefix_hashes: list[str] = Field(default_factory=list, max_length=MAX_BLOCKS)
+    prefix_hashes: list[BlockHash] = Field(default_factory=list, max_length=MAX_BLOCKS)
     # False: a throwaway session (replaying a failed hop's inputs), dropped when it closes.
     keep: bool = True
 
@@ -68,16 +71,11 @@ class Step(RpcMessage):
     # edited or regenerated turn); above, the step is refused.
     position: int = Field(ge=0)
     # Hashes of the blocks that these tokens complete, so the next turn can find them.
-    new_hashes: list[str] = Field(default_factory=list, max_length=MAX_BLOCKS)
+    new_hashes: list[BlockHash] = Field(default_factory=list, max_length=MAX_BLOCKS)
 
 
 class StepDone(RpcMessage):
     position: int = Field(ge=0)  # tokens held after this step
-
-
-class Forward(RpcMessage):
-    start: int = Field(ge=0)
-    end: int = Field(gt=0)
 
 
 class ServerInfo(RpcMessage):
@@ -115,8 +113,8 @@ class RpcError(RpcMessage):
             code = ErrorCode.PROTOCOL_MISMATCH
         elif isinstance(exc, RequestError):
             code = ErrorCode.INVALID_REQUEST
-        else:
-            code = ErrorCode.INTERNAL
+        else:  # details of a server's own failure stay in its log
+            return cls(error=ErrorCode.INTERNAL, message="the server failed to run this step")
         return cls(error=code, message=str(exc)[:1000])
 
     def exception(self, peer_id: str) -> SwarmError:

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 PROTOCOL_VERSION = 1
 LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]  # default listen address: this machine only
-MAX_SESSIONS_LISTED = 64  # keeps a record small however many sessions a server caches
+MAX_THROUGHPUT = 1e6  # decode steps/s; anything above is a lie meant to win every route
+MAX_NAME_CHARS = 128  # dtype, quant and adapter names
 
 
 class NodeState(enum.StrEnum):
@@ -48,14 +49,14 @@ class ServerRecord(_Record):
     state: NodeState
     start: int = Field(ge=0)
     end: int = Field(gt=0)
-    throughput: float = Field(ge=0.0)  # tokens per second this server can decode
-    load: float = Field(default=0.0, ge=0.0)  # active inference streams
+    throughput: float = Field(ge=0.0, le=MAX_THROUGHPUT)  # decode steps/s through the span
+    load: float = Field(default=0.0, ge=0.0, le=1e6)  # active inference streams
     cache_bytes_free: int = Field(default=0, ge=0)
-    dtype: str = "float32"
-    quant: str = "none"
-    adapters: tuple[str, ...] = ()
-    sessions: tuple[str, ...] = Field(default=(), max_length=MAX_SESSIONS_LISTED)  # cached
-    cached_sessions: int = Field(default=0, ge=0)  # all of them, listed or not
+    dtype: str = Field(default="float32", max_length=MAX_NAME_CHARS)
+    quant: str = Field(default="none", max_length=MAX_NAME_CHARS)
+    adapters: tuple[str, ...] = Field(default=(), max_length=64)
+    # How many sessions it caches. Never which: a session id is its owner's business.
+    cached_sessions: int = Field(default=0, ge=0)
     evictions: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")

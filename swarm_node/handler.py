@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,10 +27,8 @@ from protocol.errors import (
     SwarmError,
 )
 from protocol.rpc import (
-    RPC_FORWARD,
     RPC_INFERENCE,
     RPC_INFO,
-    Forward,
     OpenSession,
     RpcError,
     ServerInfo,
@@ -40,13 +39,14 @@ from protocol.rpc import (
     max_tokens_per_message,
 )
 from protocol.swarm import PROTOCOL_VERSION
-from swarm_node.backend import forward_span, inference_step, new_cache
+from swarm_node.backend import inference_step, new_cache
 from swarm_node.kv_cache import CachedSession, SessionStore
 
 logger = logging.getLogger(__name__)
 
 OPEN_TIMEOUT_S = 30.0  # a stream that never says which session it is gets dropped
-STEP_TIMEOUT_S = 600.0  # an idle session holds its reservation at most this long
+STEP_TIMEOUT_S = 90.0  # an idle stream holds its session's reservation at most this long
+MAX_STREAMS_PER_PEER = 256  # one gateway's concurrent sessions here, replays included
 BUSY_WAIT_S = 2.0  # how long an open waits for the session's previous stream to end
 
 
@@ -66,6 +66,7 @@ class BlockHandler:
         self._max_tokens = max_tokens_per_message(span.config.hidden_size)
         self._max_length = span.config.max_position_embeddings
         self.active_streams = 0
+        self._streams_of: Counter[str] = Counter()  # open streams per calling peer
         self._released = asyncio.Condition()
 
     async def register(self, p2p: P2P) -> None:
@@ -73,12 +74,10 @@ class BlockHandler:
         await p2p.add_protobuf_handler(
             RPC_INFERENCE, self.rpc_inference, Request, stream_input=True, stream_output=True
         )
-        await p2p.add_protobuf_handler(RPC_FORWARD, self.rpc_forward, Request)
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, Request)
 
     async def unregister(self, p2p: P2P) -> None:
         await p2p.remove_protobuf_handler(RPC_INFERENCE, stream_input=True, stream_output=True)
-        await p2p.remove_protobuf_handler(RPC_FORWARD)
         await p2p.remove_protobuf_handler(RPC_INFO)
 
     def shutdown(self) -> None:
@@ -89,7 +88,10 @@ class BlockHandler:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """One session's stream. Refusals and failures are answered with a typed ``RpcError``
         and end the stream; the session's state after any of them is consistent."""
+        caller = str(context.remote_id) if context is not None else ""
         try:
+            if self._streams_of[caller] >= MAX_STREAMS_PER_PEER:
+                raise CapacityExceeded(f"{MAX_STREAMS_PER_PEER} streams from one peer at most")
             opening = await self._read_opening(requests)
             await self._wait_until_idle(opening.session_id)
             session, cached = self.sessions.open(
@@ -105,6 +107,7 @@ class BlockHandler:
             yield make_response(RpcError.of(e))
             return
         self.active_streams += 1
+        self._streams_of[caller] += 1
         try:
             yield make_response(SessionOpened(cached_tokens=cached))
             first = True
@@ -127,6 +130,9 @@ class BlockHandler:
                 yield make_response(StepDone(position=session.position), out)
         finally:
             self.active_streams -= 1
+            self._streams_of[caller] -= 1
+            if not self._streams_of[caller]:
+                del self._streams_of[caller]
             self.sessions.release(session)
             async with self._released:
                 self._released.notify_all()
@@ -196,20 +202,6 @@ class BlockHandler:
                     BUSY_WAIT_S,
                 )
 
-    async def rpc_forward(
-        self, request: runtime_pb2.ExpertRequest, context: P2PContext
-    ) -> runtime_pb2.ExpertResponse:
-        try:
-            forward = decode(Forward, request.metadata)
-            self._check_range(forward.start, forward.end)
-            hidden = self._one_tensor(request)
-            out = await self._run(
-                forward_span, self.span, hidden, None, start=forward.start, end=forward.end
-            )
-        except (SwarmError, RequestError) as e:
-            return make_response(RpcError.of(e))
-        return make_response(forward, out)
-
     async def rpc_info(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
@@ -232,9 +224,14 @@ class BlockHandler:
             raise ProtocolMismatch(f"expected 1 tensor, got {len(tensors)}")
         hidden = tensors[0]
         hidden_size = self.span.config.hidden_size
-        if hidden.ndim != 3 or hidden.shape[-1] != hidden_size or not hidden.is_floating_point():
+        if (
+            hidden.ndim != 3
+            or hidden.shape[0] != 1
+            or hidden.shape[-1] != hidden_size
+            or not hidden.is_floating_point()
+        ):
             raise InvalidRequest(
-                f"hidden states must be float [batch, n, {hidden_size}], got "
+                f"hidden states must be float [1, n, {hidden_size}], got "
                 f"{hidden.dtype} {list(hidden.shape)}"
             )
         if not 0 < hidden.shape[1] <= self._max_tokens:

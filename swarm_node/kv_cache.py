@@ -72,6 +72,7 @@ class SessionStore:
         self._size_of = size_of
         self._clock = clock
         self._sessions: OrderedDict[str, CachedSession] = OrderedDict()  # LRU first
+        self._used = 0  # the sum of every stored session's charge, kept as they change
         self.evictions = 0
         self.tokens_computed = 0
         self.tokens_reused = 0
@@ -88,7 +89,7 @@ class SessionStore:
 
     @property
     def used_bytes(self) -> int:
-        return sum(s.charge() for s in self._sessions.values())
+        return self._used
 
     def stats(self) -> CacheStats:
         used = self.used_bytes
@@ -122,16 +123,22 @@ class SessionStore:
         elif session is not None and (session.start, session.end) != (start, end):
             self._drop(session_id)
             session = None
+        kept = session is not None
         if session is None:
             session = CachedSession(session_id, start, end, new_cache())
             cached = 0
         else:
             blocks = common_blocks(session.hashes, prefix_hashes)
             cached = min(blocks * BLOCK_TOKENS, session.position)
-            self._sessions.pop(session_id)
-        self._make_room(max(reserve, session.size_bytes))  # what it will be charged once back
+            self._remove(session_id)
+        try:
+            self._make_room(max(reserve, session.size_bytes))  # what it is charged once back
+        except CapacityExceeded:
+            if kept:  # refused, not lost: it stays cached for a later try
+                self._insert(session)
+            raise
         session.reserved_bytes, session.in_use, session.keep = reserve, True, keep
-        self._sessions[session_id] = session
+        self._insert(session)
         return session, cached
 
     def check_step(
@@ -144,7 +151,8 @@ class SessionStore:
         regenerated turn); above it, the step is refused.
         """
         if position > session.position:
-            raise InvalidRequest(f"step at position {position}, the cache holds {session.position}")
+            # Says nothing of how much is cached: that is the conversation owner's business.
+            raise InvalidRequest(f"step at position {position} is past this session's cache")
         end = position + tokens
         if end * (session.end - session.start) * self._per_token_block > max(
             session.reserved_bytes, session.size_bytes
@@ -170,22 +178,20 @@ class SessionStore:
         """
         if first:
             self.tokens_reused += min(position, session.position)
-        session.position = position + tokens
-        session.hashes = hashes
-        session.size_bytes = self._size_of(session.cache)
+        size = self._size_of(session.cache)
+        self._change(session, position=position + tokens, hashes=hashes, size_bytes=size)
         self.tokens_computed += tokens
 
     def discard(self, session: CachedSession) -> None:
         """Forget a session whose cache may be half-written; a forward may still be running
         on it. The next stream under its id starts from an empty cache of its own."""
-        session.in_use, session.keep = False, False
+        self._change(session, in_use=False, keep=False)
         if self._sessions.get(session.key) is session:
             self._drop(session.key)
 
     def release(self, session: CachedSession) -> None:
         """The stream closed: the cache stays for the next turn (forks are not reusable)."""
-        session.in_use = False
-        session.last_used = self._clock()
+        self._change(session, in_use=False, last_used=self._clock())
         reusable = session.keep and "#" not in session.key and session.position > 0
         if not reusable and self._sessions.get(session.key) is session:
             self._drop(session.key)
@@ -200,15 +206,37 @@ class SessionStore:
             self._drop(key, evicted=True)
 
     def _make_room(self, need: int) -> None:
-        while self.used_bytes + need > self.budget_bytes:
-            victim = next((k for k, s in self._sessions.items() if not s.in_use), None)
-            if victim is None:
-                raise CapacityExceeded(
-                    f"no room for {need} cache bytes: {self.used_bytes} of "
-                    f"{self.budget_bytes} are held by sessions in use"
-                )
+        if self._used + need <= self.budget_bytes:
+            return
+        idle = sum(s.charge() for s in self._sessions.values() if not s.in_use)
+        if self._used - idle + need > self.budget_bytes:
+            # Refused before anything is evicted: a request too big for the budget must not
+            # cost every other conversation its cache.
+            raise CapacityExceeded("no room for this session's cache here right now")
+        while self._used + need > self.budget_bytes:
+            victim = next(k for k, s in self._sessions.items() if not s.in_use)
             self._drop(victim, evicted=True)
 
+    def _change(self, session: CachedSession, **fields: object) -> None:
+        """Set ``fields`` on ``session``, keeping the running byte total right."""
+        stored = self._sessions.get(session.key) is session
+        if stored:
+            self._used -= session.charge()
+        for name, value in fields.items():
+            setattr(session, name, value)
+        if stored:
+            self._used += session.charge()
+
+    def _insert(self, session: CachedSession) -> None:
+        self._sessions[session.key] = session
+        self._used += session.charge()
+
+    def _remove(self, key: str) -> CachedSession | None:
+        session = self._sessions.pop(key, None)
+        if session is not None:
+            self._used -= session.charge()
+        return session
+
     def _drop(self, key: str, *, evicted: bool = False) -> None:
-        if self._sessions.pop(key, None) is not None and evicted:
+        if self._remove(key) is not None and evicted:
             self.evictions += 1

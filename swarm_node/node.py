@@ -15,7 +15,7 @@ from hivemind import DHT
 from models.loading import DTYPES, Span, load_config, load_span
 from models.resolve import resolve_model
 from protocol.rpc import ServerInfo
-from protocol.swarm import MAX_SESSIONS_LISTED, ModelRecord, NodeState, ServerRecord, dht_prefix
+from protocol.swarm import ModelRecord, NodeState, ServerRecord, dht_prefix
 from routing.block_selection import choose_blocks
 from routing.dht import SwarmDHT
 from routing.discovery import announce, fetch_snapshot
@@ -164,7 +164,6 @@ class BlockServer:
             evictions=stats.evictions,
             dtype=self.settings.dtype,
             quant=self.settings.quant,
-            sessions=tuple(self.sessions.session_ids()[:MAX_SESSIONS_LISTED]),
         )
 
     def info(self) -> ServerInfo:

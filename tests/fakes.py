@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,7 +21,8 @@ class LocalSwarmClient:
     """Every block in this process, behind the same interface as the P2P client.
 
     ``covered=False`` announces no servers (no route); ``fail_after_steps`` makes each
-    session fail like a dying server after that many steps.
+    session fail like a dying server after that many steps; while ``gate`` is set to an
+    unset event, every step waits for it (a swarm that is slow to answer).
     """
 
     def __init__(
@@ -38,6 +40,7 @@ class LocalSwarmClient:
         self.opened = 0
         self.closed = 0
         self.steps = 0  # over all sessions
+        self.gate: asyncio.Event | None = None
         servers = (
             {
                 "local-peer": ServerRecord(
@@ -86,6 +89,8 @@ class LocalSession:
         assert tokens == 0
 
     async def step(self, hidden: torch.Tensor, history: TokenHistory) -> torch.Tensor:
+        if self._client.gate is not None:
+            await self._client.gate.wait()
         self._steps += 1
         self._client.steps += 1
         limit = self._client.fail_after_steps

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,13 +27,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Every process a test run starts carries this in its environment, and so do the p2pd
+# daemons they spawn: a run checks for its own leftovers, not another run's on the machine.
+RUN_MARKER = "SWARMGATE_TEST_RUN"
+RUN_ID = os.environ.setdefault(RUN_MARKER, uuid.uuid4().hex)  # in-process DHTs' p2pd too
+
+
 def p2pd_pids() -> set[int]:
+    """This test run's p2pd daemons."""
     found = set()
     for process in psutil.process_iter(["name", "cmdline"]):
         try:
-            if "p2pd" in (process.info["name"] or "") or any(
-                "p2pd" in part for part in (process.info["cmdline"] or [])[:1]
-            ):
+            if (
+                "p2pd" in (process.info["name"] or "")
+                or any("p2pd" in part for part in (process.info["cmdline"] or [])[:1])
+            ) and process.environ().get(RUN_MARKER) == RUN_ID:
                 found.add(process.pid)
         except psutil.Error:
             continue
@@ -71,7 +80,7 @@ class Process:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=REPO,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, RUN_MARKER: RUN_ID, **(env or {})},
             start_new_session=True,  # its own group: stop() reaches every grandchild
         )
 

@@ -165,7 +165,7 @@ class FakeP2P:
         return None, reader, self.writer
 
 
-OPENING = OpenSession(session_id="s", start=0, end=2, max_length=128, prefix_hashes=["h"] * 2)
+OPENING = OpenSession(session_id="s", start=0, end=2, max_length=128, prefix_hashes=["ab" * 16] * 2)
 
 
 class Harness:

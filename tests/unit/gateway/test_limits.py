@@ -15,7 +15,7 @@ from gateway.app import create_app
 from gateway.limits import Admission
 from gateway.sampling import SamplingParams, adjust_logits
 from gateway.settings import GatewaySettings
-from protocol.errors import CapacityExceeded
+from protocol.errors import CapacityExceeded, TooManyRequests
 from tests.fakes import LocalSwarmClient
 
 MODEL_ID = "tiny"
@@ -90,14 +90,48 @@ def test_oversized_bodies_are_413(client: TestClient) -> None:
 def test_admission_queues_then_refuses() -> None:
     async def scenario() -> None:
         admission = Admission(max_active=1, max_waiting=1)
-        await admission.acquire()
-        waiter = asyncio.create_task(admission.acquire())
+        running = await admission.admit("a")
+        waiter = asyncio.create_task(admission.admit("b"))
         await asyncio.sleep(0)  # let it start waiting
         with pytest.raises(CapacityExceeded):
-            await admission.acquire()
-        admission.release()
-        await asyncio.wait_for(waiter, 1)
-        admission.release()
-        await asyncio.wait_for(admission.acquire(), 1)
+            await admission.admit("c")
+        running.release()
+        running.release()  # idempotent: frees one slot, once
+        second = await asyncio.wait_for(waiter, 1)
+        second.release()
+        await asyncio.wait_for(admission.admit("c"), 1)
+
+    asyncio.run(scenario())
+
+
+def test_one_key_may_hold_only_its_share_of_the_slots() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=8, max_waiting=8, max_per_key=2)
+        held = [await admission.admit("greedy"), await admission.admit("greedy")]
+        with pytest.raises(TooManyRequests):
+            await admission.admit("greedy")
+        other = await admission.admit("modest")  # other keys still get in
+        held.pop().release()
+        held.append(await admission.admit("greedy"))
+        for slot in [*held, other]:
+            slot.release()
+        assert admission.in_flight("greedy") == admission.in_flight("modest") == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_key_waiting_in_the_queue_counts_against_its_share() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=1, max_waiting=4, max_per_key=2)
+        running = await admission.admit("k")
+        queued = asyncio.create_task(admission.admit("k"))
+        await asyncio.sleep(0)
+        with pytest.raises(TooManyRequests):
+            await admission.admit("k")
+        queued.cancel()  # a client that leaves the queue gives its place back
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert admission.in_flight("k") == 1
+        running.release()
 
     asyncio.run(scenario())

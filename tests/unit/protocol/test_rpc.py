@@ -14,7 +14,6 @@ from protocol.prefix import MAX_BLOCKS
 from protocol.rpc import (
     MAX_MESSAGE_BYTES,
     MESSAGE_BUDGET_BYTES,
-    Forward,
     OpenSession,
     RpcMessage,
     ServerInfo,
@@ -36,7 +35,6 @@ MESSAGES: list[RpcMessage] = [
     Step(position=0),
     Step(position=17, new_hashes=["ff" * 16]),
     StepDone(position=18),
-    Forward(start=2, end=5),
     ServerInfo(
         start=0,
         end=12,
@@ -96,9 +94,6 @@ def test_garbage_bytes_are_a_protocol_mismatch(garbage: bytes) -> None:
         (Step, {"position": "first"}),
         (Step, {"position": 0, "new_hashes": "abc"}),
         (StepDone, {"position": None}),
-        (Forward, {"start": 0, "end": 0}),
-        (Forward, {"start": -1, "end": 2}),
-        (Forward, {"start": 0}),
         (OpenSession, {"session_id": "", "start": 0, "end": 1, "max_length": 8}),
         (OpenSession, {"session_id": "x" * 129, "start": 0, "end": 1, "max_length": 8}),
         (OpenSession, {"session_id": "x", "start": 0, "end": 1, "max_length": 0}),

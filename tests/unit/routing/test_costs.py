@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from protocol.swarm import NodeState, ServerRecord
+from protocol.swarm import PROTOCOL_VERSION, NodeState, ServerRecord
 from routing.costs import (
     PREFILL_FACTOR,
     UNKNOWN_BLOCK_S,
@@ -22,8 +22,15 @@ from routing.snapshot import Hop
 def record(
     start: int = 0, end: int = 10, throughput: float = 10.0, load: float = 0.0
 ) -> ServerRecord:
-    return ServerRecord(
-        state=NodeState.ONLINE, start=start, end=end, throughput=throughput, load=load
+    # Built without validation: the cost model must stay finite even for values that
+    # records now refuse at the wire, in case a caller builds one by hand.
+    return ServerRecord.model_construct(
+        version=PROTOCOL_VERSION,
+        state=NodeState.ONLINE,
+        start=start,
+        end=end,
+        throughput=throughput,
+        load=load,
     )
 
 

@@ -316,3 +316,59 @@ def test_the_metrics_thread_reads_a_snapshot_never_the_store(span: Span) -> None
         assert board.latest.sessions == len(store)
 
     asyncio.run(scenario())
+
+
+class Caller:
+    """What hivemind tells a handler about who calls: the remote peer id."""
+
+    def __init__(self, peer: str) -> None:
+        self.remote_id = peer
+
+
+def test_each_bad_input_is_refused_before_any_compute(span: Span) -> None:
+    async def reply_to(handler: BlockHandler, *requests: runtime_pb2.ExpertRequest) -> RpcError:
+        stream = FakeStream(handler)
+        for request in requests[:-1]:
+            await stream.exchange(request)
+        reply = await stream.exchange(requests[-1])
+        return decode(RpcError, reply.metadata)
+
+    async def scenario() -> None:
+        store = make_store(span)
+        handler = BlockHandler(span, store, lambda: info_of(store))
+        opening = make_request(OpenSession(session_id="s", start=0, end=TINY_BLOCKS, max_length=64))
+        batch_of_two = make_request(Step(position=0), torch.zeros(2, 1, 64))
+        error = await reply_to(handler, opening, batch_of_two)
+        assert error.error is ErrorCode.INVALID_REQUEST and "[1, n, 64]" in error.message
+        bad_hash = runtime_pb2.ExpertRequest(
+            metadata=b'{"session_id": "t", "start": 0, "end": 4, "max_length": 8,'
+            b' "prefix_hashes": ["not-a-hash"]}'
+        )
+        assert (await reply_to(handler, bad_hash)).error is ErrorCode.PROTOCOL_MISMATCH
+        assert store.tokens_computed == 0
+
+    asyncio.run(scenario())
+
+
+def test_one_peer_cannot_hold_every_stream(span: Span, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handler_module, "MAX_STREAMS_PER_PEER", 2)
+
+    async def scenario() -> None:
+        store = make_store(span)
+        handler = BlockHandler(span, store, lambda: info_of(store))
+
+        def stream_from(peer: str) -> FakeStream:
+            stream = FakeStream(handler)
+            stream.replies = handler.rpc_inference(stream._incoming(), Caller(peer))  # type: ignore[arg-type]
+            return stream
+
+        greedy = [stream_from("greedy") for _ in range(3)]
+        for stream in greedy[:2]:
+            await stream.open(f"s{id(stream)}", [])
+        with pytest.raises(CapacityExceeded):
+            await greedy[2].open("s-third", [])
+        await stream_from("polite").open("s-polite", [])  # others are still served
+        await greedy[0].close()
+        await stream_from("greedy").open("s-again", [])  # a slot came back
+
+    asyncio.run(scenario())

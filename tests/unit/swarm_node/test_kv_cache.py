@@ -47,6 +47,7 @@ def run(
     history.extend(tokens)
     new = history.hashes[position // BLOCK_TOKENS : len(history) // BLOCK_TOKENS]
     hashes = store_.check_step(session, position, len(tokens), new)
+    crop_cache(session.cache, position)  # as inference_step does on the compute thread
     kv = torch.zeros(1, 1, len(tokens), 4)
     session.cache.update(kv, kv, 0)
     store_.commit_step(session, position, len(tokens), hashes, first=True)
@@ -136,8 +137,8 @@ def test_idle_sessions_are_evicted_lru_first_and_in_use_ones_never() -> None:
     s.open("busy", 0, 1, 30, [], new_cache)  # needs room for 30: evicts "old" only
     assert s.session_ids() == ["mid", "busy"] and s.evictions == 1
     with pytest.raises(CapacityExceeded):
-        s.open("huge", 0, 1, 90, [], new_cache)  # "mid" goes, "busy" is in use: still no room
-    assert "busy" in s.session_ids()
+        s.open("huge", 0, 1, 90, [], new_cache)  # even without "mid" there is no room
+    assert s.session_ids() == ["mid", "busy"], "refused before anything is evicted"
 
 
 def test_idle_sessions_expire_after_the_ttl() -> None:
@@ -161,3 +162,48 @@ def test_a_different_span_is_a_different_cache() -> None:
     s.release(session)
     _, cached = s.open("conv", 0, 2, 40, TokenHistory(list(range(BLOCK_TOKENS))).hashes, new_cache)
     assert cached == 0
+
+
+def test_an_oversized_reservation_is_refused_before_anything_is_evicted() -> None:
+    s = store(100)
+    for name in ("a", "b"):
+        session, _ = s.open(name, 0, 1, 40, [], new_cache)
+        run(s, session, list(range(40)), TokenHistory())
+        s.release(session)
+    s.open("busy", 0, 1, 30, [], new_cache)  # evicts "a": 40 + 30 fit in 100
+    assert s.session_ids() == ["b", "busy"]
+    with pytest.raises(CapacityExceeded) as refused:
+        s.open("huge", 0, 1, 90, [], new_cache)  # even without "b" there is no room
+    assert s.session_ids() == ["b", "busy"], "nothing may be evicted for a refused request"
+    assert "40" not in str(refused.value) and "30" not in str(refused.value)
+
+
+def test_the_running_byte_total_matches_the_sessions_after_any_sequence() -> None:
+    import random
+
+    rng = random.Random(7)
+    s = store(400)
+    open_sessions: dict[str, tuple[CachedSession, TokenHistory]] = {}
+    for _ in range(300):
+        name = f"c{rng.randrange(6)}"
+        action = rng.random()
+        try:
+            if name not in open_sessions and action < 0.5:
+                session, _ = s.open(name, 0, 1, rng.randrange(1, 120), [], new_cache)
+                open_sessions[name] = (session, TokenHistory())
+            elif name in open_sessions and action < 0.7:
+                session, history = open_sessions[name]
+                room = session.reserved_bytes // PER_TOKEN - len(history)
+                if room > 0:
+                    run(s, session, list(range(rng.randrange(1, room + 1))), history)
+            elif name in open_sessions and action < 0.9:
+                s.release(open_sessions.pop(name)[0])
+            elif name in open_sessions:
+                s.discard(open_sessions.pop(name)[0])
+            else:
+                s.expire()
+        except CapacityExceeded:
+            pass
+        stored = [s._sessions[k] for k in s.session_ids()]
+        assert s.used_bytes == sum(x.charge() for x in stored)
+        assert s.used_bytes <= s.budget_bytes
