@@ -24,7 +24,7 @@ from gateway.errors import to_http_error
 from gateway.generation import Generator, HeadRunner
 from gateway.limits import Admission, BodySizeLimit
 from gateway.metrics import GatewayMetrics
-from gateway.prepare import ServedModel
+from gateway.prepare import RequestLimits, ServedModel
 from gateway.routes import api, ops
 from gateway.sessions import SessionAffinity
 from gateway.settings import GatewaySettings
@@ -83,11 +83,14 @@ def create_app(
             _eos_ids(config, tokenizer),
             affinity,
             salt=settings.model_id,
-            admission=Admission(settings.max_concurrent, settings.max_queue),
             metrics=metrics,
         )
-        app.state.chat = ChatService(served, PromptBuilder(tokenizer), generator)
-        app.state.completions = CompletionService(served, tokenizer, generator)
+        app.state.admission = Admission(
+            settings.max_concurrent, settings.max_queue, settings.max_concurrent_per_key
+        )
+        limits = RequestLimits(settings.default_max_tokens, settings.max_generation_s)
+        app.state.chat = ChatService(served, PromptBuilder(tokenizer), generator, limits)
+        app.state.completions = CompletionService(served, tokenizer, generator, limits)
         try:
             yield
         finally:
@@ -101,6 +104,7 @@ def create_app(
     app = FastAPI(title="swarmgate", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.api_keys = settings.api_keys
+    app.state.send_timeout_s = settings.send_timeout_s
     app.state.metrics = GatewayMetrics()
     app.include_router(api)
     app.include_router(ops)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from dataclasses import replace
 
 from gateway.generation import (
@@ -15,7 +17,7 @@ from gateway.generation import (
     TextDelta,
     TokenLogprob,
 )
-from gateway.prepare import ServedModel, check_model, generation_request
+from gateway.prepare import RequestLimits, ServedModel, check_model, generation_request
 from gateway.templating import PromptBuilder
 from protocol.errors import InvalidRequest
 from protocol.openai import (
@@ -39,20 +41,48 @@ SYSTEM_FINGERPRINT = "swarmgate-v1"
 
 
 class ChatService:
-    def __init__(self, model: ServedModel, prompts: PromptBuilder, generator: Generator) -> None:
+    def __init__(
+        self,
+        model: ServedModel,
+        prompts: PromptBuilder,
+        generator: Generator,
+        limits: RequestLimits | None = None,
+    ) -> None:
         self.model = model
         self._prompts = prompts
         self._generator = generator
+        self._limits = limits or RequestLimits()
 
-    def prepare(
-        self, request: ChatCompletionRequest, session_key: str | None = None
-    ) -> list[GenerationRequest]:
-        """Validate a request against the model and turn it into one generation per choice."""
+    def check(self, request: ChatCompletionRequest) -> None:
+        """Refusals that need no tokenizer, made before the request waits for a slot."""
         check_model(self.model, request.model)
         _refuse_unsupported(request)
+
+    async def prepare(
+        self,
+        request: ChatCompletionRequest,
+        session_key: str | None = None,
+        *,
+        received_at: float | None = None,
+    ) -> list[GenerationRequest]:
+        """A checked request as one generation per choice. The chat template and tokenizer
+        run on a thread: megabytes of messages take a while, and other requests go on."""
+        return await asyncio.to_thread(self._prepare, request, session_key, received_at)
+
+    def _prepare(
+        self, request: ChatCompletionRequest, session_key: str | None, received_at: float | None
+    ) -> list[GenerationRequest]:
         prompt = self._prompts.chat_prompt(request.messages)
         key = request.prompt_cache_key or session_key or request.user
-        first = generation_request(self.model, prompt, request, session_key=key, param="messages")
+        first = generation_request(
+            self.model,
+            prompt,
+            request,
+            session_key=key,
+            param="messages",
+            limits=self._limits,
+            received_at=received_at,
+        )
         if request.logprobs:
             first = replace(first, logprobs=request.top_logprobs or 0)
         return [first] + [_another_choice(first, i) for i in range(1, request.n)]
@@ -60,19 +90,22 @@ class ChatService:
     async def open(self, prepared: GenerationRequest) -> Generation:
         return await self._generator.open(prepared)
 
+    async def close(self, generation: Generation) -> None:
+        await self._generator.close(generation)
+
     async def complete(
-        self, request: ChatCompletionRequest, session_key: str | None = None
+        self, request: ChatCompletionRequest, prepared: list[GenerationRequest]
     ) -> tuple[ChatCompletion, tuple[Hop, ...]]:
         """The whole completion, and the route its first choice was generated on."""
         choices, finished = [], []
         route: tuple[Hop, ...] = ()
         # Choices run one after another: each reuses the prompt the previous one cached.
-        for index, prepared in enumerate(self.prepare(request, session_key)):
-            generation = await self._generator.open(prepared)
+        for index, choice in enumerate(prepared):
+            generation = await self._generator.open(choice)
             route = route or generation.route
             parts: list[str] = []
             logprobs: list[TokenLogprob] = []
-            async for event in self._generator.generate(prepared, generation):
+            async for event in self._generator.generate(choice, generation):
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
                     logprobs += event.logprobs
@@ -100,7 +133,7 @@ class ChatService:
         request: ChatCompletionRequest,
         prepared: list[GenerationRequest],
         first: Generation,
-    ) -> AsyncIterator[ChatCompletionChunk]:
+    ) -> AsyncGenerator[ChatCompletionChunk, None]:
         """Each choice in turn (``first`` is already open): its role, text and finish reason;
         then the usage if asked for."""
         completion_id, created = _completion_id(), int(time.time())
@@ -126,13 +159,15 @@ class ChatService:
             for index, choice in enumerate(prepared):
                 generation = generation or await self._generator.open(choice)
                 yield chunk(index, ChoiceDelta(role="assistant", content=""))
-                async for event in self._generator.generate(choice, generation):
-                    if isinstance(event, TextDelta):
-                        logprobs = _logprobs(event.logprobs) if request.logprobs else None
-                        yield chunk(index, ChoiceDelta(content=event.text), logprobs=logprobs)
-                    else:
-                        finished.append(event)
-                        yield chunk(index, ChoiceDelta(), event.finish_reason)
+                # Closed with the stream, even when its reader stops at a `yield`.
+                async with aclosing(self._generator.generate(choice, generation)) as events:
+                    async for event in events:
+                        if isinstance(event, TextDelta):
+                            logprobs = _logprobs(event.logprobs) if request.logprobs else None
+                            yield chunk(index, ChoiceDelta(content=event.text), logprobs=logprobs)
+                        else:
+                            finished.append(event)
+                            yield chunk(index, ChoiceDelta(), event.finish_reason)
                 generation = None
             if request.include_usage():
                 yield ChatCompletionChunk(

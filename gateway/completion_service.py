@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
@@ -18,7 +20,13 @@ from gateway.generation import (
     TextDelta,
     TokenLogprob,
 )
-from gateway.prepare import ServedModel, check_model, check_token_ids, generation_request
+from gateway.prepare import (
+    RequestLimits,
+    ServedModel,
+    check_model,
+    check_token_ids,
+    generation_request,
+)
 from protocol.errors import InvalidRequest
 from protocol.openai import (
     Completion,
@@ -40,15 +48,19 @@ class PreparedPrompt:
 
 class CompletionService:
     def __init__(
-        self, model: ServedModel, tokenizer: PreTrainedTokenizerBase, generator: Generator
+        self,
+        model: ServedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        generator: Generator,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.model = model
         self._tokenizer = tokenizer
         self._generator = generator
+        self._limits = limits or RequestLimits()
 
-    def prepare(
-        self, request: CompletionRequest, session_key: str | None = None
-    ) -> list[PreparedPrompt]:
+    def check(self, request: CompletionRequest) -> None:
+        """Refusals that need no tokenizer, made before the request waits for a slot."""
         check_model(self.model, request.model)
         if request.suffix:
             raise InvalidRequest(
@@ -56,11 +68,24 @@ class CompletionService:
                 param="suffix",
                 code="unsupported_parameter",
             )
-        prompts = request.prompts()
-        if len(prompts) > MAX_PROMPTS:
+        if len(request.prompts()) > MAX_PROMPTS:
             raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+
+    async def prepare(
+        self,
+        request: CompletionRequest,
+        session_key: str | None = None,
+        *,
+        received_at: float | None = None,
+    ) -> list[PreparedPrompt]:
+        """A checked request as one generation per prompt, tokenized on a thread."""
+        return await asyncio.to_thread(self._prepare, request, session_key, received_at)
+
+    def _prepare(
+        self, request: CompletionRequest, session_key: str | None, received_at: float | None
+    ) -> list[PreparedPrompt]:
         prepared = []
-        for prompt in prompts:
+        for prompt in request.prompts():
             if isinstance(prompt, str):
                 ids = list(self._tokenizer(prompt)["input_ids"])
                 text = prompt
@@ -68,7 +93,13 @@ class CompletionService:
                 check_token_ids(self.model, prompt, "prompt")
                 ids, text = prompt, str(self._tokenizer.decode(prompt))
             generation = generation_request(
-                self.model, ids, request, session_key=session_key, param="prompt"
+                self.model,
+                ids,
+                request,
+                session_key=session_key,
+                param="prompt",
+                limits=self._limits,
+                received_at=received_at,
             )
             if request.logprobs is not None:
                 generation = replace(generation, logprobs=request.logprobs)
@@ -78,13 +109,16 @@ class CompletionService:
     async def open(self, prepared: PreparedPrompt) -> Generation:
         return await self._generator.open(prepared.generation)
 
+    async def close(self, generation: Generation) -> None:
+        await self._generator.close(generation)
+
     async def complete(
-        self, request: CompletionRequest, session_key: str | None = None
+        self, request: CompletionRequest, prepared: list[PreparedPrompt]
     ) -> tuple[Completion, tuple[Hop, ...]]:
         """The whole completion, and the route its first prompt was generated on."""
         choices, finished = [], []
         route: tuple[Hop, ...] = ()
-        for index, prompt in enumerate(self.prepare(request, session_key)):
+        for index, prompt in enumerate(prepared):
             generation = await self.open(prompt)
             route = route or generation.route
             parts = [prompt.text] if request.echo else []
@@ -117,7 +151,7 @@ class CompletionService:
         request: CompletionRequest,
         prepared: list[PreparedPrompt],
         first: Generation,
-    ) -> AsyncIterator[Completion]:
+    ) -> AsyncGenerator[Completion, None]:
         """Chunks of each prompt's choice in turn (``first`` is already open), then usage."""
         completion_id, created = _completion_id(), int(time.time())
 
@@ -149,17 +183,20 @@ class CompletionService:
                 offsets = _Offsets(len(prompt.text) if request.echo else 0)
                 if request.echo:
                     yield chunk(index, prompt.text)
-                async for event in self._generator.generate(prompt.generation, generation):
-                    if isinstance(event, TextDelta):
-                        logprobs = offsets.add(event.logprobs)
-                        yield chunk(
-                            index,
-                            event.text,
-                            logprobs=logprobs if request.logprobs is not None else None,
-                        )
-                    else:
-                        finished.append(event)
-                        yield chunk(index, "", event)
+                # Closed with the stream, even when its reader stops at a `yield`.
+                events = self._generator.generate(prompt.generation, generation)
+                async with aclosing(events):
+                    async for event in events:
+                        if isinstance(event, TextDelta):
+                            logprobs = offsets.add(event.logprobs)
+                            yield chunk(
+                                index,
+                                event.text,
+                                logprobs=logprobs if request.logprobs is not None else None,
+                            )
+                        else:
+                            finished.append(event)
+                            yield chunk(index, "", event)
                 generation = None
             if request.include_usage():
                 yield Completion(

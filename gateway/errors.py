@@ -16,6 +16,7 @@ from protocol.errors import (
     PeerUnavailable,
     RequestError,
     SwarmError,
+    TooManyRequests,
     Unauthorized,
 )
 from protocol.openai import ErrorDetail, ErrorResponse
@@ -62,6 +63,8 @@ def to_http_error(exc: BaseException) -> HTTPError:
             param=exc.param,
             code="context_length_exceeded",
         )
+    if isinstance(exc, TooManyRequests):
+        return _error(429, exc.message, "rate_limit_error", code="rate_limit_exceeded", retry=True)
     if isinstance(exc, RequestError):
         return _error(400, exc.message, "invalid_request_error", param=exc.param, code=exc.code)
     if isinstance(exc, RequestValidationError):

@@ -7,16 +7,16 @@ runs every transformer block in between.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 
-from gateway.limits import Admission
 from gateway.metrics import GatewayMetrics
 from gateway.sampling import SamplingParams, make_generator, sample
 from gateway.sessions import Claim, SessionAffinity
@@ -39,6 +39,7 @@ class GenerationRequest:
     session_key: str | None = None  # the client's name for the conversation, if any
     logprobs: int | None = None  # None: off; k: each token's logprob and the top k
     received_at: float = field(default_factory=time.monotonic)  # for time-to-first-token
+    deadline: float = math.inf  # time.monotonic() past which the generation ends ("length")
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,6 @@ class Generator:
         affinity: SessionAffinity,
         *,
         salt: str,
-        admission: Admission | None = None,
         metrics: GatewayMetrics | None = None,
     ) -> None:
         self._head = head
@@ -125,37 +125,32 @@ class Generator:
         self._affinity = affinity
         self._salt = salt  # keeps prefix hashes of different models apart
         self._metrics = metrics or GatewayMetrics()
-        self._admission = admission or Admission(max_active=16, max_waiting=64)
 
     async def open(self, request: GenerationRequest) -> Generation:
         """The conversation's session (or a fresh one), with room for the whole generation.
 
         Opened before a response starts so that a missing route is an HTTP status, not an
-        error in the middle of a stream.
+        error in the middle of a stream. The caller holds the request's admission slot.
         """
-        await self._admission.acquire()
+        history = TokenHistory(request.prompt_ids, salt=self._salt)
+        claim = await self._affinity.claim(request.session_key, history.hashes)
         try:
-            history = TokenHistory(request.prompt_ids, salt=self._salt)
-            claim = await self._affinity.claim(request.session_key, history.hashes)
-            try:
-                session = await self._swarm.open_session(
-                    len(request.prompt_ids) + request.max_new_tokens,
-                    session_id=claim.session_id,
-                    prefix_hashes=history.hashes,
-                    prefer=claim.prefer,
-                )
-            except BaseException:
-                detach(self._affinity.release(claim))
-                raise
+            session = await self._swarm.open_session(
+                len(request.prompt_ids) + request.max_new_tokens,
+                session_id=claim.session_id,
+                prefix_hashes=history.hashes,
+                prefer=claim.prefer,
+            )
         except BaseException:
-            self._admission.release()
+            detach(self._affinity.release(claim))
             raise
         return Generation(session, claim, history, route=tuple(session.route))
 
     async def generate(
         self, request: GenerationRequest, generation: Generation
-    ) -> AsyncIterator[TextDelta | Finished]:
-        """Text as it is decoded, then one ``Finished``; always closes the session."""
+    ) -> AsyncGenerator[TextDelta | Finished, None]:
+        """Text as it is decoded, then one ``Finished``; always closes the session. Past
+        ``request.deadline`` it finishes with "length", as if out of tokens."""
         session, history = generation.session, generation.history
         prompt = request.prompt_ids
         metrics = self._metrics
@@ -198,10 +193,11 @@ class Generator:
                     if stops.stopped:
                         finish = "stop"
                         break
-                    if generated < request.max_new_tokens:  # the last token needs no forward pass
-                        history.extend([token])
-                        hidden = await session.step(await self._head.embed([token]), history)
-                        logits = await self._head.logits(hidden)
+                    if generated == request.max_new_tokens or time.monotonic() >= request.deadline:
+                        break  # "length"; the last token needs no forward pass
+                    history.extend([token])
+                    hidden = await session.step(await self._head.embed([token]), history)
+                    logits = await self._head.logits(hidden)
                 if not stops.stopped:
                     tail = stops.push(detokenizer.flush()) + stops.flush()
                     if tail or pending:
@@ -245,7 +241,6 @@ class Generator:
             return
         generation.closed = True
         await generation.session.close()
-        self._admission.release()
         if settle:
             await self._finish(generation)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from gateway.generation import GenerationRequest
@@ -16,6 +17,14 @@ class ServedModel:
     max_length: int  # the model's context window in tokens
     vocab_size: int
     created: int
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What the gateway fills in, or cuts short, when a request leaves it open."""
+
+    default_max_tokens: int = 1024  # when a chat request sets no max_tokens (still ≤ context)
+    max_generation_s: float = 600.0  # then a request's generation ends with "length"
 
 
 def check_model(model: ServedModel, requested: str) -> None:
@@ -41,8 +50,11 @@ def generation_request(
     *,
     session_key: str | None,
     param: str,
+    limits: RequestLimits,
+    received_at: float | None = None,
 ) -> GenerationRequest:
-    """Fit the request to the model's context and collect its sampling parameters."""
+    """Fit the request to the model's context and the gateway's limits, and collect its
+    sampling parameters (``received_at``: when the request arrived, by ``time.monotonic``)."""
     if not prompt:
         raise InvalidRequest("the prompt is empty", param=param)
     room = model.max_length - len(prompt)
@@ -63,6 +75,13 @@ def generation_request(
         frequency_penalty=request.frequency_penalty or 0.0,
         logit_bias=bias,
     )
+    received_at = time.monotonic() if received_at is None else received_at
     return GenerationRequest(
-        prompt, limit or room, sampling, request.stop_sequences(), session_key=session_key
+        prompt,
+        limit or min(limits.default_max_tokens, room),
+        sampling,
+        request.stop_sequences(),
+        session_key=session_key,
+        received_at=received_at,
+        deadline=received_at + limits.max_generation_s,
     )

@@ -1,21 +1,28 @@
-"""HTTP routes: parse, call the service, shape the response. No logic of their own."""
+"""HTTP routes: parse, call the service, shape the response; and what only HTTP knows:
+whose request it is (for the per-key limit), and whether its client is still there."""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import ServerSentEvent
+from starlette.requests import ClientDisconnect
 
 from gateway import sse
+from gateway.cancellation import unless_disconnected
 from gateway.chat_service import ChatService
 from gateway.completion_service import CompletionService
 from gateway.errors import to_http_error
+from gateway.generation import Generation
+from gateway.limits import Admission, Slot
+from gateway.streaming import EventStream
 from gateway.swarm_client import SwarmClient
 from protocol.errors import ModelNotFound, NoRouteError, Unauthorized
 from protocol.openai import (
@@ -41,6 +48,13 @@ async def require_api_key(request: Request) -> None:
         raise Unauthorized("incorrect API key provided")
 
 
+def client_key(request: Request) -> str:
+    """Whom a request counts against in ``--max-concurrent-per-key``: its bearer token (an
+    accepted API key, when keys are configured), else everyone without one together."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else "anonymous"
+
+
 api = APIRouter(dependencies=[Depends(require_api_key)])  # the OpenAI surface
 ops = APIRouter()  # health and coverage stay open for probes and operators
 
@@ -58,15 +72,15 @@ def _swarm(request: Request) -> SwarmClient:
 
 
 @api.post("/v1/chat/completions", responses=_ERRORS)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> object:
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     session_key = request.headers.get("x-session-id")
-    return await _respond(_chat(request), body, session_key)
+    return await _respond(request, _chat(request), body, session_key)
 
 
 @api.post("/v1/completions", responses=_ERRORS)
-async def completions(body: CompletionRequest, request: Request) -> object:
+async def completions(body: CompletionRequest, request: Request) -> Response:
     session_key = request.headers.get("x-session-id") or body.user
-    return await _respond(request.app.state.completions, body, session_key)
+    return await _respond(request, request.app.state.completions, body, session_key)
 
 
 ROUTE_HEADER = "X-Swarmgate-Route"
@@ -78,32 +92,91 @@ def route_header(route: Sequence[Hop]) -> str:
     return ",".join(f"{hop.peer_id}:{hop.start}-{hop.end}" for hop in route)
 
 
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
+
+
 async def _respond(
-    service: ChatService | CompletionService, body: Any, session_key: str | None
-) -> object:
+    request: Request,
+    service: ChatService | CompletionService,
+    body: Any,
+    session_key: str | None,
+) -> Response:
+    """Checks first; then a slot, the prompt and the generation, all given up (session
+    closed, slot freed) if the client leaves before the response is ready."""
+    received_at = time.monotonic()
+    service.check(body)
+    work = _serve(request, service, body, session_key, received_at)
+    try:
+        return await unless_disconnected(request.receive, work)
+    except ClientDisconnect:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
+async def _serve(
+    request: Request,
+    service: ChatService | CompletionService,
+    body: Any,
+    session_key: str | None,
+    received_at: float,
+) -> Response:
     """One JSON body, or a stream whose first generation is open before the status line
     goes out (so that a missing route is a 503, not a broken stream). Either way the
-    response names the route its (first) generation opened on, in ``ROUTE_HEADER``."""
-    if not body.stream:
-        completion, route = await service.complete(body, session_key)
-        return JSONResponse(dump(completion), headers={ROUTE_HEADER: route_header(route)})
-    prepared: Any = service.prepare(body, session_key)
-    first = await service.open(prepared[0])
-    chunks = service.stream(body, prepared, first)
-    return EventSourceResponse(
-        _events(chunks),
-        sep=sse.SEP,
-        ping=sse.PING_PERIOD_S,
+    response names the route its (first) generation opened on, in ``ROUTE_HEADER``.
+
+    The prompt is templated and tokenized only once the request holds a slot, so that a
+    flood of large bodies queues (or is refused) instead of keeping the CPU busy."""
+    admission: Admission = request.app.state.admission
+    slot = await admission.admit(client_key(request))
+    stream: EventStream | None = None
+    try:
+        prepared: Any = await service.prepare(body, session_key, received_at=received_at)
+        if not body.stream:
+            completion, route = await service.complete(body, prepared)
+            return JSONResponse(dump(completion), headers={ROUTE_HEADER: route_header(route)})
+        first = await service.open(prepared[0])
+        chunks = service.stream(body, prepared, first)
+        stream = _stream(service, chunks, first, slot, request.app.state.send_timeout_s)
+        return stream
+    finally:
+        if stream is None:  # else the stream frees the slot when it ends
+            slot.release()
+
+
+def _stream(
+    service: ChatService | CompletionService,
+    chunks: AsyncGenerator[BaseModel, None],
+    first: Generation,
+    slot: Slot,
+    send_timeout_s: float,
+) -> EventStream:
+    async def cleanup() -> None:  # idempotent, and never suspends (see Generator.close)
+        await chunks.aclose()
+        await service.close(first)  # in case the stream never began
+        slot.release()
+
+    return EventStream(
+        _events(chunks, cleanup),
+        cleanup=cleanup,
+        send_timeout_s=send_timeout_s,
         headers={ROUTE_HEADER: route_header(first.route)},
     )
 
 
-async def _events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[ServerSentEvent]:
+async def _events(
+    chunks: AsyncIterator[BaseModel], cleanup: Callable[[], Awaitable[None]]
+) -> AsyncIterator[ServerSentEvent]:
+    error = None
     try:
         async for chunk in chunks:
             yield sse.chunk_event(chunk)
     except Exception as e:  # the status line is long gone: report in-band, then end cleanly
-        yield sse.error_event(to_http_error(e).body)
+        error = sse.error_event(to_http_error(e).body)
+    finally:
+        # Before `[DONE]`: a client that sends its next request on reading it finds its
+        # slot free.
+        await cleanup()
+    if error is not None:
+        yield error
     yield sse.done_event()
 
 

@@ -9,10 +9,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Below this, logits / temperature can overflow float32 (inf, then NaN probabilities); the
+# distribution is one-hot long before, so such temperatures sample greedily, like 0.
+MIN_TEMPERATURE = 1e-4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below MIN_TEMPERATURE) means greedy
     top_p: float = 1.0
     seed: int | None = None
     presence_penalty: float = 0.0  # subtracted once from every token already generated
@@ -25,7 +29,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
 
 
 def make_generator(seed: int | None) -> torch.Generator:

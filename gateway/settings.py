@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -14,14 +14,19 @@ class GatewaySettings:
     host: str = "127.0.0.1"
     port: int = 8000
     namespace: str = ""
-    redis_url: str | None = None  # shared affinity; None: kept in this process
+    # Shared affinity; None: kept in this process. May hold a password: never in a repr.
+    redis_url: str | None = field(default=None, repr=False)
     affinity: bool = True  # False: every request on a fresh session (for comparisons)
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
     refresh_period_s: float = 2.0  # how often the swarm snapshot is re-read from the DHT
     # A hop's reply to one step may take this long, plus what its announced throughput
     # allows for the step's size; later it counts as failed and the session fails over.
     step_floor_s: float = 10.0
     prefill_chunk_tokens: int | None = None  # None: as many as fit one P2P message
-    max_concurrent: int = 16  # generations running at once
+    max_concurrent: int = 16  # requests generating at once
     max_queue: int = 64  # requests waiting for a slot; beyond, 429 with Retry-After
+    max_concurrent_per_key: int = 4  # requests one API key (or bearer token) has in flight
     max_body_bytes: int = 4 * 1024 * 1024
+    send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is cancelled
+    default_max_tokens: int = 1024  # for chat requests that set none (completions: 16)
+    max_generation_s: float = 600.0  # then a request's generation ends, finish_reason "length"

@@ -19,6 +19,20 @@ def _env_list(name: str) -> list[str]:
     return (os.environ.get(name) or "").replace(",", " ").split()
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return number
+
+
 def _blocks(value: str) -> tuple[int, int]:
     try:
         start, end = (int(part) for part in value.split(":"))
@@ -84,17 +98,23 @@ def _add_p2p(parser: argparse.ArgumentParser) -> None:
 def _add_http(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=_env("SWARMGATE_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(_env("SWARMGATE_PORT", "8000") or 8000))
-    parser.add_argument("--redis-url", default=_env("REDIS_URL"))
+    parser.add_argument(
+        "--redis-url",
+        default=_env("REDIS_URL"),
+        help="Redis for affinity shared by gateways (better: the REDIS_URL env var, which "
+        "other users of the machine cannot read from the process list)",
+    )
     parser.add_argument(
         "--api-key",
         action="append",
         default=_env_list("SWARMGATE_API_KEY"),
-        help="require `Authorization: Bearer KEY` (repeat for several keys)",
+        help="require `Authorization: Bearer KEY` (repeat for several keys; better: "
+        "SWARMGATE_API_KEY or --api-key-file, which stay off the process list)",
     )
     parser.add_argument(
         "--api-key-file",
         default=_env("SWARMGATE_API_KEY_FILE"),
-        help="file with one accepted API key per line",
+        help="file with one accepted API key per line (readable by its owner only)",
     )
 
 
@@ -208,6 +228,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=int(_env("SWARMGATE_MAX_QUEUE", "64") or 64),
         help="requests waiting for a slot; beyond this, 429 with Retry-After",
+    )
+    gateway.add_argument(
+        "--max-concurrent-per-key",
+        type=_positive_int,
+        default=_env("SWARMGATE_MAX_CONCURRENT_PER_KEY", "4"),
+        help="requests one API key may have running or waiting; beyond, 429 (without "
+        "configured keys: per bearer token, and all requests without one together)",
+    )
+    gateway.add_argument(
+        "--send-timeout",
+        type=_positive_float,
+        default=_env("SWARMGATE_SEND_TIMEOUT", "30"),
+        help="seconds a stream may wait for its client to read; then it is cancelled and "
+        "its slot freed",
+    )
+    gateway.add_argument(
+        "--default-max-tokens",
+        type=_positive_int,
+        default=_env("SWARMGATE_DEFAULT_MAX_TOKENS", "1024"),
+        help="tokens a chat completion may generate when the request sets no max_tokens "
+        "(completions default to 16, as OpenAI's)",
+    )
+    gateway.add_argument(
+        "--max-generation-seconds",
+        type=_positive_float,
+        default=_env("SWARMGATE_MAX_GENERATION_SECONDS", "600"),
+        help="a request generating this long ends with finish_reason `length`",
     )
     gateway.add_argument(
         "--no-affinity",

@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
+import stat
 import threading
 from pathlib import Path
 
 from models.resolve import resolve_model
 from routing.dht import SwarmDHT
 from routing.snapshot import SwarmSnapshot
+
+logger = logging.getLogger("swarmgate")
 
 
 def _wait_for_signal() -> None:
@@ -83,6 +87,10 @@ def gateway(args: argparse.Namespace) -> None:
         affinity=not args.no_affinity,
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
+        max_concurrent_per_key=args.max_concurrent_per_key,
+        send_timeout_s=args.send_timeout,
+        default_max_tokens=args.default_max_tokens,
+        max_generation_s=args.max_generation_seconds,
         api_keys=api_keys(args.api_key, args.api_key_file),
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         step_floor_s=args.step_floor,
@@ -94,6 +102,14 @@ def api_keys(keys: list[str], key_file: str | None) -> tuple[str, ...]:
     """Keys from flags and from a file (one per line; blank lines and # comments skipped)."""
     found = [k.strip() for k in keys if k.strip()]
     if key_file:
+        mode = Path(key_file).stat().st_mode
+        if mode & stat.S_IROTH:
+            logger.warning(
+                "the API key file %s can be read by every user of this machine (mode %03o); "
+                "`chmod 600` it",
+                key_file,
+                stat.S_IMODE(mode),
+            )
         lines = Path(key_file).read_text().splitlines()
         found += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     return tuple(found)

@@ -9,6 +9,7 @@ a SIGKILL of `up` leaves no block server behind.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -52,7 +53,11 @@ class LocalSwarm:
                         *self._node_flags(),
                     ],
                 )
-            self._spawn("gateway", ["gateway", *self._common(peers), *self._http_flags()])
+            self._spawn(
+                "gateway",
+                ["gateway", *self._common(peers), *self._http_flags()],
+                env=self._secrets(),
+            )
             if not self._wait_until_healthy():
                 return 0 if self._stop.is_set() else 1  # asked to stop while starting: fine
             self._print_banner(spans)
@@ -81,17 +86,25 @@ class LocalSwarm:
 
     def _http_flags(self) -> list[str]:
         flags = ["--host", self.args.host, "--port", str(self.args.port)]
-        if self.args.redis_url:
-            flags += ["--redis-url", self.args.redis_url]
-        for key in self.args.api_key:
-            flags += ["--api-key", key]
         if self.args.api_key_file:
             flags += ["--api-key-file", self.args.api_key_file]
         return flags
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _secrets(self) -> dict[str, str]:
+        """API keys and the Redis URL (which may hold a password) go to the gateway in its
+        environment: a command line is visible to every user of the machine (`ps`)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("SWARMGATE_API_KEY", "REDIS_URL")}
+        if self.args.api_key:
+            env["SWARMGATE_API_KEY"] = " ".join(self.args.api_key)
+        if self.args.redis_url:
+            env["REDIS_URL"] = self.args.redis_url
+        return env
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         command = [sys.executable, "-m", "swarmgate", "--log-level", self.args.log_level, *argv]
-        process = subprocess.Popen(command, preexec_fn=die_with_parent, start_new_session=True)
+        process = subprocess.Popen(
+            command, preexec_fn=die_with_parent, start_new_session=True, env=env
+        )
         self.children.append((name, process))
 
     def _dead_child(self) -> str | None:

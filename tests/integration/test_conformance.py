@@ -131,6 +131,12 @@ def test_streams_validate_chunk_by_chunk(swarm: Swarm) -> None:
             {"type": "invalid_request_error", "param": "stop", "code": None},
         ),
         (
+            {"stop": "x" * 257},
+            400,
+            {"type": "invalid_request_error", "param": "stop", "code": None},
+        ),
+        ({"seed": 2**64}, 400, {"type": "invalid_request_error", "param": "seed", "code": None}),
+        (
             {"messages": []},
             400,
             {"type": "invalid_request_error", "param": "messages", "code": None},
