@@ -53,6 +53,18 @@ def start_gateway(
 
 
 @contextmanager
+def running_gateway(swarm: Swarm, log_dir: Path, *flags: str, name: str) -> Iterator[str]:
+    """One more gateway on ``swarm`` with ``flags``, healthy; its URL. Stopped on exit."""
+    process, url = start_gateway(swarm.model_path, swarm.initial_peers, log_dir, *flags, name=name)
+    try:
+        wait_for(lambda: http_ok(f"{url}/health") or not process.alive(), 120, name)
+        assert process.alive(), process.output()[-3000:]
+        yield url
+    finally:
+        process.stop()
+
+
+@contextmanager
 def run_swarm(
     model: Path, logs: Path, spans: list[tuple[int, int]], *node_flags: str
 ) -> Iterator[Swarm]:

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.integration.conftest import Swarm, start_gateway
-from tests.processes import http_ok, wait_for
+from tests.integration.conftest import Swarm, running_gateway
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -33,9 +33,8 @@ LONG = {
 @pytest.fixture(scope="module")
 def gateway(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Two slots and no queue: a slot held by a gone client would be plain to see."""
-    process, url = start_gateway(
-        swarm.model_path,
-        swarm.initial_peers,
+    with running_gateway(
+        swarm,
         tmp_path_factory.mktemp("abuse"),
         "--max-concurrent",
         "2",
@@ -44,13 +43,8 @@ def gateway(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "--send-timeout",
         str(SEND_TIMEOUT_S),
         name="gateway-abuse",
-    )
-    try:
-        wait_for(lambda: http_ok(f"{url}/health") or not process.alive(), 120, "the gateway")
-        assert process.alive(), process.output()[-3000:]
+    ) as url:
         yield url
-    finally:
-        process.stop()
 
 
 def metrics(url: str) -> dict[str, float]:
@@ -124,9 +118,8 @@ def test_a_client_that_leaves_a_json_request_frees_its_slot(swarm: Swarm, gatewa
 
 def test_one_client_cannot_take_every_slot(swarm: Swarm, tmp_path: Path) -> None:
     """Per key: a second stream of the same key is refused while another key gets in."""
-    process, url = start_gateway(
-        swarm.model_path,
-        swarm.initial_peers,
+    with running_gateway(
+        swarm,
         tmp_path,
         "--api-key",
         "key-a",
@@ -135,9 +128,7 @@ def test_one_client_cannot_take_every_slot(swarm: Swarm, tmp_path: Path) -> None
         "--max-concurrent-per-key",
         "1",
         name="gateway-per-key",
-    )
-    try:
-        wait_for(lambda: http_ok(f"{url}/health") or not process.alive(), 120, "the gateway")
+    ) as url:
         body = {"model": swarm.model_id, "stream": True, **LONG}
         short = {"model": swarm.model_id, "messages": LONG["messages"], "max_tokens": 2}
         a = {"Authorization": "Bearer key-a"}
@@ -152,5 +143,3 @@ def test_one_client_cannot_take_every_slot(swarm: Swarm, tmp_path: Path) -> None
             assert r.json()["error"]["code"] == "rate_limit_exceeded"
             r = httpx.post(f"{url}/v1/chat/completions", json=short, headers=b, timeout=30)
             assert r.status_code == 200
-    finally:
-        process.stop()

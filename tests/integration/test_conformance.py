@@ -12,8 +12,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-from tests.integration.conftest import Swarm, start_gateway
-from tests.processes import http_ok, wait_for
+from tests.integration.conftest import Swarm, running_gateway, start_gateway
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -216,21 +216,10 @@ def test_sdk_maps_statuses_to_its_exceptions(swarm: Swarm) -> None:
 def keyed_gateway(swarm: Swarm, tmp_path: Path) -> Iterator[str]:
     keys = tmp_path / "keys.txt"
     keys.write_text("# team keys\nkey-from-file\n")
-    gateway, url = start_gateway(
-        swarm.model_path,
-        swarm.initial_peers,
-        tmp_path,
-        "--api-key",
-        "key-a",
-        "--api-key-file",
-        str(keys),
-        name="gateway-keys",
-    )
-    try:
-        wait_for(lambda: http_ok(f"{url}/health") or not gateway.alive(), 120, "the gateway")
+    with running_gateway(
+        swarm, tmp_path, "--api-key", "key-a", "--api-key-file", str(keys), name="gateway-keys"
+    ) as url:
         yield url
-    finally:
-        gateway.stop()
 
 
 def test_api_keys_are_required_when_configured(swarm: Swarm, keyed_gateway: str) -> None:

@@ -7,31 +7,21 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import Swarm, start_gateway
-from tests.processes import http_ok, wait_for
+from tests.integration.conftest import Swarm, running_gateway
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def test_a_full_gateway_answers_429_with_retry_after(swarm: Swarm, tmp_path: Path) -> None:
-    gateway, url = start_gateway(
-        swarm.model_path,
-        swarm.initial_peers,
-        tmp_path,
-        "--max-concurrent",
-        "1",
-        "--max-queue",
-        "0",
-        name="gateway-1slot",
-    )
     body = {
         "model": swarm.model_id,
         "messages": [{"role": "user", "content": "Go on."}],
         "max_tokens": 900,
         "temperature": 0,
     }
-    try:
-        wait_for(lambda: http_ok(f"{url}/health") or not gateway.alive(), 120, "the gateway")
+    flags = ("--max-concurrent", "1", "--max-queue", "0")
+    with running_gateway(swarm, tmp_path, *flags, name="gateway-1slot") as url:
         # Banning end-of-sequence keeps the only slot busy for all 900 tokens.
         long = {**body, "stream": True, "logit_bias": {"2": -100}}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=long, timeout=60) as busy:
@@ -50,5 +40,3 @@ def test_a_full_gateway_answers_429_with_retry_after(swarm: Swarm, tmp_path: Pat
             30,
             "the slot to free up",
         )
-    finally:
-        gateway.stop()
