@@ -64,13 +64,18 @@ class ChatService:
         session_key: str | None = None,
         *,
         received_at: float | None = None,
+        tenant: str = "",
     ) -> list[GenerationRequest]:
         """A checked request as one generation per choice. The chat template and tokenizer
         run on a thread: megabytes of messages take a while, and other requests go on."""
-        return await asyncio.to_thread(self._prepare, request, session_key, received_at)
+        return await asyncio.to_thread(self._prepare, request, session_key, received_at, tenant)
 
     def _prepare(
-        self, request: ChatCompletionRequest, session_key: str | None, received_at: float | None
+        self,
+        request: ChatCompletionRequest,
+        session_key: str | None,
+        received_at: float | None,
+        tenant: str,
     ) -> list[GenerationRequest]:
         prompt = self._prompts.chat_prompt(request.messages)
         key = request.prompt_cache_key or session_key or request.user
@@ -82,6 +87,7 @@ class ChatService:
             param="messages",
             limits=self._limits,
             received_at=received_at,
+            tenant=tenant,
         )
         if request.logprobs:
             first = replace(first, logprobs=request.top_logprobs or 0)

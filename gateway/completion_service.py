@@ -77,12 +77,17 @@ class CompletionService:
         session_key: str | None = None,
         *,
         received_at: float | None = None,
+        tenant: str = "",
     ) -> list[PreparedPrompt]:
         """A checked request as one generation per prompt, tokenized on a thread."""
-        return await asyncio.to_thread(self._prepare, request, session_key, received_at)
+        return await asyncio.to_thread(self._prepare, request, session_key, received_at, tenant)
 
     def _prepare(
-        self, request: CompletionRequest, session_key: str | None, received_at: float | None
+        self,
+        request: CompletionRequest,
+        session_key: str | None,
+        received_at: float | None,
+        tenant: str,
     ) -> list[PreparedPrompt]:
         prepared = []
         for prompt in request.prompts():
@@ -100,6 +105,7 @@ class CompletionService:
                 param="prompt",
                 limits=self._limits,
                 received_at=received_at,
+                tenant=tenant,
             )
             if request.logprobs is not None:
                 generation = replace(generation, logprobs=request.logprobs)

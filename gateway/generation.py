@@ -37,6 +37,10 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     session_key: str | None = None  # the client's name for the conversation, if any
+    # Whose caches these are: a digest of the caller's API key ("" on a gateway without
+    # keys). Prefix hashes and session keys are salted with it, so one tenant can neither
+    # hit nor probe (through cached_tokens) another's cached prompts.
+    tenant: str = ""
     logprobs: int | None = None  # None: off; k: each token's logprob and the top k
     received_at: float = field(default_factory=time.monotonic)  # for time-to-first-token
     deadline: float = math.inf  # time.monotonic() past which the generation ends ("length")
@@ -132,8 +136,9 @@ class Generator:
         Opened before a response starts so that a missing route is an HTTP status, not an
         error in the middle of a stream. The caller holds the request's admission slot.
         """
-        history = TokenHistory(request.prompt_ids, salt=self._salt)
-        claim = await self._affinity.claim(request.session_key, history.hashes)
+        history = TokenHistory(request.prompt_ids, salt=f"{self._salt}\0{request.tenant}")
+        key = request.session_key
+        claim = await self._affinity.claim(key and f"{request.tenant}\0{key}", history.hashes)
         try:
             session = await self._swarm.open_session(
                 len(request.prompt_ids) + request.max_new_tokens,

@@ -49,6 +49,7 @@ def generation_request(
     request: SamplingRequest,
     *,
     session_key: str | None,
+    tenant: str = "",
     param: str,
     limits: RequestLimits,
     received_at: float | None = None,
@@ -82,6 +83,7 @@ def generation_request(
         sampling,
         request.stop_sequences(),
         session_key=session_key,
+        tenant=tenant,
         received_at=received_at,
         deadline=received_at + limits.max_generation_s,
     )

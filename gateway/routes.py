@@ -3,6 +3,7 @@ whose request it is (for the per-key limit), and whether its client is still the
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
@@ -46,6 +47,14 @@ async def require_api_key(request: Request) -> None:
         raise Unauthorized("missing API key: send `Authorization: Bearer YOUR_KEY`")
     if not any(hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys):
         raise Unauthorized("incorrect API key provided")
+
+
+def tenant_of(request: Request) -> str:
+    """Whose caches a request may reuse: with API keys configured, a digest of the key it
+    authenticated with (never the key itself); on an open gateway everyone is one tenant."""
+    if not request.app.state.api_keys:
+        return ""
+    return hashlib.sha256(client_key(request).encode()).hexdigest()[:32]
 
 
 def client_key(request: Request) -> str:
@@ -129,7 +138,9 @@ async def _serve(
     slot = await admission.admit(client_key(request))
     stream: EventStream | None = None
     try:
-        prepared: Any = await service.prepare(body, session_key, received_at=received_at)
+        prepared: Any = await service.prepare(
+            body, session_key, received_at=received_at, tenant=tenant_of(request)
+        )
         if not body.stream:
             completion, route = await service.complete(body, prepared)
             return JSONResponse(dump(completion), headers={ROUTE_HEADER: route_header(route)})

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from protocol.prefix import BLOCK_TOKENS
-from tests.integration.conftest import Swarm, node_infos, start_gateway
+from tests.integration.conftest import Swarm, node_infos, running_gateway, start_gateway
 from tests.integration.test_swarm_chat import _reference, hf_greedy
 from tests.processes import Process, RedisServer, http_ok, wait_for
 
@@ -217,3 +217,22 @@ def test_concurrent_requests_on_one_session_key_are_both_exact(
     for t in threads:
         t.join(120)
     assert not errors, errors
+
+
+def test_one_api_key_never_reuses_or_sees_another_keys_cached_prefix(
+    swarm: Swarm, tmp_path: Path
+) -> None:
+    question = [user(" ".join(f"Fact {i}: rivers run to the sea." for i in range(20)))]
+    flags = ("--api-key", "key-a", "--api-key", "key-b")
+    with running_gateway(swarm, tmp_path, *flags, name="gateway-tenants") as url:
+
+        def cached(key: str) -> int:
+            sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
+            reply = sdk.chat.completions.create(
+                model=swarm.model_id, messages=question, max_tokens=2, temperature=0
+            )
+            return reply.usage.prompt_tokens_details.cached_tokens
+
+        assert cached("key-a") == 0
+        assert cached("key-a") >= BLOCK_TOKENS  # the same key reuses its prompt
+        assert cached("key-b") == 0  # another key cannot tell that it was ever sent
