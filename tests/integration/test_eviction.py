@@ -10,7 +10,7 @@ import pytest
 
 from tests.integration.conftest import Swarm, node_infos, run_swarm
 from tests.integration.test_affinity import Conversation, assistant, user
-from tests.processes import free_port
+from tests.processes import free_port, wait_for
 from tests.tiny_model import TINY_BLOCKS
 
 pytestmark = pytest.mark.integration
@@ -40,9 +40,14 @@ def test_a_tiny_budget_evicts_idle_sessions_and_answers_stay_exact(small_swarm: 
     [info] = node_infos(small_swarm.initial_peers).values()
     assert info.evictions >= 1
     assert info.cache_bytes_free <= BUDGET_BYTES
-    metrics = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics").text
-    assert f"swarmgate_node_cache_evictions_total {float(info.evictions)}" in metrics
-    assert f"swarmgate_node_cache_bytes_budget {float(BUDGET_BYTES)}" in metrics
+    # The metrics endpoint serves a snapshot that the node publishes every second.
+    evictions = f"swarmgate_node_cache_evictions_total {float(info.evictions)}"
+
+    def scraped() -> str:
+        return httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).text
+
+    wait_for(lambda: evictions in scraped(), 10, "the node's metrics to show the eviction")
+    assert f"swarmgate_node_cache_bytes_budget {float(BUDGET_BYTES)}" in scraped()
 
     a2 = first.ask([*a1.messages, assistant(a1), user("Which is sweeter?")])
     assert a2.cached == 0  # its cache is gone, the answer is still exact (checked in ask)
