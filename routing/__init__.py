@@ -3,7 +3,7 @@
 from routing.block_selection import choose_blocks
 from routing.costs import RouteCosts, hop_cost, step_deadline_s
 from routing.health import PeerHealth
-from routing.planner import plan_route, route_cost, route_covers, route_is_usable
+from routing.planner import plan_route, route_cost, route_covers
 from routing.snapshot import Hop, SwarmSnapshot, coverage
 
 __all__ = [
@@ -17,6 +17,5 @@ __all__ = [
     "plan_route",
     "route_cost",
     "route_covers",
-    "route_is_usable",
     "step_deadline_s",
 ]

@@ -40,7 +40,7 @@ from protocol.swarm import ServerRecord
 from routing.costs import RouteCosts, hop_cost, hop_terms
 from routing.snapshot import Hop, SwarmSnapshot, coverage
 
-__all__ = ["Hop", "plan_route", "route_cost", "route_covers", "route_is_usable"]
+__all__ = ["Hop", "plan_route", "route_cost", "route_covers"]
 
 _TIE = 1e-9  # relative: float noise between equal chains must not decide, tie-breaks do
 _INF = float("inf")
@@ -331,28 +331,6 @@ def route_covers(route: Sequence[Hop], start: int, end: int) -> bool:
     if any(h.end <= h.start for h in route):
         return False
     return all(a.end == b.start for a, b in itertools.pairwise(route))
-
-
-def route_is_usable(
-    snapshot: SwarmSnapshot,
-    route: Sequence[Hop],
-    num_blocks: int,
-    *,
-    exclude: Set[str] = frozenset(),
-) -> bool:
-    """Whether a remembered route still works: it covers ``[0, num_blocks)`` and every server
-    is online, not excluded and still holds its hop's blocks. Whether it is still the
-    cheapest is not asked: a session keeps its route (and its cache) while that works."""
-    if num_blocks <= 0 or not route_covers(route, 0, num_blocks):
-        return False
-    online = snapshot.online()
-    for hop in route:
-        record = online.get(hop.peer_id)
-        if hop.peer_id in exclude or record is None:
-            return False
-        if not record.start <= hop.start < hop.end <= record.end:
-            return False
-    return True
 
 
 def route_cost(

@@ -13,7 +13,7 @@ import pytest
 from protocol.errors import NoRouteError
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
 from routing.costs import RouteCosts, hop_cost
-from routing.planner import Hop, plan_route, route_cost, route_covers, route_is_usable
+from routing.planner import Hop, plan_route, route_cost, route_covers
 from routing.snapshot import SwarmSnapshot, coverage
 
 
@@ -586,18 +586,6 @@ def test_route_covers_wants_contiguous_non_empty_hops() -> None:
     assert not route_covers([Hop("a", 0, 3), Hop("b", 2, 5)], 0, 5)  # an overlap
     assert not route_covers([Hop("a", 0, 5), Hop("b", 5, 5)], 0, 5)  # an empty hop
     assert not route_covers([Hop("a", 0, 4)], 0, 5)
-
-
-def test_a_remembered_route_stays_usable_while_its_servers_hold_their_blocks() -> None:
-    servers = {"a": record(0, 5), "b": record(4, 10)}
-    route = [Hop("a", 0, 5), Hop("b", 5, 10)]
-    assert route_is_usable(snap(10, servers), route, 10)
-    assert not route_is_usable(snap(10, servers), route, 10, exclude={"b"})
-    assert not route_is_usable(snap(10, {**servers, "b": record(6, 10)}), route, 10)
-    draining = {**servers, "a": record(0, 5, state=NodeState.DRAINING)}
-    assert not route_is_usable(snap(10, draining), route, 10)
-    assert not route_is_usable(snap(10, servers), route[:1], 10)
-    assert not route_is_usable(snap(10, servers), [], 0)
 
 
 def test_route_cost_sums_the_hops() -> None:
