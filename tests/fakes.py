@@ -38,6 +38,7 @@ class LocalSwarmClient:
         self.span = load_span(model_path, 0, blocks)
         self.fail_after_steps = fail_after_steps
         self.opened = 0
+        self.opens: list[tuple[str, list[str]]] = []  # (session id, prefix hashes) per open
         self.closed = 0
         self.steps = 0  # over all sessions
         self.gate: asyncio.Event | None = None
@@ -72,6 +73,7 @@ class LocalSwarmClient:
     ) -> LocalSession:
         route = plan_route(self._snapshot, self._snapshot.num_blocks)  # NoRoute when uncovered
         self.opened += 1
+        self.opens.append((session_id, list(prefix_hashes)))
         return LocalSession(self, route)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,33 +9,11 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
-from routing.planner import Hop
 from tests.fakes import LocalSwarmClient
 
 MODEL_ID = "tiny-llama"
 # Long enough for several 32-token prefix blocks.
 MESSAGES = [{"role": "user", "content": " ".join(f"Fact {i} is about rivers." for i in range(30))}]
-
-
-class RecordingSwarm(LocalSwarmClient):
-    """Remembers what each session was opened with: its id and the prefix hashes."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.opens: list[tuple[str, list[str]]] = []
-
-    async def open_session(
-        self,
-        max_length: int,
-        *,
-        session_id: str,
-        prefix_hashes: Sequence[str] = (),
-        prefer: Sequence[Hop] | None = None,
-    ) -> Any:
-        self.opens.append((session_id, list(prefix_hashes)))
-        return await super().open_session(
-            max_length, session_id=session_id, prefix_hashes=prefix_hashes, prefer=prefer
-        )
 
 
 def chat(client: TestClient, key: str, **extra: Any) -> None:
@@ -46,7 +23,7 @@ def chat(client: TestClient, key: str, **extra: Any) -> None:
 
 
 def test_prefix_hashes_and_session_keys_are_salted_per_api_key(tiny_model: Path) -> None:
-    swarm = RecordingSwarm(tiny_model, MODEL_ID)
+    swarm = LocalSwarmClient(tiny_model, MODEL_ID)
     settings = GatewaySettings(model_id=MODEL_ID, model_path=tiny_model, api_keys=("ka", "kb"))
     with TestClient(create_app(settings, swarm_client=swarm)) as client:
         chat(client, "ka")
@@ -63,7 +40,7 @@ def test_prefix_hashes_and_session_keys_are_salted_per_api_key(tiny_model: Path)
 
 
 def test_a_gateway_without_keys_is_one_tenant(tiny_model: Path) -> None:
-    swarm = RecordingSwarm(tiny_model, MODEL_ID)
+    swarm = LocalSwarmClient(tiny_model, MODEL_ID)
     settings = GatewaySettings(model_id=MODEL_ID, model_path=tiny_model)
     with TestClient(create_app(settings, swarm_client=swarm)) as client:
         chat(client, "anything")
