@@ -28,21 +28,30 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SessionPin:
-    """A conversation's session on the swarm: its id, route and the tokens it caches."""
+    """A conversation's session on the swarm: its id and secret, route and the tokens it
+    caches. The secret lives here and on no server: whoever reads this store can resume."""
 
     session_id: str
     route: tuple[Hop, ...]
     length: int
+    secret: str = ""  # "": a pin written before sessions had secrets, not resumable
 
     def to_json(self) -> str:
         hops = [[h.peer_id, h.start, h.end] for h in self.route]
-        return json.dumps({"session": self.session_id, "route": hops, "length": self.length})
+        return json.dumps(
+            {
+                "session": self.session_id,
+                "secret": self.secret,
+                "route": hops,
+                "length": self.length,
+            }
+        )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> SessionPin:
         data = json.loads(raw)
         route = tuple(Hop(str(p), int(s), int(e)) for p, s, e in data["route"])
-        return cls(str(data["session"]), route, int(data["length"]))
+        return cls(str(data["session"]), route, int(data["length"]), str(data.get("secret", "")))
 
 
 class AffinityStore(Protocol):

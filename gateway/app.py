@@ -32,7 +32,8 @@ from gateway.swarm_client import P2PSwarmClient, SwarmClient
 from gateway.templating import PromptBuilder, load_tokenizer
 from models.loading import load_config, load_head
 from protocol.errors import RequestError, SwarmError
-from protocol.swarm import dht_prefix
+from protocol.membership import PassIssuer
+from protocol.swarm import ModelRecord, dht_prefix
 from routing.dht import SwarmDHT
 
 logger = logging.getLogger("swarmgate.gateway")
@@ -54,12 +55,24 @@ def create_app(
         dht = None
         swarm = swarm_client
         if swarm is None:
-            dht = SwarmDHT(initial_peers=list(settings.initial_peers), start=True, client_mode=True)
+            dht = SwarmDHT(
+                initial_peers=list(settings.initial_peers),
+                start=True,
+                client_mode=True,
+                swarm_key=settings.swarm_key,
+            )
+            member_pass = (
+                PassIssuer(settings.swarm_key, dht.peer_id.to_base58()).current
+                if settings.swarm_key is not None
+                else lambda: ""
+            )
             client = P2PSwarmClient(
                 dht,
                 dht_prefix(settings.model_id, settings.namespace),
+                ModelRecord.of(settings.model_id, config),
                 refresh_period_s=settings.refresh_period_s,
                 embed=head.embed,
+                member_pass=member_pass,
                 metrics=app.state.metrics,
                 step_floor_s=settings.step_floor_s,
                 prefill_chunk_tokens=settings.prefill_chunk_tokens,

@@ -67,9 +67,10 @@ class _HopFailed(Exception):
 
 
 class ChainSession:
-    def __init__(self, host: ChainHost, session_id: str, max_length: int) -> None:
+    def __init__(self, host: ChainHost, session_id: str, secret: str, max_length: int) -> None:
         self._host = host
         self.session_id = session_id
+        self._secret = secret  # proves to each server that this session is ours to resume
         self._max_length = max_length
         self._hops: list[HopStream] = []
         self._position = 0  # tokens every hop holds before the next step
@@ -181,6 +182,7 @@ class ChainSession:
         hop = self._hops[index].hop
         opening = OpenSession(
             session_id=f"{self.session_id}/replay-{uuid.uuid4().hex[:8]}",
+            secret=self._secret,
             start=hop.start,
             end=hop.end,
             max_length=hidden.shape[1],
@@ -255,6 +257,7 @@ class ChainSession:
     def _opening(self, hop: Hop, prefix_hashes: Sequence[str]) -> OpenSession:
         return OpenSession(
             session_id=self.session_id,
+            secret=self._secret,
             start=hop.start,
             end=hop.end,
             max_length=self._max_length,

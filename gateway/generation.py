@@ -143,6 +143,7 @@ class Generator:
             session = await self._swarm.open_session(
                 len(request.prompt_ids) + request.max_new_tokens,
                 session_id=claim.session_id,
+                secret=claim.secret,
                 prefix_hashes=history.hashes,
                 prefer=claim.prefer,
             )

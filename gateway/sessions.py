@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
@@ -30,6 +31,7 @@ WARN_EVERY_S = 30.0  # a store that is down would otherwise log on every request
 @dataclass(frozen=True)
 class Claim:
     session_id: str
+    secret: str  # the servers find the session's caches only with it
     prefer: tuple[Hop, ...] | None  # the route that holds the session's caches
     lease: str | None  # None: the store was unreachable, the session id is fresh anyway
     key: str | None
@@ -50,19 +52,19 @@ class SessionAffinity:
         pin = await self._guard(
             self._store.get_key(key) if key else self._store.longest_prefix(hashes)
         )
-        if pin is not None:
+        if pin is not None and pin.secret:
             taken, lease = await self._acquire(pin.session_id)
             if not taken:
-                return Claim(pin.session_id, pin.route, lease, key)
+                return Claim(pin.session_id, pin.secret, pin.route, lease, key)
         session_id = uuid.uuid4().hex
         _, lease = await self._acquire(session_id)
-        return Claim(session_id, None, lease, key)
+        return Claim(session_id, secrets.token_hex(16), None, lease, key)
 
     async def remember(
         self, claim: Claim, route: Sequence[Hop], hashes: Sequence[str], length: int
     ) -> None:
         """Record where the conversation's caches now live, for its next turn."""
-        pin = SessionPin(claim.session_id, tuple(route), length)
+        pin = SessionPin(claim.session_id, tuple(route), length, claim.secret)
         if claim.key:
             await self._guard(self._store.put_key(claim.key, pin))
         await self._guard(self._store.put_prefixes(hashes, pin))

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protocol.membership import SwarmKey
+
 
 @dataclass(frozen=True)
 class GatewaySettings:
     model_id: str  # the id clients send as `model`; also names the DHT prefix
     model_path: Path  # local Hugging Face folder: tokenizer, embedding, norm, LM head
     initial_peers: tuple[str, ...] = ()
+    swarm_key: SwarmKey | None = field(default=None, repr=False)  # None: an open swarm
     host: str = "127.0.0.1"
     port: int = 8000
     namespace: str = ""

@@ -27,8 +27,9 @@ from gateway.metrics import GatewayMetrics
 from protocol.errors import NoRouteError, SwarmError
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import OpenSession, max_tokens_per_message
+from protocol.swarm import ModelRecord
 from routing.costs import PREFILL_FACTOR, RouteCosts, step_deadline_s
-from routing.discovery import fetch_model, fetch_snapshot
+from routing.discovery import check_model, fetch_model, fetch_snapshot
 from routing.health import PeerHealth
 from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot
@@ -73,11 +74,13 @@ class SwarmClient(Protocol):
         max_length: int,
         *,
         session_id: str,
+        secret: str,
         prefix_hashes: Sequence[str] = (),
         prefer: Sequence[Hop] | None = None,
     ) -> InferenceSession:
         """A session with room for ``max_length`` tokens, on ``prefer`` if that route still
-        works; servers report how much of ``prefix_hashes`` they already hold."""
+        works; servers report how much of ``prefix_hashes`` they already hold. Its caches
+        there are found again only with the same ``session_id`` and ``secret``."""
         ...
 
 
@@ -88,8 +91,10 @@ class P2PSwarmClient:
         self,
         dht: DHT,
         prefix: str,
+        model: ModelRecord,
         *,
         embed: Callable[[list[int]], Awaitable[torch.Tensor]],
+        member_pass: Callable[[], str] = lambda: "",  # an open swarm shows none
         refresh_period_s: float = 2.0,
         prefill_chunk_tokens: int | None = None,
         step_floor_s: float = 10.0,
@@ -98,6 +103,8 @@ class P2PSwarmClient:
     ) -> None:
         self._dht = dht
         self._prefix = prefix
+        self._model = model  # the local files' model: servers of another shape are ignored
+        self._member_pass = member_pass  # this gateway's pass, shown to every server it opens
         self._embed = embed
         self._refresh_period_s = refresh_period_s
         self._prefill_chunk_tokens = prefill_chunk_tokens
@@ -105,12 +112,14 @@ class P2PSwarmClient:
         self.health = health or PeerHealth()
         self._metrics = metrics or GatewayMetrics()
         self.open_streams: Counter[str] = Counter()  # this gateway's sessions per server
-        self._snapshot = SwarmSnapshot(model=None)
+        self._snapshot = SwarmSnapshot(model=model)
         self._p2p: P2P | None = None
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._p2p = await self._dht.replicate_p2p()
+        with contextlib.suppress(Exception):  # no record yet: the servers will write one
+            check_model(await fetch_model(self._dht, self._prefix), self._model)
         await self.refresh()
         self._refresher = asyncio.create_task(self._refresh_forever())
 
@@ -124,8 +133,7 @@ class P2PSwarmClient:
         return self._snapshot
 
     async def refresh(self) -> SwarmSnapshot:
-        model = self._snapshot.model or await fetch_model(self._dht, self._prefix)
-        self._snapshot = await fetch_snapshot(self._dht, self._prefix, model)
+        self._snapshot = await fetch_snapshot(self._dht, self._prefix, self._model)
         return self._snapshot
 
     async def open_session(
@@ -133,6 +141,7 @@ class P2PSwarmClient:
         max_length: int,
         *,
         session_id: str,
+        secret: str,
         prefix_hashes: Sequence[str] = (),
         prefer: Sequence[Hop] | None = None,
     ) -> ChainSession:
@@ -144,7 +153,7 @@ class P2PSwarmClient:
             cached_hops=tuple(prefer or ()), cached_tokens=held, prompt_tokens=held + 1
         )
         route = plan_route(snapshot, snapshot.num_blocks, costs=costs)
-        chain = ChainSession(self, session_id, max_length)
+        chain = ChainSession(self, session_id, secret, max_length)
         await chain.open(route, prefix_hashes)
         return chain
 
@@ -180,8 +189,7 @@ class P2PSwarmClient:
     async def open_hop(self, hop: Hop, opening: OpenSession) -> tuple[HopStream, int]:
         assert self._p2p is not None, "start() first"
         snapshot = self._snapshot
-        assert snapshot.model is not None
-        chunk = self._prefill_chunk_tokens or max_tokens_per_message(snapshot.model.hidden_size)
+        chunk = self._prefill_chunk_tokens or max_tokens_per_message(self._model.hidden_size)
         record = snapshot.servers.get(hop.peer_id)
         blocks = hop.length
 
@@ -200,7 +208,8 @@ class P2PSwarmClient:
         self.open_streams[hop.peer_id] += 1
         stream = HopStream(self._p2p, hop, chunk, deadline_s, on_close=closed)
         try:
-            cached = await stream.open(opening)
+            shown = opening.model_copy(update={"member_pass": self._member_pass()})
+            cached = await stream.open(shown)
         except BaseException:
             stream.close()
             raise

@@ -3,7 +3,8 @@
     SwarmError                  anything that went wrong in the swarm
     ├── NoRouteError            no chain of online servers covers every block
     ├── PeerUnavailable         a server of the chain failed or could not be reached
-    │   └── BadReply            a server answered with something unusable (NaN, wrong shape)
+    │   ├── BadReply            a server answered with something unusable (NaN, wrong shape)
+    │   └── NotAMember          a server refused us (or we it): not of the same closed swarm
     ├── SessionExpired          a server no longer holds the session's cache
     ├── CapacityExceeded        a server or the gateway is full right now
     └── ProtocolMismatch        a peer sent a message we cannot understand
@@ -41,6 +42,10 @@ class PeerUnavailable(SwarmError):
 
 class BadReply(PeerUnavailable):
     """A server answered with something unusable: NaN, a wrong dtype or shape, a bad count."""
+
+
+class NotAMember(PeerUnavailable):
+    """A peer without a valid pass of this swarm: a node refuses it before any work."""
 
 
 class SessionExpired(SwarmError):

@@ -22,11 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from protocol.errors import (
     CapacityExceeded,
+    NotAMember,
     PeerUnavailable,
     ProtocolMismatch,
     RequestError,
     SwarmError,
 )
+from protocol.membership import MAX_PASS_CHARS
 from protocol.prefix import MAX_BLOCKS
 from protocol.swarm import PROTOCOL_VERSION
 
@@ -41,6 +43,10 @@ MESSAGE_BUDGET_BYTES = 3 * 1024 * 1024
 
 # A chained block hash (protocol.prefix): 16 bytes of blake2b, hex.
 BlockHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+# A session's secret: random hex from the gateway that opened it (gateway.sessions).
+SessionSecret = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32,128}$")]
+# A caller's proof of membership (protocol.membership); empty in an open swarm.
+MemberPass = Annotated[str, StringConstraints(max_length=MAX_PASS_CHARS)]
 
 
 class RpcMessage(BaseModel):
@@ -52,7 +58,11 @@ class RpcMessage(BaseModel):
 
 class OpenSession(RpcMessage):
     version: int = PROTOCOL_VERSION
+    member_pass: MemberPass = ""
     session_id: str = Field(min_length=1, max_length=128)
+    # Resuming the session's cache takes the same secret: the server keys its caches by a
+    # digest of both, so an id alone (from a log, say) opens nothing but a fresh session.
+    secret: SessionSecret
     start: int = Field(ge=0)
     end: int = Field(gt=0)
     max_length: int = Field(gt=0)  # tokens the session may reach, to size the cache
@@ -78,6 +88,10 @@ class StepDone(RpcMessage):
     position: int = Field(ge=0)  # tokens held after this step
 
 
+class InfoRequest(RpcMessage):
+    member_pass: MemberPass = ""
+
+
 class ServerInfo(RpcMessage):
     version: int = PROTOCOL_VERSION
     start: int
@@ -93,6 +107,7 @@ class ServerInfo(RpcMessage):
 
 
 class ErrorCode(enum.StrEnum):
+    FORBIDDEN = "forbidden"  # the caller showed no valid pass of this server's swarm
     CAPACITY = "capacity"  # no room for this session now: try a replica
     DRAINING = "draining"  # leaving the swarm, takes no new sessions: try a replica
     INVALID_REQUEST = "invalid_request"  # the server refuses what was asked (a stale record?)
@@ -107,7 +122,9 @@ class RpcError(RpcMessage):
     @classmethod
     def of(cls, exc: BaseException) -> RpcError:
         """The reply that tells a peer what went wrong here."""
-        if isinstance(exc, CapacityExceeded):
+        if isinstance(exc, NotAMember):
+            code = ErrorCode.FORBIDDEN
+        elif isinstance(exc, CapacityExceeded):
             code = ErrorCode.CAPACITY
         elif isinstance(exc, ProtocolMismatch):
             code = ErrorCode.PROTOCOL_MISMATCH
@@ -124,6 +141,8 @@ class RpcError(RpcMessage):
             return CapacityExceeded(message, peer_id)
         if self.error is ErrorCode.PROTOCOL_MISMATCH:
             return ProtocolMismatch(message, peer_id)
+        if self.error is ErrorCode.FORBIDDEN:
+            return NotAMember(message, peer_id)
         return PeerUnavailable(message, peer_id)
 
 

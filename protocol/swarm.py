@@ -8,15 +8,18 @@ itself is described once under ``"{prefix}._model"``.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import re
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: members' passes, session secrets, owner-bound records
 LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]  # default listen address: this machine only
 MAX_THROUGHPUT = 1e6  # decode steps/s; anything above is a lie meant to win every route
 MAX_NAME_CHARS = 128  # dtype, quant and adapter names
+MAX_MODEL_BLOCKS = 10_000  # no model comes near; a record beyond is malformed
 
 
 class NodeState(enum.StrEnum):
@@ -46,9 +49,12 @@ class ServerRecord(_Record):
     """What a block server announces about itself."""
 
     version: int = PROTOCOL_VERSION
+    # ``ModelRecord.digest`` of the model it serves: a server of another model that happens
+    # to share the name (another depth or width) is never chained with this one.
+    model: str = Field(default="", max_length=64)
     state: NodeState
-    start: int = Field(ge=0)
-    end: int = Field(gt=0)
+    start: int = Field(ge=0, lt=MAX_MODEL_BLOCKS)
+    end: int = Field(gt=0, le=MAX_MODEL_BLOCKS)
     throughput: float = Field(ge=0.0, le=MAX_THROUGHPUT)  # decode steps/s through the span
     load: float = Field(default=0.0, ge=0.0, le=1e6)  # active inference streams
     cache_bytes_free: int = Field(default=0, ge=0)
@@ -73,12 +79,40 @@ class ServerRecord(_Record):
 class ModelRecord(_Record):
     """What every server of a model agrees on; stored under ``{prefix}._model``."""
 
-    name: str = Field(min_length=1)
-    architecture: str
-    num_blocks: int = Field(gt=0)
-    hidden_size: int = Field(gt=0)
-    max_length: int = Field(gt=0)
-    dtype: str = "float32"
+    name: str = Field(min_length=1, max_length=256)
+    architecture: str = Field(max_length=MAX_NAME_CHARS)
+    num_blocks: int = Field(gt=0, le=MAX_MODEL_BLOCKS)
+    hidden_size: int = Field(gt=0, le=1 << 20)
+    max_length: int = Field(gt=0, le=1 << 24)
+    dtype: str = Field(default="float32", max_length=MAX_NAME_CHARS)
+
+    @classmethod
+    def of(cls, name: str, config: Any, dtype: str = "float32") -> ModelRecord:
+        """The record of a model with this Hugging Face ``config``."""
+        return cls(
+            name=name,
+            architecture=config.model_type,
+            num_blocks=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            max_length=config.max_position_embeddings,
+            dtype=dtype,
+        )
+
+    @property
+    def digest(self) -> str:
+        """What servers and gateways must agree on to chain: the shape, not the precision."""
+        shape = [self.name, self.architecture, self.num_blocks, self.hidden_size, self.max_length]
+        return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
+
+    def disagreement(self, other: ModelRecord) -> str | None:
+        """How ``other`` differs from this model in shape, or None."""
+        fields = ("name", "architecture", "num_blocks", "hidden_size", "max_length")
+        diffs = [
+            f"{f} {getattr(other, f)!r} (here {getattr(self, f)!r})"
+            for f in fields
+            if getattr(other, f) != getattr(self, f)
+        ]
+        return ", ".join(diffs) or None
 
 
 def dht_prefix(model_name: str, namespace: str = "") -> str:

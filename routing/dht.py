@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 from types import FrameType
+from typing import Any
 
 import psutil
 from hivemind import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils.crypto import RSAPrivateKey
+
+from protocol.membership import SwarmAuthorizer, SwarmKey
+
+logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -34,7 +42,25 @@ def _exit_with_children(signum: int, frame: FrameType | None) -> None:
 
 
 class SwarmDHT(DHT):  # type: ignore[misc]
-    """``hivemind.DHT`` whose process stops on SIGTERM and when its parent dies."""
+    """``hivemind.DHT`` whose process stops on SIGTERM and when its parent dies, closed to
+    everyone without ``swarm_key`` when one is given.
+
+    Records whose subkey ends in ``owner_tag`` can be changed only by this process: hivemind's
+    ``RSASignatureValidator`` signs them with a key of its own and every peer checks that.
+    """
+
+    def __init__(self, *args: Any, swarm_key: SwarmKey | None = None, **kwargs: Any) -> None:
+        owner = RSASignatureValidator(RSAPrivateKey())
+        self.owner_tag: str = owner.local_public_key.decode()
+        if swarm_key is None:
+            logger.warning(
+                "no swarm key: this is an open swarm that anyone who reaches its peers can "
+                "join (make a key with `swarmgate keygen FILE`, pass it with --swarm-key)"
+            )
+        else:
+            logger.info("closed swarm %s: members only", swarm_key.fingerprint)
+            kwargs["authorizer"] = SwarmAuthorizer(swarm_key)
+        super().__init__(*args, record_validators=[owner], **kwargs)
 
     def run(self) -> None:  # runs in the forked child
         signal.set_wakeup_fd(-1)  # the parent's event loop owns that fd, not us

@@ -10,21 +10,29 @@ import asyncio
 import logging
 
 from hivemind import DHT
+from hivemind.p2p import PeerID
 from hivemind.utils import get_dht_time
 
 from protocol.swarm import (
     PROTOCOL_VERSION,
     ModelRecord,
+    NodeState,
     ServerRecord,
     block_key,
     model_key,
     models_key,
 )
+from routing.dht import SwarmDHT
 from routing.snapshot import SwarmSnapshot
 
 logger = logging.getLogger(__name__)
 
 DHT_TIMEOUT_S = 10.0  # hivemind calls can hang forever when a peer misbehaves
+# The planner considers at most this many servers per block (the best by state and
+# throughput): its time and a gateway's memory stay bounded however many records exist.
+MAX_SERVERS_PER_BLOCK = 256
+MAX_PEER_ID_CHARS = 128
+OWNER_MARK = "[owner:"  # hivemind's RSASignatureValidator: what follows names the writer
 
 
 async def fetch_model(dht: DHT, prefix: str) -> ModelRecord | None:
@@ -38,34 +46,92 @@ async def fetch_model(dht: DHT, prefix: str) -> ModelRecord | None:
         return None
 
 
-async def fetch_snapshot(dht: DHT, prefix: str, model: ModelRecord | None = None) -> SwarmSnapshot:
-    """Every server record of the model; malformed records are skipped with a warning."""
-    model = model or await fetch_model(dht, prefix)
-    if model is None:
-        return SwarmSnapshot(model=None, taken_at=get_dht_time())
+async def fetch_snapshot(dht: DHT, prefix: str, model: ModelRecord) -> SwarmSnapshot:
+    """The server records of ``model``: those that are well-formed, speak this protocol and
+    serve this very model, at most ``MAX_SERVERS_PER_BLOCK`` per block."""
     keys = [block_key(prefix, b) for b in range(model.num_blocks)]
     found = await asyncio.gather(*(_get(dht, key) for key in keys))
     servers: dict[str, ServerRecord] = {}
     for key, entry in zip(keys, found, strict=True):
         if entry is None or not isinstance(entry.value, dict):
             continue
-        for peer_id, item in entry.value.items():
-            if peer_id in servers:
+        candidates: dict[str, tuple[float, ServerRecord]] = {}
+        for subkey, item in entry.value.items():
+            parsed = _parse(key, subkey, item.value, model)
+            if parsed is None:
                 continue
-            try:
-                record = ServerRecord.from_wire(item.value)
-            except ValueError as e:
-                logger.warning("ignoring record of %s under %s: %s", peer_id, key, e)
-                continue
-            if record.version != PROTOCOL_VERSION:  # a server this gateway cannot talk to
-                logger.warning("ignoring %s: protocol version %d", peer_id, record.version)
-                continue
-            servers[str(peer_id)] = record
+            peer_id, record = parsed
+            # A restarted server may have left a record under an older signing key.
+            if peer_id not in candidates or item.expiration_time > candidates[peer_id][0]:
+                candidates[peer_id] = (item.expiration_time, record)
+        best = sorted(candidates.items(), key=lambda kv: _rank(kv[1][1]), reverse=True)
+        for peer_id, (_, record) in best[:MAX_SERVERS_PER_BLOCK]:
+            servers.setdefault(peer_id, record)
     return SwarmSnapshot(model=model, servers=servers, taken_at=get_dht_time())
 
 
+def _parse(
+    key: str, subkey: object, value: object, model: ModelRecord
+) -> tuple[str, ServerRecord] | None:
+    """(peer id, record) of one DHT entry, or None (logged) if it cannot be used."""
+    peer_id = _peer_id_of(subkey)
+    if peer_id is None:
+        _ignore(f"a record under {key}", "its subkey is not a peer id")
+        return None
+    try:
+        record = ServerRecord.from_wire(value)
+    except ValueError as e:
+        _ignore(peer_id, str(e))
+        return None
+    if record.version != PROTOCOL_VERSION:  # a server this process cannot talk to
+        _ignore(peer_id, f"protocol version {record.version}, not {PROTOCOL_VERSION}")
+        return None
+    if record.model != model.digest:
+        _ignore(peer_id, f"it serves another model named {model.name!r} (another shape)")
+        return None
+    return peer_id, record
+
+
+_ignored: set[tuple[str, str]] = set()  # said once: snapshots are re-read every few seconds
+
+
+def _ignore(what: str, why: str) -> None:
+    if (what, why) in _ignored:
+        return
+    if len(_ignored) >= 4096:
+        _ignored.clear()
+    _ignored.add((what, why))
+    logger.warning("ignoring %s: %s", what, why)
+
+
+def _peer_id_of(subkey: object) -> str | None:
+    """The peer id a subkey names (``{peer id}[owner:{key}]``), if it is a valid one."""
+    if not isinstance(subkey, str):
+        return None
+    text = subkey.split(OWNER_MARK, 1)[0]
+    if not 0 < len(text) <= MAX_PEER_ID_CHARS:
+        return None
+    try:
+        return PeerID.from_base58(text).to_base58()  # type: ignore[no-any-return]
+    except (ValueError, TypeError):
+        return None
+
+
+def _rank(record: ServerRecord) -> tuple[bool, float]:
+    return record.state is NodeState.ONLINE, record.throughput
+
+
+def check_model(found: ModelRecord | None, local: ModelRecord) -> None:
+    """Warn when the swarm describes this model differently from the local files: servers
+    of the other shape are then never used (their records carry its digest)."""
+    if found is not None and (diff := local.disagreement(found)):
+        logger.warning(
+            "the swarm's record of %s disagrees with the local model: %s", local.name, diff
+        )
+
+
 async def announce(
-    dht: DHT,
+    dht: SwarmDHT,
     prefix: str,
     peer_id: str,
     record: ServerRecord,
@@ -74,11 +140,15 @@ async def announce(
     ttl_s: float,
     namespace: str = "",
 ) -> None:
-    """Store ``record`` under every block it holds and the model record, expiring in ``ttl_s``."""
+    """Store ``record`` under every block it holds and the model record, expiring in ``ttl_s``.
+
+    The subkey carries this process's owner tag: nobody else can overwrite the record.
+    """
     expiration = get_dht_time() + ttl_s
+    subkey = peer_id + dht.owner_tag
     stores = [
         dht.store(
-            block_key(prefix, b), record.to_wire(), expiration, subkey=peer_id, return_future=True
+            block_key(prefix, b), record.to_wire(), expiration, subkey=subkey, return_future=True
         )
         for b in range(record.start, record.end)
     ]

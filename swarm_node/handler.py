@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -22,13 +23,16 @@ from protocol.codec import make_response, read_tensors
 from protocol.errors import (
     CapacityExceeded,
     InvalidRequest,
+    NotAMember,
     ProtocolMismatch,
     RequestError,
     SwarmError,
 )
+from protocol.membership import SwarmKey, check_pass
 from protocol.rpc import (
     RPC_INFERENCE,
     RPC_INFO,
+    InfoRequest,
     OpenSession,
     RpcError,
     ServerInfo,
@@ -50,6 +54,12 @@ MAX_STREAMS_PER_PEER = 256  # one gateway's concurrent sessions here, replays in
 BUSY_WAIT_S = 2.0  # how long an open waits for the session's previous stream to end
 
 
+def session_key(session_id: str, secret: str) -> str:
+    """Where a session's cache is kept: neither the id nor the secret alone finds it, and the
+    secret itself is never stored."""
+    return hashlib.sha256(f"{session_id}\0{secret}".encode()).hexdigest()
+
+
 class BlockHandler:
     def __init__(
         self,
@@ -57,8 +67,11 @@ class BlockHandler:
         sessions: SessionStore,
         info: Callable[[], ServerInfo],
         accepting: Callable[[], bool] = lambda: True,
+        members: SwarmKey | None = None,
     ) -> None:
         self.span = span
+        self._members = members  # None: an open swarm, everyone may call
+        self._refused: set[str] = set()
         self.sessions = sessions
         self._info = info
         self._accepting = accepting  # False while draining: running streams go on, new ones wait
@@ -92,10 +105,11 @@ class BlockHandler:
         try:
             if self._streams_of[caller] >= MAX_STREAMS_PER_PEER:
                 raise CapacityExceeded(f"{MAX_STREAMS_PER_PEER} streams from one peer at most")
-            opening = await self._read_opening(requests)
-            await self._wait_until_idle(opening.session_id)
+            opening = await self._read_opening(requests, caller)
+            key = session_key(opening.session_id, opening.secret)
+            await self._wait_until_idle(key)
             session, cached = self.sessions.open(
-                opening.session_id,
+                key,
                 opening.start,
                 opening.end,
                 opening.max_length,
@@ -138,7 +152,7 @@ class BlockHandler:
                 self._released.notify_all()
 
     async def _read_opening(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], caller: str
     ) -> OpenSession:
         first = await asyncio.wait_for(anext(requests), OPEN_TIMEOUT_S)
         opening = decode(OpenSession, first.metadata)
@@ -146,6 +160,7 @@ class BlockHandler:
             raise ProtocolMismatch(
                 f"protocol version {opening.version}, this server speaks {PROTOCOL_VERSION}"
             )
+        self._check_member(opening.member_pass, caller)
         if not self._accepting():
             raise CapacityExceeded("this server is draining and takes no new sessions")
         self._check_range(opening.start, opening.end)
@@ -205,7 +220,22 @@ class BlockHandler:
     async def rpc_info(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
+        try:
+            asked = decode(InfoRequest, request.metadata or b"{}")
+            self._check_member(asked.member_pass, str(context.remote_id))
+        except (SwarmError, RequestError) as e:
+            return make_response(RpcError.of(e))
         return make_response(self._info())
+
+    def _check_member(self, member_pass: str, caller: str) -> None:
+        """In a closed swarm, refuse a caller without a pass for its own peer id."""
+        if self._members is not None and not check_pass(self._members, member_pass, caller):
+            if caller not in self._refused:  # once per peer: a stranger may keep trying
+                if len(self._refused) >= 1024:
+                    self._refused.clear()
+                self._refused.add(caller)
+                logger.warning("refused %s: it showed no valid pass of this swarm", caller)
+            raise NotAMember("this server serves members of its swarm only")
 
     async def _run(
         self, fn: Callable[..., torch.Tensor], *args: object, **kwargs: object

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -10,7 +11,6 @@ from typing import Any
 
 import psutil
 import torch
-from hivemind import DHT
 
 from models.loading import DTYPES, Span, load_config, load_span
 from models.resolve import resolve_model
@@ -18,7 +18,7 @@ from protocol.rpc import ServerInfo
 from protocol.swarm import ModelRecord, NodeState, ServerRecord, dht_prefix
 from routing.block_selection import choose_blocks
 from routing.dht import SwarmDHT
-from routing.discovery import announce, fetch_snapshot
+from routing.discovery import announce, check_model, fetch_model, fetch_snapshot
 from swarm_node.backend import cache_bytes
 from swarm_node.handler import BlockHandler
 from swarm_node.kv_cache import SessionStore
@@ -58,14 +58,7 @@ class BlockServer:
         source = await asyncio.to_thread(resolve_model, settings.model, name=settings.model_name)
         config = load_config(source.path)
         dtype = DTYPES[settings.dtype]
-        model = ModelRecord(
-            name=source.name,
-            architecture=config.model_type,
-            num_blocks=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            max_length=config.max_position_embeddings,
-            dtype=settings.dtype,
-        )
+        model = ModelRecord.of(source.name, config, settings.dtype)
         self.prefix = dht_prefix(source.name, settings.namespace)
         dht = SwarmDHT(
             initial_peers=list(settings.initial_peers),
@@ -73,6 +66,7 @@ class BlockServer:
             host_maddrs=list(settings.host_maddrs),
             announce_maddrs=list(settings.announce_maddrs) or None,
             identity_path=settings.identity_path,
+            swarm_key=settings.swarm_key,
         )
         try:
             await self._serve(dht, source.path, model, dtype)
@@ -81,13 +75,18 @@ class BlockServer:
             logger.info("left the swarm")
 
     async def _serve(
-        self, dht: DHT, folder: object, model: ModelRecord, dtype: torch.dtype
+        self, dht: SwarmDHT, folder: object, model: ModelRecord, dtype: torch.dtype
     ) -> None:
         settings = self.settings
         self.peer_id = dht.peer_id.to_base58()
+        self.model_digest = model.digest
+        with contextlib.suppress(Exception):  # a first node finds none
+            check_model(await fetch_model(dht, self.prefix), model)
         start, end = settings.blocks or await self._choose_blocks(dht, model)
         # Claim the span while loading, so that servers joining meanwhile pick other blocks.
-        joining = ServerRecord(state=NodeState.JOINING, start=start, end=end, throughput=0.0)
+        joining = ServerRecord(
+            model=model.digest, state=NodeState.JOINING, start=start, end=end, throughput=0.0
+        )
         try:
             await announce(
                 dht,
@@ -120,7 +119,11 @@ class BlockServer:
         self.span = span
         p2p = await dht.replicate_p2p()
         self.handler = BlockHandler(
-            span, self.sessions, self.info, accepting=lambda: self.state is NodeState.ONLINE
+            span,
+            self.sessions,
+            self.info,
+            accepting=lambda: self.state is NodeState.ONLINE,
+            members=settings.swarm_key,
         )
         await self.handler.register(p2p)
         self.state = NodeState.ONLINE
@@ -146,7 +149,7 @@ class BlockServer:
             await self.handler.unregister(p2p)
             self.handler.shutdown()
 
-    async def _choose_blocks(self, dht: DHT, model: ModelRecord) -> tuple[int, int]:
+    async def _choose_blocks(self, dht: SwarmDHT, model: ModelRecord) -> tuple[int, int]:
         snapshot = await fetch_snapshot(dht, self.prefix, model)
         length = self.settings.num_blocks or model.num_blocks
         return choose_blocks(snapshot, model.num_blocks, length)
@@ -154,6 +157,7 @@ class BlockServer:
     def record(self) -> ServerRecord:
         stats = self.sessions.stats()
         return ServerRecord(
+            model=self.model_digest,
             state=self.state,
             start=self.span.start,
             end=self.span.end,
@@ -183,7 +187,7 @@ class BlockServer:
             tokens_reused=stats.tokens_reused,
         )
 
-    async def _announce(self, dht: DHT, model: ModelRecord) -> None:
+    async def _announce(self, dht: SwarmDHT, model: ModelRecord) -> None:
         self.sessions.expire()
         ttl = 3 * self.settings.announce_period_s
         await announce(
@@ -196,7 +200,7 @@ class BlockServer:
             namespace=self.settings.namespace,
         )
 
-    async def _announce_forever(self, dht: DHT, model: ModelRecord) -> None:
+    async def _announce_forever(self, dht: SwarmDHT, model: ModelRecord) -> None:
         while True:
             try:
                 await self._announce(dht, model)
@@ -204,7 +208,7 @@ class BlockServer:
                 logger.warning("announce failed: %s", e)
             await asyncio.sleep(self.settings.announce_period_s)
 
-    async def _drain(self, dht: DHT, model: ModelRecord) -> None:
+    async def _drain(self, dht: SwarmDHT, model: ModelRecord) -> None:
         """Tell gateways to stop placing sessions here, let open ones finish, then leave."""
         self.state = NodeState.DRAINING
         logger.info("draining: %d open streams", self.handler.active_streams)

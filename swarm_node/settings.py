@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from protocol.membership import SwarmKey
 
 
 @dataclass(frozen=True)
@@ -24,3 +26,4 @@ class NodeSettings:
     namespace: str = ""  # separates private swarms that share a DHT
     metrics_port: int | None = None  # Prometheus /metrics; None: not served
     metrics_host: str = "127.0.0.1"
+    swarm_key: SwarmKey | None = field(default=None, repr=False)  # None: an open swarm

@@ -95,6 +95,16 @@ def _add_p2p(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_swarm_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--swarm-key",
+        default=_env("SWARMGATE_SWARM_KEY"),
+        metavar="FILE",
+        help="the swarm's key (from `swarmgate keygen`): only processes holding it take "
+        "part; without one the swarm is open to anyone who can reach it",
+    )
+
+
 def _add_http(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=_env("SWARMGATE_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(_env("SWARMGATE_PORT", "8000") or 8000))
@@ -156,8 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=_env("SWARMGATE_LOG_LEVEL", "INFO"))
     commands = parser.add_subparsers(dest="command", required=True)
 
+    keygen = commands.add_parser("keygen", help="write a new swarm key to FILE")
+    keygen.add_argument("file", metavar="FILE", help="where to write it (must not exist)")
+
     up = commands.add_parser("up", help="a whole local swarm: DHT, nodes and gateway")
     _add_model(up)
+    up.add_argument(
+        "--swarm-key",
+        default=_env("SWARMGATE_SWARM_KEY"),
+        metavar="FILE",
+        help="the swarm's key (default: a new one for this swarm only)",
+    )
     _add_http(up)
     _add_node_options(up)
     up.add_argument(
@@ -176,11 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     dht = commands.add_parser("dht", help="a bootstrap DHT peer; prints its multiaddrs")
     _add_peers(dht, required=False)
     _add_p2p(dht)
+    _add_swarm_key(dht)
 
     node = commands.add_parser("node", help="a block server")
     _add_model(node)
     _add_peers(node, required=True)
     _add_p2p(node)
+    _add_swarm_key(node)
     _add_node_options(node)
     node.add_argument(
         "--blocks",
@@ -216,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     gateway = commands.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")
     _add_model(gateway)
     _add_peers(gateway, required=True)
+    _add_swarm_key(gateway)
     _add_http(gateway)
     gateway.add_argument(
         "--max-concurrent",
@@ -278,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="print the swarm's coverage")
     _add_peers(status, required=True)
+    _add_swarm_key(status)
     status.add_argument("--namespace", default=_env("SWARMGATE_NAMESPACE", ""))
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -293,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from swarmgate import commands
 
     handler = {
+        "keygen": commands.keygen,
         "up": commands.up,
         "dht": commands.dht,
         "node": commands.node,

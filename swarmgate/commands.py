@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from models.resolve import resolve_model
+from protocol.membership import SwarmKey, SwarmKeyError
 from routing.dht import SwarmDHT
 from routing.snapshot import SwarmSnapshot
 
@@ -25,6 +26,32 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
+def swarm_key(args: argparse.Namespace) -> SwarmKey | None:
+    """The key named by ``--swarm-key``; a bad one ends the command with a clear message."""
+    if not args.swarm_key:
+        return None
+    try:
+        return SwarmKey.load(args.swarm_key)
+    except SwarmKeyError as e:
+        raise SystemExit(f"swarmgate: {e}") from None
+
+
+def keygen(args: argparse.Namespace) -> int:
+    key = SwarmKey.generate()
+    try:
+        key.save(args.file)
+    except FileExistsError:
+        raise SystemExit(f"swarmgate: {args.file} exists; not overwriting a key") from None
+    except OSError as e:
+        raise SystemExit(f"swarmgate: cannot write {args.file}: {e.strerror}") from None
+    print(
+        f"swarmgate keygen: wrote the swarm key {key.fingerprint} to {args.file} (mode 600).\n"
+        "Give it to every dht, node and gateway of the swarm (--swarm-key FILE or "
+        "SWARMGATE_SWARM_KEY=FILE) and to no one else: whoever holds it is a member."
+    )
+    return 0
+
+
 def dht(args: argparse.Namespace) -> None:
     peer = SwarmDHT(
         initial_peers=args.initial_peers,
@@ -32,6 +59,7 @@ def dht(args: argparse.Namespace) -> None:
         announce_maddrs=args.announce_maddrs or None,
         identity_path=args.identity,
         start=True,
+        swarm_key=swarm_key(args),
     )
     try:
         maddrs = " ".join(str(m) for m in peer.get_visible_maddrs())
@@ -65,6 +93,7 @@ def node(args: argparse.Namespace) -> None:
             announce_period_s=args.announce_period,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            swarm_key=swarm_key(args),
         )
     )
 
@@ -80,6 +109,7 @@ def gateway(args: argparse.Namespace) -> None:
         model_id=source.name,
         model_path=source.path,
         initial_peers=tuple(args.initial_peers),
+        swarm_key=swarm_key(args),
         host=args.host,
         port=args.port,
         namespace=args.namespace,
@@ -119,7 +149,9 @@ def status(args: argparse.Namespace) -> int:
     from routing.discovery import fetch_models, fetch_snapshot
     from swarmgate.status import format_table, summarize
 
-    client = SwarmDHT(initial_peers=args.initial_peers, client_mode=True, start=True)
+    client = SwarmDHT(
+        initial_peers=args.initial_peers, client_mode=True, start=True, swarm_key=swarm_key(args)
+    )
 
     async def read() -> list[SwarmSnapshot]:
         models = await fetch_models(client, args.namespace)

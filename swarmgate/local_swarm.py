@@ -13,13 +13,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
 from models.loading import load_config
 from models.resolve import ModelSource
+from protocol.membership import SwarmKey
 from protocol.swarm import LOOPBACK_MADDRS
 from routing.block_selection import split_evenly
 from routing.dht import SwarmDHT, die_with_parent
@@ -33,13 +36,29 @@ class LocalSwarm:
         self.args = args
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._stop = threading.Event()
+        self.key_file = Path()  # the swarm key's file, once `run` has one
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         num_blocks = load_config(self.source.path).num_hidden_layers
         spans = split_evenly(num_blocks, min(self.args.nodes, num_blocks))
-        dht = SwarmDHT(host_maddrs=LOOPBACK_MADDRS, start=True)
+        with tempfile.TemporaryDirectory(prefix="swarmgate-up-") as private:
+            return self._run(spans, self._key_file(Path(private)))
+
+    def _key_file(self, private: Path) -> Path:
+        """The swarm's key: the one given, else a new one that lives as long as this swarm
+        (in a directory only this user can read), so even the default swarm is closed."""
+        if self.args.swarm_key:
+            return Path(self.args.swarm_key)
+        path = private / "swarm.key"
+        SwarmKey.generate().save(path)
+        return path
+
+    def _run(self, spans: list[tuple[int, int]], key_file: Path) -> int:
+        self.key_file = key_file
+        key = SwarmKey.load(key_file)
+        dht = SwarmDHT(host_maddrs=LOOPBACK_MADDRS, start=True, swarm_key=key)
         try:
             peers = [str(m) for m in dht.get_visible_maddrs()]
             for start, end in spans:
@@ -52,11 +71,12 @@ class LocalSwarm:
                         *self._common(peers),
                         *self._node_flags(),
                     ],
+                    env=self._child_env(),
                 )
             self._spawn(
                 "gateway",
                 ["gateway", *self._common(peers), *self._http_flags()],
-                env=self._secrets(),
+                env=self._child_env(gateway=True),
             )
             if not self._wait_until_healthy():
                 return 0 if self._stop.is_set() else 1  # asked to stop while starting: fine
@@ -90,17 +110,20 @@ class LocalSwarm:
             flags += ["--api-key-file", self.args.api_key_file]
         return flags
 
-    def _secrets(self) -> dict[str, str]:
-        """API keys and the Redis URL (which may hold a password) go to the gateway in its
-        environment: a command line is visible to every user of the machine (`ps`)."""
-        env = {k: v for k, v in os.environ.items() if k not in ("SWARMGATE_API_KEY", "REDIS_URL")}
-        if self.args.api_key:
+    def _child_env(self, *, gateway: bool = False) -> dict[str, str]:
+        """Secrets go to children in their environment, never as arguments: a command line
+        is visible to every user of the machine (`ps`). The swarm key travels as its file's
+        path; only the gateway gets API keys and the Redis URL (which may hold a password)."""
+        private = ("SWARMGATE_API_KEY", "REDIS_URL", "SWARMGATE_SWARM_KEY")
+        env = {k: v for k, v in os.environ.items() if k not in private}
+        env["SWARMGATE_SWARM_KEY"] = str(self.key_file)
+        if gateway and self.args.api_key:
             env["SWARMGATE_API_KEY"] = " ".join(self.args.api_key)
-        if self.args.redis_url:
+        if gateway and self.args.redis_url:
             env["REDIS_URL"] = self.args.redis_url
         return env
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         command = [sys.executable, "-m", "swarmgate", "--log-level", self.args.log_level, *argv]
         process = subprocess.Popen(
             command, preexec_fn=die_with_parent, start_new_session=True, env=env
@@ -146,6 +169,7 @@ class LocalSwarm:
             f"  try:  curl -N {base}/v1/chat/completions -H 'Content-Type: application/json' "
             f'-d \'{{"model":"{self.source.name}","stream":true,'
             f'"messages":[{{"role":"user","content":"Hello!"}}]}}\'\n'
+            f"  The swarm is closed: only processes given its key ({self.key_file}) join it.\n"
             f"  Ctrl-C stops the swarm.\n",
             flush=True,
         )

@@ -68,6 +68,7 @@ class LocalSwarmClient:
         max_length: int,
         *,
         session_id: str,
+        secret: str,
         prefix_hashes: Sequence[str] = (),
         prefer: Sequence[Hop] | None = None,
     ) -> LocalSession:

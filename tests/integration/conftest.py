@@ -1,8 +1,13 @@
-"""A real swarm on loopback: a DHT, two block servers and the gateway under uvicorn."""
+"""A real swarm on loopback: a DHT, two block servers and the gateway under uvicorn.
+
+Every process of a test session belongs to one closed swarm: its key is exported as
+``SWARMGATE_SWARM_KEY``, as an operator would, and children inherit it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -10,12 +15,27 @@ from pathlib import Path
 
 import pytest
 
+from protocol.membership import PassIssuer, SwarmKey
 from protocol.rpc import ServerInfo
 from tests.processes import Process, free_port, http_ok, no_orphans, wait_for
 from tests.tiny_model import TINY_BLOCKS
 
 MODEL_ID = "tiny-llama"
 PREFILL_CHUNK_TOKENS = 16  # small, so that most prompts take several prefill messages
+
+
+@pytest.fixture(scope="session", autouse=True)
+def swarm_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("swarm-key") / "swarm.key"
+    SwarmKey.generate().save(path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SWARMGATE_SWARM_KEY", str(path))
+        yield path
+
+
+def session_swarm_key() -> SwarmKey:
+    """The key every process of this test session was started with."""
+    return SwarmKey.load(os.environ["SWARMGATE_SWARM_KEY"])
 
 
 @dataclass
@@ -133,25 +153,30 @@ def node_infos(peers: list[str], model_id: str = MODEL_ID) -> dict[str, ServerIn
     from hivemind.p2p import PeerID
     from hivemind.proto import runtime_pb2
 
-    from protocol.rpc import RPC_INFO, decode
+    from protocol.rpc import RPC_INFO, InfoRequest, decode
     from routing.dht import SwarmDHT
-    from routing.discovery import fetch_snapshot
+    from routing.discovery import fetch_model, fetch_snapshot
+
+    key = session_swarm_key()
 
     async def read(dht: SwarmDHT) -> dict[str, ServerInfo]:
         p2p = await dht.replicate_p2p()
-        snapshot = await fetch_snapshot(dht, model_id)
+        model = await fetch_model(dht, model_id)
+        assert model is not None, "no model record in the DHT"
+        snapshot = await fetch_snapshot(dht, model_id, model)
+        asked = InfoRequest(member_pass=PassIssuer(key, dht.peer_id.to_base58()).current())
         infos = {}
         for peer in snapshot.servers:
             reply = await p2p.call_protobuf_handler(
                 PeerID.from_base58(peer),
                 RPC_INFO,
-                runtime_pb2.ExpertRequest(),
+                runtime_pb2.ExpertRequest(metadata=asked.encode()),
                 runtime_pb2.ExpertResponse,
             )
             infos[peer] = decode(ServerInfo, reply.metadata)
         return infos
 
-    dht = SwarmDHT(initial_peers=peers, client_mode=True, start=True)
+    dht = SwarmDHT(initial_peers=peers, client_mode=True, start=True, swarm_key=key)
     try:
         return asyncio.run(read(dht))
     finally:

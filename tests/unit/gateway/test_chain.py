@@ -41,6 +41,7 @@ HIDDEN = 64
 VOCAB = 1000  # the chain never looks up a token: any deterministic table will do
 MAX_LENGTH = 256
 SESSION = "conv"
+SECRET = "5e" * 16
 EMBEDDING = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(0))
 TOKENS: list[int] = torch.randint(
     VOCAB, (120,), generator=torch.Generator().manual_seed(1)
@@ -300,7 +301,7 @@ async def feed(
 async def opened(
     swarm: FakeSwarm, route: Sequence[Hop] = ROUTE, prefix_hashes: Sequence[str] = ()
 ) -> ChainSession:
-    session = ChainSession(swarm, SESSION, MAX_LENGTH)  # type: ignore[arg-type]  # duck-typed
+    session = ChainSession(swarm, SESSION, SECRET, MAX_LENGTH)  # type: ignore[arg-type]  # duck-typed
     await session.open(route, prefix_hashes)
     return session
 
@@ -332,7 +333,7 @@ def fails(swarm: FakeSwarm, error: type[SwarmError], route: Sequence[Hop] = ROUT
     """Open ``route`` and feed STEPS until the chain raises ``error``; then close it."""
 
     async def scenario() -> SwarmError:
-        session = ChainSession(swarm, SESSION, MAX_LENGTH)  # type: ignore[arg-type]
+        session = ChainSession(swarm, SESSION, SECRET, MAX_LENGTH)  # type: ignore[arg-type]
         try:
             with pytest.raises(error) as raised:
                 await session.open(route, ())
@@ -813,7 +814,7 @@ def test_cancelling_open_closes_the_hops_that_opened(tiny_model: Path) -> None:
 
     async def scenario() -> ChainSession:
         swarm["b"].open_gate = asyncio.Event()
-        session = ChainSession(swarm, SESSION, MAX_LENGTH)  # type: ignore[arg-type]
+        session = ChainSession(swarm, SESSION, SECRET, MAX_LENGTH)  # type: ignore[arg-type]
         task = asyncio.create_task(session.open(ROUTE, ()))
         await until(lambda: swarm["b"].waiting == 1 and bool(swarm["a"].kept()))
         task.cancel()

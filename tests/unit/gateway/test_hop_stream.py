@@ -165,7 +165,9 @@ class FakeP2P:
         return None, reader, self.writer
 
 
-OPENING = OpenSession(session_id="s", start=0, end=2, max_length=128, prefix_hashes=["ab" * 16] * 2)
+OPENING = OpenSession(
+    secret="5e" * 16, session_id="s", start=0, end=2, max_length=128, prefix_hashes=["ab" * 16] * 2
+)
 
 
 class Harness:

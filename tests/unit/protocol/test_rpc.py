@@ -26,9 +26,14 @@ from protocol.rpc import (
 from protocol.swarm import PROTOCOL_VERSION
 
 MESSAGES: list[RpcMessage] = [
-    OpenSession(session_id="sess-1", start=0, end=4, max_length=256),
+    OpenSession(secret="5e" * 16, session_id="sess-1", start=0, end=4, max_length=256),
     OpenSession(
-        session_id="s" * 128, start=3, end=9, max_length=1, prefix_hashes=["ab" * 16, "cd" * 16]
+        secret="5e" * 64,
+        session_id="s" * 128,
+        start=3,
+        end=9,
+        max_length=1,
+        prefix_hashes=["ab" * 16, "cd" * 16],
     ),
     SessionOpened(),
     SessionOpened(cached_tokens=64),
@@ -60,7 +65,9 @@ def test_messages_round_trip(message: RpcMessage) -> None:
 
 
 def test_open_session_carries_the_protocol_version() -> None:
-    data = json.loads(OpenSession(session_id="x", start=0, end=1, max_length=8).encode())
+    data = json.loads(
+        OpenSession(secret="5e" * 16, session_id="x", start=0, end=1, max_length=8).encode()
+    )
     assert data["version"] == PROTOCOL_VERSION
 
 

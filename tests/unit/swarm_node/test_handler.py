@@ -77,9 +77,12 @@ class FakeStream:
         self.send(request)
         return await anext(self.replies)
 
-    async def open(self, session_id: str, hashes: list[str], max_length: int = 200) -> int:
+    async def open(
+        self, session_id: str, hashes: list[str], max_length: int = 200, secret: str = "5e" * 16
+    ) -> int:
         opening = OpenSession(
             session_id=session_id,
+            secret=secret,
             start=0,
             end=TINY_BLOCKS,
             max_length=max_length,
@@ -217,10 +220,26 @@ def test_a_failed_forward_is_a_typed_error_and_drops_the_session(
 @pytest.mark.parametrize(
     ("opening", "code"),
     [
-        (OpenSession(session_id="s", start=0, end=TINY_BLOCKS + 1, max_length=8), "invalid"),
-        (OpenSession(session_id="s", start=0, end=TINY_BLOCKS, max_length=10**6), "invalid"),
-        (OpenSession(version=99, session_id="s", start=0, end=1, max_length=8), "protocol"),
-        (OpenSession(session_id="s", start=0, end=TINY_BLOCKS, max_length=8), "draining"),
+        (
+            OpenSession(
+                secret="5e" * 16, session_id="s", start=0, end=TINY_BLOCKS + 1, max_length=8
+            ),
+            "invalid",
+        ),
+        (
+            OpenSession(
+                secret="5e" * 16, session_id="s", start=0, end=TINY_BLOCKS, max_length=10**6
+            ),
+            "invalid",
+        ),
+        (
+            OpenSession(secret="5e" * 16, version=99, session_id="s", start=0, end=1, max_length=8),
+            "protocol",
+        ),
+        (
+            OpenSession(secret="5e" * 16, session_id="s", start=0, end=TINY_BLOCKS, max_length=8),
+            "draining",
+        ),
     ],
 )
 def test_refusals_are_typed_so_the_gateway_knows_whether_to_try_a_replica(
@@ -336,7 +355,9 @@ def test_each_bad_input_is_refused_before_any_compute(span: Span) -> None:
     async def scenario() -> None:
         store = make_store(span)
         handler = BlockHandler(span, store, lambda: info_of(store))
-        opening = make_request(OpenSession(session_id="s", start=0, end=TINY_BLOCKS, max_length=64))
+        opening = make_request(
+            OpenSession(secret="5e" * 16, session_id="s", start=0, end=TINY_BLOCKS, max_length=64)
+        )
         batch_of_two = make_request(Step(position=0), torch.zeros(2, 1, 64))
         error = await reply_to(handler, opening, batch_of_two)
         assert error.error is ErrorCode.INVALID_REQUEST and "[1, n, 64]" in error.message

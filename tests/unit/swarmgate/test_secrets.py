@@ -21,11 +21,16 @@ def test_up_hands_secrets_to_its_gateway_in_the_environment(
         ["up", "--api-key", "sk-one", "--api-key", "sk-two", "--redis-url", "redis://:pw@db/0"]
     )
     swarm = LocalSwarm(ModelSource(name="m", path=tmp_path), args)
-    argv = " ".join(swarm._http_flags())
-    env = swarm._secrets()
-    assert "sk-one" not in argv and "pw@db" not in argv
+    swarm.key_file = tmp_path / "swarm.key"
+    argv = " ".join(swarm._http_flags() + swarm._node_flags())
+    env = swarm._child_env(gateway=True)
+    assert "sk-one" not in argv and "pw@db" not in argv and "swarm.key" not in argv
     assert api_keys(env["SWARMGATE_API_KEY"].split(), None) == ("sk-one", "sk-two")
     assert env["REDIS_URL"] == "redis://:pw@db/0"
+    assert env["SWARMGATE_SWARM_KEY"] == str(swarm.key_file)
+    node_env = swarm._child_env()
+    assert node_env["SWARMGATE_SWARM_KEY"] == str(swarm.key_file)
+    assert "SWARMGATE_API_KEY" not in node_env and "REDIS_URL" not in node_env
 
 
 def test_the_gateway_reads_keys_and_redis_from_its_environment(
