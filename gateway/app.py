@@ -18,6 +18,7 @@ from gateway.affinity import (
     NoAffinity,
     RedisAffinityStore,
 )
+from gateway.auth import ApiKeyGuard
 from gateway.chat_service import ChatService
 from gateway.completion_service import CompletionService
 from gateway.errors import to_http_error
@@ -115,10 +116,12 @@ def create_app(
             await store.aclose()
 
     app = FastAPI(title="swarmgate", lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.state.api_keys = settings.api_keys
     app.state.send_timeout_s = settings.send_timeout_s
     app.state.metrics = GatewayMetrics()
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Added last, so it runs first: a caller without a key is refused before any reading.
+    app.add_middleware(ApiKeyGuard, keys=settings.api_keys, metrics=app.state.metrics)
     app.include_router(api)
     app.include_router(ops)
     for exc_type in (RequestError, SwarmError, RequestValidationError, HTTPException, Exception):

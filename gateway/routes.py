@@ -1,15 +1,13 @@
 """HTTP routes: parse, call the service, shape the response; and what only HTTP knows:
-whose request it is (for the per-key limit), and whether its client is still there."""
+whether a request's client is still there."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
@@ -17,6 +15,7 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import ClientDisconnect
 
 from gateway import sse
+from gateway.auth import client_key, tenant_of
 from gateway.cancellation import unless_disconnected
 from gateway.chat_service import ChatService
 from gateway.completion_service import CompletionService
@@ -25,7 +24,7 @@ from gateway.generation import Generation
 from gateway.limits import Admission, Slot
 from gateway.streaming import EventStream
 from gateway.swarm_client import SwarmClient
-from protocol.errors import ModelNotFound, NoRouteError, Unauthorized
+from protocol.errors import ModelNotFound, NoRouteError
 from protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -36,35 +35,7 @@ from protocol.openai import (
 )
 from routing.planner import Hop, plan_route
 
-
-async def require_api_key(request: Request) -> None:
-    """With API keys configured, every /v1 request needs `Authorization: Bearer KEY`."""
-    keys: tuple[str, ...] = request.app.state.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise Unauthorized("missing API key: send `Authorization: Bearer YOUR_KEY`")
-    if not any(hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys):
-        raise Unauthorized("incorrect API key provided")
-
-
-def tenant_of(request: Request) -> str:
-    """Whose caches a request may reuse: with API keys configured, a digest of the key it
-    authenticated with (never the key itself); on an open gateway everyone is one tenant."""
-    if not request.app.state.api_keys:
-        return ""
-    return hashlib.sha256(client_key(request).encode()).hexdigest()[:32]
-
-
-def client_key(request: Request) -> str:
-    """Whom a request counts against in ``--max-concurrent-per-key``: its bearer token (an
-    accepted API key, when keys are configured), else everyone without one together."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else "anonymous"
-
-
-api = APIRouter(dependencies=[Depends(require_api_key)])  # the OpenAI surface
+api = APIRouter()  # the OpenAI surface, behind gateway.auth.ApiKeyGuard
 ops = APIRouter()  # health and coverage stay open for probes and operators
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -135,11 +106,15 @@ async def _serve(
     The prompt is templated and tokenized only once the request holds a slot, so that a
     flood of large bodies queues (or is refused) instead of keeping the CPU busy."""
     admission: Admission = request.app.state.admission
-    slot = await admission.admit(client_key(request))
+    authorization = request.headers.get("authorization", "")
+    slot = await admission.admit(client_key(authorization))
     stream: EventStream | None = None
     try:
         prepared: Any = await service.prepare(
-            body, session_key, received_at=received_at, tenant=tenant_of(request)
+            body,
+            session_key,
+            received_at=received_at,
+            tenant=tenant_of(authorization, request.app.state.api_keys),
         )
         if not body.stream:
             completion, route = await service.complete(body, prepared)

@@ -82,6 +82,7 @@ MAX_MESSAGES = 2048  # a request with more is refused before it is tokenized
 MAX_CHOICES = 8  # `n`: choices are generated one after another
 MAX_STOP_CHARS = 256  # per stop sequence: each is looked for after every generated token
 SEED_RANGE = (-(2**63), 2**63 - 1)  # int64; seed + choice index still fits torch's seeds
+MAX_LOGIT_BIAS = 300  # tokens in `logit_bias`, as OpenAI allows
 
 
 class SamplingRequest(OpenAIModel):
@@ -121,6 +122,8 @@ class SamplingRequest(OpenAIModel):
     @field_validator("logit_bias")
     @classmethod
     def _bias_in_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens")
         for token, bias in (value or {}).items():
             if not token.lstrip("-").isdigit() or int(token) < 0:
                 raise ValueError(f"logit_bias keys must be token ids, got {token!r}")

@@ -41,6 +41,10 @@ def _exit_with_children(signum: int, frame: FrameType | None) -> None:
     os._exit(0)
 
 
+class SwarmJoinError(RuntimeError):
+    """This process could not reach any member through its initial peers."""
+
+
 class SwarmDHT(DHT):  # type: ignore[misc]
     """``hivemind.DHT`` whose process stops on SIGTERM and when its parent dies, closed to
     everyone without ``swarm_key`` when one is given.
@@ -60,7 +64,15 @@ class SwarmDHT(DHT):  # type: ignore[misc]
         else:
             logger.info("closed swarm %s: members only", swarm_key.fingerprint)
             kwargs["authorizer"] = SwarmAuthorizer(swarm_key)
-        super().__init__(*args, record_validators=[owner], **kwargs)
+        try:
+            super().__init__(*args, record_validators=[owner], **kwargs)
+        except RuntimeError as e:
+            if "bootstrap failed" not in str(e):
+                raise
+            raise SwarmJoinError(
+                "none of the initial peers answered: check their addresses and, if the swarm "
+                "is closed, that this process was given its key (--swarm-key)"
+            ) from None
 
     def run(self) -> None:  # runs in the forked child
         signal.set_wakeup_fd(-1)  # the parent's event loop owns that fd, not us

@@ -313,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from routing.dht import SwarmJoinError
     from swarmgate import commands
 
     handler = {
@@ -323,4 +324,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "gateway": commands.gateway,
         "status": commands.status,
     }[args.command]
-    sys.exit(handler(args) or 0)
+    try:
+        code = handler(args)
+    except SwarmJoinError as e:
+        sys.exit(f"swarmgate {args.command}: could not join the swarm: {e}")
+    sys.exit(code or 0)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 from collections.abc import Iterator
 
@@ -69,6 +71,17 @@ def test_sdk_stream_is_token_exact_with_transformers(up: tuple[str, Process]) ->
         out = model.generate(prompt, max_new_tokens=20, do_sample=False)
     expected = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
     assert text == expected and text.strip()
+
+
+def test_up_runs_a_closed_swarm_with_a_key_only_its_user_can_read(
+    up: tuple[str, Process],
+) -> None:
+    _, process = up
+    match = re.search(r"only processes given its key \((\S+)\) join it", process.output())
+    assert match, process.output()[-2000:]
+    assert stat.S_IMODE(os.stat(match[1]).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(match[1])).st_mode) == 0o700
+    assert "closed swarm SHA256:" in process.output()
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")

@@ -55,6 +55,7 @@ def start_gateway(
     *extra: str,
     name: str = "gateway",
     model_id: str = MODEL_ID,
+    env: dict[str, str] | None = None,
 ) -> tuple[Process, str]:
     port = free_port()
     argv = [
@@ -69,7 +70,7 @@ def start_gateway(
         str(port),
         *extra,
     ]
-    return Process(name, argv, log_dir), f"http://127.0.0.1:{port}"
+    return Process(name, argv, log_dir, env=env), f"http://127.0.0.1:{port}"
 
 
 @contextmanager

@@ -53,6 +53,7 @@ def test_logit_bias_steers_greedy_decoding(client: TestClient) -> None:
         ({"response_format": {"type": "json_object"}}, "response_format"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {str(t): 1 for t in range(301)}}, "logit_bias"),
         ({"messages": [{"role": "user", "content": "x"}] * 2049}, "messages"),
     ],
 )

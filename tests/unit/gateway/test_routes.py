@@ -113,6 +113,13 @@ def test_api_keys_guard_the_openai_routes_only(tiny_model: Path) -> None:
             assert r.status_code == 401
             assert r.json()["error"]["code"] == "invalid_api_key"
         assert client.post("/v1/chat/completions", json=CHAT).status_code == 401
+        # Refused before the body is read: malformed JSON is not even looked at.
+        garbage = client.post(
+            "/v1/chat/completions",
+            content=b"{" * 100_000,
+            headers={"content-type": "application/json"},
+        )
+        assert garbage.status_code == 401
         for key in ("k1", "k2"):
             assert (
                 client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code

@@ -7,6 +7,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,7 +16,8 @@ from hivemind.proto import runtime_pb2
 
 from models.loading import Span, load_span
 from protocol.codec import make_request, read_tensors
-from protocol.errors import CapacityExceeded
+from protocol.errors import CapacityExceeded, NotAMember
+from protocol.membership import PassIssuer, SwarmKey
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import (
     ErrorCode,
@@ -30,10 +32,13 @@ from protocol.rpc import (
 )
 from swarm_node import handler as handler_module
 from swarm_node.backend import cache_bytes, forward_span, new_cache
-from swarm_node.handler import BlockHandler
+from swarm_node.handler import BlockHandler, session_key
 from swarm_node.kv_cache import SessionStore
 from swarm_node.metrics import InfoBoard, _NodeCollector
 from tests.tiny_model import TINY_BLOCKS
+
+SECRET = "5e" * 16
+CONV = session_key("conv", SECRET)  # where the node keeps the session "conv"
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +67,11 @@ def info_of(store: SessionStore) -> ServerInfo:
 class FakeStream:
     """The gateway's side of one rpc_inference stream, driven by hand."""
 
-    def __init__(self, handler: BlockHandler) -> None:
+    def __init__(self, handler: BlockHandler, caller: str = "") -> None:
         self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-        self.replies = handler.rpc_inference(self._incoming(), context=None)  # type: ignore[arg-type]
+        # What hivemind hands a handler: the peer id that libp2p authenticated.
+        context = SimpleNamespace(remote_id=caller) if caller else None
+        self.replies = handler.rpc_inference(self._incoming(), context=context)  # type: ignore[arg-type]
 
     async def _incoming(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while (request := await self._requests.get()) is not None:
@@ -78,9 +85,15 @@ class FakeStream:
         return await anext(self.replies)
 
     async def open(
-        self, session_id: str, hashes: list[str], max_length: int = 200, secret: str = "5e" * 16
+        self,
+        session_id: str,
+        hashes: list[str],
+        max_length: int = 200,
+        secret: str = SECRET,
+        member_pass: str = "",
     ) -> int:
         opening = OpenSession(
+            member_pass=member_pass,
             session_id=session_id,
             secret=secret,
             start=0,
@@ -179,7 +192,7 @@ def test_a_step_cancelled_mid_forward_leaves_no_half_written_session(
         with pytest.raises(asyncio.CancelledError):
             await pending
         await second.replies.aclose()
-        assert "conv" not in store.session_ids(), "a half-written session must be dropped"
+        assert CONV not in store.session_ids(), "a half-written session must be dropped"
         slow_forward.open.set()  # the orphaned forward now finishes writing to its own cache
 
         # A retry sees a consistent session: whatever it reports cached, resending from
@@ -212,7 +225,7 @@ def test_a_failed_forward_is_a_typed_error_and_drops_the_session(
         assert error.error is ErrorCode.INTERNAL
         with pytest.raises(StopAsyncIteration):
             await anext(stream.replies)
-        assert "conv" not in store.session_ids()
+        assert CONV not in store.session_ids()
 
     asyncio.run(scenario())
 
@@ -391,5 +404,55 @@ def test_one_peer_cannot_hold_every_stream(span: Span, monkeypatch: pytest.Monke
         await stream_from("polite").open("s-polite", [])  # others are still served
         await greedy[0].close()
         await stream_from("greedy").open("s-again", [])  # a slot came back
+
+    asyncio.run(scenario())
+
+
+def test_a_closed_swarm_node_refuses_callers_without_their_own_pass_before_any_work(
+    span: Span,
+) -> None:
+    key = SwarmKey.generate()
+
+    async def scenario() -> None:
+        store = make_store(span)
+        handler = BlockHandler(span, store, lambda: info_of(store), members=key)
+        refused = {
+            "no pass": "",
+            "another swarm": PassIssuer(SwarmKey.generate(), "QmCaller").current(),
+            "someone else's": PassIssuer(key, "QmSomeoneElse").current(),
+        }
+        for why, member_pass in refused.items():
+            with pytest.raises(NotAMember):
+                await FakeStream(handler, "QmCaller").open("conv", [], member_pass=member_pass)
+            assert len(store) == 0 and store.used_bytes == 0, why
+            assert handler.active_streams == 0, why
+        ours = PassIssuer(key, "QmCaller").current()
+        stream = FakeStream(handler, "QmCaller")
+        assert await stream.open("conv", [], member_pass=ours) == 0
+        await stream.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_session_resumes_only_with_the_secret_it_was_opened_with(span: Span) -> None:
+    n = 2 * BLOCK_TOKENS
+
+    async def scenario() -> None:
+        store = make_store(span)
+        handler = BlockHandler(span, store, lambda: info_of(store))
+        owner = FakeStream(handler)
+        await owner.open("conv", [])
+        await owner.step(0, inputs(n, 1), hashes_for(n))
+        await owner.close()
+
+        guesser = FakeStream(handler)
+        assert await guesser.open("conv", hashes_for(n), secret="77" * 16) == 0
+        await guesser.step(0, inputs(1, 2), [])  # writes to its own session, not the owner's
+        await guesser.close()
+
+        again = FakeStream(handler)
+        assert await again.open("conv", hashes_for(n)) == n
+        await again.close()
+        assert CONV in store.session_ids() and "conv" not in store.session_ids()
 
     asyncio.run(scenario())

@@ -1,0 +1,261 @@
+"""A closed swarm on real processes: strangers announce, dial and forge, and get nothing.
+
+The session's swarm (a DHT, two nodes and a gateway) holds the test session's key. Next to
+it run a rogue node without a key and one with another swarm's key, both announcing the
+whole model at the highest throughput a record may claim, and kept running although no
+member answers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from hivemind.p2p import P2P
+from hivemind.utils import get_dht_time
+
+from gateway.hop_stream import HopStream
+from models.loading import load_config
+from protocol.errors import NotAMember
+from protocol.membership import PassIssuer, SwarmKey
+from protocol.rpc import RPC_INFO, InfoRequest, OpenSession, RpcError
+from protocol.swarm import MAX_THROUGHPUT, ServerRecord, block_key
+from routing.dht import SwarmDHT
+from routing.planner import Hop
+from tests.integration.conftest import (
+    MODEL_ID,
+    Swarm,
+    running_gateway,
+    session_swarm_key,
+    start_gateway,
+    start_node,
+)
+from tests.processes import Process, no_orphans, node_identity, wait_for
+from tests.tiny_model import TINY_BLOCKS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SECRET = "5e" * 16
+
+
+@dataclass
+class Rogues:
+    no_key: str  # peer ids
+    other_key: str
+
+
+@pytest.fixture(scope="module")
+def rogues(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rogues]:
+    logs = tmp_path_factory.mktemp("rogues")
+    other = logs / "other.key"
+    SwarmKey.generate().save(other)
+    with no_orphans():
+        started: list[Process] = []
+        try:
+            for name, key in (("rogue-no-key", ""), ("rogue-other-key", str(other))):
+                started.append(
+                    start_node(
+                        swarm.model_path,
+                        swarm.initial_peers,
+                        logs,
+                        (0, TINY_BLOCKS),
+                        name=name,
+                        module="tests.rogue_node",
+                        env={"SWARMGATE_SWARM_KEY": key},
+                    )
+                )
+            for process in started:
+                wait_for(
+                    lambda p=process: "serving blocks" in p.output() or not p.alive(),
+                    120,
+                    f"{process.name} to announce itself",
+                )
+                assert process.alive(), process.output()[-3000:]
+            yield Rogues(node_identity(started[0])[0], node_identity(started[1])[0])
+        finally:
+            for process in started:
+                process.stop()
+
+
+def listed(url: str) -> set[str]:
+    return {s["peer_id"] for s in httpx.get(f"{url}/swarm", timeout=10).json()["servers"]}
+
+
+def test_strangers_are_never_listed_nor_routed_to(
+    swarm: Swarm, rogues: Rogues, tmp_path: Path
+) -> None:
+    members = {node_identity(n)[0] for n in swarm.nodes}
+    # A member joining after the rogues: once the gateway lists it, the rogues have had
+    # every chance to be listed too.
+    late = start_node(swarm.model_path, swarm.initial_peers, tmp_path, (0, TINY_BLOCKS))
+    try:
+        wait_for(lambda: "serving blocks" in late.output() or not late.alive(), 120, "a member")
+        members.add(node_identity(late)[0])
+        wait_for(lambda: members <= listed(swarm.base_url), 60, "the late member in /swarm")
+        assert listed(swarm.base_url) == members
+
+        body = {"model": MODEL_ID, "prompt": "Once upon a time", "max_tokens": 4}
+        for _ in range(6):
+            r = httpx.post(f"{swarm.base_url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            route = {hop.split(":")[0] for hop in r.headers["x-swarmgate-route"].split(",")}
+            assert route <= members and not route & {rogues.no_key, rogues.other_key}
+    finally:
+        late.stop()
+
+
+def test_a_gateway_without_the_key_cannot_join(swarm: Swarm, tmp_path: Path) -> None:
+    gateway, _ = start_gateway(
+        swarm.model_path, swarm.initial_peers, tmp_path, env={"SWARMGATE_SWARM_KEY": ""}
+    )
+    try:
+        wait_for(lambda: not gateway.alive(), 120, "the keyless gateway to give up")
+        assert "none of the initial peers answered" in gateway.output()
+    finally:
+        gateway.stop()
+
+
+def test_a_gateway_with_the_key_joins(swarm: Swarm, tmp_path: Path) -> None:
+    with running_gateway(swarm, tmp_path, name="gateway-member") as url:
+        body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 2}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+
+
+def _node_address(node: Process) -> list[str]:
+    for line in node.output().splitlines():
+        if "--initial-peers" in line and "serving blocks" in line:
+            return line.split("--initial-peers", 1)[1].split()
+    raise AssertionError(f"{node.name} printed no address")
+
+
+class Dialer:
+    """An in-process peer that dials a node directly, with or without a pass."""
+
+    def __init__(self, p2p: P2P, node: Process, hidden_size: int) -> None:
+        self.p2p = p2p
+        self.peer_id, (self.start, self.end) = node_identity(node)
+        self.hidden_size = hidden_size
+        self.me = p2p.peer_id.to_base58()
+
+    async def open(
+        self, member_pass: str, session_id: str, secret: str = SECRET
+    ) -> tuple[HopStream, int]:
+        """A stream on the node's session and how many tokens of it the node holds."""
+        hop = Hop(self.peer_id, self.start, self.end)
+        stream = HopStream(self.p2p, hop, 64, lambda tokens: 30.0)
+        hashes = ["ab" * 16]
+        opening = OpenSession(
+            member_pass=member_pass,
+            session_id=session_id,
+            secret=secret,
+            start=self.start,
+            end=self.end,
+            max_length=64,
+            prefix_hashes=hashes,
+        )
+        try:
+            return stream, await stream.open(opening)
+        except BaseException:
+            stream.close()
+            raise
+
+    async def fill(self, stream: HopStream) -> None:
+        """One full block of tokens, so that the session has something to resume."""
+        await stream.step(torch.randn(1, 32, self.hidden_size), ["ab" * 16])
+
+    async def info(self, member_pass: str) -> bytes:
+        from hivemind.p2p import PeerID
+        from hivemind.proto import runtime_pb2
+
+        reply = await self.p2p.call_protobuf_handler(
+            PeerID.from_base58(self.peer_id),
+            RPC_INFO,
+            runtime_pb2.ExpertRequest(metadata=InfoRequest(member_pass=member_pass).encode()),
+            runtime_pb2.ExpertResponse,
+        )
+        return bytes(reply.metadata)
+
+
+def test_nodes_serve_members_only_and_sessions_only_to_their_owner(swarm: Swarm) -> None:
+    node = swarm.nodes[0]
+    hidden_size = load_config(swarm.model_path).hidden_size
+    key, other = session_swarm_key(), SwarmKey.generate()
+
+    async def scenario() -> None:
+        p2p = await P2P.create(initial_peers=_node_address(node))
+        try:
+            dialer = Dialer(p2p, node, hidden_size)
+            # A valid pass, stolen from another member: libp2p proves we are not that peer.
+            someone_else = PassIssuer(key, node_identity(swarm.nodes[1])[0]).current()
+            refused = {
+                "no pass": "",
+                "another swarm's pass": PassIssuer(other, dialer.me).current(),
+                "a pass for another peer": someone_else,
+                "garbage": "not-a-pass",
+            }
+            for why, member_pass in refused.items():
+                with pytest.raises(NotAMember):
+                    await dialer.open(member_pass, "conv")
+                error = RpcError.model_validate_json(await dialer.info(member_pass))
+                assert error.error == "forbidden", why
+
+            # A member's session: resumed with its secret, a fresh one under any other.
+            ours = PassIssuer(key, dialer.me).current()
+            stream, _ = await dialer.open(ours, "conv")
+            await dialer.fill(stream)
+            stream.close()
+            for secret, expected in (("77" * 16, 0), (SECRET, 32)):
+                resumed, cached = await dialer.open(ours, "conv", secret)
+                resumed.close()
+                assert cached == expected, secret
+            assert "sessions" in json.loads(await dialer.info(ours))
+        finally:
+            await p2p.shutdown()
+
+    asyncio.run(scenario())
+
+
+def test_records_cannot_be_forged_or_overwritten(swarm: Swarm) -> None:
+    member_peer, (start, _) = node_identity(swarm.nodes[0])
+    key = block_key(MODEL_ID, start)
+
+    def member_entry(dht: SwarmDHT) -> tuple[str, dict]:
+        found = dht.get(key, latest=True)
+        assert found is not None
+        [(subkey, item)] = [(s, v) for s, v in found.value.items() if s.startswith(member_peer)]
+        return subkey, item.value
+
+    # Another member (it holds the swarm key, not the node's own signing key)...
+    insider = SwarmDHT(
+        initial_peers=swarm.initial_peers,
+        client_mode=True,
+        start=True,
+        swarm_key=session_swarm_key(),
+    )
+    # ...and a stranger who keeps going although no member answers it.
+    stranger = SwarmDHT(
+        initial_peers=swarm.initial_peers, start=True, ensure_bootstrap_success=False
+    )
+    try:
+        subkey, original = member_entry(insider)
+        record = ServerRecord.model_validate(original)
+        forged = record.model_copy(update={"throughput": MAX_THROUGHPUT}).to_wire()
+        # Far in the future: if any peer took it, every read would return it.
+        expiration = get_dht_time() + 600
+        assert not insider.store(key, forged, expiration, subkey=subkey)
+        stranger.store(key, forged, expiration, subkey=subkey)
+        stranger.store(key, forged, expiration, subkey=stranger.peer_id.to_base58())
+
+        _, now = member_entry(insider)
+        assert now["throughput"] == original["throughput"] < MAX_THROUGHPUT
+        peers = {s.split("[")[0] for s in insider.get(key, latest=True).value}
+        assert stranger.peer_id.to_base58() not in peers
+    finally:
+        insider.shutdown()
+        stranger.shutdown()

@@ -1,0 +1,33 @@
+"""A stranger's block server for tests: the real `swarmgate` CLI, made as pushy as it gets.
+
+    python -m tests.rogue_node node --model ... --blocks 0:4 ...
+
+Its DHT keeps running when no initial peer answers (a real node gives up), and it announces
+the highest throughput a record may carry, so that it would win every route it could get
+into. Whether it has a swarm key (and which) is up to its ``SWARMGATE_SWARM_KEY``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from protocol.swarm import MAX_THROUGHPUT, ServerRecord
+from routing.dht import SwarmDHT
+from swarm_node import node as node_module
+from swarmgate.cli import main
+
+
+class StubbornDHT(SwarmDHT):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, ensure_bootstrap_success=False, **kwargs)
+
+
+class BoastfulServer(node_module.BlockServer):
+    def record(self) -> ServerRecord:
+        return super().record().model_copy(update={"throughput": MAX_THROUGHPUT})
+
+
+if __name__ == "__main__":
+    node_module.SwarmDHT = StubbornDHT  # type: ignore[misc]
+    node_module.BlockServer = BoastfulServer  # type: ignore[misc]
+    main()

@@ -1,0 +1,100 @@
+"""What a snapshot is built from: DHT entries are parsed, checked and bounded here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import base58
+import pytest
+
+from protocol.swarm import ModelRecord, NodeState, ServerRecord, block_key
+from routing.discovery import MAX_SERVERS_PER_BLOCK, check_model, fetch_snapshot
+
+MODEL = ModelRecord(name="m", architecture="llama", num_blocks=2, hidden_size=64, max_length=256)
+OWNER = "[owner:ssh-rsa AAAAfake]"  # hivemind's validator checked it before we see it
+
+
+@dataclass
+class Item:
+    value: Any
+    expiration_time: float = 100.0
+
+
+class FakeDHT:
+    """``get`` as hivemind answers it: a dictionary of subkey → value with expiration."""
+
+    def __init__(self, entries: dict[str, dict[object, Item]]) -> None:
+        self.entries = entries
+
+    def get(self, key: str, latest: bool, return_future: bool) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        found = self.entries.get(key)
+        future.set_result(Item(found) if found is not None else None)
+        return future
+
+
+def peer(n: int) -> str:
+    return "Qm" + base58.b58encode(n.to_bytes(4, "big")).decode()
+
+
+def record(**changes: Any) -> dict:
+    fields = {"model": MODEL.digest, "state": "online", "start": 0, "end": 2, "throughput": 10.0}
+    return ServerRecord.model_validate({**fields, **changes}).to_wire()
+
+
+def servers(entries: dict[object, Item]) -> dict[str, ServerRecord]:
+    """The snapshot's servers when every block holds ``entries``."""
+    dht = FakeDHT({block_key("m", b): entries for b in range(MODEL.num_blocks)})
+    return dict(asyncio.run(fetch_snapshot(dht, "m", MODEL)).servers)  # type: ignore[arg-type]
+
+
+def test_only_well_formed_records_of_this_very_model_count() -> None:
+    other_shape = ModelRecord(**{**MODEL.model_dump(), "num_blocks": 3})
+    entries: dict[object, Item] = {
+        peer(1) + OWNER: Item(record()),
+        peer(2) + OWNER: Item(record(model=other_shape.digest)),  # same name, other model
+        peer(3) + OWNER: Item(record(version=1)),
+        peer(4) + OWNER: Item({"state": "online"}),
+        peer(5) + OWNER: Item("garbage"),
+        "0OIl-not-base58" + OWNER: Item(record()),
+        ("a", "tuple"): Item(record()),
+        "Qm" + "z" * 200: Item(record()),
+    }
+    assert set(servers(entries)) == {peer(1)}
+
+
+def test_a_restarted_server_counts_once_with_its_newest_record() -> None:
+    entries: dict[object, Item] = {
+        peer(1) + "[owner:old]": Item(record(state="draining"), expiration_time=50.0),
+        peer(1) + "[owner:new]": Item(record(throughput=20.0), expiration_time=90.0),
+    }
+    found = servers(entries)
+    assert list(found) == [peer(1)]
+    assert found[peer(1)].state is NodeState.ONLINE and found[peer(1)].throughput == 20.0
+
+
+def test_the_planner_considers_a_bounded_number_of_the_best_servers() -> None:
+    total = MAX_SERVERS_PER_BLOCK + 50
+    entries: dict[object, Item] = {
+        peer(n) + OWNER: Item(record(throughput=float(n + 1))) for n in range(total)
+    }
+    found = servers(entries)
+    assert len(found) == MAX_SERVERS_PER_BLOCK
+    assert min(r.throughput for r in found.values()) == total - MAX_SERVERS_PER_BLOCK + 1
+
+
+def test_a_model_record_of_another_shape_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    poisoned = ModelRecord(**{**MODEL.model_dump(), "num_blocks": 1})
+    with caplog.at_level(logging.WARNING):
+        check_model(MODEL, MODEL)
+        assert not caplog.text
+        check_model(poisoned, MODEL)
+    assert "num_blocks 1 (here 2)" in caplog.text
+
+
+def test_the_digest_ignores_precision_but_not_shape() -> None:
+    assert ModelRecord(**{**MODEL.model_dump(), "dtype": "bfloat16"}).digest == MODEL.digest
+    assert ModelRecord(**{**MODEL.model_dump(), "hidden_size": 32}).digest != MODEL.digest
