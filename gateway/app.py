@@ -26,6 +26,7 @@ from gateway.generation import Generator, HeadRunner
 from gateway.limits import Admission, BodySizeLimit
 from gateway.metrics import GatewayMetrics
 from gateway.prepare import RequestLimits, ServedModel
+from gateway.request_ids import RequestIdMiddleware
 from gateway.routes import api, ops
 from gateway.sessions import SessionAffinity
 from gateway.settings import GatewaySettings
@@ -99,9 +100,11 @@ def create_app(
             salt=settings.model_id,
             metrics=metrics,
         )
-        app.state.admission = Admission(
+        admission = Admission(
             settings.max_concurrent, settings.max_queue, settings.max_concurrent_per_key
         )
+        app.state.admission = admission
+        metrics.queued.set_function(lambda: admission.waiting)
         limits = RequestLimits(settings.default_max_tokens, settings.max_generation_s)
         app.state.chat = ChatService(served, PromptBuilder(tokenizer), generator, limits)
         app.state.completions = CompletionService(served, tokenizer, generator, limits)
@@ -122,6 +125,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     # Added last, so it runs first: a caller without a key is refused before any reading.
     app.add_middleware(ApiKeyGuard, keys=settings.api_keys, metrics=app.state.metrics)
+    app.add_middleware(RequestIdMiddleware)  # outermost: even a refusal carries an id
     app.include_router(api)
     app.include_router(ops)
     for exc_type in (RequestError, SwarmError, RequestValidationError, HTTPException, Exception):

@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from typing import Protocol
 
 import torch
@@ -67,8 +67,16 @@ class _HopFailed(Exception):
 
 
 class ChainSession:
-    def __init__(self, host: ChainHost, session_id: str, secret: str, max_length: int) -> None:
+    def __init__(
+        self,
+        host: ChainHost,
+        session_id: str,
+        secret: str,
+        max_length: int,
+        on_failover: Callable[[], None] = lambda: None,
+    ) -> None:
         self._host = host
+        self._on_failover = on_failover  # a failed hop was replaced mid-generation
         self.session_id = session_id
         self._secret = secret  # proves to each server that this session is ours to resume
         self._max_length = max_length
@@ -217,6 +225,7 @@ class ChainSession:
         replacements = await self._open_hops(route, (), began)
         self._hops[failure.index : failure.index + 1] = replacements
         self._known = {}
+        self._on_failover()
         return len(replacements)
 
     async def _open_hops(

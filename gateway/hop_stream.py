@@ -92,8 +92,10 @@ class HopStream:
         chunk_tokens: int,
         deadline_s: Callable[[int], float],
         on_close: Callable[[], None] = lambda: None,
+        on_step: Callable[[float], None] = lambda seconds: None,
     ) -> None:
         self.hop = hop
+        self._on_step = on_step  # the seconds each completed step took
         self._p2p = p2p
         self._chunk_tokens = chunk_tokens
         self._deadline_s = deadline_s
@@ -131,6 +133,7 @@ class HopStream:
     async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
         """hidden: [1, n, H] for positions ``position ..`` → this hop's output, same shape.
         ``hashes``: block hashes of the whole history, these tokens included."""
+        began = time.monotonic()
         outputs = []
         for chunk in torch.split(hidden, self._chunk_tokens, dim=1):
             end = self.position + chunk.shape[1]
@@ -148,6 +151,7 @@ class HopStream:
                 raise BadReply(f"{self.peer_id} returned {len(tensors)} tensors", self.peer_id)
             outputs.append(check_hidden(tensors[0], chunk.shape, self.peer_id))
             self.position = end
+        self._on_step(time.monotonic() - began)
         return torch.cat(outputs, dim=1)
 
     def close(self) -> None:

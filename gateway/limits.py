@@ -109,6 +109,11 @@ class Admission:
             self._waiting -= 1
         return Slot(self, key)
 
+    @property
+    def waiting(self) -> int:
+        """Requests admitted to the queue and waiting for a slot now."""
+        return self._waiting
+
     def in_flight(self, key: str) -> int:
         return self._per_key[key]
 

@@ -55,5 +55,26 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self.queued = Gauge(
+            "swarmgate_queued_requests", "Requests waiting for a slot", registry=self.registry
+        )
+        self.hop_step = Histogram(
+            "swarmgate_hop_step_seconds",
+            "One step through one server of a chain, network included, by server",
+            ["peer"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.replans = Counter(
+            "swarmgate_replans",
+            "Spans planned again because a server failed or was full",
+            registry=self.registry,
+        )
+        self.failovers = Counter(
+            "swarmgate_failovers",
+            "Servers replaced in the middle of a generation, which then went on",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -189,8 +189,16 @@ async def get_model(model_id: str, request: Request) -> object:
     raise ModelNotFound(f"the model {model_id!r} does not exist")
 
 
+@ops.get("/health/live")
+async def live() -> JSONResponse:
+    """The process serves HTTP: a liveness probe that a swarm outage does not fail (restarting
+    a gateway cannot bring servers back)."""
+    return JSONResponse({"status": "ok"})
+
+
 @ops.get("/health")
 async def health(request: Request) -> JSONResponse:
+    """Ready: the swarm covers every block, so a request can be served now."""
     snapshot = _swarm(request).snapshot()
     model = _chat(request).model.id
     try:

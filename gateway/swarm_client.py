@@ -25,6 +25,7 @@ from gateway.chain import ChainSession
 from gateway.hop_stream import HopStream, detach
 from gateway.metrics import GatewayMetrics
 from protocol.errors import NoRouteError, SwarmError
+from protocol.logs import request_id
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import OpenSession, max_tokens_per_message
 from protocol.swarm import ModelRecord
@@ -153,7 +154,9 @@ class P2PSwarmClient:
             cached_hops=tuple(prefer or ()), cached_tokens=held, prompt_tokens=held + 1
         )
         route = plan_route(snapshot, snapshot.num_blocks, costs=costs)
-        chain = ChainSession(self, session_id, secret, max_length)
+        chain = ChainSession(
+            self, session_id, secret, max_length, on_failover=self._metrics.failovers.inc
+        )
         await chain.open(route, prefix_hashes)
         return chain
 
@@ -177,6 +180,7 @@ class P2PSwarmClient:
         return await self._embed(ids)
 
     def plan(self, start: int, end: int, exclude: Set[str], session: ChainSession) -> list[Hop]:
+        self._metrics.replans.inc()
         snapshot, costs = self._snapshot, self.costs()
         # A server already in the chain would get a second stream for the same session
         # (a cold fork, after a wait): only when nobody else can take the span.
@@ -206,9 +210,12 @@ class P2PSwarmClient:
                 del self.open_streams[hop.peer_id]
 
         self.open_streams[hop.peer_id] += 1
-        stream = HopStream(self._p2p, hop, chunk, deadline_s, on_close=closed)
+        stepped = self._metrics.hop_step.labels(hop.peer_id).observe
+        stream = HopStream(self._p2p, hop, chunk, deadline_s, on_close=closed, on_step=stepped)
         try:
-            shown = opening.model_copy(update={"member_pass": self._member_pass()})
+            shown = opening.model_copy(
+                update={"member_pass": self._member_pass(), "request_id": request_id.get()}
+            )
             cached = await stream.open(shown)
         except BaseException:
             stream.close()

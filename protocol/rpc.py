@@ -59,6 +59,8 @@ class RpcMessage(BaseModel):
 class OpenSession(RpcMessage):
     version: int = PROTOCOL_VERSION
     member_pass: MemberPass = ""
+    # The gateway's id of the request, stamped on the server's log lines about it.
+    request_id: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9._:-]*$")
     session_id: str = Field(min_length=1, max_length=128)
     # Resuming the session's cache takes the same secret: the server keys its caches by a
     # digest of both, so an id alone (from a log, say) opens nothing but a fresh session.

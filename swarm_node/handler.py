@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from protocol.errors import (
     RequestError,
     SwarmError,
 )
+from protocol.logs import request_id
 from protocol.membership import SwarmKey, check_pass
 from protocol.rpc import (
     RPC_INFERENCE,
@@ -68,10 +70,12 @@ class BlockHandler:
         info: Callable[[], ServerInfo],
         accepting: Callable[[], bool] = lambda: True,
         members: SwarmKey | None = None,
+        observe_step: Callable[[int, float], None] = lambda tokens, seconds: None,
     ) -> None:
         self.span = span
         self._members = members  # None: an open swarm, everyone may call
         self._refused: set[str] = set()
+        self._observe_step = observe_step  # (tokens, seconds) of each completed step
         self.sessions = sessions
         self._info = info
         self._accepting = accepting  # False while draining: running streams go on, new ones wait
@@ -106,6 +110,7 @@ class BlockHandler:
             if self._streams_of[caller] >= MAX_STREAMS_PER_PEER:
                 raise CapacityExceeded(f"{MAX_STREAMS_PER_PEER} streams from one peer at most")
             opening = await self._read_opening(requests, caller)
+            request_id.set(opening.request_id)  # this stream's task: its log lines carry it
             key = session_key(opening.session_id, opening.secret)
             await self._wait_until_idle(key)
             session, cached = self.sessions.open(
@@ -122,6 +127,7 @@ class BlockHandler:
             return
         self.active_streams += 1
         self._streams_of[caller] += 1
+        began, computed = time.monotonic(), 0
         try:
             yield make_response(SessionOpened(cached_tokens=cached))
             first = True
@@ -141,8 +147,20 @@ class BlockHandler:
                     yield make_response(RpcError.of(e))
                     return
                 first = False
+                computed += hidden.shape[1]
                 yield make_response(StepDone(position=session.position), out)
         finally:
+            # One line per stream, like an access log: with --log-format json and the
+            # request id, a request can be followed across every server it touched.
+            logger.info(
+                "stream of %s closed: blocks %d:%d, %d cached and %d computed tokens, %.2f s",
+                caller or "a local caller",
+                session.start,
+                session.end,
+                cached,
+                computed,
+                time.monotonic() - began,
+            )
             self.active_streams -= 1
             self._streams_of[caller] -= 1
             if not self._streams_of[caller]:
@@ -188,6 +206,7 @@ class BlockHandler:
         first: bool,
     ) -> torch.Tensor:
         """All or nothing: the session records the step only once its forward completed."""
+        began = time.perf_counter()
         try:
             out = await self._run(
                 inference_step,
@@ -204,6 +223,7 @@ class BlockHandler:
             self.sessions.discard(session)
             raise
         self.sessions.commit_step(session, position, hidden.shape[1], hashes, first=first)
+        self._observe_step(hidden.shape[1], time.perf_counter() - began)
         return out
 
     async def _wait_until_idle(self, session_id: str) -> None:

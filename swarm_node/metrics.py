@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -67,10 +67,24 @@ class _NodeCollector(Collector):
         )
 
 
-def serve_metrics(
-    port: int, info: Callable[[], ServerInfo], budget_bytes: int, host: str = "127.0.0.1"
-) -> None:
-    """Expose ``/metrics`` on ``host:port`` from a background thread."""
-    registry = CollectorRegistry()
-    registry.register(_NodeCollector(info, budget_bytes))
-    start_http_server(port, addr=host, registry=registry)
+class NodeMetrics:
+    """Everything a node exports: its state (read from the board when scraped) and the time
+    its steps take (observed as they finish; prometheus' histograms are thread-safe)."""
+
+    def __init__(self, info: Callable[[], ServerInfo], budget_bytes: int) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_NodeCollector(info, budget_bytes))
+        self.step_seconds = Histogram(
+            "swarmgate_node_step_seconds",
+            "One step of one session through this span (prefill: more than one token)",
+            ["phase"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        self.step_seconds.labels("prefill" if tokens > 1 else "decode").observe(seconds)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        """Expose ``/metrics`` on ``host:port`` from a background thread."""
+        start_http_server(port, addr=host, registry=self.registry)

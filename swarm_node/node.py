@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -22,7 +23,7 @@ from routing.discovery import announce, check_model, fetch_model, fetch_snapshot
 from swarm_node.backend import cache_bytes
 from swarm_node.handler import BlockHandler
 from swarm_node.kv_cache import SessionStore
-from swarm_node.metrics import InfoBoard, serve_metrics
+from swarm_node.metrics import InfoBoard, NodeMetrics
 from swarm_node.settings import NodeSettings
 from swarm_node.throughput import measure_decode_throughput
 
@@ -118,20 +119,21 @@ class BlockServer:
         )
         self.span = span
         p2p = await dht.replicate_p2p()
+        # Scraped only once served, below, when the board exists.
+        metrics = NodeMetrics(lambda: board.latest, budget)
         self.handler = BlockHandler(
             span,
             self.sessions,
             self.info,
             accepting=lambda: self.state is NodeState.ONLINE,
             members=settings.swarm_key,
+            observe_step=metrics.observe_step,
         )
         await self.handler.register(p2p)
         self.state = NodeState.ONLINE
         board = InfoBoard(self.info)
         if settings.metrics_port is not None:
-            serve_metrics(
-                settings.metrics_port, lambda: board.latest, budget, settings.metrics_host
-            )
+            metrics.serve(settings.metrics_port, settings.metrics_host)
         announcer = asyncio.create_task(self._announce_forever(dht, model))
         publisher = asyncio.create_task(board.run(INFO_PERIOD_S))
         print(
@@ -144,6 +146,7 @@ class BlockServer:
             await self._stop.wait()
             await self._drain(dht, model)
         finally:
+            self._set_ready(False)
             announcer.cancel()
             publisher.cancel()
             await self.handler.unregister(p2p)
@@ -204,13 +207,26 @@ class BlockServer:
         while True:
             try:
                 await self._announce(dht, model)
+                self._set_ready(self.state is NodeState.ONLINE)
             except Exception as e:  # a missed announcement is retried next period
                 logger.warning("announce failed: %s", e)
             await asyncio.sleep(self.settings.announce_period_s)
 
+    def _set_ready(self, ready: bool) -> None:
+        """``--ready-file`` exists while this node serves and gateways can find it: a
+        readiness probe (`test -f`) for orchestrators."""
+        path = self.settings.ready_file
+        if path is None:
+            return
+        if ready:
+            Path(path).touch()
+        else:
+            Path(path).unlink(missing_ok=True)
+
     async def _drain(self, dht: SwarmDHT, model: ModelRecord) -> None:
         """Tell gateways to stop placing sessions here, let open ones finish, then leave."""
         self.state = NodeState.DRAINING
+        self._set_ready(False)
         logger.info("draining: %d open streams", self.handler.active_streams)
         try:
             await self._announce(dht, model)

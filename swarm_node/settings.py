@@ -26,4 +26,5 @@ class NodeSettings:
     namespace: str = ""  # separates private swarms that share a DHT
     metrics_port: int | None = None  # Prometheus /metrics; None: not served
     metrics_host: str = "127.0.0.1"
+    ready_file: str | None = None  # exists while serving and announced (readiness probes)
     swarm_key: SwarmKey | None = field(default=None, repr=False)  # None: an open swarm

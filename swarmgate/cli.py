@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from protocol.logs import configure_logging
 from protocol.swarm import LOOPBACK_MADDRS
 
 
@@ -69,7 +69,14 @@ def _add_peers(parser: argparse.ArgumentParser, *, required: bool) -> None:
         default=peers,
         required=required and not peers,
         metavar="MADDR",
-        help="multiaddrs of DHT peers, as printed by `swarmgate dht`",
+        help="multiaddrs of DHT peers, as printed by `swarmgate dht`, or http://HOST:PORT of a "
+        "`swarmgate dht --http-port PORT` (its multiaddrs are fetched at start)",
+    )
+    parser.add_argument(
+        "--join-timeout",
+        type=_positive_float,
+        default=_env("SWARMGATE_JOIN_TIMEOUT", "120"),
+        help="seconds to wait for http:// bootstrap peers to answer",
     )
 
 
@@ -164,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="swarmgate", description="Serve a language model from a swarm of machines."
     )
     parser.add_argument("--log-level", default=_env("SWARMGATE_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=_env("SWARMGATE_LOG_FORMAT", "text"),
+        help="json: one object per line with the request id, for log collectors",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     keygen = commands.add_parser("keygen", help="write a new swarm key to FILE")
@@ -196,6 +209,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_peers(dht, required=False)
     _add_p2p(dht)
     _add_swarm_key(dht)
+    dht.add_argument(
+        "--http-port",
+        type=int,
+        default=_env("SWARMGATE_DHT_HTTP_PORT"),
+        help="serve GET /maddrs and /health here, so that others can use "
+        "--initial-peers http://HOST:PORT without knowing this peer's id",
+    )
+    dht.add_argument(
+        "--http-host",
+        default=_env("SWARMGATE_DHT_HTTP_HOST", "127.0.0.1"),
+        help="address for --http-port (0.0.0.0 in a container)",
+    )
 
     node = commands.add_parser("node", help="a block server")
     _add_model(node)
@@ -226,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-host",
         default=_env("SWARMGATE_METRICS_HOST", "127.0.0.1"),
         help="address for --metrics-port (0.0.0.0 in a container)",
+    )
+    node.add_argument(
+        "--ready-file",
+        default=_env("SWARMGATE_READY_FILE"),
+        help="a file that exists while the node serves its span and has announced it "
+        "(for readiness probes: `test -f FILE`)",
     )
     node.add_argument(
         "--num-blocks",
@@ -308,11 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(args.log_level, args.log_format)
     from routing.dht import SwarmJoinError
     from swarmgate import commands
 

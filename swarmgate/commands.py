@@ -15,6 +15,7 @@ from models.resolve import resolve_model
 from protocol.membership import SwarmKey, SwarmKeyError
 from routing.dht import SwarmDHT
 from routing.snapshot import SwarmSnapshot
+from swarmgate.bootstrap import resolve_initial_peers, serve_maddrs
 
 logger = logging.getLogger("swarmgate")
 
@@ -52,9 +53,13 @@ def keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def initial_peers(args: argparse.Namespace) -> list[str]:
+    return resolve_initial_peers(args.initial_peers, args.join_timeout)
+
+
 def dht(args: argparse.Namespace) -> None:
     peer = SwarmDHT(
-        initial_peers=args.initial_peers,
+        initial_peers=initial_peers(args),
         host_maddrs=args.host_maddrs,
         announce_maddrs=args.announce_maddrs or None,
         identity_path=args.identity,
@@ -62,9 +67,12 @@ def dht(args: argparse.Namespace) -> None:
         swarm_key=swarm_key(args),
     )
     try:
-        maddrs = " ".join(str(m) for m in peer.get_visible_maddrs())
+        visible = [str(m) for m in peer.get_visible_maddrs()]
+        if args.http_port is not None:
+            about = {"peer_id": peer.peer_id.to_base58(), "maddrs": visible}
+            serve_maddrs(args.http_host, args.http_port, lambda: about)
         print(f"swarmgate dht: running as {peer.peer_id}", flush=True)
-        print(f"swarmgate dht: connect with --initial-peers {maddrs}", flush=True)
+        print(f"swarmgate dht: connect with --initial-peers {' '.join(visible)}", flush=True)
         _wait_for_signal()
     finally:
         peer.shutdown()
@@ -78,7 +86,7 @@ def node(args: argparse.Namespace) -> None:
         NodeSettings(
             model=args.model,
             model_name=args.model_name,
-            initial_peers=tuple(args.initial_peers),
+            initial_peers=tuple(initial_peers(args)),
             blocks=args.blocks,
             num_blocks=args.num_blocks,
             dtype=args.dtype,
@@ -93,6 +101,7 @@ def node(args: argparse.Namespace) -> None:
             announce_period_s=args.announce_period,
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
+            ready_file=args.ready_file,
             swarm_key=swarm_key(args),
         )
     )
@@ -108,7 +117,7 @@ def gateway(args: argparse.Namespace) -> None:
     settings = GatewaySettings(
         model_id=source.name,
         model_path=source.path,
-        initial_peers=tuple(args.initial_peers),
+        initial_peers=tuple(initial_peers(args)),
         swarm_key=swarm_key(args),
         host=args.host,
         port=args.port,
@@ -125,7 +134,8 @@ def gateway(args: argparse.Namespace) -> None:
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         step_floor_s=args.step_floor,
     )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    # log_config=None: uvicorn's loggers go through the root handler (--log-format).
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
 
 
 def api_keys(keys: list[str], key_file: str | None) -> tuple[str, ...]:
@@ -150,7 +160,10 @@ def status(args: argparse.Namespace) -> int:
     from swarmgate.status import format_table, summarize
 
     client = SwarmDHT(
-        initial_peers=args.initial_peers, client_mode=True, start=True, swarm_key=swarm_key(args)
+        initial_peers=initial_peers(args),
+        client_mode=True,
+        start=True,
+        swarm_key=swarm_key(args),
     )
 
     async def read() -> list[SwarmSnapshot]:

@@ -124,7 +124,16 @@ class LocalSwarm:
         return env
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        command = [sys.executable, "-m", "swarmgate", "--log-level", self.args.log_level, *argv]
+        command = [
+            sys.executable,
+            "-m",
+            "swarmgate",
+            "--log-level",
+            self.args.log_level,
+            "--log-format",
+            self.args.log_format,
+            *argv,
+        ]
         process = subprocess.Popen(
             command, preexec_fn=die_with_parent, start_new_session=True, env=env
         )

@@ -51,6 +51,7 @@ class Lifecycle:
     head: Process  # blocks [0, 2)
     replicas: dict[str, Process]  # blocks [2, 4), by peer id
     metrics_ports: dict[str, int]  # of the replicas, by peer id
+    ready_files: dict[str, Path]  # of the replicas, by peer id
     gateway: Process
     url: str
     started: list[Process] = field(default_factory=list)  # by the tests; stopped with the rest
@@ -74,13 +75,16 @@ def life(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         processes: list[Process] = []
         started: list[Process] = []
         try:
-            dht = Process("dht", ["dht"], logs)
+            http_port = free_port()
+            dht = Process("dht", ["dht", "--http-port", str(http_port)], logs)
             processes.append(dht)
             wait_for(lambda: "--initial-peers" in dht.output() or not dht.alive(), 60, "the DHT")
             peers = printed_initial_peers(dht.output())
-            head = start_node(tiny_model, peers, logs, (0, half))
+            # The head finds the DHT by URL, as pods do through a Service name.
+            head = start_node(tiny_model, [f"http://127.0.0.1:{http_port}"], logs, (0, half))
             processes.append(head)
             ports = [free_port(), free_port()]
+            ready_files = [logs / f"replica-{index}.ready" for index in range(2)]
             replicas = [
                 start_node(
                     tiny_model,
@@ -91,9 +95,11 @@ def life(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                     str(port),
                     "--drain-timeout",
                     str(DRAIN_TIMEOUT_S),
+                    "--ready-file",
+                    str(ready),
                     name=f"replica {half}:{TINY_BLOCKS} #{index}",
                 )
-                for index, port in enumerate(ports)
+                for index, (port, ready) in enumerate(zip(ports, ready_files, strict=True))
             ]
             processes += replicas
             gateway, url = start_gateway(tiny_model, peers, logs)
@@ -116,6 +122,7 @@ def life(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                 head,
                 dict(zip(ids, replicas, strict=True)),
                 dict(zip(ids, ports, strict=True)),
+                dict(zip(ids, ready_files, strict=True)),
                 gateway,
                 url,
                 started,
@@ -200,12 +207,40 @@ def open_streams(port: int) -> float:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
     except httpx.HTTPError:
         return -1.0
-    [value] = [
-        float(line.split()[1])
-        for line in text.splitlines()
-        if line.startswith("swarmgate_node_open_streams ")
-    ]
+    return metric(text, "swarmgate_node_open_streams")
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample (``name`` with its labels) in a Prometheus exposition."""
+    [value] = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
     return value
+
+
+def test_a_request_can_be_followed_through_readiness_metrics_and_logs(life: Lifecycle) -> None:
+    assert all(ready.exists() for ready in life.ready_files.values())
+    body = {"model": MODEL_ID, "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+    r = httpx.post(
+        f"{life.url}/v1/chat/completions",
+        json=body,
+        headers={"X-Request-ID": "trace-lifecycle-1"},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-lifecycle-1"
+    [serving] = [p for p in life.replicas if p in r.headers[ROUTE_HEADER]]
+
+    gateway = httpx.get(f"{life.url}/metrics", timeout=10).text
+    assert metric(gateway, f'swarmgate_hop_step_seconds_count{{peer="{serving}"}}') >= 4
+    node = httpx.get(f"http://127.0.0.1:{life.metrics_ports[serving]}/metrics", timeout=10).text
+    assert metric(node, 'swarmgate_node_step_seconds_count{phase="prefill"}') >= 1
+    assert metric(node, 'swarmgate_node_step_seconds_count{phase="decode"}') >= 3
+
+    # Each server of the route logs the request's id when its stream closes.
+    for process in (life.head, life.replicas[serving]):
+        wait_for(
+            lambda p=process: "[request trace-lifecycle-1]" in p.output(),
+            15,
+            f"{process.name} to log the request id",
+        )
 
 
 def test_sigterm_drains_a_node_while_its_stream_finishes(life: Lifecycle) -> None:
@@ -244,6 +279,7 @@ def test_sigterm_drains_a_node_while_its_stream_finishes(life: Lifecycle) -> Non
         "/swarm to show the node draining",
     )
     assert node.alive() and stream.done_at is None, "the stream still runs on the node"
+    assert not life.ready_files[draining].exists(), "a draining node is not ready"
 
     # (2) A new request runs on the other replica and answers as before the drain.
     during, route = ask(life.url, 16)

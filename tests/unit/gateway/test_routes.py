@@ -53,6 +53,7 @@ def test_no_route_is_503_with_retry_after(uncovered: TestClient) -> None:
 def test_health_and_models_reflect_coverage(uncovered: TestClient, covered: tuple) -> None:
     down = uncovered.get("/health")
     assert down.status_code == 503 and down.json()["reason"]
+    assert uncovered.get("/health/live").status_code == 200  # alive, though not ready
     assert uncovered.get("/v1/models").json() == {"object": "list", "data": []}
     assert uncovered.get(f"/v1/models/{MODEL_ID}").status_code == 404
 
@@ -221,3 +222,12 @@ def test_every_completion_names_its_route(covered: tuple, stream: bool) -> None:
         assert r.headers[ROUTE_HEADER] == "local-peer:0-4", (path, body)
     refused = client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
     assert refused.status_code == 404 and ROUTE_HEADER not in refused.headers
+
+
+def test_every_response_names_its_request(covered: tuple) -> None:
+    client, _ = covered
+    mine = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-ID": "trace-7.a"})
+    assert mine.headers["x-request-id"] == "trace-7.a"  # the client's own id, kept
+    made = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-ID": "no spaces!"})
+    assert len(made.headers["x-request-id"]) == 32  # not a sane token: replaced
+    assert client.get("/health").headers["x-request-id"] != made.headers["x-request-id"]
