@@ -75,8 +75,12 @@ class SwarmKey:
             ) from None
         if not isinstance(key, rsa.RSAPrivateKey):
             raise SwarmKeyError(f"{path} holds a {type(key).__name__}, not an RSA swarm key")
-        mode = path.stat().st_mode
-        if mode & (stat.S_IRGRP | stat.S_IROTH):
+        info = path.stat()
+        mode = info.st_mode
+        # A group this process belongs to is fine: Kubernetes mounts secrets 0440 with the
+        # pod's fsGroup. Other users, or another group, could read the key.
+        foreign_group = info.st_gid not in {os.getgid(), *os.getgroups()}
+        if mode & stat.S_IROTH or (mode & stat.S_IRGRP and foreign_group):
             logger.warning(
                 "the swarm key %s can be read by other users of this machine (mode %03o); "
                 "anyone holding it can join the swarm: `chmod 600` it",

@@ -32,8 +32,22 @@ logger = logging.getLogger("swarmgate.node")
 INFO_PERIOD_S = 1.0  # how stale the metrics endpoint's view may be
 
 
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def default_cache_bytes() -> int:
-    return int(psutil.virtual_memory().available) // 4
+    """A quarter of the memory this process may use: free memory, or a container's limit
+    when that is lower (the host's free memory would get a pod killed for overcommitting)."""
+    available = int(psutil.virtual_memory().available)
+    for path in CGROUP_LIMITS:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max": no limit
+            available = min(available, int(text))
+        break
+    return available // 4
 
 
 def kv_bytes_per_token_per_block(config: Any, dtype: torch.dtype) -> int:
