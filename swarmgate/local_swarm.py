@@ -28,6 +28,19 @@ from routing.block_selection import split_evenly
 from routing.dht import SwarmDHT, die_with_parent
 
 STOP_TIMEOUT_S = 20.0
+# Settings of one process that an environment may hold (a container image sets some): every
+# child of `up` inheriting them would make its nodes fight over one port or one identity.
+PER_PROCESS = (
+    "SWARMGATE_HOST_MADDRS",
+    "SWARMGATE_ANNOUNCE_MADDRS",
+    "SWARMGATE_IDENTITY",
+    "SWARMGATE_METRICS_PORT",
+    "SWARMGATE_READY_FILE",
+    "SWARMGATE_DHT_HTTP_PORT",
+    "SWARMGATE_BLOCKS",
+    "SWARMGATE_NUM_BLOCKS",
+    "SWARMGATE_INITIAL_PEERS",
+)
 
 
 class LocalSwarm:
@@ -115,7 +128,7 @@ class LocalSwarm:
         is visible to every user of the machine (`ps`). The swarm key travels as its file's
         path; only the gateway gets API keys and the Redis URL (which may hold a password)."""
         private = ("SWARMGATE_API_KEY", "REDIS_URL", "SWARMGATE_SWARM_KEY")
-        env = {k: v for k, v in os.environ.items() if k not in private}
+        env = {k: v for k, v in os.environ.items() if k not in private + PER_PROCESS}
         env["SWARMGATE_SWARM_KEY"] = str(self.key_file)
         if gateway and self.args.api_key:
             env["SWARMGATE_API_KEY"] = " ".join(self.args.api_key)

@@ -28,7 +28,9 @@ def test_up_hands_secrets_to_its_gateway_in_the_environment(
     assert api_keys(env["SWARMGATE_API_KEY"].split(), None) == ("sk-one", "sk-two")
     assert env["REDIS_URL"] == "redis://:pw@db/0"
     assert env["SWARMGATE_SWARM_KEY"] == str(swarm.key_file)
+    monkeypatch.setenv("SWARMGATE_HOST_MADDRS", "/ip4/0.0.0.0/tcp/31337")  # as in the image
     node_env = swarm._child_env()
+    assert "SWARMGATE_HOST_MADDRS" not in node_env, "two nodes would fight over one port"
     assert node_env["SWARMGATE_SWARM_KEY"] == str(swarm.key_file)
     assert "SWARMGATE_API_KEY" not in node_env and "REDIS_URL" not in node_env
 

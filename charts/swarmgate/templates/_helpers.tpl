@@ -1,0 +1,306 @@
+{{/* Names ------------------------------------------------------------------------------ */}}
+
+{{- define "swarmgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-wide prefix of every object; StatefulSet names are checked in checks.yaml. */}}
+{{- define "swarmgate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "swarmgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "swarmgate.dhtName" -}}
+{{- printf "%s-dht" (include "swarmgate.fullname" .) }}
+{{- end }}
+
+{{/* dict "root" $ "group" $g */}}
+{{- define "swarmgate.nodeName" -}}
+{{- printf "%s-node-%s" (include "swarmgate.fullname" .root) .group.name }}
+{{- end }}
+
+{{- define "swarmgate.gatewayName" -}}
+{{- printf "%s-gateway" (include "swarmgate.fullname" .) }}
+{{- end }}
+
+{{- define "swarmgate.redisName" -}}
+{{- printf "%s-redis" (include "swarmgate.fullname" .) }}
+{{- end }}
+
+{{- define "swarmgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "swarmgate.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Labels: dict "root" $ "component" "node" ["group" "first"] ---------------------------- */}}
+
+{{- define "swarmgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "swarmgate.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- with .group }}
+swarmgate/node-group: {{ . }}
+{{- end }}
+{{- end }}
+
+{{- define "swarmgate.labels" -}}
+helm.sh/chart: {{ include "swarmgate.chart" .root }}
+{{ include "swarmgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: swarmgate
+{{- end }}
+
+{{/* The model and the image --------------------------------------------------------------- */}}
+
+{{- define "swarmgate.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* The id clients send: --model-name, else what `swarmgate` derives from --model. */}}
+{{- define "swarmgate.modelId" -}}
+{{- if .Values.model.name }}
+{{- .Values.model.name }}
+{{- else }}
+{{- base (trimSuffix "/" .Values.model.id) | trimSuffix ".gguf" }}
+{{- end }}
+{{- end }}
+
+{{- define "swarmgate.modelArgs" -}}
+- "--model"
+- {{ .Values.model.id | quote }}
+{{- with .Values.model.name }}
+- "--model-name"
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* A number as the CLI reads it: whole ones without an exponent (YAML numbers arrive as
+     float64, which would print 1073741824 as 1.073741824e+09). */}}
+{{- define "swarmgate.num" -}}
+{{- if eq (float64 .) (floor (float64 .)) }}
+{{- printf "%d" (int64 .) }}
+{{- else }}
+{{- printf "%v" . }}
+{{- end }}
+{{- end }}
+
+{{/* Bootstrap peers ------------------------------------------------------------------------ */}}
+
+{{/* Every --initial-peers entry for nodes and gateways: each DHT replica's HTTP address by
+     its stable DNS name, then any peers from values. One per line, for `splitList`. */}}
+{{- define "swarmgate.initialPeers" -}}
+{{- $peers := list }}
+{{- if .Values.dht.enabled }}
+{{- $dht := include "swarmgate.dhtName" . }}
+{{- range $i := until (int .Values.dht.replicas) }}
+{{- $peers = append $peers (printf "http://%s-%d.%s.%s.svc.%s:%d" $dht $i $dht $.Release.Namespace $.Values.clusterDomain (int $.Values.dht.httpPort)) }}
+{{- end }}
+{{- end }}
+{{- $peers = concat $peers .Values.swarm.initialPeers }}
+{{- join "\n" $peers }}
+{{- end }}
+
+{{- define "swarmgate.initialPeerArgs" -}}
+{{- $peers := include "swarmgate.initialPeers" . }}
+{{- if $peers -}}
+- "--initial-peers"
+{{- range splitList "\n" $peers }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* What every swarm member (dht, node, gateway) shares ------------------------------------- */}}
+
+{{- define "swarmgate.swarmKeyDir" -}}/etc/swarmgate/swarm-key{{- end }}
+
+{{/* Global options go in env: on the command line they would have to precede the role. */}}
+{{- define "swarmgate.memberEnv" -}}
+- name: SWARMGATE_LOG_LEVEL
+  value: {{ .Values.logging.level | quote }}
+- name: SWARMGATE_LOG_FORMAT
+  value: {{ .Values.logging.format | quote }}
+- name: SWARMGATE_JOIN_TIMEOUT
+  value: {{ include "swarmgate.num" .Values.swarm.joinTimeout | quote }}
+{{- with .Values.swarm.namespace }}
+- name: SWARMGATE_NAMESPACE
+  value: {{ . | quote }}
+{{- end }}
+{{- if .Values.swarmKey.existingSecret }}
+- name: SWARMGATE_SWARM_KEY
+  value: {{ printf "%s/%s" (include "swarmgate.swarmKeyDir" .) .Values.swarmKey.key | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "swarmgate.memberVolumes" -}}
+- name: tmp
+  emptyDir: {}
+- name: home-cache
+  emptyDir: {}
+{{- if .Values.swarmKey.existingSecret }}
+- name: swarm-key
+  secret:
+    secretName: {{ .Values.swarmKey.existingSecret }}
+    defaultMode: 0400
+    items:
+      - key: {{ .Values.swarmKey.key }}
+        path: {{ .Values.swarmKey.key }}
+{{- end }}
+{{- end }}
+
+{{- define "swarmgate.memberVolumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+- name: home-cache
+  mountPath: /home/swarmgate/.cache
+{{- if .Values.swarmKey.existingSecret }}
+- name: swarm-key
+  mountPath: {{ include "swarmgate.swarmKeyDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "swarmgate.modelVolume" -}}
+{{- with .Values.model.volume -}}
+- name: model
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{- define "swarmgate.modelVolumeMount" -}}
+{{- if .Values.model.volume -}}
+- name: model
+  mountPath: {{ .Values.model.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "swarmgate.podIpEnv" -}}
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- end }}
+
+{{/* The pod spec fields every swarmgate pod shares: no API token, no service links (a Service
+     named e.g. `swarmgate` would inject SWARMGATE_PORT=tcp://..., which the CLI reads). */}}
+{{- define "swarmgate.podCommon" -}}
+serviceAccountName: {{ include "swarmgate.serviceAccountName" . }}
+automountServiceAccountToken: false
+enableServiceLinks: false
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Scheduling fields of a role's settings ($s). */}}
+{{- define "swarmgate.scheduling" -}}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* A volumeClaimTemplate for a peer identity: dict "name" "identity" "persistence" $p */}}
+{{- define "swarmgate.identityClaim" -}}
+- metadata:
+    name: {{ .name }}
+  spec:
+    accessModes:
+      {{- toYaml .persistence.accessModes | nindent 6 }}
+    {{- with .persistence.storageClass }}
+    storageClassName: {{ . | quote }}
+    {{- end }}
+    resources:
+      requests:
+        storage: {{ .persistence.size | quote }}
+{{- end }}
+
+{{/* Prometheus scrape annotations: dict "root" $ "port" 9090 */}}
+{{- define "swarmgate.scrapeAnnotations" -}}
+{{- if .root.Values.metrics.podAnnotations }}
+prometheus.io/scrape: "true"
+prometheus.io/port: {{ .port | quote }}
+prometheus.io/path: /metrics
+{{- end }}
+{{- end }}
+
+{{/* Node groups with nodeDefaults under each, as YAML {"groups": [...]} (templates return
+     text). Not sprig's merge: it skips "empty" values, so a group could not set replicas: 0
+     or persistence.enabled: false over a default. */}}
+{{- define "swarmgate.nodeGroups" -}}
+{{- $groups := list }}
+{{- range .Values.nodes }}
+{{- $groups = append $groups (fromYaml (include "swarmgate.merge" (dict "base" $.Values.nodeDefaults "over" .))) }}
+{{- end }}
+{{- toYaml (dict "groups" $groups) }}
+{{- end }}
+
+{{/* dict "base" $map "over" $map: over's keys win, maps merge key by key, lists replace. */}}
+{{- define "swarmgate.merge" -}}
+{{- $out := deepCopy .base }}
+{{- range $key, $value := .over }}
+{{- if and (kindIs "map" $value) (kindIs "map" (get $out $key)) }}
+{{- $_ := set $out $key (fromYaml (include "swarmgate.merge" (dict "base" (get $out $key) "over" $value))) }}
+{{- else }}
+{{- $_ := set $out $key $value }}
+{{- end }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
+
+{{/* A group's terminationGracePeriodSeconds: set, or its drain timeout plus 30 s. */}}
+{{- define "swarmgate.nodeGrace" -}}
+{{- if kindIs "invalid" .terminationGracePeriodSeconds }}
+{{- add (ceil (float64 .drainTimeout) | int64) 30 }}
+{{- else }}
+{{- .terminationGracePeriodSeconds | int64 }}
+{{- end }}
+{{- end }}
+
+{{/* Where gateways find Redis: "url" (plain value), "secret" or "" (none). */}}
+{{- define "swarmgate.redisMode" -}}
+{{- if .Values.redis.enabled }}bundled
+{{- else if .Values.redis.existingSecret }}secret
+{{- else if .Values.redis.url }}url
+{{- end }}
+{{- end }}
+
+{{/* An IntOrString value (PDB budgets): "50%" stays a string, 1 stays a number. */}}
+{{- define "swarmgate.intOrString" -}}
+{{- if kindIs "string" . }}{{ . | quote }}{{ else }}{{ int64 . }}{{ end }}
+{{- end }}
