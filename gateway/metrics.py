@@ -76,5 +76,18 @@ class GatewayMetrics:
             registry=self.registry,
         )
 
+        self._hop_peers: set[str] = set()
+
+    def observe_hop(self, peer: str, seconds: float) -> None:
+        self._hop_peers.add(peer)
+        self.hop_step.labels(peer).observe(seconds)
+
+    def forget_peers(self, keep: set[str]) -> None:
+        """Drop the series of servers that left the swarm: in a swarm with churn, per-peer
+        series would otherwise grow without bound."""
+        for peer in self._hop_peers - keep:
+            self.hop_step.remove(peer)
+        self._hop_peers &= keep
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -135,6 +135,7 @@ class P2PSwarmClient:
 
     async def refresh(self) -> SwarmSnapshot:
         self._snapshot = await fetch_snapshot(self._dht, self._prefix, self._model)
+        self._metrics.forget_peers(set(self._snapshot.servers))
         return self._snapshot
 
     async def open_session(
@@ -210,7 +211,10 @@ class P2PSwarmClient:
                 del self.open_streams[hop.peer_id]
 
         self.open_streams[hop.peer_id] += 1
-        stepped = self._metrics.hop_step.labels(hop.peer_id).observe
+
+        def stepped(seconds: float) -> None:
+            self._metrics.observe_hop(hop.peer_id, seconds)
+
         stream = HopStream(self._p2p, hop, chunk, deadline_s, on_close=closed, on_step=stepped)
         try:
             shown = opening.model_copy(
