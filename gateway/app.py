@@ -98,6 +98,7 @@ def create_app(
             _eos_ids(config, tokenizer),
             affinity,
             salt=settings.model_id,
+            reuse=settings.affinity,
             metrics=metrics,
         )
         admission = Admission(

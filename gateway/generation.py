@@ -121,6 +121,7 @@ class Generator:
         *,
         salt: str,
         metrics: GatewayMetrics | None = None,
+        reuse: bool = True,
     ) -> None:
         self._head = head
         self._tokenizer = tokenizer
@@ -128,6 +129,9 @@ class Generator:
         self._eos_ids = eos_ids
         self._affinity = affinity
         self._salt = salt  # keeps prefix hashes of different models apart
+        # False (--no-affinity): servers are told of no prefix, so nothing is reused, not
+        # even what they could seed from another conversation's cache (cold baselines).
+        self._reuse = reuse
         self._metrics = metrics or GatewayMetrics()
 
     async def open(self, request: GenerationRequest) -> Generation:
@@ -144,7 +148,7 @@ class Generator:
                 len(request.prompt_ids) + request.max_new_tokens,
                 session_id=claim.session_id,
                 secret=claim.secret,
-                prefix_hashes=history.hashes,
+                prefix_hashes=history.hashes if self._reuse else [],
                 prefer=claim.prefer,
             )
         except BaseException:

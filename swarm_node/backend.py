@@ -31,6 +31,15 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
             layer.crop(length - held)  # type: ignore[union-attr]  # negative: tokens to drop
 
 
+def copy_prefix(source: DynamicCache, target: DynamicCache, length: int) -> None:
+    """Give the empty ``target`` its own copy of ``source``'s first ``length`` positions. Run
+    on the compute thread: ``source`` may belong to a session whose steps run there too."""
+    for mine, theirs in zip(target.layers, source.layers, strict=True):
+        keys, values = getattr(theirs, "keys", None), getattr(theirs, "values", None)
+        if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
+            mine.update(keys[:, :, :length].clone(), values[:, :, :length].clone())  # type: ignore[union-attr]
+
+
 def cache_bytes(cache: DynamicCache) -> int:
     total = 0
     for layer in cache.layers:

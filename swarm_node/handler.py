@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from hivemind.p2p import P2P, P2PContext
@@ -45,10 +46,11 @@ from protocol.rpc import (
     max_tokens_per_message,
 )
 from protocol.swarm import PROTOCOL_VERSION
-from swarm_node.backend import inference_step, new_cache
+from swarm_node.backend import copy_prefix, inference_step, new_cache
 from swarm_node.kv_cache import CachedSession, SessionStore
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OPEN_TIMEOUT_S = 30.0  # a stream that never says which session it is gets dropped
 STEP_TIMEOUT_S = 90.0  # an idle stream holds its session's reservation at most this long
@@ -129,6 +131,8 @@ class BlockHandler:
         self._streams_of[caller] += 1
         began, computed = time.monotonic(), 0
         try:
+            if cached == 0 and session.position == 0:
+                cached = await self._seed(session, opening.prefix_hashes)
             yield make_response(SessionOpened(cached_tokens=cached))
             first = True
             while (request := await self._next(requests)) is not None:
@@ -226,6 +230,22 @@ class BlockHandler:
         self._observe_step(hidden.shape[1], time.perf_counter() - began)
         return out
 
+    async def _seed(self, session: CachedSession, prefix_hashes: list[str]) -> int:
+        """A new session starts from the longest prefix another session here holds (a
+        conversation sharing a system prompt, say): copied, never shared, so neither
+        conversation can crop or overwrite the other. How many tokens it starts with."""
+        found = self.sessions.find_prefix(session, prefix_hashes)
+        if found is None:
+            return 0
+        donor, tokens = found
+        try:
+            await self._run(copy_prefix, donor.cache, session.cache, tokens)
+        except BaseException:
+            self.sessions.discard(session)  # the copy may be half done
+            raise
+        self.sessions.seed(session, donor, tokens)
+        return tokens
+
     async def _wait_until_idle(self, session_id: str) -> None:
         """A conversation's next turn can arrive before its last stream's end is processed
         here; give that stream a moment to finish rather than forking a cold cache."""
@@ -257,9 +277,7 @@ class BlockHandler:
                 logger.warning("refused %s: it showed no valid pass of this swarm", caller)
             raise NotAMember("this server serves members of its swarm only")
 
-    async def _run(
-        self, fn: Callable[..., torch.Tensor], *args: object, **kwargs: object
-    ) -> torch.Tensor:
+    async def _run(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._compute, lambda: fn(*args, **kwargs))
 

@@ -72,6 +72,9 @@ class SessionStore:
         self._size_of = size_of
         self._clock = clock
         self._sessions: OrderedDict[str, CachedSession] = OrderedDict()  # LRU first
+        # Block hash → keys of the sessions holding that block: chained hashes make a hash
+        # name a whole prefix, so a new session can be seeded from any holder of its own.
+        self._holders: dict[str, set[str]] = {}
         self._used = 0  # the sum of every stored session's charge, kept as they change
         self.evictions = 0
         self.tokens_computed = 0
@@ -140,6 +143,29 @@ class SessionStore:
         session.reserved_bytes, session.in_use, session.keep = reserve, True, keep
         self._insert(session)
         return session, cached
+
+    def find_prefix(
+        self, session: CachedSession, prefix_hashes: Sequence[str]
+    ) -> tuple[CachedSession, int] | None:
+        """Another session over the same blocks holding the longest prefix of
+        ``prefix_hashes``, and how many tokens of it: a fresh session is seeded from it
+        instead of recomputing what this node already has."""
+        for index in range(len(prefix_hashes) - 1, -1, -1):
+            tokens = (index + 1) * BLOCK_TOKENS
+            for key in self._holders.get(prefix_hashes[index], ()):
+                donor = self._sessions[key]
+                if donor is not session and (donor.start, donor.end) == (
+                    session.start,
+                    session.end,
+                ):
+                    return donor, tokens
+        return None
+
+    def seed(self, session: CachedSession, donor: CachedSession, tokens: int) -> None:
+        """``session`` now holds a copy of ``donor``'s first ``tokens`` tokens."""
+        hashes = donor.hashes[: tokens // BLOCK_TOKENS]
+        size = self._size_of(session.cache)
+        self._change(session, position=tokens, hashes=hashes, size_bytes=size)
 
     def check_step(
         self, session: CachedSession, position: int, tokens: int, new_hashes: Sequence[str]
@@ -218,10 +244,12 @@ class SessionStore:
             self._drop(victim, evicted=True)
 
     def _change(self, session: CachedSession, **fields: object) -> None:
-        """Set ``fields`` on ``session``, keeping the running byte total right."""
+        """Set ``fields`` on ``session``, keeping the byte total and the index right."""
         stored = self._sessions.get(session.key) is session
         if stored:
             self._used -= session.charge()
+            if "hashes" in fields:
+                self._reindex(session, session.hashes, fields["hashes"])  # type: ignore[arg-type]
         for name, value in fields.items():
             setattr(session, name, value)
         if stored:
@@ -230,12 +258,35 @@ class SessionStore:
     def _insert(self, session: CachedSession) -> None:
         self._sessions[session.key] = session
         self._used += session.charge()
+        self._index(session)
 
     def _remove(self, key: str) -> CachedSession | None:
         session = self._sessions.pop(key, None)
         if session is not None:
             self._used -= session.charge()
+            self._unindex(session)
         return session
+
+    def _index(self, session: CachedSession, hashes: Sequence[str] | None = None) -> None:
+        for block_hash in session.hashes if hashes is None else hashes:
+            self._holders.setdefault(block_hash, set()).add(session.key)
+
+    def _unindex(self, session: CachedSession, hashes: Sequence[str] | None = None) -> None:
+        for block_hash in session.hashes if hashes is None else hashes:
+            holders = self._holders.get(block_hash)
+            if holders is not None:
+                holders.discard(session.key)
+                if not holders:
+                    del self._holders[block_hash]
+
+    def _reindex(self, session: CachedSession, old: list[str], new: list[str]) -> None:
+        """Index only what changed. Chained hashes agree on a prefix and differ after it, so
+        the walk back from the end stops at once for the usual append or crop."""
+        same = min(len(old), len(new))
+        while same and old[same - 1] != new[same - 1]:
+            same -= 1
+        self._unindex(session, old[same:])
+        self._index(session, new[same:])
 
     def _drop(self, key: str, *, evicted: bool = False) -> None:
         if self._remove(key) is not None and evicted:

@@ -144,12 +144,15 @@ class Dialer:
         self.me = p2p.peer_id.to_base58()
 
     async def open(
-        self, member_pass: str, session_id: str, secret: str = SECRET
+        self,
+        member_pass: str,
+        session_id: str,
+        secret: str = SECRET,
+        hashes: tuple[str, ...] = ("ab" * 16,),
     ) -> tuple[HopStream, int]:
         """A stream on the node's session and how many tokens of it the node holds."""
         hop = Hop(self.peer_id, self.start, self.end)
         stream = HopStream(self.p2p, hop, 64, lambda tokens: 30.0)
-        hashes = ["ab" * 16]
         opening = OpenSession(
             member_pass=member_pass,
             session_id=session_id,
@@ -157,7 +160,7 @@ class Dialer:
             start=self.start,
             end=self.end,
             max_length=64,
-            prefix_hashes=hashes,
+            prefix_hashes=list(hashes),
         )
         try:
             return stream, await stream.open(opening)
@@ -165,9 +168,9 @@ class Dialer:
             stream.close()
             raise
 
-    async def fill(self, stream: HopStream) -> None:
+    async def fill(self, stream: HopStream, block_hash: str = "ab" * 16) -> None:
         """One full block of tokens, so that the session has something to resume."""
-        await stream.step(torch.randn(1, 32, self.hidden_size), ["ab" * 16])
+        await stream.step(torch.randn(1, 32, self.hidden_size), [block_hash])
 
     async def info(self, member_pass: str) -> bytes:
         from hivemind.p2p import PeerID
@@ -205,15 +208,19 @@ def test_nodes_serve_members_only_and_sessions_only_to_their_owner(swarm: Swarm)
                 error = RpcError.model_validate_json(await dialer.info(member_pass))
                 assert error.error == "forbidden", why
 
-            # A member's session: resumed with its secret, a fresh one under any other.
+            # A member's session: resumed with its secret; its id alone opens a fresh one,
+            # and what is written there never reaches the owner's session.
             ours = PassIssuer(key, dialer.me).current()
             stream, _ = await dialer.open(ours, "conv")
             await dialer.fill(stream)
             stream.close()
-            for secret, expected in (("77" * 16, 0), (SECRET, 32)):
-                resumed, cached = await dialer.open(ours, "conv", secret)
-                resumed.close()
-                assert cached == expected, secret
+            guess, cached = await dialer.open(ours, "conv", "77" * 16, hashes=())
+            assert cached == 0
+            await dialer.fill(guess, "cd" * 16)
+            guess.close()
+            resumed, cached = await dialer.open(ours, "conv")
+            resumed.close()
+            assert cached == 32
             assert "sessions" in json.loads(await dialer.info(ours))
         finally:
             await p2p.shutdown()

@@ -445,14 +445,48 @@ def test_a_session_resumes_only_with_the_secret_it_was_opened_with(span: Span) -
         await owner.step(0, inputs(n, 1), hashes_for(n))
         await owner.close()
 
+        # The id without its secret: no session to resume (a prefix it knows is copied, as
+        # for any conversation; knowing the hashes takes knowing the tokens).
         guesser = FakeStream(handler)
-        assert await guesser.open("conv", hashes_for(n), secret="77" * 16) == 0
-        await guesser.step(0, inputs(1, 2), [])  # writes to its own session, not the owner's
+        assert await guesser.open("conv", [], secret="77" * 16) == 0
+        await guesser.step(0, inputs(n, 2), TokenHistory(list(range(9, 9 + n))).hashes)
         await guesser.close()
 
+        # Had the guesser written to the owner's session, its blocks would be other hashes.
         again = FakeStream(handler)
         assert await again.open("conv", hashes_for(n)) == n
         await again.close()
         assert CONV in store.session_ids() and "conv" not in store.session_ids()
+
+    asyncio.run(scenario())
+
+
+def test_a_new_conversation_starts_from_a_shared_prefix_and_leaves_the_other_intact(
+    span: Span,
+) -> None:
+    shared, n = 2 * BLOCK_TOKENS, 2 * BLOCK_TOKENS + 5
+    prompt, theirs = inputs(n, 1), inputs(1, 3)
+    expected = reference(span, [prompt[:, :shared], theirs])
+
+    async def scenario() -> None:
+        store = make_store(span)
+        handler = BlockHandler(span, store, lambda: info_of(store))
+        owner = FakeStream(handler)
+        await owner.open("conv", [])
+        await owner.step(0, prompt, hashes_for(n))
+        await owner.close()
+
+        # Another conversation (its own id and secret) with the same first two blocks.
+        other = FakeStream(handler)
+        assert await other.open("other", hashes_for(shared), secret="77" * 16) == shared
+        out = await other.step(shared, theirs, [])
+        torch.testing.assert_close(out, expected[1], atol=1e-4, rtol=1e-4)
+        await other.close()
+
+        kept = store._sessions[CONV]
+        assert kept.position == n and kept.hashes == hashes_for(n), "the owner lost nothing"
+        again = FakeStream(handler)
+        assert await again.open("conv", hashes_for(n)) == shared  # full blocks it still holds
+        await again.close()
 
     asyncio.run(scenario())
