@@ -207,3 +207,34 @@ def test_the_running_byte_total_matches_the_sessions_after_any_sequence() -> Non
         stored = [s._sessions[k] for k in s.session_ids()]
         assert s.used_bytes == sum(x.charge() for x in stored)
         assert s.used_bytes <= s.budget_bytes
+
+
+def test_the_prefix_index_follows_every_change_of_its_sessions() -> None:
+    clock = Clock()
+    s = store(1000, clock)
+    shared = list(range(2 * BLOCK_TOKENS + 7))
+    donor, _ = s.open("a", 0, 1, 200, [], new_cache)
+    run(s, donor, shared, TokenHistory())
+    s.release(donor)
+    wanted = TokenHistory(shared + [999] * BLOCK_TOKENS).hashes  # shares two full blocks
+
+    fresh, _ = s.open("b", 0, 1, 200, wanted, new_cache)
+    assert s.find_prefix(fresh, wanted) == (donor, 2 * BLOCK_TOKENS)
+    other_blocks, _ = s.open("c", 0, 2, 200, wanted, new_cache)
+    assert s.find_prefix(other_blocks, wanted) is None  # a session over other blocks
+    assert s.find_prefix(fresh, TokenHistory([7] * 64).hashes) is None
+
+    # Cropped to one block (an edited turn): only that block is still found.
+    again, _ = s.open("a", 0, 1, 200, wanted[:1], new_cache)
+    run(s, again, [5] * 40, TokenHistory(shared[:BLOCK_TOKENS]))
+    s.release(again)
+    assert s.find_prefix(fresh, wanted) == (again, BLOCK_TOKENS)
+
+    # Gone (idle past its TTL): found nowhere, and never a dangling key.
+    s.release(fresh)
+    s.release(other_blocks)
+    clock.now += 61
+    s.expire()
+    probe, _ = s.open("d", 0, 1, 200, wanted, new_cache)
+    assert s.find_prefix(probe, wanted) is None
+    assert not s._holders
