@@ -35,6 +35,7 @@ class SessionPin:
     route: tuple[Hop, ...]
     length: int
     secret: str = ""  # "": a pin written before sessions had secrets, not resumable
+    digest: str = ""  # TokenHistory.digest of all ``length`` tokens: who continues it exactly
 
     def to_json(self) -> str:
         hops = [[h.peer_id, h.start, h.end] for h in self.route]
@@ -44,6 +45,7 @@ class SessionPin:
                 "secret": self.secret,
                 "route": hops,
                 "length": self.length,
+                "digest": self.digest,
             }
         )
 
@@ -51,7 +53,13 @@ class SessionPin:
     def from_json(cls, raw: str | bytes) -> SessionPin:
         data = json.loads(raw)
         route = tuple(Hop(str(p), int(s), int(e)) for p, s, e in data["route"])
-        return cls(str(data["session"]), route, int(data["length"]), str(data.get("secret", "")))
+        return cls(
+            str(data["session"]),
+            route,
+            int(data["length"]),
+            str(data.get("secret", "")),
+            str(data.get("digest", "")),
+        )
 
 
 class AffinityStore(Protocol):

@@ -142,7 +142,7 @@ class Generator:
         """
         history = TokenHistory(request.prompt_ids, salt=f"{self._salt}\0{request.tenant}")
         key = request.session_key
-        claim = await self._affinity.claim(key and f"{request.tenant}\0{key}", history.hashes)
+        claim = await self._affinity.claim(key and f"{request.tenant}\0{key}", history)
         try:
             session = await self._swarm.open_session(
                 len(request.prompt_ids) + request.max_new_tokens,
@@ -258,7 +258,5 @@ class Generator:
 
     async def _finish(self, generation: Generation) -> None:
         history = generation.history
-        await self._affinity.remember(
-            generation.claim, generation.session.route, history.hashes, len(history)
-        )
+        await self._affinity.remember(generation.claim, generation.session.route, history)
         await self._affinity.release(generation.claim)

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from gateway.affinity import AffinityStore, SessionPin
 from gateway.metrics import GatewayMetrics
+from protocol.prefix import TokenHistory
 from routing.planner import Hop
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,13 @@ class Claim:
     key: str | None
 
 
+def continues(pin: SessionPin, history: TokenHistory) -> bool:
+    """Whether ``history`` starts with the pinned conversation's whole history."""
+    return (
+        bool(pin.digest) and pin.length <= len(history) and history.digest(pin.length) == pin.digest
+    )
+
+
 class SessionAffinity:
     def __init__(
         self, store: AffinityStore, metrics: GatewayMetrics, *, lease_ttl_s: float = 30.0
@@ -46,28 +54,41 @@ class SessionAffinity:
         self._renew_every_s = lease_ttl_s / 3
         self._last_warning = -WARN_EVERY_S
 
-    async def claim(self, key: str | None, hashes: Sequence[str]) -> Claim:
-        """The session to use: the one this conversation had, unless another request holds
-        it; then (or with no history) a fresh one. Never two requests on one cache."""
+    async def claim(self, key: str | None, history: TokenHistory) -> Claim:
+        """The session to use; never two requests on one cache.
+
+        A session key names a conversation, which the request continues (an edited turn
+        crops it: that is the client's own history). Without one, a pinned session is
+        continued only by a request that extends its whole history exactly. Any other
+        request that shares its prefix forks: a fresh session, placed preferably on the
+        servers of the pin, which seed it with a copy of the shared prefix, so that neither
+        conversation crops the other's cache.
+        """
         pin = await self._guard(
-            self._store.get_key(key) if key else self._store.longest_prefix(hashes)
+            self._store.get_key(key) if key else self._store.longest_prefix(history.hashes)
         )
-        if pin is not None and pin.secret:
+        if pin is None or not pin.secret:
+            return await self._fresh(key, None)
+        if key or continues(pin, history):
             taken, lease = await self._acquire(pin.session_id)
             if not taken:
                 return Claim(pin.session_id, pin.secret, pin.route, lease, key)
+        return await self._fresh(key, pin.route)
+
+    async def _fresh(self, key: str | None, near: tuple[Hop, ...] | None) -> Claim:
         session_id = uuid.uuid4().hex
         _, lease = await self._acquire(session_id)
-        return Claim(session_id, secrets.token_hex(16), None, lease, key)
+        return Claim(session_id, secrets.token_hex(16), near, lease, key)
 
-    async def remember(
-        self, claim: Claim, route: Sequence[Hop], hashes: Sequence[str], length: int
-    ) -> None:
+    async def remember(self, claim: Claim, route: Sequence[Hop], history: TokenHistory) -> None:
         """Record where the conversation's caches now live, for its next turn."""
-        pin = SessionPin(claim.session_id, tuple(route), length, claim.secret)
+        length = len(history)
+        pin = SessionPin(
+            claim.session_id, tuple(route), length, claim.secret, history.digest(length)
+        )
         if claim.key:
             await self._guard(self._store.put_key(claim.key, pin))
-        await self._guard(self._store.put_prefixes(hashes, pin))
+        await self._guard(self._store.put_prefixes(history.hashes, pin))
 
     async def release(self, claim: Claim) -> None:
         if claim.lease is not None:

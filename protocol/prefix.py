@@ -59,3 +59,11 @@ class TokenHistory:
             start = len(self.hashes) * BLOCK_TOKENS
             previous = self.hashes[-1] if self.hashes else self._salt
             self.hashes.append(_chain(previous, self.tokens[start : start + BLOCK_TOKENS]))
+
+    def digest(self, length: int) -> str:
+        """One hash of the first ``length`` tokens, partial last block included: equal digests
+        mean equal token histories, where block hashes only vouch for full blocks."""
+        full = min(length, len(self.tokens)) // BLOCK_TOKENS
+        previous = self.hashes[full - 1] if full else self._salt
+        tail = self.tokens[full * BLOCK_TOKENS : length]
+        return _chain(previous, tail) if tail else previous

@@ -116,6 +116,23 @@ def test_multi_turn_conversation_reuses_caches_and_stays_exact(swarm: Swarm) -> 
     assert t6.cached == reusable(t5.fed, t6.prompt) > 0
 
 
+def test_chats_sharing_a_system_prompt_keep_their_own_caches_turn_after_turn(
+    swarm: Swarm,
+) -> None:
+    system = {"role": "system", "content": "You answer as a careful ship's navigator. " * 6}
+    a, b = Conversation(swarm, swarm.base_url), Conversation(swarm, swarm.base_url)
+    # Questions of several blocks each, so that a history outlasts the shared prompt by whole
+    # blocks even if a tiny random model's answer does not survive re-tokenization.
+    a1 = a.ask([system, user("Plot a course from Lisbon to the Azores, step by step. " * 5)])
+    b1 = b.ask([system, user("Which stars guide a sailor at night in the north? " * 5)])
+    assert b1.cached == reusable(a1.fed, b1.prompt) > 0  # the system prompt, seeded
+    a2 = a.ask([*a1.messages, assistant(a1), user("And back again?")])
+    b2 = b.ask([*b1.messages, assistant(b1), user("And in the south?")])
+    # Each turn reuses its own whole history: neither conversation cropped the other's.
+    assert a2.cached == reusable(a1.fed, a2.prompt) > b1.cached
+    assert b2.cached == reusable(b1.fed, b2.prompt) > b1.cached
+
+
 def test_without_affinity_nothing_is_reused(swarm: Swarm, tmp_path: Path) -> None:
     gateway, url = start_gateway(
         swarm.model_path, swarm.initial_peers, tmp_path, "--no-affinity", name="gateway-no-affinity"

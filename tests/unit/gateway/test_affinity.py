@@ -76,3 +76,46 @@ def test_block_hashes_chain_so_equal_hashes_mean_equal_prefixes() -> None:
     for token in a[10:]:
         history.extend([token])
     assert history.hashes == block_hashes(a)
+
+
+def test_a_digest_covers_the_partial_last_block_too() -> None:
+    tokens = list(range(70))
+    history = TokenHistory(tokens, salt="m")
+    assert history.digest(64) == history.hashes[1]  # block-aligned: the block hash itself
+    assert history.digest(70) == TokenHistory(tokens, salt="m").digest(70)
+    assert history.digest(70) != TokenHistory([*tokens[:69], 999], salt="m").digest(70)
+    assert history.digest(0) == "m"
+
+
+def test_only_an_exact_continuation_claims_a_pinned_session_others_fork_near_it() -> None:
+    from gateway.metrics import GatewayMetrics
+    from gateway.sessions import SessionAffinity
+
+    system = list(range(2 * BLOCK_TOKENS))  # a shared system prompt, two full blocks
+    first = TokenHistory([*system, 1, 2, 3, 4, 5])  # conversation A after its turn
+
+    async def scenario() -> None:
+        affinity = SessionAffinity(InMemoryAffinityStore(), GatewayMetrics())
+        a = await affinity.claim(None, first)
+        await affinity.remember(a, PIN.route, first)
+        await affinity.release(a)
+
+        # A's next turn extends its whole history: the same session, on its route.
+        next_turn = await affinity.claim(None, TokenHistory([*first.tokens, 6, 7]))
+        assert (next_turn.session_id, next_turn.prefer) == (a.session_id, PIN.route)
+        await affinity.release(next_turn)
+
+        # B shares the system prompt (and more), then differs: a fork near A's servers.
+        other = await affinity.claim(None, TokenHistory([*system, 1, 2, 9, 9, 9, 9]))
+        assert other.session_id != a.session_id and other.secret != a.secret
+        assert other.prefer == PIN.route
+        # A session key says "my conversation": an edited turn continues (and crops) it.
+        await affinity.remember(a, PIN.route, first)
+        keyed = await affinity.claim("k", TokenHistory(system))
+        assert keyed.session_id != a.session_id  # no pin under that key yet
+        await affinity.remember(keyed, PIN.route, first)
+        await affinity.release(keyed)
+        edited = await affinity.claim("k", TokenHistory(system))
+        assert edited.session_id == keyed.session_id
+
+    asyncio.run(scenario())

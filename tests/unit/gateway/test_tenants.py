@@ -31,10 +31,12 @@ def test_prefix_hashes_and_session_keys_are_salted_per_api_key(tiny_model: Path)
         chat(client, "ka")
         chat(client, "ka", prompt_cache_key="shared-name")
         chat(client, "kb", prompt_cache_key="shared-name")
-    (a1, a_hashes), (b1, b_hashes), (a2, a_hashes_again), (a3, _), (b3, _) = swarm.opens
+    (a1, a_hashes), (b1, b_hashes), (_, a_hashes_again), (a3, _), (b3, _) = swarm.opens
     assert len(a_hashes) >= 3
     assert not set(a_hashes) & set(b_hashes), "another key's blocks must never match"
-    assert a_hashes_again == a_hashes and a2 == a1, "the same key resumes its conversation"
+    # The same key's blocks match (a resent prompt forks its earlier session: servers seed
+    # the fork from those blocks).
+    assert a_hashes_again == a_hashes
     assert b1 != a1
     assert b3 != a3, "one key's prompt_cache_key never names another key's conversation"
 
@@ -45,5 +47,5 @@ def test_a_gateway_without_keys_is_one_tenant(tiny_model: Path) -> None:
     with TestClient(create_app(settings, swarm_client=swarm)) as client:
         chat(client, "anything")
         chat(client, "something-else")
-    (first, hashes), (second, hashes_again) = swarm.opens
-    assert hashes == hashes_again and second == first
+    (_, hashes), (_, hashes_again) = swarm.opens
+    assert hashes == hashes_again  # one tenant: the same blocks, whoever sends them
