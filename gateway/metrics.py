@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from protocol.rpc import STEP_SECONDS_BUCKETS
+
 
 class GatewayMetrics:
     def __init__(self) -> None:
@@ -62,7 +64,7 @@ class GatewayMetrics:
             "swarmgate_hop_step_seconds",
             "One step through one server of a chain, network included, by server",
             ["peer"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=STEP_SECONDS_BUCKETS,
             registry=self.registry,
         )
         self.replans = Counter(

@@ -40,6 +40,10 @@ RPC_INFO = "swarmgate.rpc_info"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MESSAGE_BUDGET_BYTES = 3 * 1024 * 1024
 
+# Histogram buckets of one step, in seconds, for the gateway's per-hop latency and each
+# node's own step time alike: the same edges let a dashboard set one against the other.
+STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
 
 # A chained block hash (protocol.prefix): 16 bytes of blake2b, hex.
 BlockHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]

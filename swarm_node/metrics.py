@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from protocol.rpc import ServerInfo
+from protocol.rpc import STEP_SECONDS_BUCKETS, ServerInfo
 
 
 class InfoBoard:
@@ -78,7 +78,7 @@ class NodeMetrics:
             "swarmgate_node_step_seconds",
             "One step of one session through this span (prefill: more than one token)",
             ["phase"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=STEP_SECONDS_BUCKETS,
             registry=self.registry,
         )
 
