@@ -1,106 +1,203 @@
-"""Forward passes over a span of blocks, with or without a session's KV cache. No I/O."""
+"""Forward passes over a span of blocks for several sessions at once. No I/O.
+
+Every session's new tokens are packed into one sequence, ``[1, total, hidden]``, so one
+forward runs the projections and MLPs of all of them together (the weights are read once
+per step instead of once per session), while attention runs per session over that
+session's own history: positions, masks and caches are per segment, never shared. A
+decode step of sixteen sessions is sixteen one-token segments; a prefill chunk is one
+longer segment, and both mix freely in one forward.
+
+The blocks are the model's own Hugging Face modules; only attention is ours, registered
+with transformers' ``AttentionInterface`` so the modules call it in place of SDPA.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
-from transformers.masking_utils import create_causal_mask
+from transformers import AttentionInterface
 
 from models.loading import Span
+from swarm_node.session_kv import KVShape, SessionKV
+
+PACKED_ATTENTION = "swarmgate_packed"
 
 
 class CacheMismatch(RuntimeError):
     """A cache's length disagrees with the position a step claims (a bug, never data)."""
 
 
-def new_cache(span: Span) -> DynamicCache:
-    """An empty cache with one slot per block of the span (slot = the layer's local index)."""
-    cache = DynamicCache()
-    # Created up front so that a session using only part of the span can read its length
-    # from its first slot instead of slot 0.
-    cache.layers.extend(DynamicLayer() for _ in span.layers)  # type: ignore[no-untyped-call]
-    return cache
+@dataclass(frozen=True)
+class Segment:
+    """One session's tokens in a packed forward: ``length`` tokens at ``position ...``.
+
+    ``kv`` None: no cache, the tokens attend only to each other (throughput probes)."""
+
+    kv: SessionKV | None
+    position: int
+    length: int
 
 
-def crop_cache(cache: DynamicCache, length: int) -> None:
-    """Keep the first ``length`` positions of every block's keys and values."""
-    for layer in cache.layers:
-        held = layer.get_seq_length()  # type: ignore[union-attr]
-        if held > length:
-            layer.crop(length - held)  # type: ignore[union-attr]  # negative: tokens to drop
+def new_session_kv(span: Span, start: int, end: int) -> SessionKV:
+    """An empty cache for a session over blocks ``[start, end)`` of the span."""
+    return SessionKV(end - start, KVShape.of(span.config, span.dtype))
 
 
-def copy_prefix(source: DynamicCache, target: DynamicCache, length: int) -> None:
-    """Give the empty ``target`` its own copy of ``source``'s first ``length`` positions. Run
-    on the compute thread: ``source`` may belong to a session whose steps run there too."""
-    for mine, theirs in zip(target.layers, source.layers, strict=True):
-        keys, values = getattr(theirs, "keys", None), getattr(theirs, "values", None)
-        if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
-            mine.update(keys[:, :, :length].clone(), values[:, :, :length].clone())  # type: ignore[union-attr]
+class _PackedStep:
+    """Handed to the blocks as their ``past_key_values``: writes each segment's new keys
+    and values into its session's buffers, and attends per segment."""
+
+    def __init__(self, segments: Sequence[Segment], first_slot: int) -> None:
+        self._first_slot = first_slot  # the span-local index of the sessions' first block
+        self._parts: list[tuple[Segment, int, int]] = []  # (segment, first token, end)
+        offset = 0
+        for segment in segments:
+            self._parts.append((segment, offset, offset + segment.length))
+            offset += segment.length
+
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        slot = layer_idx - self._first_slot
+        for segment, begin, end in self._parts:
+            if segment.kv is not None:
+                segment.kv.write(
+                    slot, segment.position, keys[:, :, begin:end], values[:, :, begin:end]
+                )
+        return keys, values
+
+    def attend(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scaling: float | None,
+        sliding_window: int | None,
+    ) -> torch.Tensor:
+        """query: [1, heads, total, head_dim] → [1, total, heads, head_dim]."""
+        slot = int(getattr(module, "layer_idx")) - self._first_slot  # noqa: B009
+        outputs = []
+        for segment, begin, end in self._parts:
+            q = query[:, :, begin:end]
+            if segment.kv is None:
+                k, v = keys[:, :, begin:end], values[:, :, begin:end]
+            else:
+                k, v = segment.kv.view(slot, segment.position + segment.length)
+            outputs.append(_attention(q, k, v, segment.position, scaling, sliding_window))
+        return torch.cat(outputs, dim=2).transpose(1, 2)
 
 
-def cache_bytes(cache: DynamicCache) -> int:
-    total = 0
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position: int,
+    scaling: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One segment: queries at ``position ...`` over keys ``0 ... position + n - 1``."""
+    n, held = q.shape[2], k.shape[2]
+    mask, causal = None, False
+    windowed = sliding_window is not None and held > sliding_window
+    if n > 1 and position == 0 and not windowed:
+        causal = True  # the same kernel as a prompt through `generate`
+    elif n > 1 or windowed:
+        rows = torch.arange(position, position + n).unsqueeze(1)
+        cols = torch.arange(held).unsqueeze(0)
+        mask = cols <= rows
+        if sliding_window is not None:
+            mask &= cols > rows - sliding_window
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=True
+    )
+
+
+def _packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: object,
+    *,
+    packed: _PackedStep,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    return packed.attend(module, query, key, value, scaling, sliding_window), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
 
 
 @torch.inference_mode()
+def forward_packed(
+    span: Span, hidden: torch.Tensor, segments: Sequence[Segment], *, start: int, end: int
+) -> torch.Tensor:
+    """Run the packed tokens of ``segments`` through blocks ``[start, end)`` (absolute
+    indices; every segment's session covers exactly these blocks) and append them to their
+    caches. A segment's cache must hold at least ``position`` tokens; any beyond are dropped
+    first (an edited or regenerated turn). Positions are never inferred from a cache, so a
+    cache that lost tokens is an error, not silently wrong output.
+
+    hidden: [1, total, hidden_size], any float dtype; returns the same shape in fp32.
+    """
+    if hidden.shape[1] != sum(s.length for s in segments):
+        raise ValueError("the packed tokens and the segments disagree")
+    for segment in segments:
+        if segment.kv is None:
+            continue
+        if segment.kv.length < segment.position:
+            raise CacheMismatch(
+                f"the cache holds {segment.kv.length} tokens, the step starts at {segment.position}"
+            )
+        segment.kv.crop(segment.position)
+        segment.kv.ensure(segment.position + segment.length)
+    first, last = start - span.start, end - span.start
+    span.config._attn_implementation = PACKED_ATTENTION
+    x = hidden.to(span.dtype)
+    position_ids = torch.cat(
+        [torch.arange(s.position, s.position + s.length) for s in segments]
+    ).unsqueeze(0)
+    cos, sin = span.rotary(x, position_ids)
+    position_embeddings = (cos.to(x.dtype), sin.to(x.dtype))
+    packed = _PackedStep(segments, first)
+    for layer in span.layers[first:last]:
+        x = layer(
+            x,
+            attention_mask=None,
+            position_ids=position_ids,
+            past_key_values=packed,
+            use_cache=True,
+            position_embeddings=position_embeddings,
+            packed=packed,
+        )
+    for segment in segments:
+        if segment.kv is not None:
+            segment.kv.length = segment.position + segment.length
+    return x.float()
+
+
 def forward_span(
     span: Span,
     hidden: torch.Tensor,
-    cache: DynamicCache | None,
+    kv: SessionKV | None,
     *,
     position: int = 0,
     start: int | None = None,
     end: int | None = None,
 ) -> torch.Tensor:
-    """Run ``hidden`` through blocks ``[start, end)`` (absolute indices, default: the whole
-    span) at positions ``position, position + 1, ...``, appending to ``cache`` when one is
-    given. The cache must hold exactly ``position`` tokens: positions are never inferred from
-    it, so a cache that lost or gained tokens is an error, not silently wrong output.
-
-    hidden: [batch, n, hidden_size], any float dtype; returns the same shape in fp32.
-    """
-    first = (span.start if start is None else start) - span.start
-    last = (span.end if end is None else end) - span.start
-    held = cache.get_seq_length(first) if cache is not None else position
-    if held != position:
-        raise CacheMismatch(f"the cache holds {held} tokens, the step starts at {position}")
-    x = hidden.to(span.dtype)
-    # position_ids: [1, n]; every row of a batch shares one history length.
-    position_ids = torch.arange(position, position + x.shape[1]).unsqueeze(0)
-    mask = create_causal_mask(
-        config=span.config,
-        inputs_embeds=x,
-        attention_mask=None,
-        past_key_values=cache,
-        position_ids=position_ids,
-        layer_idx=first,
+    """One session alone: ``hidden`` [1, n, hidden_size] at ``position ...`` through blocks
+    ``[start, end)`` (default: the whole span)."""
+    segment = Segment(kv, position, hidden.shape[1])
+    return forward_packed(
+        span,
+        hidden,
+        [segment],
+        start=span.start if start is None else start,
+        end=span.end if end is None else end,
     )
-    cos, sin = span.rotary(x, position_ids)
-    position_embeddings = (cos.to(x.dtype), sin.to(x.dtype))
-    for layer in span.layers[first:last]:
-        x = layer(
-            x,
-            attention_mask=mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=cache is not None,
-            position_embeddings=position_embeddings,
-        )
-    return x.float()
-
-
-def inference_step(
-    span: Span, hidden: torch.Tensor, cache: DynamicCache, *, position: int, start: int, end: int
-) -> torch.Tensor:
-    """One step of a session: drop cached tokens from ``position`` on (an edited or
-    regenerated turn), then run ``hidden`` from there. Every change to a session's cache
-    happens here, on the compute thread, so none races a running forward."""
-    crop_cache(cache, position)
-    return forward_span(span, hidden, cache, position=position, start=start, end=end)

@@ -1,7 +1,7 @@
 """RPC handlers of a block server: decode and validate messages, delegate compute.
 
-Compute runs on one worker thread so that sessions interleave step by step and the event
-loop (P2P, announcements) stays responsive while torch works.
+Compute runs on one worker thread, fed by the step scheduler, which batches the steps of
+every open stream; the event loop (P2P, announcements) stays responsive while torch works.
 """
 
 from __future__ import annotations
@@ -46,8 +46,10 @@ from protocol.rpc import (
     max_tokens_per_message,
 )
 from protocol.swarm import PROTOCOL_VERSION
-from swarm_node.backend import copy_prefix, inference_step, new_cache
+from swarm_node.backend import new_session_kv
+from swarm_node.batching import BatchObserver, StepScheduler
 from swarm_node.kv_cache import CachedSession, SessionStore
+from swarm_node.session_kv import SessionKV
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +66,15 @@ def session_key(session_id: str, secret: str) -> str:
     return hashlib.sha256(f"{session_id}\0{secret}".encode()).hexdigest()
 
 
+def _copy_prefix(donor: SessionKV, version: int, kv: SessionKV, tokens: int) -> bool:
+    """Copy ``donor``'s prefix unless a step queued before the copy rewrote it (run on the
+    compute thread, in order with every forward)."""
+    if donor.version != version or donor.length < tokens:
+        return False
+    kv.copy_prefix(donor, tokens)
+    return True
+
+
 class BlockHandler:
     def __init__(
         self,
@@ -73,6 +84,8 @@ class BlockHandler:
         accepting: Callable[[], bool] = lambda: True,
         members: SwarmKey | None = None,
         observe_step: Callable[[int, float], None] = lambda tokens, seconds: None,
+        observe_batch: BatchObserver = lambda segments, tokens: None,
+        prefill_chunk: int | None = None,
     ) -> None:
         self.span = span
         self._members = members  # None: an open swarm, everyone may call
@@ -82,6 +95,8 @@ class BlockHandler:
         self._info = info
         self._accepting = accepting  # False while draining: running streams go on, new ones wait
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
+        chunk = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
+        self._scheduler = StepScheduler(span, self._compute, observe_batch=observe_batch, **chunk)
         self._max_tokens = max_tokens_per_message(span.config.hidden_size)
         self._max_length = span.config.max_position_embeddings
         self.active_streams = 0
@@ -100,6 +115,7 @@ class BlockHandler:
         await p2p.remove_protobuf_handler(RPC_INFO)
 
     def shutdown(self) -> None:
+        self._scheduler.close()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     async def rpc_inference(
@@ -121,9 +137,10 @@ class BlockHandler:
                 opening.end,
                 opening.max_length,
                 opening.prefix_hashes,
-                lambda: new_cache(self.span),
+                lambda: new_session_kv(self.span, opening.start, opening.end),
                 keep=opening.keep,
             )
+            session.cache.limit = opening.max_length  # its buffers grow no further
         except (SwarmError, RequestError) as e:
             yield make_response(RpcError.of(e))
             return
@@ -211,16 +228,14 @@ class BlockHandler:
     ) -> torch.Tensor:
         """All or nothing: the session records the step only once its forward completed."""
         began = time.perf_counter()
+        if position < session.position:
+            # An edited or regenerated turn: what follows ``position`` is gone from now on,
+            # so no new session is seeded from it while this step waits or runs.
+            self.sessions.truncate(session, position)
+            session.cache.crop(position)
         try:
-            out = await self._run(
-                inference_step,
-                self.span,
-                hidden,
-                session.cache,
-                position=position,
-                start=session.start,
-                end=session.end,
-            )
+            blocks = (session.start, session.end)
+            out = await self._scheduler.step(session.cache, blocks, position, hidden)
         except BaseException:
             # Cancelled (the stream dropped) while the compute thread may still be writing
             # this cache, or the forward failed halfway: nobody may use this cache again.
@@ -238,11 +253,14 @@ class BlockHandler:
         if found is None:
             return 0
         donor, tokens = found
+        version = donor.cache.version
         try:
-            await self._run(copy_prefix, donor.cache, session.cache, tokens)
+            copied = await self._run(_copy_prefix, donor.cache, version, session.cache, tokens)
         except BaseException:
             self.sessions.discard(session)  # the copy may be half done
             raise
+        if not copied:
+            return 0
         self.sessions.seed(session, donor, tokens)
         return tokens
 

@@ -20,12 +20,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from transformers import DynamicCache
-
 from protocol.errors import CapacityExceeded, InvalidRequest
 from protocol.prefix import BLOCK_TOKENS, common_blocks
-
-SizeOf = Callable[[DynamicCache], int]
+from swarm_node.session_kv import SessionKV
 
 
 @dataclass
@@ -33,7 +30,7 @@ class CachedSession:
     key: str
     start: int
     end: int
-    cache: DynamicCache
+    cache: SessionKV
     reserved_bytes: int = 0  # held while in use, so the request can reach max_length
     position: int = 0  # tokens in the cache
     hashes: list[str] = field(default_factory=list)  # one per full block of those tokens
@@ -63,13 +60,11 @@ class SessionStore:
         bytes_per_token_per_block: int,
         *,
         idle_ttl_s: float = 600.0,
-        size_of: SizeOf,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.budget_bytes = budget_bytes
         self._per_token_block = bytes_per_token_per_block
         self._idle_ttl_s = idle_ttl_s
-        self._size_of = size_of
         self._clock = clock
         self._sessions: OrderedDict[str, CachedSession] = OrderedDict()  # LRU first
         # Block hash → keys of the sessions holding that block: chained hashes make a hash
@@ -112,7 +107,7 @@ class SessionStore:
         end: int,
         max_length: int,
         prefix_hashes: Sequence[str],
-        new_cache: Callable[[], DynamicCache],
+        new_cache: Callable[[], SessionKV],
         *,
         keep: bool = True,
     ) -> tuple[CachedSession, int]:
@@ -164,7 +159,7 @@ class SessionStore:
     def seed(self, session: CachedSession, donor: CachedSession, tokens: int) -> None:
         """``session`` now holds a copy of ``donor``'s first ``tokens`` tokens."""
         hashes = donor.hashes[: tokens // BLOCK_TOKENS]
-        size = self._size_of(session.cache)
+        size = session.cache.nbytes
         self._change(session, position=tokens, hashes=hashes, size_bytes=size)
 
     def check_step(
@@ -189,6 +184,12 @@ class SessionStore:
             raise InvalidRequest("more block hashes than full blocks")
         return hashes
 
+    def truncate(self, session: CachedSession, position: int) -> None:
+        """The session's tokens from ``position`` on are being replaced (a step from there
+        was accepted): stop offering them to anyone."""
+        hashes = session.hashes[: position // BLOCK_TOKENS]
+        self._change(session, position=min(position, session.position), hashes=hashes)
+
     def commit_step(
         self,
         session: CachedSession,
@@ -204,7 +205,7 @@ class SessionStore:
         """
         if first:
             self.tokens_reused += min(position, session.position)
-        size = self._size_of(session.cache)
+        size = session.cache.nbytes
         self._change(session, position=position + tokens, hashes=hashes, size_bytes=size)
         self.tokens_computed += tokens
 

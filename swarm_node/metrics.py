@@ -82,6 +82,23 @@ class NodeMetrics:
             registry=self.registry,
         )
 
+        self.batch_segments = Histogram(
+            "swarmgate_node_batch_sessions",
+            "Sessions whose tokens ran together in one forward (continuous batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.batch_tokens = Histogram(
+            "swarmgate_node_batch_tokens",
+            "Tokens in one forward: decode steps plus at most one prefill chunk",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=self.registry,
+        )
+
+    def observe_batch(self, sessions: int, tokens: int) -> None:
+        self.batch_segments.observe(sessions)
+        self.batch_tokens.observe(tokens)
+
     def observe_step(self, tokens: int, seconds: float) -> None:
         self.step_seconds.labels("prefill" if tokens > 1 else "decode").observe(seconds)
 

@@ -8,7 +8,6 @@ import logging
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 import torch
@@ -20,10 +19,10 @@ from protocol.swarm import ModelRecord, NodeState, ServerRecord, dht_prefix
 from routing.block_selection import choose_blocks
 from routing.dht import SwarmDHT
 from routing.discovery import announce, check_model, fetch_model, fetch_snapshot
-from swarm_node.backend import cache_bytes
 from swarm_node.handler import BlockHandler
 from swarm_node.kv_cache import SessionStore
 from swarm_node.metrics import InfoBoard, NodeMetrics
+from swarm_node.session_kv import KVShape
 from swarm_node.settings import NodeSettings
 from swarm_node.throughput import measure_decode_throughput
 
@@ -48,13 +47,6 @@ def default_cache_bytes() -> int:
             available = min(available, int(text))
         break
     return available // 4
-
-
-def kv_bytes_per_token_per_block(config: Any, dtype: torch.dtype) -> int:
-    """Keys and values of one token in one block."""
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return int(2 * heads * head_dim * torch.finfo(dtype).bits // 8)
 
 
 class BlockServer:
@@ -127,9 +119,8 @@ class BlockServer:
         budget = settings.cache_bytes if settings.cache_bytes is not None else default_cache_bytes()
         self.sessions = SessionStore(
             budget,
-            kv_bytes_per_token_per_block(span.config, dtype),
+            KVShape.of(span.config, span.dtype).bytes_per_token_per_block,
             idle_ttl_s=settings.cache_ttl_s,
-            size_of=cache_bytes,
         )
         self.span = span
         p2p = await dht.replicate_p2p()
@@ -142,6 +133,8 @@ class BlockServer:
             accepting=lambda: self.state is NodeState.ONLINE,
             members=settings.swarm_key,
             observe_step=metrics.observe_step,
+            observe_batch=metrics.observe_batch,
+            prefill_chunk=settings.prefill_per_batch,
         )
         await self.handler.register(p2p)
         self.state = NodeState.ONLINE

@@ -17,6 +17,7 @@ class NodeSettings:
     dtype: str = "float32"
     quant: str = "none"
     cache_bytes: int | None = None  # KV cache budget; None: a quarter of available memory
+    prefill_per_batch: int | None = None  # prompt tokens per batched forward; None: default
     cache_ttl_s: float = 600.0  # an idle session's cache is dropped after this long
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     announce_maddrs: tuple[str, ...] = ()

@@ -158,6 +158,13 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         help="seconds an idle session's KV cache is kept for its next turn",
     )
     parser.add_argument(
+        "--batch-prefill-tokens",
+        type=_positive_int,
+        default=_env("SWARMGATE_BATCH_PREFILL_TOKENS"),
+        help="prompt tokens per batched forward, run alongside every stream's decode step: "
+        "smaller keeps other streams' tokens flowing during a long prompt (default: 128)",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=float(_env("SWARMGATE_DRAIN_TIMEOUT", "10") or 10),

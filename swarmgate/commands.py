@@ -93,6 +93,7 @@ def node(args: argparse.Namespace) -> None:
             quant=args.quant,
             cache_bytes=args.cache_bytes,
             cache_ttl_s=args.cache_ttl,
+            prefill_per_batch=args.batch_prefill_tokens,
             drain_timeout_s=args.drain_timeout,
             host_maddrs=tuple(args.host_maddrs),
             announce_maddrs=tuple(args.announce_maddrs),

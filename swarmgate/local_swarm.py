@@ -115,6 +115,8 @@ class LocalSwarm:
         flags += ["--cache-ttl", str(self.args.cache_ttl)]
         if self.args.cache_bytes is not None:
             flags += ["--cache-bytes", str(self.args.cache_bytes)]
+        if self.args.batch_prefill_tokens is not None:
+            flags += ["--batch-prefill-tokens", str(self.args.batch_prefill_tokens)]
         return flags
 
     def _http_flags(self) -> list[str]:

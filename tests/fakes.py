@@ -14,7 +14,7 @@ from protocol.prefix import TokenHistory
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
 from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot
-from swarm_node.backend import forward_span, new_cache
+from swarm_node.backend import forward_span, new_session_kv
 
 
 class LocalSwarmClient:
@@ -84,7 +84,7 @@ class LocalSession:
     def __init__(self, client: LocalSwarmClient, route: list[Hop]) -> None:
         self._client = client
         self.route = route
-        self._cache = new_cache(client.span)
+        self._cache = new_session_kv(client.span, client.span.start, client.span.end)
         self._steps = 0
         self._closed = False
 
@@ -99,7 +99,7 @@ class LocalSession:
         limit = self._client.fail_after_steps
         if limit is not None and self._steps > limit:
             raise PeerUnavailable("local-peer went away", "local-peer")
-        position = self._cache.get_seq_length(0)
+        position = self._cache.length
         return forward_span(self._client.span, hidden, self._cache, position=position)
 
     async def close(self) -> None:

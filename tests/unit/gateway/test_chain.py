@@ -1,7 +1,7 @@
 """ChainSession over an in-process swarm: failover, catch-up, cache reuse and cleanup.
 
 Each fake server runs its span of the tiny model through the real ``SessionStore`` and
-``inference_step``, as ``swarm_node/handler.py`` does, so the chain's output can be held to
+``forward_span``, as ``swarm_node/handler.py`` does, so the chain's output can be held to
 the whole model's (fp32, 1e-4) whatever fails under it.
 """
 
@@ -33,7 +33,7 @@ from protocol.rpc import OpenSession
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
 from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot
-from swarm_node.backend import forward_span, inference_step, new_cache
+from swarm_node.backend import forward_span, new_session_kv
 from swarm_node.kv_cache import CachedSession, SessionStore
 from tests.tiny_model import TINY_BLOCKS
 
@@ -100,7 +100,7 @@ class FakeServer:
     def __init__(self, peer_id: str, span: Span) -> None:
         self.peer_id = peer_id
         self.span = span
-        self.store = SessionStore(1 << 40, 1, size_of=lambda cache: 0)
+        self.store = SessionStore(1 << 40, 1)
         self.openings: list[OpenSession] = []
         self.streams: list[FakeStream] = []
         self.kept_steps = 0
@@ -135,7 +135,7 @@ class FakeServer:
                 hop.end,
                 opening.max_length,
                 opening.prefix_hashes,
-                lambda: new_cache(self.span),
+                lambda: new_session_kv(self.span, hop.start, hop.end),
                 keep=opening.keep,
             )
             return stream, check_cached(
@@ -191,7 +191,7 @@ class FakeStream:
         position, tokens = self.position, hidden.shape[1]
         new = hashes[position // BLOCK_TOKENS : (position + tokens) // BLOCK_TOKENS]
         held = server.store.check_step(session, position, tokens, new)  # InvalidRequest: a bug
-        out = inference_step(
+        out = forward_span(
             server.span,
             hidden,
             session.cache,
@@ -273,7 +273,7 @@ class FakeSwarm:
 def reference(model: Path, steps: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """The whole model's output for each step, fed the same way."""
     span = span_of(model, 0, TINY_BLOCKS)
-    cache = new_cache(span)
+    cache = new_session_kv(span, span.start, span.end)
     outputs, position = [], 0
     for tokens in steps:
         outputs.append(forward_span(span, embed(tokens), cache, position=position))

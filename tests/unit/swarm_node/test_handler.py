@@ -30,8 +30,9 @@ from protocol.rpc import (
     decode,
     decode_reply,
 )
+from swarm_node import batching as batching_module
 from swarm_node import handler as handler_module
-from swarm_node.backend import cache_bytes, forward_span, new_cache
+from swarm_node.backend import forward_span, new_session_kv
 from swarm_node.handler import BlockHandler, session_key
 from swarm_node.kv_cache import SessionStore
 from swarm_node.metrics import InfoBoard, _NodeCollector
@@ -48,7 +49,7 @@ def span(tiny_model: Path) -> Span:
 
 def make_store(span: Span) -> SessionStore:
     per_token = 2 * span.config.num_key_value_heads * 16 * 4  # head_dim 16, fp32
-    return SessionStore(1 << 26, per_token, size_of=cache_bytes)
+    return SessionStore(1 << 26, per_token)
 
 
 def info_of(store: SessionStore) -> ServerInfo:
@@ -122,7 +123,7 @@ def inputs(n: int, seed: int) -> torch.Tensor:
 
 def reference(span: Span, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
     """The outputs of the same steps on a fresh cache, run directly."""
-    cache, position, outs = new_cache(span), 0, []
+    cache, position, outs = new_session_kv(span, span.start, span.end), 0, []
     for piece in pieces:
         outs.append(forward_span(span, piece, cache, position=position))
         position += piece.shape[1]
@@ -143,15 +144,15 @@ class Gate:
 def slow_forward(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     """One-token steps block inside the compute thread until the gate opens."""
     gate = Gate()
-    real = handler_module.inference_step
+    real = batching_module.forward_packed
 
-    def gated(span: Span, hidden: torch.Tensor, cache: Any, **kw: Any) -> torch.Tensor:
+    def gated(span: Span, hidden: torch.Tensor, segments: Any, **kw: Any) -> torch.Tensor:
         if hidden.shape[1] == 1:
             gate.entered.set()
             gate.open.wait(30)
-        return real(span, hidden, cache, **kw)
+        return real(span, hidden, segments, **kw)
 
-    monkeypatch.setattr(handler_module, "inference_step", gated)
+    monkeypatch.setattr(batching_module, "forward_packed", gated)
     yield gate
     gate.open.set()
 
@@ -219,7 +220,7 @@ def test_a_failed_forward_is_a_typed_error_and_drops_the_session(
         stream = FakeStream(handler)
         await stream.open("conv", [])
         await stream.step(0, inputs(40, 1), hashes_for(40))
-        monkeypatch.setattr(handler_module, "inference_step", broken)
+        monkeypatch.setattr(batching_module, "forward_packed", broken)
         reply = await stream.exchange(make_request(Step(position=40), inputs(1, 2)))
         error = decode(RpcError, reply.metadata)
         assert error.error is ErrorCode.INTERNAL
@@ -313,7 +314,7 @@ def test_the_metrics_thread_reads_a_snapshot_never_the_store(span: Span) -> None
 
     async def scenario() -> None:
         loop_thread.append(threading.get_ident())
-        store = WatchedStore(1 << 26, 512, size_of=cache_bytes, idle_ttl_s=0.0)
+        store = WatchedStore(1 << 26, 512, idle_ttl_s=0.0)
         handler = BlockHandler(span, store, lambda: info_of(store))
         board = InfoBoard(lambda: (store.expire(), info_of(store))[1])
         collector = _NodeCollector(lambda: board.latest, store.budget_bytes)

@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from protocol.errors import CapacityExceeded, InvalidRequest
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
-from swarm_node.backend import cache_bytes, crop_cache
 from swarm_node.kv_cache import CachedSession, SessionStore
+from swarm_node.session_kv import KVShape, SessionKV
 
 PER_TOKEN = 2 * 4 * 4  # keys+values, 1 head of 4 fp32 values, one block
 
 
-def new_cache() -> DynamicCache:
-    cache = DynamicCache()
-    cache.layers.append(DynamicLayer())  # type: ignore[no-untyped-call]
-    return cache
+SHAPE = KVShape(kv_heads=1, head_dim=4, dtype=torch.float32)
+
+
+def new_cache() -> SessionKV:
+    return SessionKV(1, SHAPE)
 
 
 class Clock:
@@ -34,9 +33,16 @@ def store(budget_tokens: int, clock: Clock | None = None) -> SessionStore:
         budget_tokens * PER_TOKEN,
         PER_TOKEN,
         idle_ttl_s=60,
-        size_of=cache_bytes,
         clock=clock or Clock(),
     )
+
+
+def forward(kv: SessionKV, position: int, tokens: int) -> None:
+    """What a forward pass does to a cache, on the compute thread."""
+    kv.crop(position)
+    kv.ensure(position + tokens)
+    kv.write(0, position, torch.zeros(1, 1, tokens, 4), torch.zeros(1, 1, tokens, 4))
+    kv.length = position + tokens
 
 
 def run(
@@ -47,9 +53,7 @@ def run(
     history.extend(tokens)
     new = history.hashes[position // BLOCK_TOKENS : len(history) // BLOCK_TOKENS]
     hashes = store_.check_step(session, position, len(tokens), new)
-    crop_cache(session.cache, position)  # as inference_step does on the compute thread
-    kv = torch.zeros(1, 1, len(tokens), 4)
-    session.cache.update(kv, kv, 0)
+    forward(session.cache, position, len(tokens))
     store_.commit_step(session, position, len(tokens), hashes, first=True)
 
 
@@ -82,11 +86,11 @@ def test_an_edited_turn_is_trimmed_to_the_common_prefix() -> None:
     hashes = s.check_step(session, cached, 64, edited.hashes[1:3])
     assert hashes == edited.hashes[:3]
     assert session.position == 96, "checking a step changes nothing"
-    crop_cache(session.cache, cached)  # what the forward does first, on the compute thread
-    kv = torch.zeros(1, 1, 64, 4)
-    session.cache.update(kv, kv, 0)
+    s.truncate(session, cached)  # the handler accepted the step: the old tail is gone
+    assert session.position == 32 and session.hashes == edited.hashes[:1]
+    forward(session.cache, cached, 64)
     s.commit_step(session, cached, 64, hashes, first=True)
-    assert session.position == 96 and session.cache.get_seq_length(0) == 96
+    assert session.position == 96 and session.cache.length == 96
     assert session.hashes == edited.hashes[:3]
     with pytest.raises(InvalidRequest):
         s.check_step(session, 97, 1, [])  # past what the cache holds

@@ -1,0 +1,175 @@
+"""Continuous batching: the steps of every open stream, run as few forwards as possible.
+
+Streams hand their steps to one ``StepScheduler``. Whenever the compute thread frees up,
+the scheduler packs what is waiting into one forward: every pending decode step, plus at
+most ``prefill_chunk`` tokens of prompts. A long prompt is therefore split into chunks that
+interleave with other streams' decode steps, which wait behind at most one chunk, and a
+lone stream waits for nothing: there is no batching window.
+
+Batches group sessions over the same blocks (a forward runs one range of layers). A step's
+result is delivered once all its tokens have run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import torch
+
+from models.loading import Span
+from swarm_node.backend import Segment, forward_packed
+from swarm_node.session_kv import SessionKV
+
+logger = logging.getLogger(__name__)
+
+PREFILL_CHUNK_TOKENS = 128  # how long a prompt may hold up other streams' decode steps
+MAX_BATCH_SEGMENTS = 256  # sessions in one forward
+
+
+@dataclass(eq=False)
+class _Job:
+    kv: SessionKV
+    blocks: tuple[int, int]
+    position: int  # of the step's first token
+    hidden: torch.Tensor  # [1, n, hidden_size]
+    result: asyncio.Future[torch.Tensor]
+    done: int = 0  # tokens already run (a prompt in chunks)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def left(self) -> int:
+        return self.hidden.shape[1] - self.done
+
+
+@dataclass(frozen=True)
+class _Piece:
+    job: _Job
+    tokens: int
+
+
+BatchObserver = Callable[[int, int], None]  # (segments, tokens) of each forward
+
+
+class StepScheduler:
+    def __init__(
+        self,
+        span: Span,
+        compute: Executor,
+        *,
+        prefill_chunk: int = PREFILL_CHUNK_TOKENS,
+        observe_batch: BatchObserver = lambda segments, tokens: None,
+    ) -> None:
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1")
+        self._span = span
+        self._compute = compute
+        self._prefill_chunk = prefill_chunk
+        self._observe_batch = observe_batch
+        self._waiting: list[_Job] = []  # in arrival order
+        self._wake = asyncio.Event()
+        self._loop: asyncio.Task[None] | None = None
+
+    async def step(
+        self, kv: SessionKV, blocks: tuple[int, int], position: int, hidden: torch.Tensor
+    ) -> torch.Tensor:
+        """Run ``hidden`` [1, n, hidden_size] at ``position ...`` through ``blocks`` on the
+        session ``kv``. If this is cancelled, the cache may be half-written (a forward may
+        still be running on it): the caller must never use ``kv`` again."""
+        self._start()
+        result: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        job = _Job(kv, blocks, position, hidden, result)
+        self._waiting.append(job)
+        self._wake.set()
+        try:
+            return await result
+        finally:
+            if job in self._waiting:  # cancelled before its last chunk ran
+                self._waiting.remove(job)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.cancel()
+        for job in self._waiting:
+            if not job.result.done():
+                job.result.cancel()
+        self._waiting.clear()
+
+    def _start(self) -> None:
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._waiting:
+                pieces = self._pick()
+                try:
+                    await self._forward(pieces)
+                except Exception as e:  # a bug here must not strand every other stream
+                    logger.exception("a batch of %d steps failed", len(pieces))
+                    for piece in pieces:
+                        self._finish(piece.job, error=e)
+
+    def _pick(self) -> list[_Piece]:
+        """The next forward: the oldest waiting step's blocks; every decode step over them,
+        then prompt tokens up to the chunk size, oldest first."""
+        blocks = self._waiting[0].blocks
+        pieces: list[_Piece] = []
+        prompt_tokens = 0
+        for job in self._waiting:
+            if job.blocks != blocks or len(pieces) >= MAX_BATCH_SEGMENTS:
+                continue
+            if job.left == 1:
+                pieces.append(_Piece(job, 1))
+            elif prompt_tokens < self._prefill_chunk:
+                tokens = min(job.left, self._prefill_chunk - prompt_tokens)
+                pieces.append(_Piece(job, tokens))
+                prompt_tokens += tokens
+        return pieces
+
+    async def _forward(self, pieces: list[_Piece]) -> None:
+        start, end = pieces[0].job.blocks
+        dtype = self._span.dtype
+        hidden = torch.cat(
+            [p.job.hidden[:, p.job.done : p.job.done + p.tokens].to(dtype) for p in pieces], 1
+        )
+        segments = [Segment(p.job.kv, p.job.position + p.job.done, p.tokens) for p in pieces]
+        loop = asyncio.get_running_loop()
+        try:
+            out = await loop.run_in_executor(
+                self._compute,
+                lambda: forward_packed(self._span, hidden, segments, start=start, end=end),
+            )
+        except Exception as e:
+            # One forward ran them all: none of their caches can be trusted now.
+            for piece in pieces:
+                self._finish(piece.job, error=e)
+            return
+        self._observe_batch(len(pieces), hidden.shape[1])
+        offset = 0
+        for piece in pieces:
+            job = piece.job
+            job.outputs.append(out[:, offset : offset + piece.tokens])
+            offset += piece.tokens
+            job.done += piece.tokens
+            if job.left == 0:
+                self._finish(job)
+
+    def _finish(self, job: _Job, error: Exception | None = None) -> None:
+        if job in self._waiting:
+            self._waiting.remove(job)
+        if job.result.done():  # its stream was cancelled meanwhile
+            return
+        if error is not None:
+            job.result.set_exception(error)
+        else:
+            job.result.set_result(torch.cat(job.outputs, dim=1))
