@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
@@ -79,6 +80,26 @@ def test_greedy_output_equals_transformers_generate(swarm: Swarm, messages: list
         expected, skip_special_tokens=True
     )
     assert response.choices[0].finish_reason == ("length" if len(expected) == 24 else "stop")
+
+
+def test_concurrent_streams_each_equal_transformers_generate(swarm: Swarm) -> None:
+    """Nodes batch the steps of streams that arrive together (mixed history lengths, one
+    prompt still in prefill while others decode): each still gets exactly its own output."""
+    expected = [hf_greedy(swarm.model_path, m, max_new_tokens=24)[1] for m in PROMPTS]
+    tokenizer = _reference(swarm.model_path)[1]
+
+    def chat(index: int) -> str | None:
+        with openai.OpenAI(
+            base_url=f"{swarm.base_url}/v1", api_key=f"user-{index}", max_retries=0
+        ) as own:  # one key each: the gateway limits concurrent requests per key
+            response = own.chat.completions.create(
+                model=swarm.model_id, messages=PROMPTS[index], max_tokens=24, temperature=0
+            )
+        return response.choices[0].message.content
+
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        answers = list(pool.map(chat, range(len(PROMPTS))))
+    assert answers == [tokenizer.decode(e, skip_special_tokens=True) for e in expected]
 
 
 def test_long_prompt_spans_several_prefill_messages(swarm: Swarm) -> None:
