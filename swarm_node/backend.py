@@ -88,7 +88,8 @@ class _PackedStep:
             else:
                 k, v = segment.kv.view(slot, segment.position + segment.length)
             outputs.append(_attention(q, k, v, segment.position, scaling, sliding_window))
-        return torch.cat(outputs, dim=2).transpose(1, 2)
+        out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
+        return out.transpose(1, 2)
 
 
 def _attention(
