@@ -22,7 +22,8 @@ from gateway.auth import ApiKeyGuard
 from gateway.chat_service import ChatService
 from gateway.completion_service import CompletionService
 from gateway.errors import to_http_error
-from gateway.generation import Generator, HeadRunner
+from gateway.generation import Generator
+from gateway.head import HeadRunner
 from gateway.limits import Admission, BodySizeLimit
 from gateway.metrics import GatewayMetrics
 from gateway.prepare import RequestLimits, ServedModel
@@ -53,7 +54,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         config = load_config(settings.model_path)
         tokenizer = load_tokenizer(settings.model_path)
-        head = HeadRunner(load_head(settings.model_path))
+        head = HeadRunner(load_head(settings.model_path), metrics=app.state.metrics)
         dht = None
         swarm = swarm_client
         if swarm is None:

@@ -1,7 +1,8 @@
 """The decode loop: prompt tokens in, text deltas out, driven through a swarm session.
 
 No HTTP here. The gateway holds the model's embedding, final norm and LM head; the swarm
-runs every transformer block in between.
+runs every transformer block in between. Tensor work (embedding, logits, sampling) runs on
+the head thread (gateway/head.py); this loop only awaits it and turns tokens into text.
 """
 
 from __future__ import annotations
@@ -9,25 +10,18 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections import Counter
-from collections.abc import AsyncGenerator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import TypeVar
 
-import torch
-
+from gateway.head import HeadRunner
 from gateway.metrics import GatewayMetrics
-from gateway.sampling import SamplingParams, make_generator, sample
+from gateway.sampling import SamplingParams, StreamSampler, TokenChoice
 from gateway.sessions import Claim, SessionAffinity
 from gateway.swarm_client import InferenceSession, SwarmClient, detach
 from gateway.text import Decoder, IncrementalDetokenizer, StopMatcher
-from models.loading import Head
 from protocol.openai import FinishReason
 from protocol.prefix import TokenHistory
 from routing.planner import Hop
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,38 +59,6 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
-
-
-class HeadRunner:
-    """The gateway's share of the model, run off the event loop on one thread."""
-
-    def __init__(self, head: Head) -> None:
-        self._head = head
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="head")
-
-    async def _run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
-
-    async def embed(self, ids: list[int]) -> torch.Tensor:
-        """ids: n token ids → hidden [1, n, hidden_size] (fp32)."""
-        return await self._run(lambda: self._embed(ids))
-
-    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [1, n, hidden_size] → logits of the last position [vocab] (fp32)."""
-        return await self._run(lambda: self._logits(hidden))
-
-    @torch.inference_mode()
-    def _embed(self, ids: list[int]) -> torch.Tensor:
-        hidden: torch.Tensor = self._head.embed(torch.tensor([ids], dtype=torch.long))
-        return hidden
-
-    @torch.inference_mode()
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits: torch.Tensor = self._head.lm_head(self._head.norm(hidden[:, -1].float()))
-        return logits[0]
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=False)
 
 
 @dataclass
@@ -173,18 +135,17 @@ class Generator:
             async with self._affinity.held(generation.claim):
                 session.reuse(reused)
                 metrics.cached_tokens.inc(reused)
-                rng = make_generator(request.sampling.seed)
-                counts: Counter[int] = Counter()  # generated tokens, for the penalties
+                sampler = StreamSampler.of(request.sampling, request.logprobs)
                 pending: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
                 detokenizer = IncrementalDetokenizer(self._tokenizer)
                 stops = StopMatcher(request.stop)
                 hidden = await session.step(await self._head.embed(prompt[reused:]), history)
-                logits = await self._head.logits(hidden)
                 generated = 0
                 finish: FinishReason = "length"
                 last = request.received_at
                 while generated < request.max_new_tokens:
-                    token = sample(logits, request.sampling, rng, counts)
+                    choice = await self._head.next_token(hidden, sampler)
+                    token = choice.token
                     now = time.monotonic()
                     (metrics.token_latency if generated else metrics.ttft).observe(now - last)
                     last = now
@@ -192,10 +153,9 @@ class Generator:
                         finish = "stop"
                         break
                     generated += 1
-                    counts[token] += 1
                     metrics.generated_tokens.inc()
                     if request.logprobs is not None:
-                        pending.append(self._logprob(logits, token, request.logprobs))
+                        pending.append(self._logprob(choice))
                     text = stops.push(detokenizer.push(token))
                     if text:
                         yield TextDelta(text, tuple(pending))
@@ -207,7 +167,6 @@ class Generator:
                         break  # "length"; the last token needs no forward pass
                     history.extend([token])
                     hidden = await session.step(await self._head.embed([token]), history)
-                    logits = await self._head.logits(hidden)
                 if not stops.stopped:
                     tail = stops.push(detokenizer.flush()) + stops.flush()
                     if tail or pending:
@@ -227,16 +186,11 @@ class Generator:
             metrics.requests.labels(outcome).inc()
             await self.close(generation)
 
-    def _logprob(self, logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    def _logprob(self, choice: TokenChoice) -> TokenLogprob:
         """The model's own log-probabilities (before temperature, penalties and bias)."""
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        best = torch.topk(logprobs, top) if top else None
-        alternatives = (
-            tuple((self._token_text(int(i)), float(v)) for v, i in zip(*best, strict=True))
-            if best is not None
-            else ()
-        )
-        return TokenLogprob(self._token_text(token), float(logprobs[token]), alternatives)
+        alternatives = tuple((self._token_text(token), logprob) for token, logprob in choice.top)
+        assert choice.logprob is not None  # the sampler was asked for logprobs
+        return TokenLogprob(self._token_text(choice.token), choice.logprob, alternatives)
 
     def _token_text(self, token: int) -> str:
         return str(self._tokenizer.decode([token], skip_special_tokens=False))

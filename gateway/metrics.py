@@ -77,6 +77,13 @@ class GatewayMetrics:
             "Servers replaced in the middle of a generation, which then went on",
             registry=self.registry,
         )
+        self.head_batch_rows = Histogram(
+            "swarmgate_head_batch_rows",
+            "Streams whose logits one LM head call computed together (the gateway batches "
+            "the calls that arrive while its head thread is busy)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
 
         self._hop_peers: set[str] = set()
 

@@ -1,5 +1,7 @@
 """Choosing the next token from logits: penalties and biases, then greedy, temperature
-and nucleus (top-p) sampling."""
+and nucleus (top-p) sampling; and the model's own log-probabilities of the choice.
+
+Pure tensor code, run by the head thread (gateway/head.py), never on the event loop."""
 
 from __future__ import annotations
 
@@ -83,3 +85,49 @@ def sample(
         return int(torch.argmax(logits))
     probs = logits_to_probs(logits, params.temperature, params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(
+    logits: torch.Tensor, token: int, top: int
+) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """logits: [vocab] → the log-probability of ``token`` and the ``top`` most likely
+    (token id, log-probability) pairs, from the model's own distribution (before
+    temperature, penalties and bias)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = torch.topk(logprobs, top)
+        best = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return float(logprobs[token]), best
+
+
+@dataclass(frozen=True)
+class TokenChoice:
+    token: int
+    logprob: float | None = None  # the model's own log-probability of it, when asked for
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob) of the most likely tokens
+
+
+@dataclass
+class StreamSampler:
+    """One stream's way of choosing its tokens: its parameters, its own random generator
+    (so a seeded stream draws the same tokens whoever it is batched with) and the tokens it
+    has chosen so far (for the penalties). Only one choice at a time per stream."""
+
+    params: SamplingParams
+    generator: torch.Generator
+    logprobs: int | None = None  # None: off; k: each token's logprob and the top k
+    generated: Counter[int] = field(default_factory=Counter)
+
+    @classmethod
+    def of(cls, params: SamplingParams, logprobs: int | None = None) -> StreamSampler:
+        return cls(params, make_generator(params.seed), logprobs)
+
+    def choose(self, logits: torch.Tensor) -> TokenChoice:
+        """logits: [vocab] → the next token (counted for the penalties of later ones)."""
+        token = sample(logits, self.params, self.generator, self.generated)
+        self.generated[token] += 1
+        if self.logprobs is None:
+            return TokenChoice(token)
+        logprob, top = token_logprobs(logits, token, self.logprobs)
+        return TokenChoice(token, logprob, top)

@@ -9,10 +9,12 @@ import torch
 
 from gateway.sampling import (
     SamplingParams,
+    StreamSampler,
     adjust_logits,
     logits_to_probs,
     make_generator,
     sample,
+    token_logprobs,
 )
 
 VOCAB = 1000
@@ -205,3 +207,32 @@ def test_penalties_subtract_per_occurrence_and_once() -> None:
     adjusted = adjust_logits(logits, params, Counter({1: 3, 2: 1}))
     assert adjusted.tolist() == pytest.approx([0.0, -(3 * 0.25 + 0.5), -(0.25 + 0.5), 0.0])
     assert torch.equal(logits, torch.zeros(4))  # the input is untouched
+
+
+# ---- one stream's sampler ----
+
+
+def test_a_stream_sampler_counts_its_choices_for_the_penalties() -> None:
+    logits = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    sampler = StreamSampler.of(SamplingParams(temperature=0.0, presence_penalty=10.0))
+    assert [sampler.choose(logits).token for _ in range(4)] == [0, 1, 2, 3]
+    assert sampler.generated == Counter({0: 1, 1: 1, 2: 1, 3: 1})
+
+
+def test_a_stream_sampler_reports_logprobs_only_when_asked() -> None:
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(7))
+    quiet = StreamSampler.of(SamplingParams(temperature=0.0)).choose(logits)
+    assert quiet.logprob is None and quiet.top == ()
+    loud = StreamSampler.of(SamplingParams(temperature=0.0), logprobs=0).choose(logits)
+    assert loud.logprob == pytest.approx(float(torch.log_softmax(logits, -1).max()))
+    assert loud.top == ()
+
+
+def test_token_logprobs_are_the_models_own_distribution() -> None:
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(8))
+    logprob, top = token_logprobs(logits, 17, 3)
+    reference = torch.log_softmax(logits, -1)
+    assert logprob == pytest.approx(float(reference[17]))
+    values, ids = torch.topk(reference, 3)
+    assert [t for t, _ in top] == ids.tolist()
+    assert [lp for _, lp in top] == pytest.approx(values.tolist())

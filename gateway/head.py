@@ -1,0 +1,165 @@
+"""The gateway's share of the model (embedding, final norm, LM head) and the choice of each
+next token, run off the event loop on one thread, batched across concurrent streams.
+
+The LM head dominates a decode step here (for SmolLM2 a 49152 x 576 fp32 matrix, ~113 MB
+read per call): on one CPU core one call of 16 rows took ~27 ms, 16 calls of one row
+~180 ms. So every call that arrives while the thread is busy waits in a queue, and the next
+job runs all of them: one norm + LM head over the stacked rows, then each stream's own
+sampling in its own row. A lone stream never waits (see gateway/batching.py).
+
+Failures: an exception in the shared LM head reaches every caller with a row in it; one in
+a single call's own work (its embedding, its sampling) reaches that caller alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+
+from gateway.batching import MicroBatcher
+from gateway.metrics import GatewayMetrics
+from gateway.sampling import StreamSampler, TokenChoice
+from models.loading import Head
+
+# Rows of one job: 64 rows of the default model took ~70 ms on one CPU core, so a call
+# queued behind a full batch is not held long.
+MAX_BATCH_ROWS = 64
+
+
+@dataclass(frozen=True)
+class _Embed:
+    ids: list[int]
+
+
+@dataclass(frozen=True)
+class _Logits:
+    hidden: torch.Tensor  # [1, n, hidden_size]; its last position is the row
+
+
+@dataclass(frozen=True)
+class _NextToken:
+    hidden: torch.Tensor  # [1, n, hidden_size]
+    sampler: StreamSampler
+
+
+T = TypeVar("T")
+
+_Call = _Embed | _Logits | _NextToken
+_Outcome = torch.Tensor | TokenChoice
+
+
+class HeadRunner:
+    """Embeddings in, next tokens out: the only place the gateway runs its model weights."""
+
+    def __init__(
+        self,
+        head: Head,
+        *,
+        max_batch: int = MAX_BATCH_ROWS,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
+        self._hidden_size = int(head.config.hidden_size)
+        self._metrics = metrics or GatewayMetrics()
+        self._batcher: MicroBatcher[_Call, _Outcome] = MicroBatcher(
+            lambda calls: run_calls(head, calls),
+            max_batch=max_batch,
+            thread_name="head",
+            on_batch=self._observe,
+        )
+
+    @property
+    def waiting(self) -> int:
+        """Calls queued behind the job on the thread."""
+        return self._batcher.waiting
+
+    async def embed(self, ids: list[int]) -> torch.Tensor:
+        """ids: n token ids → hidden [1, n, hidden_size] (fp32)."""
+        out = await self._batcher.submit(_Embed(list(ids)))
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [1, n, hidden_size] → logits of the last position [vocab] (fp32)."""
+        out = await self._batcher.submit(_Logits(self._checked(hidden)))
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    async def next_token(self, hidden: torch.Tensor, sampler: StreamSampler) -> TokenChoice:
+        """hidden: [1, n, hidden_size], the swarm's output (n > 1 after a prefill) → the token
+        ``sampler`` chooses from the last position's logits, with its logprobs if asked."""
+        out = await self._batcher.submit(_NextToken(self._checked(hidden), sampler))
+        assert isinstance(out, TokenChoice)
+        return out
+
+    def close(self) -> None:
+        self._batcher.close()
+
+    def _checked(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Checked here, before queueing: a malformed row would fail the stack it joins,
+        # and with it every stream batched alongside.
+        if hidden.dim() != 3 or hidden.shape[0] != 1 or hidden.shape[2] != self._hidden_size:
+            raise ValueError(
+                f"hidden states must be [1, n, {self._hidden_size}], not {list(hidden.shape)}"
+            )
+        if hidden.shape[1] == 0:
+            raise ValueError("hidden states of no position have no next token")
+        return hidden
+
+    def _observe(self, calls: Sequence[_Call]) -> None:
+        rows = sum(not isinstance(call, _Embed) for call in calls)
+        if rows:
+            self._metrics.head_batch_rows.observe(rows)
+
+
+@torch.inference_mode()
+def run_calls(head: Head, calls: Sequence[_Call]) -> list[_Outcome | Exception]:
+    """One job of the head thread, an outcome per call in order. Embeddings run one by
+    one: a lookup takes microseconds, there is nothing to gain by stacking them."""
+    outcomes: dict[int, _Outcome | Exception] = {
+        i: _attempt(embed_ids, head, call.ids)
+        for i, call in enumerate(calls)
+        if isinstance(call, _Embed)
+    }
+    rows = [i for i, call in enumerate(calls) if not isinstance(call, _Embed)]
+    heads = [call for call in calls if not isinstance(call, _Embed)]
+    outcomes.update(zip(rows, _run_rows(head, heads), strict=True))
+    return [outcomes[i] for i in range(len(calls))]
+
+
+def embed_ids(head: Head, ids: list[int]) -> torch.Tensor:
+    """ids: n token ids → hidden [1, n, hidden_size] (fp32)."""
+    hidden: torch.Tensor = head.embed(torch.tensor([ids], dtype=torch.long))
+    return hidden
+
+
+def batch_logits(head: Head, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+    """hidden: B tensors [1, n_i, hidden_size] → logits of each one's last position
+    [B, vocab] (fp32). Rows may differ from one-row calls by float rounding (~1e-6)."""
+    last = torch.cat([h[:, -1].float() for h in hidden])  # [B, hidden_size]
+    logits: torch.Tensor = head.lm_head(head.norm(last))
+    return logits
+
+
+def _run_rows(head: Head, calls: Sequence[_Logits | _NextToken]) -> list[_Outcome | Exception]:
+    if not calls:
+        return []
+    try:
+        logits = batch_logits(head, [call.hidden for call in calls])  # [B, vocab]
+    except Exception as error:  # the rows were computed together: they fail together
+        return [error] * len(calls)
+    return [
+        _attempt(call.sampler.choose, row)
+        if isinstance(call, _NextToken)
+        else row.clone()  # a view would keep the whole batch's logits alive
+        for call, row in zip(calls, logits, strict=True)
+    ]
+
+
+def _attempt(fn: Callable[..., T], *args: object) -> T | Exception:
+    try:
+        return fn(*args)
+    except Exception as error:
+        return error
