@@ -13,6 +13,7 @@ result is delivered once all its tokens have run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -27,6 +28,10 @@ from swarm_node.session_kv import SessionKV
 logger = logging.getLogger(__name__)
 
 PREFILL_CHUNK_TOKENS = 128  # how long a prompt may hold up other streams' decode steps
+# How long a forward may wait for the steps of other open streams, as a share of a forward's
+# duration and at most in seconds: see StepScheduler._gather.
+GATHER_SHARE = 0.5
+MAX_GATHER_S = 0.05
 MAX_BATCH_SEGMENTS = 256  # sessions in one forward
 
 
@@ -62,6 +67,7 @@ class StepScheduler:
         *,
         prefill_chunk: int = PREFILL_CHUNK_TOKENS,
         observe_batch: BatchObserver = lambda segments, tokens: None,
+        open_streams: Callable[[], int] = lambda: 1,
     ) -> None:
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be at least 1")
@@ -69,6 +75,8 @@ class StepScheduler:
         self._compute = compute
         self._prefill_chunk = prefill_chunk
         self._observe_batch = observe_batch
+        self._open_streams = open_streams  # streams that may send a step soon
+        self._forward_s = 0.0  # how long forwards take, smoothed
         self._waiting: list[_Job] = []  # in arrival order
         self._wake = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
@@ -111,6 +119,7 @@ class StepScheduler:
             await self._wake.wait()
             self._wake.clear()
             while self._waiting:
+                await self._gather()
                 pieces = self._pick()
                 try:
                     await self._forward(pieces)
@@ -118,6 +127,29 @@ class StepScheduler:
                     logger.exception("a batch of %d steps failed", len(pieces))
                     for piece in pieces:
                         self._finish(piece.job, error=e)
+
+    async def _gather(self) -> None:
+        """Wait a moment for the steps of other open streams, never for long.
+
+        Streams that decode together reach this server a few milliseconds apart (the
+        previous hop answers them one by one). A forward started at the first arrival
+        would run it alone and the rest in the next forward, and such a split never heals:
+        the two groups then alternate, each forward half as full. So while some open streams
+        have no step here yet, the forward waits for them, at most half a forward's time
+        (bounded): a lone stream never waits, and a stream that is busy elsewhere costs the
+        others that much at most.
+        """
+        window = min(MAX_GATHER_S, GATHER_SHARE * self._forward_s)
+        if window <= 0 or len(self._waiting) >= self._open_streams():
+            return
+        deadline = asyncio.get_running_loop().time() + window
+        while len(self._waiting) < self._open_streams():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), left)
 
     def _pick(self) -> list[_Piece]:
         """The next forward: the oldest waiting step's blocks; every decode step over them,
@@ -144,6 +176,7 @@ class StepScheduler:
         )
         segments = [Segment(p.job.kv, p.job.position + p.job.done, p.tokens) for p in pieces]
         loop = asyncio.get_running_loop()
+        began = loop.time()
         try:
             out = await loop.run_in_executor(
                 self._compute,
@@ -155,6 +188,8 @@ class StepScheduler:
                 self._finish(piece.job, error=e)
             return
         self._observe_batch(len(pieces), hidden.shape[1])
+        took = loop.time() - began
+        self._forward_s = took if not self._forward_s else 0.8 * self._forward_s + 0.2 * took
         offset = 0
         for piece in pieces:
             job = piece.job

@@ -96,7 +96,13 @@ class BlockHandler:
         self._accepting = accepting  # False while draining: running streams go on, new ones wait
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="span-compute")
         chunk = {} if prefill_chunk is None else {"prefill_chunk": prefill_chunk}
-        self._scheduler = StepScheduler(span, self._compute, observe_batch=observe_batch, **chunk)
+        self._scheduler = StepScheduler(
+            span,
+            self._compute,
+            observe_batch=observe_batch,
+            open_streams=lambda: self.active_streams,
+            **chunk,
+        )
         self._max_tokens = max_tokens_per_message(span.config.hidden_size)
         self._max_length = span.config.max_position_embeddings
         self.active_streams = 0
