@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 
 from protocol.codec import make_request, read_tensors
 from protocol.errors import BadReply, PeerUnavailable, SwarmError
+from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
 from protocol.prefix import BLOCK_TOKENS
 from protocol.rpc import (
     MAX_MESSAGE_BYTES,
@@ -38,6 +40,14 @@ from routing.planner import Hop
 MAX_REPLY_BYTES = MAX_MESSAGE_BYTES + 64 * 1024  # hivemind's cap, plus framing and metadata
 OPEN_TIMEOUT_S = 10.0  # dialing a server and hearing its first reply
 CLOSE_TIMEOUT_S = 10.0  # how long a closing stream may take to say goodbye
+# Read once, when the gateway starts: no delay unless a benchmark sets the variable.
+SIMULATED_LINK = SimulatedLink.from_env()
+if SIMULATED_LINK.enabled:
+    logging.getLogger(__name__).warning(
+        "%s is set: every hop stream waits %.0f ms per round trip (benchmarks only)",
+        SIMULATED_RTT_ENV,
+        SIMULATED_LINK.rtt_s * 1000,
+    )
 
 _detached: set[asyncio.Task[None]] = set()  # strong references until each task finishes
 
@@ -78,6 +88,8 @@ class HopStream:
     ``position``: tokens this server's session holds (and the next step starts at).
     ``deadline_s(tokens)``: how long the server may take to answer a step of that many
     tokens before it counts as failed (derived from its advertised throughput).
+    ``link``: a simulated network delay on every message of the stream (benchmarks only);
+    each timeout is widened by its round trip, so a slow link alone never fails a hop.
 
     The stream is framed here rather than through hivemind's ``iterate_protobuf_handler``:
     that iterator notices a dead connection only once the caller sends its next request,
@@ -93,8 +105,10 @@ class HopStream:
         deadline_s: Callable[[int], float],
         on_close: Callable[[], None] = lambda: None,
         on_step: Callable[[float], None] = lambda seconds: None,
+        link: SimulatedLink = SIMULATED_LINK,
     ) -> None:
         self.hop = hop
+        self._link = link
         self._on_step = on_step  # the seconds each completed step took
         self._p2p = p2p
         self._chunk_tokens = chunk_tokens
@@ -172,6 +186,7 @@ class HopStream:
     ) -> None:
         try:
             with contextlib.suppress(Exception):
+                await self._link.outbound()
                 await asyncio.wait_for(_send(writer, P2P.ERROR_MARKER, b""), CLOSE_TIMEOUT_S)
                 # The server ends its side once it has released the session.
                 await asyncio.wait_for(reader.read(), CLOSE_TIMEOUT_S)
@@ -186,9 +201,13 @@ class HopStream:
         reader, writer = self._reader, self._writer
 
         async def round_trip() -> runtime_pb2.ExpertResponse:
+            await self._link.outbound()
             await _send(writer, P2P.MESSAGE_MARKER, request.SerializeToString())
-            return await _receive(reader, self.peer_id)
+            reply = await _receive(reader, self.peer_id)
+            await self._link.inbound()
+            return reply
 
+        timeout_s += self._link.rtt_s  # the server's time to answer, plus the wire's
         try:
             return await asyncio.wait_for(round_trip(), timeout_s)
         except SwarmError:
