@@ -1,0 +1,181 @@
+"""Single-stream decode speed and time to first token over simulated WAN round trips.
+
+Prints JSON. For each ``--rtt-ms`` value ``r`` (0 is always run as well, as the baseline),
+`swarmgate up` (a DHT, ``--nodes`` block servers, the gateway, all on loopback) starts with
+``SWARMGATE_SIMULATED_RTT_MS=r`` in its environment, which its children inherit: every
+message on the gateway's hop streams reaches its server ``r/2`` later, and every reply reaches
+the gateway ``r/2`` after it was sent (see ``protocol/latency.py``). Mode: *gateway relay*,
+the only one there is: hidden states go gateway → hop 1 → gateway → hop 2 → ..., so each
+decoded token costs one round trip per hop. After a warm-up request, one greedy streaming
+chat request goes through the OpenAI SDK; the swarm is then stopped (always, errors too)
+before the next value starts its own.
+
+How to read it, per RTT (``rtt["100"]``):
+
+- ``ttft_s``: from sending the request to its first text. The measured request is a cold
+  conversation (the warm-up asks something else), so it pays the opening of every hop (in
+  parallel: one round trip) and the prompt's prefill through each hop in turn.
+- ``decode_tok_s``: (completion tokens - 1) / (time from the first text to the last).
+- ``hops``: servers on the request's route (from the gateway's ``X-Swarmgate-Route``).
+- ``vs_rtt_0``: ``decode_tok_s`` and ``ttft_s`` divided by the baseline's.
+- ``extra_ms_per_token`` / ``expected_extra_ms_per_token``: the decode interval's growth
+  over the baseline, measured and as the injection implies (``hops * r``).
+- ``extra_ttft_ms`` / ``expected_extra_ttft_ms``: the same for TTFT (``(1 + hops) * r``:
+  the parallel openings, then one prefill message per hop; prompts here fit one message).
+
+    python bench/wan.py [--model smollm2] [--rtt-ms 0 20 100] [--tokens 32] [--nodes 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletionMessageParam
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.resolve import resolve_model
+from protocol.latency import SIMULATED_RTT_ENV, parse_rtt_ms
+from tests.processes import Process, free_port, http_ok, wait_for
+
+MODE = "gateway relay"
+ROUTE_HEADER = "x-swarmgate-route"  # gateway.routes.ROUTE_HEADER, without importing FastAPI
+WARM_UP: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
+MESSAGES: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}
+]
+
+
+def start_swarm(model: str, nodes: int, rtt_ms: float, log_dir: Path) -> tuple[Process, str]:
+    port = free_port()
+    argv = ["up", "--model", model, "--port", str(port), "--nodes", str(nodes)]
+    env = {SIMULATED_RTT_ENV: f"{rtt_ms:g}"}
+    swarm = Process(f"bench-wan-up-{rtt_ms:g}ms", argv, log_dir, env)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if not swarm.alive():
+            raise RuntimeError(f"swarmgate up exited:\n{swarm.output()[-2000:]}")
+        return http_ok(f"{url}/health")
+
+    try:
+        wait_for(ready, 600, "swarmgate up")
+    except BaseException:
+        swarm.stop(timeout_s=60)
+        raise
+    return swarm, url
+
+
+def measure(url: str, model: str, tokens: int) -> dict[str, Any]:
+    """One warm-up request, then one greedy stream of ``tokens``: its TTFT and decode rate."""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="bench-wan", max_retries=0, timeout=600)
+    client.chat.completions.create(model=model, messages=WARM_UP, max_tokens=4, temperature=0)
+    start = time.perf_counter()
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=MESSAGES,
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    route = raw.headers.get(ROUTE_HEADER, "")
+    times: list[float] = []
+    completion_tokens = 0
+    finish_reason = None
+    for chunk in raw.parse():
+        if chunk.choices:
+            if chunk.choices[0].delta.content:
+                times.append(time.perf_counter())
+            finish_reason = chunk.choices[0].finish_reason or finish_reason
+        if chunk.usage is not None:
+            completion_tokens = chunk.usage.completion_tokens
+    if not times or completion_tokens < 2:
+        raise RuntimeError(f"the stream produced {completion_tokens} tokens; nothing to time")
+    # Text chunks can merge tokens (multi-byte characters): rate by the tokens generated.
+    decode_s = times[-1] - times[0]
+    return {
+        "ttft_s": times[0] - start,
+        "decode_tok_s": (completion_tokens - 1) / decode_s,
+        "decode_ms_per_token": 1000 * decode_s / (completion_tokens - 1),
+        "completion_tokens": completion_tokens,
+        "finish_reason": finish_reason,
+        "hops": len(route.split(",")) if route else None,
+        "route": route,
+    }
+
+
+def run_one(
+    args: argparse.Namespace, model_id: str, rtt_ms: float, log_dir: Path
+) -> dict[str, Any]:
+    swarm, url = start_swarm(args.model, args.nodes, rtt_ms, log_dir)
+    try:
+        return measure(url, model_id, args.tokens)
+    finally:
+        swarm.stop(timeout_s=60)
+
+
+def compare(result: dict[str, Any], base: dict[str, Any], rtt_ms: float) -> dict[str, Any]:
+    """What ``result`` adds to the baseline, next to what ``rtt_ms`` per hop implies."""
+    hops = result["hops"] or 0
+    return {
+        "vs_rtt_0": {
+            "decode_tok_s": result["decode_tok_s"] / base["decode_tok_s"],
+            "ttft_s": result["ttft_s"] / base["ttft_s"],
+        },
+        "extra_ms_per_token": result["decode_ms_per_token"] - base["decode_ms_per_token"],
+        "expected_extra_ms_per_token": hops * rtt_ms,
+        "extra_ttft_ms": 1000 * (result["ttft_s"] - base["ttft_s"]),
+        "expected_extra_ttft_ms": (1 + hops) * rtt_ms,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument(
+        "--rtt-ms", type=parse_rtt_ms, nargs="+", default=[0.0, 20.0, 100.0],
+        help="simulated round trips per hop, in milliseconds (0 is always added)",
+    )  # fmt: skip
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--nodes", type=int, default=2)
+    args = parser.parse_args()
+    if args.tokens < 2 or args.nodes < 1:
+        parser.error("--tokens must be at least 2 and --nodes at least 1")
+    rtts = sorted({0.0, *args.rtt_ms})
+    # SIGTERM unwinds like Ctrl-C, so each run's `finally` still stops its swarm.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    model_id = resolve_model(args.model).name  # converts the model once, before any swarm
+    log_dir = Path(__file__).resolve().parent / "results"
+    log_dir.mkdir(exist_ok=True)
+    results = {f"{r:g}": run_one(args, model_id, r, log_dir) for r in rtts}
+    base = results["0"]
+    for rtt_ms, result in zip(rtts, results.values(), strict=True):
+        result.update(compare(result, base, rtt_ms))
+    print(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "mode": MODE,
+                "model": model_id,
+                "nodes": args.nodes,
+                "cores": os.cpu_count(),
+                "max_tokens": args.tokens,
+                "rtt_ms_per_hop": rtts,
+                "rtt": results,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
