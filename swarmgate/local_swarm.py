@@ -50,14 +50,21 @@ class LocalSwarm:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self._stop = threading.Event()
         self.key_file = Path()  # the swarm key's file, once `run` has one
+        self.computing = 1  # children that run torch, once `run` knows
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         num_blocks = load_config(self.source.path).num_hidden_layers
         spans = split_evenly(num_blocks, min(self.args.nodes, num_blocks))
+        self.computing = len(spans) + 1  # the nodes and the gateway
         with tempfile.TemporaryDirectory(prefix="swarmgate-up-") as private:
             return self._run(spans, self._key_file(Path(private)))
+
+    @property
+    def threads_per_child(self) -> int:
+        """This machine's cores, shared among the children that compute."""
+        return max(1, len(os.sched_getaffinity(0)) // self.computing)
 
     def _key_file(self, private: Path) -> Path:
         """The swarm's key: the one given, else a new one that lives as long as this swarm
@@ -132,6 +139,10 @@ class LocalSwarm:
         private = ("SWARMGATE_API_KEY", "REDIS_URL", "SWARMGATE_SWARM_KEY")
         env = {k: v for k, v in os.environ.items() if k not in private + PER_PROCESS}
         env["SWARMGATE_SWARM_KEY"] = str(self.key_file)
+        # Every child runs torch on the same cores: each taking all of them oversubscribes
+        # the machine (threads preempting each other mid-matmul). Measured on 2 cores with
+        # 2 nodes + gateway: one thread each gave +12% for one stream, +29% for sixteen.
+        env.setdefault("OMP_NUM_THREADS", str(self.threads_per_child))
         if gateway and self.args.api_key:
             env["SWARMGATE_API_KEY"] = " ".join(self.args.api_key)
         if gateway and self.args.redis_url:

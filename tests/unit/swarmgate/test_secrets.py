@@ -56,3 +56,17 @@ def test_a_key_file_others_can_read_is_warned_about(
         assert api_keys([], str(keys)) == ("sk-file",)
     assert ("every user of this machine" in caplog.text) is warned
     assert "sk-file" not in caplog.text
+
+
+def test_up_shares_the_machines_cores_among_its_children(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    swarm = LocalSwarm(ModelSource(name="m", path=tmp_path), build_parser().parse_args(["up"]))
+    swarm.computing = 3  # two nodes and the gateway
+    assert swarm._child_env()["OMP_NUM_THREADS"] == "5"
+    swarm.computing = 40
+    assert swarm._child_env()["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the operator's choice wins
+    assert swarm._child_env()["OMP_NUM_THREADS"] == "7"
