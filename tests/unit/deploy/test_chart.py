@@ -146,6 +146,9 @@ HISTOGRAMS = {
     "swarmgate_inter_token_seconds",
     "swarmgate_hop_step_seconds",
     "swarmgate_node_step_seconds",
+    "swarmgate_node_batch_sessions",
+    "swarmgate_node_batch_tokens",
+    "swarmgate_head_batch_rows",
 }
 
 
