@@ -74,8 +74,10 @@ class ChainSession:
         secret: str,
         max_length: int,
         on_failover: Callable[[], None] = lambda: None,
+        resume: tuple[int, str] = (0, ""),
     ) -> None:
         self._host = host
+        self._resume = resume  # (length, digest) of the conversation's history, if continued
         self._on_failover = on_failover  # a failed hop was replaced mid-generation
         self.session_id = session_id
         self._secret = secret  # proves to each server that this session is ours to resume
@@ -148,7 +150,7 @@ class ChainSession:
     ) -> torch.Tensor:
         hop = self._hops[index]
         try:
-            out = await hop.step(hidden, history.hashes)
+            out = await hop.step(hidden, history)
         except SwarmError as e:
             raise _HopFailed(index, e) from e
         self._host.succeeded(hop.peer_id)
@@ -199,7 +201,7 @@ class ChainSession:
         stream: HopStream | None = None
         try:
             stream, _ = await self._host.open_hop(hop, opening)
-            return await stream.step(hidden, history.hashes)
+            return await stream.step(hidden, history)
         except SwarmError as e:
             raise _HopFailed(index, e) from e
         finally:
@@ -271,6 +273,8 @@ class ChainSession:
             end=hop.end,
             max_length=self._max_length,
             prefix_hashes=list(prefix_hashes),
+            resume_length=self._resume[0],
+            resume_digest=self._resume[1],
         )
 
     def _note_failure(self, hop: Hop, error: SwarmError, began: float) -> None:

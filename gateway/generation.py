@@ -112,6 +112,7 @@ class Generator:
                 secret=claim.secret,
                 prefix_hashes=history.hashes if self._reuse else [],
                 prefer=claim.prefer,
+                resume=claim.resume if self._reuse else (0, ""),
             )
         except BaseException:
             detach(self._affinity.release(claim))

@@ -25,7 +25,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 from protocol.codec import make_request, read_tensors
 from protocol.errors import BadReply, PeerUnavailable, SwarmError
 from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
-from protocol.prefix import BLOCK_TOKENS
+from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import (
     MAX_MESSAGE_BYTES,
     RPC_INFERENCE,
@@ -75,9 +75,10 @@ def check_hidden(tensor: torch.Tensor, shape: torch.Size, peer_id: str) -> torch
     return tensor
 
 
-def check_cached(cached: int, prefix_hashes: Sequence[str], peer_id: str) -> int:
-    """A server cannot hold more of a prompt than the blocks it was told about."""
-    if not 0 <= cached <= len(prefix_hashes) * BLOCK_TOKENS:
+def check_cached(cached: int, prefix_hashes: Sequence[str], peer_id: str, resumed: int = 0) -> int:
+    """A server cannot hold more of a prompt than the blocks it was told about, or the
+    whole history of the conversation it was asked to resume."""
+    if not 0 <= cached <= max(len(prefix_hashes) * BLOCK_TOKENS, resumed):
         raise BadReply(f"{peer_id} claims {cached} cached tokens", peer_id)
     return cached
 
@@ -142,18 +143,20 @@ class HopStream:
         reply = await self._exchange(make_request(opening), OPEN_TIMEOUT_S)
         self.open_rtt_s = time.monotonic() - began
         cached = decode_reply(SessionOpened, reply.metadata, self.peer_id).cached_tokens
-        return check_cached(cached, opening.prefix_hashes, self.peer_id)
+        return check_cached(cached, opening.prefix_hashes, self.peer_id, opening.resume_length)
 
-    async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         """hidden: [1, n, H] for positions ``position ..`` → this hop's output, same shape.
-        ``hashes``: block hashes of the whole history, these tokens included."""
+        ``history``: the whole history, these tokens included."""
+        hashes = history.hashes
         began = time.monotonic()
         outputs = []
         for chunk in torch.split(hidden, self._chunk_tokens, dim=1):
             end = self.position + chunk.shape[1]
             # The server keeps the hashes of the blocks it holds: send those this chunk completes.
             new = hashes[self.position // BLOCK_TOKENS : end // BLOCK_TOKENS]
-            request = make_request(Step(position=self.position, new_hashes=list(new)), chunk)
+            step = Step(position=self.position, new_hashes=list(new), digest=history.digest(end))
+            request = make_request(step, chunk)
             reply = await self._exchange(request, self._deadline_s(chunk.shape[1]))
             done = decode_reply(StepDone, reply.metadata, self.peer_id)
             if done.position != end:

@@ -36,6 +36,9 @@ class Claim:
     prefer: tuple[Hop, ...] | None  # the route that holds the session's caches
     lease: str | None  # None: the store was unreachable, the session id is fresh anyway
     key: str | None
+    # (length, digest) of the pinned history this request extends exactly, if it does: the
+    # servers then resume all of it, its last partial block included.
+    resume: tuple[int, str] = (0, "")
 
 
 def continues(pin: SessionPin, history: TokenHistory) -> bool:
@@ -69,10 +72,12 @@ class SessionAffinity:
         )
         if pin is None or not pin.secret:
             return await self._fresh(key, None)
-        if key or continues(pin, history):
+        extends = continues(pin, history)
+        if key or extends:
             taken, lease = await self._acquire(pin.session_id)
             if not taken:
-                return Claim(pin.session_id, pin.secret, pin.route, lease, key)
+                resume = (pin.length, pin.digest) if extends else (0, "")
+                return Claim(pin.session_id, pin.secret, pin.route, lease, key, resume)
         return await self._fresh(key, pin.route)
 
     async def _fresh(self, key: str | None, near: tuple[Hop, ...] | None) -> Claim:

@@ -78,9 +78,11 @@ class SwarmClient(Protocol):
         secret: str,
         prefix_hashes: Sequence[str] = (),
         prefer: Sequence[Hop] | None = None,
+        resume: tuple[int, str] = (0, ""),
     ) -> InferenceSession:
         """A session with room for ``max_length`` tokens, on ``prefer`` if that route still
-        works; servers report how much of ``prefix_hashes`` they already hold. Its caches
+        works; servers report how much of ``prefix_hashes`` they already hold (all of
+        ``resume``'s (length, digest) history, when they hold exactly that). Its caches
         there are found again only with the same ``session_id`` and ``secret``."""
         ...
 
@@ -146,6 +148,7 @@ class P2PSwarmClient:
         secret: str,
         prefix_hashes: Sequence[str] = (),
         prefer: Sequence[Hop] | None = None,
+        resume: tuple[int, str] = (0, ""),
     ) -> ChainSession:
         snapshot = self._snapshot
         held = len(prefix_hashes) * BLOCK_TOKENS
@@ -156,7 +159,12 @@ class P2PSwarmClient:
         )
         route = plan_route(snapshot, snapshot.num_blocks, costs=costs)
         chain = ChainSession(
-            self, session_id, secret, max_length, on_failover=self._metrics.failovers.inc
+            self,
+            session_id,
+            secret,
+            max_length,
+            on_failover=self._metrics.failovers.inc,
+            resume=resume,
         )
         await chain.open(route, prefix_hashes)
         return chain

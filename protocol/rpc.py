@@ -47,6 +47,9 @@ STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 # A chained block hash (protocol.prefix): 16 bytes of blake2b, hex.
 BlockHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+# One hash of a session's whole token history, partial last block included
+# (protocol.prefix.TokenHistory.digest); "" when unknown.
+HistoryDigest = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")]
 # A session's secret: random hex from the gateway that opened it (gateway.sessions).
 SessionSecret = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32,128}$")]
 # A caller's proof of membership (protocol.membership); empty in an open swarm.
@@ -76,6 +79,10 @@ class OpenSession(RpcMessage):
     prefix_hashes: list[BlockHash] = Field(default_factory=list, max_length=MAX_BLOCKS)
     # False: a throwaway session (replaying a failed hop's inputs), dropped when it closes.
     keep: bool = True
+    # A continued conversation: its length and history digest when its last turn ended. A
+    # server holding exactly that resumes all of it, not just its full prefix blocks.
+    resume_length: int = Field(default=0, ge=0)
+    resume_digest: HistoryDigest = ""
 
 
 class SessionOpened(RpcMessage):
@@ -88,6 +95,8 @@ class Step(RpcMessage):
     position: int = Field(ge=0)
     # Hashes of the blocks that these tokens complete, so the next turn can find them.
     new_hashes: list[BlockHash] = Field(default_factory=list, max_length=MAX_BLOCKS)
+    # The history's digest once these tokens are in: what a later resume_digest names.
+    digest: HistoryDigest = ""
 
 
 class StepDone(RpcMessage):

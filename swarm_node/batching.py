@@ -120,6 +120,8 @@ class StepScheduler:
             self._wake.clear()
             while self._waiting:
                 await self._gather()
+                if not self._waiting:  # every step it waited with was cancelled meanwhile
+                    break
                 pieces = self._pick()
                 try:
                     await self._forward(pieces)

@@ -145,6 +145,7 @@ class BlockHandler:
                 opening.prefix_hashes,
                 lambda: new_session_kv(self.span, opening.start, opening.end),
                 keep=opening.keep,
+                resume=(opening.resume_length, opening.resume_digest),
             )
             session.cache.limit = opening.max_length  # its buffers grow no further
         except (SwarmError, RequestError) as e:
@@ -165,7 +166,7 @@ class BlockHandler:
                     hashes = self.sessions.check_step(
                         session, step.position, hidden.shape[1], step.new_hashes
                     )
-                    out = await self._step(session, step.position, hidden, hashes, first)
+                    out = await self._step(session, step, hidden, hashes, first)
                 except (SwarmError, RequestError) as e:
                     yield make_response(RpcError.of(e))
                     return
@@ -227,12 +228,13 @@ class BlockHandler:
     async def _step(
         self,
         session: CachedSession,
-        position: int,
+        step: Step,
         hidden: torch.Tensor,
         hashes: list[str],
         first: bool,
     ) -> torch.Tensor:
         """All or nothing: the session records the step only once its forward completed."""
+        position = step.position
         began = time.perf_counter()
         if position < session.position:
             # An edited or regenerated turn: what follows ``position`` is gone from now on,
@@ -247,7 +249,9 @@ class BlockHandler:
             # this cache, or the forward failed halfway: nobody may use this cache again.
             self.sessions.discard(session)
             raise
-        self.sessions.commit_step(session, position, hidden.shape[1], hashes, first=first)
+        self.sessions.commit_step(
+            session, position, hidden.shape[1], hashes, first=first, digest=step.digest
+        )
         self._observe_step(hidden.shape[1], time.perf_counter() - began)
         return out
 

@@ -34,6 +34,7 @@ class CachedSession:
     reserved_bytes: int = 0  # held while in use, so the request can reach max_length
     position: int = 0  # tokens in the cache
     hashes: list[str] = field(default_factory=list)  # one per full block of those tokens
+    digest: str = ""  # of all those tokens, partial block included ("": unknown)
     size_bytes: int = 0
     in_use: bool = False
     last_used: float = 0.0
@@ -110,8 +111,11 @@ class SessionStore:
         new_cache: Callable[[], SessionKV],
         *,
         keep: bool = True,
+        resume: tuple[int, str] = (0, ""),
     ) -> tuple[CachedSession, int]:
-        """A session for a new stream and how many of its prefix tokens are cached here."""
+        """A session for a new stream and how many of its prefix tokens are cached here:
+        whole blocks of ``prefix_hashes``, or all of it when it holds exactly the history
+        ``resume`` (length, digest) names."""
         self.expire()
         reserve = max_length * (end - start) * self._per_token_block
         session = self._sessions.get(session_id)
@@ -128,6 +132,8 @@ class SessionStore:
         else:
             blocks = common_blocks(session.hashes, prefix_hashes)
             cached = min(blocks * BLOCK_TOKENS, session.position)
+            if session.digest and resume == (session.position, session.digest):
+                cached = session.position  # the partial last block too
             self._remove(session_id)
         try:
             self._make_room(max(reserve, session.size_bytes))  # what it is charged once back
@@ -188,7 +194,8 @@ class SessionStore:
         """The session's tokens from ``position`` on are being replaced (a step from there
         was accepted): stop offering them to anyone."""
         hashes = session.hashes[: position // BLOCK_TOKENS]
-        self._change(session, position=min(position, session.position), hashes=hashes)
+        position = min(position, session.position)
+        self._change(session, position=position, hashes=hashes, digest="")
 
     def commit_step(
         self,
@@ -198,6 +205,7 @@ class SessionStore:
         hashes: list[str],
         *,
         first: bool = False,
+        digest: str = "",
     ) -> None:
         """Record a step whose forward pass completed (``hashes`` from ``check_step``).
 
@@ -206,7 +214,8 @@ class SessionStore:
         if first:
             self.tokens_reused += min(position, session.position)
         size = session.cache.nbytes
-        self._change(session, position=position + tokens, hashes=hashes, size_bytes=size)
+        end = position + tokens
+        self._change(session, position=end, hashes=hashes, size_bytes=size, digest=digest)
         self.tokens_computed += tokens
 
     def discard(self, session: CachedSession) -> None:

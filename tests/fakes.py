@@ -71,6 +71,7 @@ class LocalSwarmClient:
         secret: str,
         prefix_hashes: Sequence[str] = (),
         prefer: Sequence[Hop] | None = None,
+        resume: tuple[int, str] = (0, ""),
     ) -> LocalSession:
         route = plan_route(self._snapshot, self._snapshot.num_blocks)  # NoRoute when uncovered
         self.opened += 1

@@ -73,8 +73,11 @@ class Conversation:
 
 
 def reusable(previous: list[int], prompt: list[int]) -> int:
-    """What a cache holding ``previous`` can give ``prompt``: whole common blocks, and
-    never the prompt's last token (its logits start the answer)."""
+    """What a cache holding ``previous`` can give ``prompt``: all of it when ``prompt``
+    continues it exactly (the conversation's session resumes), else whole common blocks
+    (a fork, seeded from them); never the prompt's last token (its logits start the answer)."""
+    if len(previous) < len(prompt) and prompt[: len(previous)] == previous:
+        return len(previous)
     common = 0
     for a, b in zip(previous, prompt, strict=False):
         if a != b:

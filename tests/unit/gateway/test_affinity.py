@@ -103,12 +103,14 @@ def test_only_an_exact_continuation_claims_a_pinned_session_others_fork_near_it(
         # A's next turn extends its whole history: the same session, on its route.
         next_turn = await affinity.claim(None, TokenHistory([*first.tokens, 6, 7]))
         assert (next_turn.session_id, next_turn.prefer) == (a.session_id, PIN.route)
+        # ... and tells the servers which history it continues: all of it is resumed.
+        assert next_turn.resume == (len(first), first.digest(len(first)))
         await affinity.release(next_turn)
 
         # B shares the system prompt (and more), then differs: a fork near A's servers.
         other = await affinity.claim(None, TokenHistory([*system, 1, 2, 9, 9, 9, 9]))
         assert other.session_id != a.session_id and other.secret != a.secret
-        assert other.prefer == PIN.route
+        assert other.prefer == PIN.route and other.resume == (0, "")
         # A session key says "my conversation": an edited turn continues (and crops) it.
         await affinity.remember(a, PIN.route, first)
         keyed = await affinity.claim("k", TokenHistory(system))
@@ -117,5 +119,6 @@ def test_only_an_exact_continuation_claims_a_pinned_session_others_fork_near_it(
         await affinity.release(keyed)
         edited = await affinity.claim("k", TokenHistory(system))
         assert edited.session_id == keyed.session_id
+        assert edited.resume == (0, ""), "an edited turn resumes its common blocks only"
 
     asyncio.run(scenario())

@@ -137,9 +137,13 @@ class FakeServer:
                 opening.prefix_hashes,
                 lambda: new_session_kv(self.span, hop.start, hop.end),
                 keep=opening.keep,
+                resume=(opening.resume_length, opening.resume_digest),
             )
             return stream, check_cached(
-                cached + self.claim_extra, opening.prefix_hashes, hop.peer_id
+                cached + self.claim_extra,
+                opening.prefix_hashes,
+                hop.peer_id,
+                opening.resume_length,
             )
         except BaseException:
             stream.close()
@@ -177,7 +181,8 @@ class FakeStream:
     def peer_id(self) -> str:
         return self.hop.peer_id
 
-    async def step(self, hidden: torch.Tensor, hashes: Sequence[str]) -> torch.Tensor:
+    async def step(self, hidden: torch.Tensor, history: TokenHistory) -> torch.Tensor:
+        hashes = history.hashes
         server, session = self.server, self.session
         assert session is not None and not self.closed, "step on a stream that is not open"
         await server._gate(server.step_gate if self.opening.keep else server.replay_gate)
@@ -199,7 +204,10 @@ class FakeStream:
             start=self.hop.start,
             end=self.hop.end,
         )
-        server.store.commit_step(session, position, tokens, held, first=not self.steps)
+        digest = history.digest(position + tokens)
+        server.store.commit_step(
+            session, position, tokens, held, first=not self.steps, digest=digest
+        )
         self.steps.append((position, tokens))
         self.position = position + tokens
         if self.opening.keep and server.kept_steps == server.nan_at:

@@ -14,7 +14,7 @@ from hivemind.proto.p2pd_pb2 import RPCError
 from gateway.hop_stream import HopStream, check_cached, check_hidden
 from protocol.codec import make_response, read_tensors
 from protocol.errors import BadReply, CapacityExceeded, PeerUnavailable
-from protocol.prefix import BLOCK_TOKENS, block_hashes
+from protocol.prefix import BLOCK_TOKENS, TokenHistory, block_hashes
 from protocol.rpc import (
     ErrorCode,
     OpenSession,
@@ -73,6 +73,12 @@ def test_a_cached_count_the_hashes_cannot_allow_is_a_bad_reply(cached: int, bloc
     with pytest.raises(BadReply, match=f"{cached} cached tokens") as raised:
         check_cached(cached, ["h"] * blocks, PEER)
     assert raised.value.peer_id == PEER
+
+
+def test_a_resumed_conversation_may_be_cached_up_to_its_length_and_no_further() -> None:
+    assert check_cached(70, ["h"] * 2, PEER, resumed=70) == 70
+    with pytest.raises(BadReply):
+        check_cached(71, ["h"] * 2, PEER, resumed=70)
 
 
 # ---- HopStream over an in-memory stream ----
@@ -198,7 +204,7 @@ def test_a_step_goes_in_chunks_with_the_hashes_each_one_completes() -> None:
         stream = Harness(server).stream
         assert await stream.open(OPENING) == 40
         stream.position = 40  # as ChainSession sets it
-        out = await stream.step(hidden, block_hashes(tokens[:70]))
+        out = await stream.step(hidden, TokenHistory(tokens[:70]))
         torch.testing.assert_close(out, hidden * 2)
         assert stream.position == 70
 
@@ -329,7 +335,7 @@ def test_a_bad_step_reply_fails_the_hop_with_its_peer_id(
     async def scenario() -> None:
         await harness.stream.open(OPENING)
         with pytest.raises(error) as raised:
-            await harness.stream.step(torch.randn(1, 2, 8), [])
+            await harness.stream.step(torch.randn(1, 2, 8), TokenHistory())
         assert type(raised.value) is error and raised.value.peer_id == PEER
         assert harness.stream.position == 0  # nothing was accepted
         harness.stream.close()
@@ -348,7 +354,7 @@ def test_a_server_ending_the_stream_is_unavailable() -> None:
         stream = Harness(server).stream
         await stream.open(OPENING)
         with pytest.raises(PeerUnavailable, match="closed the stream") as raised:
-            await stream.step(torch.randn(1, 1, 8), [])
+            await stream.step(torch.randn(1, 1, 8), TokenHistory())
         assert raised.value.peer_id == PEER
 
     asyncio.run(scenario())
@@ -364,7 +370,7 @@ def test_close_is_synchronous_idempotent_and_ends_the_servers_side() -> None:
         harness.stream.close()
         assert harness.closes == 1
         with pytest.raises(PeerUnavailable, match="closed"):
-            await harness.stream.step(torch.randn(1, 1, 8), [])
+            await harness.stream.step(torch.randn(1, 1, 8), TokenHistory())
         for _ in range(100):  # the detached goodbye runs on its own
             if harness.p2p.writer.closed:
                 break

@@ -16,6 +16,7 @@ from gateway.hop_stream import HopStream
 from protocol.codec import make_response, read_tensors
 from protocol.errors import PeerUnavailable
 from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink, parse_rtt_ms
+from protocol.prefix import TokenHistory
 from protocol.rpc import OpenSession, SessionOpened, Step, StepDone, decode
 from routing.planner import Hop
 
@@ -134,7 +135,7 @@ def test_every_message_waits_half_the_round_trip_each_way() -> None:
         stream = hop_stream(p2p, SimulatedLink(0.1, recording(events)), chunk=4)
         await stream.open(OPENING)
         events.append("gateway: opened")
-        await stream.step(torch.ones(1, 6, 8), [])  # two chunks: two messages
+        await stream.step(torch.ones(1, 6, 8), TokenHistory())  # two chunks: two messages
         events.append("gateway: stepped")
         stream.close()
         for _ in range(100):  # the detached goodbye runs on its own
@@ -169,7 +170,7 @@ def test_one_streams_delay_does_not_hold_another_sharing_the_link() -> None:
         held_stream.set(held)
         stream = hop_stream(WireP2P(events), link)
         await stream.open(OPENING)
-        return await stream.step(torch.ones(1, 2, 8), [])
+        return await stream.step(torch.ones(1, 2, 8), TokenHistory())
 
     async def scenario() -> None:
         held = asyncio.create_task(use(held_events, held=True))
@@ -193,7 +194,7 @@ def test_a_step_slower_than_its_deadline_by_the_link_alone_still_succeeds() -> N
     async def scenario() -> torch.Tensor:
         stream = hop_stream(WireP2P([]), SimulatedLink(10.0, slow), deadline_s=0.05)
         await stream.open(OPENING)
-        return await stream.step(torch.ones(1, 1, 8), [])
+        return await stream.step(torch.ones(1, 1, 8), TokenHistory())
 
     torch.testing.assert_close(asyncio.run(scenario()), torch.full((1, 1, 8), 2.0))
 
@@ -207,7 +208,7 @@ def test_a_silent_server_still_fails_its_widened_deadline() -> None:
         await stream.open(OPENING)
         with pytest.raises(PeerUnavailable, match=r"did not answer within 0\.\d s"):
             # bounded by the test too, should the deadline not hold
-            await asyncio.wait_for(stream.step(torch.ones(1, 1, 8), []), 5.0)
+            await asyncio.wait_for(stream.step(torch.ones(1, 1, 8), TokenHistory()), 5.0)
 
     asyncio.run(scenario())
 

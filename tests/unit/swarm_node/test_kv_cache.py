@@ -54,7 +54,8 @@ def run(
     new = history.hashes[position // BLOCK_TOKENS : len(history) // BLOCK_TOKENS]
     hashes = store_.check_step(session, position, len(tokens), new)
     forward(session.cache, position, len(tokens))
-    store_.commit_step(session, position, len(tokens), hashes, first=True)
+    digest = history.digest(len(history))
+    store_.commit_step(session, position, len(tokens), hashes, first=True, digest=digest)
 
 
 def test_the_next_turn_reuses_the_common_prefix_block_aligned() -> None:
@@ -70,6 +71,27 @@ def test_the_next_turn_reuses_the_common_prefix_block_aligned() -> None:
     session, cached = s.open("conv", 0, 1, 200, follow_up.hashes, new_cache)
     assert cached == 96  # 3 full blocks of the 100 tokens
     assert s.stats().sessions == 1
+
+
+def test_the_conversation_that_continues_exactly_resumes_all_of_it() -> None:
+    s = store(1000)
+    first = list(range(100))
+    history = TokenHistory()
+    session, _ = s.open("conv", 0, 1, 200, [], new_cache)
+    run(s, session, first, history)
+    s.release(session)
+    follow_up = TokenHistory(first + [7] * 20)
+    resume = (100, history.digest(100))
+    session, cached = s.open("conv", 0, 1, 200, follow_up.hashes, new_cache, resume=resume)
+    assert cached == 100, "the partial last block too"
+    s.release(session)
+
+    other = TokenHistory(first[:99] + [5] + [7] * 20)  # the same blocks, another tail
+    claimed = (100, other.digest(100))
+    session, cached = s.open("conv", 0, 1, 200, other.hashes, new_cache, resume=claimed)
+    assert cached == 96, "a digest of another history resumes whole blocks only"
+    s.truncate(session, 96)
+    assert session.digest == "", "a truncated history no longer matches any digest"
 
 
 def test_an_edited_turn_is_trimmed_to_the_common_prefix() -> None:
