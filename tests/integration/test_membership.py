@@ -24,6 +24,7 @@ from gateway.hop_stream import HopStream
 from models.loading import load_config
 from protocol.errors import NotAMember
 from protocol.membership import PassIssuer, SwarmKey
+from protocol.prefix import TokenHistory
 from protocol.rpc import RPC_INFO, InfoRequest, OpenSession, RpcError
 from protocol.swarm import MAX_THROUGHPUT, ServerRecord, block_key
 from routing.dht import SwarmDHT
@@ -42,6 +43,8 @@ from tests.tiny_model import TINY_BLOCKS
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SECRET = "5e" * 16
+OURS = TokenHistory(list(range(32)))  # one full block the owner writes
+THEIRS = TokenHistory(list(range(100, 132)))  # what a guesser writes under the id
 
 
 @dataclass
@@ -148,7 +151,7 @@ class Dialer:
         member_pass: str,
         session_id: str,
         secret: str = SECRET,
-        hashes: tuple[str, ...] = ("ab" * 16,),
+        hashes: tuple[str, ...] = tuple(OURS.hashes),
     ) -> tuple[HopStream, int]:
         """A stream on the node's session and how many tokens of it the node holds."""
         hop = Hop(self.peer_id, self.start, self.end)
@@ -168,9 +171,9 @@ class Dialer:
             stream.close()
             raise
 
-    async def fill(self, stream: HopStream, block_hash: str = "ab" * 16) -> None:
+    async def fill(self, stream: HopStream, history: TokenHistory = OURS) -> None:
         """One full block of tokens, so that the session has something to resume."""
-        await stream.step(torch.randn(1, 32, self.hidden_size), [block_hash])
+        await stream.step(torch.randn(1, 32, self.hidden_size), history)
 
     async def info(self, member_pass: str) -> bytes:
         from hivemind.p2p import PeerID
@@ -216,7 +219,7 @@ def test_nodes_serve_members_only_and_sessions_only_to_their_owner(swarm: Swarm)
             stream.close()
             guess, cached = await dialer.open(ours, "conv", "77" * 16, hashes=())
             assert cached == 0
-            await dialer.fill(guess, "cd" * 16)
+            await dialer.fill(guess, THEIRS)
             guess.close()
             resumed, cached = await dialer.open(ours, "conv")
             resumed.close()
