@@ -33,7 +33,7 @@ from routing.costs import PREFILL_FACTOR, RouteCosts, step_deadline_s
 from routing.discovery import check_model, fetch_model, fetch_snapshot
 from routing.health import PeerHealth
 from routing.planner import Hop, plan_route
-from routing.snapshot import SwarmSnapshot
+from routing.snapshot import SwarmSnapshot, carry_over
 
 __all__ = ["InferenceSession", "P2PSwarmClient", "SwarmClient", "detach"]
 
@@ -136,7 +136,8 @@ class P2PSwarmClient:
         return self._snapshot
 
     async def refresh(self) -> SwarmSnapshot:
-        self._snapshot = await fetch_snapshot(self._dht, self._prefix, self._model)
+        fresh = await fetch_snapshot(self._dht, self._prefix, self._model)
+        self._snapshot = carry_over(self._snapshot, fresh)
         self._metrics.forget_peers(set(self._snapshot.servers))
         return self._snapshot
 

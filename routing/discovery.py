@@ -52,6 +52,7 @@ async def fetch_snapshot(dht: DHT, prefix: str, model: ModelRecord) -> SwarmSnap
     keys = [block_key(prefix, b) for b in range(model.num_blocks)]
     found = await asyncio.gather(*(_get(dht, key) for key in keys))
     servers: dict[str, ServerRecord] = {}
+    expires: dict[str, float] = {}
     for key, entry in zip(keys, found, strict=True):
         if entry is None or not isinstance(entry.value, dict):
             continue
@@ -65,9 +66,10 @@ async def fetch_snapshot(dht: DHT, prefix: str, model: ModelRecord) -> SwarmSnap
             if peer_id not in candidates or item.expiration_time > candidates[peer_id][0]:
                 candidates[peer_id] = (item.expiration_time, record)
         best = sorted(candidates.items(), key=lambda kv: _rank(kv[1][1]), reverse=True)
-        for peer_id, (_, record) in best[:MAX_SERVERS_PER_BLOCK]:
+        for peer_id, (expiration, record) in best[:MAX_SERVERS_PER_BLOCK]:
             servers.setdefault(peer_id, record)
-    return SwarmSnapshot(model=model, servers=servers, taken_at=get_dht_time())
+            expires[peer_id] = max(expires.get(peer_id, 0.0), expiration)
+    return SwarmSnapshot(model, servers, get_dht_time(), expires)
 
 
 def _parse(

@@ -26,6 +26,7 @@ class SwarmSnapshot:
     model: ModelRecord | None
     servers: Mapping[str, ServerRecord] = field(default_factory=dict)  # peer id → record
     taken_at: float = 0.0  # DHT time, seconds
+    expires: Mapping[str, float] = field(default_factory=dict)  # peer id → its record's expiry
 
     @property
     def num_blocks(self) -> int:
@@ -33,6 +34,24 @@ class SwarmSnapshot:
 
     def online(self) -> dict[str, ServerRecord]:
         return {p: r for p, r in self.servers.items() if r.state is NodeState.ONLINE}
+
+
+def carry_over(previous: SwarmSnapshot, fresh: SwarmSnapshot) -> SwarmSnapshot:
+    """``fresh`` plus the servers of ``previous`` it lacks whose records have not expired.
+
+    A DHT read can miss records that are still valid: the peers storing a key may be the
+    ones that just died, or slow to answer. A server must not vanish from routing before
+    its record would, or one lost read turns a whole covered span into a 503.
+    """
+    kept = {
+        peer: record
+        for peer, record in previous.servers.items()
+        if peer not in fresh.servers and previous.expires.get(peer, 0.0) > fresh.taken_at
+    }
+    if not kept or fresh.model != previous.model:
+        return fresh
+    expires = {**{p: previous.expires[p] for p in kept}, **fresh.expires}
+    return SwarmSnapshot(fresh.model, {**kept, **fresh.servers}, fresh.taken_at, expires)
 
 
 def coverage(servers: Mapping[str, ServerRecord], num_blocks: int) -> list[int]:
