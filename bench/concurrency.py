@@ -56,7 +56,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.resolve import resolve_model
-from tests.processes import Process, free_port, http_ok, wait_for
+from tests.processes import start_up
 
 NODES = 2
 TARGET_SPEEDUP = 5.0
@@ -261,25 +261,6 @@ async def bench_swarm(
     return {str(c): await run_level(url, model, c, tokens, timeout_s) for c in levels}
 
 
-def start_swarm(model: str, log_dir: Path) -> tuple[Process, str]:
-    port = free_port()
-    argv = ["up", "--model", model, "--port", str(port), "--nodes", str(NODES)]
-    swarm = Process("bench-concurrency-up", argv, log_dir)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if not swarm.alive():
-            raise RuntimeError(f"swarmgate up exited:\n{swarm.output()[-2000:]}")
-        return http_ok(f"{url}/health")
-
-    try:
-        wait_for(ready, 600, "swarmgate up")
-    except BaseException:
-        swarm.stop(timeout_s=60)
-        raise
-    return swarm, url
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--model", default="smollm2")
@@ -301,7 +282,7 @@ def main() -> None:
 
     log_dir = Path(__file__).resolve().parent / "results"
     log_dir.mkdir(exist_ok=True)
-    swarm, url = start_swarm(args.model, log_dir)
+    swarm, url = start_up(args.model, NODES, log_dir, "bench-concurrency-up")
     try:
         levels_out = asyncio.run(bench_swarm(url, source.name, levels, args.tokens, args.timeout))
     finally:

@@ -43,7 +43,7 @@ from openai.types.chat import ChatCompletionMessageParam
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.resolve import resolve_model
 from protocol.latency import SIMULATED_RTT_ENV, parse_rtt_ms
-from tests.processes import Process, free_port, http_ok, wait_for
+from tests.processes import start_up
 
 MODE = "gateway relay"
 ROUTE_HEADER = "x-swarmgate-route"  # gateway.routes.ROUTE_HEADER, without importing FastAPI
@@ -51,26 +51,6 @@ WARM_UP: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say he
 MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}
 ]
-
-
-def start_swarm(model: str, nodes: int, rtt_ms: float, log_dir: Path) -> tuple[Process, str]:
-    port = free_port()
-    argv = ["up", "--model", model, "--port", str(port), "--nodes", str(nodes)]
-    env = {SIMULATED_RTT_ENV: f"{rtt_ms:g}"}
-    swarm = Process(f"bench-wan-up-{rtt_ms:g}ms", argv, log_dir, env)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if not swarm.alive():
-            raise RuntimeError(f"swarmgate up exited:\n{swarm.output()[-2000:]}")
-        return http_ok(f"{url}/health")
-
-    try:
-        wait_for(ready, 600, "swarmgate up")
-    except BaseException:
-        swarm.stop(timeout_s=60)
-        raise
-    return swarm, url
 
 
 def measure(url: str, model: str, tokens: int) -> dict[str, Any]:
@@ -115,7 +95,8 @@ def measure(url: str, model: str, tokens: int) -> dict[str, Any]:
 def run_one(
     args: argparse.Namespace, model_id: str, rtt_ms: float, log_dir: Path
 ) -> dict[str, Any]:
-    swarm, url = start_swarm(args.model, args.nodes, rtt_ms, log_dir)
+    env = {SIMULATED_RTT_ENV: f"{rtt_ms:g}"}
+    swarm, url = start_up(args.model, args.nodes, log_dir, f"bench-wan-up-{rtt_ms:g}ms", env)
     try:
         return measure(url, model_id, args.tokens)
     finally:

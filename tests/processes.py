@@ -118,6 +118,29 @@ class Process:
 _SERVING = re.compile(r"serving blocks (\d+):(\d+) of \S+ as ([1-9A-HJ-NP-Za-km-z]{30,})")
 
 
+def start_up(
+    model: str, nodes: int, log_dir: Path, name: str, env: dict[str, str] | None = None
+) -> tuple[Process, str]:
+    """`swarmgate up` on a free port once it serves (stopped again if it never does), and
+    its base URL."""
+    port = free_port()
+    argv = ["up", "--model", model, "--port", str(port), "--nodes", str(nodes)]
+    swarm = Process(name, argv, log_dir, env)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if not swarm.alive():
+            raise RuntimeError(f"swarmgate up exited:\n{swarm.output()[-2000:]}")
+        return http_ok(f"{url}/health")
+
+    try:
+        wait_for(ready, 600, "swarmgate up")
+    except BaseException:
+        swarm.stop(timeout_s=60)
+        raise
+    return swarm, url
+
+
 def node_identity(process: Process) -> tuple[str, tuple[int, int]]:
     """A started `swarmgate node`'s peer id and span, from what it printed."""
     match = _SERVING.search(process.output())
