@@ -4,7 +4,6 @@ alone, and the scheduler packs what waits, chunks prompts and survives cancellat
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +19,7 @@ from swarm_node.backend import Segment, forward_packed, forward_span, new_sessio
 from swarm_node.batching import StepScheduler
 from swarm_node.session_kv import SessionKV
 from tests.tiny_model import TINY_BLOCKS
+from tests.unit.swarm_node.gates import Gate, gated_forwards, until
 
 HIDDEN = 64
 
@@ -137,35 +137,10 @@ class Recorder:
         self.batches.append((sessions, tokens))
 
 
-class Gate:
-    """Holds the compute thread inside a forward until opened."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.open = threading.Event()
-
-
 @pytest.fixture
 def gated(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
-    gate = Gate()
-    real = batching_module.forward_packed
-
-    def forward(span: Span, hidden: torch.Tensor, segments: Any, **kw: Any) -> torch.Tensor:
-        gate.entered.set()
-        gate.open.wait(30)
-        return real(span, hidden, segments, **kw)
-
-    monkeypatch.setattr(batching_module, "forward_packed", forward)
-    yield gate
-    gate.open.set()
-
-
-async def until(condition: Any) -> None:
-    for _ in range(500):  # bounded: 5 s
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise TimeoutError
+    with gated_forwards(monkeypatch) as gate:
+        yield gate
 
 
 def run(scenario: Any) -> None:

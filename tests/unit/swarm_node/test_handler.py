@@ -37,6 +37,7 @@ from swarm_node.handler import BlockHandler, session_key
 from swarm_node.kv_cache import SessionStore
 from swarm_node.metrics import InfoBoard, _NodeCollector
 from tests.tiny_model import TINY_BLOCKS
+from tests.unit.swarm_node.gates import Gate, gated_forwards, until
 
 SECRET = "5e" * 16
 CONV = session_key("conv", SECRET)  # where the node keeps the session "conv"
@@ -134,35 +135,11 @@ def hashes_for(n: int) -> list[str]:
     return TokenHistory(list(range(n))).hashes
 
 
-class Gate:
-    def __init__(self) -> None:
-        self.entered = threading.Event()  # a one-token forward is running
-        self.open = threading.Event()  # it may finish
-
-
 @pytest.fixture
 def slow_forward(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     """One-token steps block inside the compute thread until the gate opens."""
-    gate = Gate()
-    real = batching_module.forward_packed
-
-    def gated(span: Span, hidden: torch.Tensor, segments: Any, **kw: Any) -> torch.Tensor:
-        if hidden.shape[1] == 1:
-            gate.entered.set()
-            gate.open.wait(30)
-        return real(span, hidden, segments, **kw)
-
-    monkeypatch.setattr(batching_module, "forward_packed", gated)
-    yield gate
-    gate.open.set()
-
-
-async def wait_until(condition: Any) -> None:
-    for _ in range(500):  # bounded: 5 s
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise TimeoutError
+    with gated_forwards(monkeypatch, lambda hidden: hidden.shape[1] == 1) as gate:
+        yield gate
 
 
 def test_a_step_cancelled_mid_forward_leaves_no_half_written_session(
@@ -188,7 +165,7 @@ def test_a_step_cancelled_mid_forward_leaves_no_half_written_session(
         assert await second.open("conv", hashes_for(n)) == n
         second.send(make_request(Step(position=n), turn))
         pending = asyncio.ensure_future(anext(second.replies))
-        await wait_until(slow_forward.entered.is_set)
+        await until(slow_forward.entered.is_set)
         pending.cancel()
         with pytest.raises(asyncio.CancelledError):
             await pending
