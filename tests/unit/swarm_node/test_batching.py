@@ -19,27 +19,12 @@ from swarm_node.backend import Segment, forward_packed, forward_span, new_sessio
 from swarm_node.batching import StepScheduler
 from swarm_node.session_kv import SessionKV
 from tests.tiny_model import TINY_BLOCKS
-from tests.unit.swarm_node.gates import Gate, gated_forwards, until
-
-HIDDEN = 64
+from tests.unit.swarm_node.support import HIDDEN, Gate, gated_forwards, inputs, reference, until
 
 
 @pytest.fixture(scope="module")
 def span(tiny_model: Path) -> Span:
     return load_span(tiny_model, 0, TINY_BLOCKS)
-
-
-def inputs(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(1, n, HIDDEN, generator=torch.Generator().manual_seed(seed))
-
-
-def alone(span: Span, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each piece run after the previous ones on a session of its own, one at a time."""
-    kv, position, outs = new_session_kv(span, span.start, span.end), 0, []
-    for piece in pieces:
-        outs.append(forward_span(span, piece, kv, position=position))
-        position += piece.shape[1]
-    return outs
 
 
 def test_a_packed_forward_equals_each_session_alone(span: Span) -> None:
@@ -55,7 +40,7 @@ def test_a_packed_forward_equals_each_session_alone(span: Span) -> None:
     out = forward_packed(span, torch.cat(steps, 1), segments, start=0, end=TINY_BLOCKS)
     offset = 0
     for history, step, kv in zip(histories, steps, kvs, strict=True):
-        expected = alone(span, [history, step])[1]
+        expected = reference(span, [history, step])[1]
         got = out[:, offset : offset + step.shape[1]]
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
         assert kv.length == history.shape[1] + step.shape[1]
@@ -179,7 +164,7 @@ def test_steps_that_wait_together_run_as_one_forward(span: Span, gated: Gate) ->
         assert recorder.batches[1] == (len(prompts), sum(p.shape[1] for p in prompts))
         assert recorder.batches[2] == (len(prompts), len(prompts)), "decode steps batch too"
         for prompt, turn, out, second in zip(prompts, turns, outs, seconds, strict=True):
-            expected = alone(span, [prompt, turn])
+            expected = reference(span, [prompt, turn])
             torch.testing.assert_close(out, expected[0], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(second, expected[1], atol=1e-4, rtol=1e-4)
 
@@ -207,9 +192,9 @@ def test_a_long_prompt_runs_in_chunks_between_other_streams_decode_steps(span: S
             out = await long
             scheduler.close()
         assert recorder.batches == [(2, 17), (1, 16), (1, 16), (1, 2)]
-        torch.testing.assert_close(out, alone(span, [prompt])[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out, reference(span, [prompt])[0], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(
-            short.result(), alone(span, [history, turn])[1], atol=1e-4, rtol=1e-4
+            short.result(), reference(span, [history, turn])[1], atol=1e-4, rtol=1e-4
         )
 
     run(scenario)
@@ -235,7 +220,7 @@ def test_a_cancelled_step_leaves_the_others_in_its_batch_untouched(span: Span, g
             out = await kept
             scheduler.close()
         assert dropped_kv.length == 0
-        torch.testing.assert_close(out, alone(span, [inputs(4, 1)])[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out, reference(span, [inputs(4, 1)])[0], atol=1e-4, rtol=1e-4)
 
     run(scenario)
 
@@ -263,7 +248,7 @@ def test_a_failed_forward_fails_its_batch_and_the_next_one_runs(
             fresh = new_session_kv(span, 0, TINY_BLOCKS)
             out = await scheduler.step(fresh, blocks, 0, inputs(3, 1))
             scheduler.close()
-        torch.testing.assert_close(out, alone(span, [inputs(3, 1)])[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out, reference(span, [inputs(3, 1)])[0], atol=1e-4, rtol=1e-4)
 
     run(scenario)
 
@@ -281,9 +266,9 @@ def test_sessions_over_other_blocks_run_in_their_own_forward(span: Span) -> None
             )
             scheduler.close()
         assert sorted(recorder.batches) == [(1, 3), (1, 3)]
-        reference = new_session_kv(span, 2, TINY_BLOCKS)
-        expected = forward_span(span, inputs(3, 2), reference, start=2, end=TINY_BLOCKS)
+        tail_alone = new_session_kv(span, 2, TINY_BLOCKS)
+        expected = forward_span(span, inputs(3, 2), tail_alone, start=2, end=TINY_BLOCKS)
         torch.testing.assert_close(b, expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(a, alone(span, [inputs(3, 1)])[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a, reference(span, [inputs(3, 1)])[0], atol=1e-4, rtol=1e-4)
 
     run(scenario)

@@ -32,12 +32,11 @@ from protocol.rpc import (
 )
 from swarm_node import batching as batching_module
 from swarm_node import handler as handler_module
-from swarm_node.backend import forward_span, new_session_kv
 from swarm_node.handler import BlockHandler, session_key
 from swarm_node.kv_cache import SessionStore
 from swarm_node.metrics import InfoBoard, _NodeCollector
 from tests.tiny_model import TINY_BLOCKS
-from tests.unit.swarm_node.gates import Gate, gated_forwards, until
+from tests.unit.swarm_node.support import Gate, gated_forwards, inputs, reference, until
 
 SECRET = "5e" * 16
 CONV = session_key("conv", SECRET)  # where the node keeps the session "conv"
@@ -116,19 +115,6 @@ class FakeStream:
         self.send(None)  # type: ignore[arg-type]
         with pytest.raises(StopAsyncIteration):
             await anext(self.replies)
-
-
-def inputs(n: int, seed: int) -> torch.Tensor:
-    return torch.randn(1, n, 64, generator=torch.Generator().manual_seed(seed))
-
-
-def reference(span: Span, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The outputs of the same steps on a fresh cache, run directly."""
-    cache, position, outs = new_session_kv(span, span.start, span.end), 0, []
-    for piece in pieces:
-        outs.append(forward_span(span, piece, cache, position=position))
-        position += piece.shape[1]
-    return outs
 
 
 def hashes_for(n: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Holding a node's compute thread inside a forward, so tests can line up what waits."""
+"""Shared pieces of the node tests: inputs, a reference run, and a gate that holds the
+compute thread inside a forward so tests can line up what waits."""
 
 from __future__ import annotations
 
@@ -11,7 +12,24 @@ from typing import Any
 import pytest
 import torch
 
+from models.loading import Span
 from swarm_node import batching as batching_module
+from swarm_node.backend import forward_span, new_session_kv
+
+HIDDEN = 64  # the tiny model's
+
+
+def inputs(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(1, n, HIDDEN, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(span: Span, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each piece run after the previous ones on a session of its own, one at a time."""
+    kv, position, outs = new_session_kv(span, span.start, span.end), 0, []
+    for piece in pieces:
+        outs.append(forward_span(span, piece, kv, position=position))
+        position += piece.shape[1]
+    return outs
 
 
 class Gate:
