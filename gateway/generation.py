@@ -114,8 +114,10 @@ class Generator:
                 prefer=claim.prefer,
                 resume=claim.resume if self._reuse else (0, ""),
             )
-        except BaseException:
+        except BaseException as e:
             detach(self._affinity.release(claim))
+            if isinstance(e, asyncio.CancelledError):  # its client left while it opened
+                self._metrics.requests.labels("cancelled").inc()
             raise
         return Generation(session, claim, history, route=tuple(session.route))
 

@@ -22,7 +22,8 @@ class LocalSwarmClient:
 
     ``covered=False`` announces no servers (no route); ``fail_after_steps`` makes each
     session fail like a dying server after that many steps; while ``gate`` is set to an
-    unset event, every step waits for it (a swarm that is slow to answer).
+    unset event, every step waits for it (a swarm that is slow to answer); ``open_gate``
+    does the same for opening sessions.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class LocalSwarmClient:
         self.closed = 0
         self.steps = 0  # over all sessions
         self.gate: asyncio.Event | None = None
+        self.open_gate: asyncio.Event | None = None
         servers = (
             {
                 "local-peer": ServerRecord(
@@ -74,6 +76,8 @@ class LocalSwarmClient:
         resume: tuple[int, str] = (0, ""),
     ) -> LocalSession:
         route = plan_route(self._snapshot, self._snapshot.num_blocks)  # NoRoute when uncovered
+        if self.open_gate is not None:
+            await self.open_gate.wait()
         self.opened += 1
         self.opens.append((session_id, list(prefix_hashes)))
         return LocalSession(self, route)

@@ -385,6 +385,31 @@ def test_a_client_that_leaves_a_json_request_stops_its_generation(
     asyncio.run(scenario())
 
 
+def test_a_client_that_leaves_between_two_choices_is_counted_as_cancelled(
+    tiny_model: Path, swarm: LocalSwarmClient
+) -> None:
+    """Choices run one after another; leaving while the next one opens ends the request too."""
+    app = create_app(settings(tiny_model, max_concurrent=1, max_queue=1), swarm)
+
+    async def scenario() -> None:
+        async with running(app):
+            leaving = RawClient({**CHAT, "n": 2, "max_tokens": 3})
+            swarm.open_gate = asyncio.Event()
+            swarm.open_gate.set()
+            call = asyncio.create_task(leaving.call(app))
+            await until(lambda: swarm.opened == 1, "the first choice to open")
+            swarm.open_gate.clear()  # the second choice's open waits
+            await until(lambda: swarm.closed == 1, "the first choice to end")
+            assert metric(app, "swarmgate_active_generations") == 0
+            leaving.gone.set()
+            await asyncio.wait_for(call, BOUND)
+            assert leaving.status() == 499 and swarm.opened == 1
+            assert metric(app, "swarmgate_requests_total", outcome="cancelled") == 1
+            assert app.state.admission.in_flight("anonymous") == 0
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_a_stream_whose_client_stops_reading_is_cancelled_after_the_send_timeout(
     tiny_model: Path, swarm: LocalSwarmClient, path: str
