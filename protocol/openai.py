@@ -42,10 +42,23 @@ class TextContentPart(OpenAIModel):
     text: str
 
 
+class ToolCallFunction(OpenAIModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @field_validator("content")
     @classmethod
@@ -74,8 +87,54 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+# OpenAI's limits on function names; the name also appears in prompts and grammars.
+FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
+MAX_TOOLS = 128
+
+
+class JSONSchemaFormat(OpenAIModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    # `schema` would shadow pydantic's BaseModel.schema
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(OpenAIModel):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> Self:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("a json_schema response format needs its json_schema")
+        return self
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: ToolChoiceFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 MAX_MESSAGES = 2048  # a request with more is refused before it is tokenized
@@ -149,9 +208,10 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     prompt_cache_key: str | None = Field(default=None, max_length=1024)
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    tool_choice: Any = None
-    tools: list[Any] | None = None
+    tool_choice: ToolChoice | None = None
+    tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def token_limit(self) -> int | None:
@@ -193,7 +253,7 @@ class CompletionRequest(SamplingRequest):
 
 # ---- responses ----
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(OpenAIModel):
@@ -210,6 +270,15 @@ class CompletionUsage(OpenAIModel):
 class ChatCompletionMessage(OpenAIModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_no_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # OpenAI's messages carry `tool_calls` only when there are some.
+        out: dict[str, Any] = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class TopLogprob(OpenAIModel):
@@ -244,9 +313,32 @@ class ChatCompletion(OpenAIModel):
     system_fingerprint: str | None = None
 
 
+class ChoiceDeltaFunction(OpenAIModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChoiceDeltaToolCall(OpenAIModel):
+    """A piece of one tool call: its first delta has the id, type and name; the later ones
+    add to its arguments. ``index`` tells the calls of one message apart."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChoiceDeltaFunction | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out = {k: v for k, v in handler(self).items() if v is not None}
+        if "function" in out:
+            out["function"] = {k: v for k, v in out["function"].items() if v is not None}
+        return out
+
+
 class ChoiceDelta(OpenAIModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ChoiceDeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:

@@ -76,13 +76,12 @@ def test_unknown_roles_are_rejected() -> None:
 
 def test_unknown_fields_are_ignored() -> None:
     r = request(
-        parallel_tool_calls=True,
         metadata={"a": "b"},
         service_tier="auto",
         messages=[{"role": "user", "content": "Hi", "whatever": 1}],
     )
     assert not hasattr(r, "service_tier")
-    assert "parallel_tool_calls" not in r.model_dump()
+    assert "metadata" not in r.model_dump()
     assert r.messages[0].text() == "Hi"
 
 
