@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from gateway.generation import (
     Finished,
@@ -19,6 +19,7 @@ from gateway.generation import (
 )
 from gateway.prepare import RequestLimits, ServedModel, check_model, generation_request
 from gateway.templating import PromptBuilder
+from gateway.tool_calls import CallFound, ToolCallStream, new_call_id
 from protocol.errors import InvalidRequest
 from protocol.openai import (
     ChatCompletion,
@@ -26,13 +27,19 @@ from protocol.openai import (
     ChatCompletionMessage,
     ChatCompletionRequest,
     ChatCompletionTokenLogprob,
+    ChatTool,
     Choice,
     ChoiceDelta,
+    ChoiceDeltaFunction,
+    ChoiceDeltaToolCall,
     ChoiceLogprobs,
     ChunkChoice,
     CompletionUsage,
     FinishReason,
+    NamedToolChoice,
     PromptTokensDetails,
+    ToolCall,
+    ToolCallFunction,
     TopLogprob,
 )
 from routing.planner import Hop
@@ -57,6 +64,7 @@ class ChatService:
         """Refusals that need no tokenizer, made before the request waits for a slot."""
         check_model(self.model, request.model)
         _refuse_unsupported(request)
+        _check_tools(request)
 
     async def prepare(
         self,
@@ -77,7 +85,8 @@ class ChatService:
         received_at: float | None,
         tenant: str,
     ) -> list[GenerationRequest]:
-        prompt = self._prompts.chat_prompt(request.messages)
+        tools = tool_plan(request)
+        prompt = self._prompts.chat_prompt(request.messages, tools.offered if tools else ())
         key = request.prompt_cache_key or session_key or request.user
         first = generation_request(
             self.model,
@@ -105,26 +114,38 @@ class ChatService:
         """The whole completion, and the route its first choice was generated on."""
         choices, finished = [], []
         route: tuple[Hop, ...] = ()
+        tools = tool_plan(request)
         # Choices run one after another: each reuses the prompt the previous one cached.
         for index, choice in enumerate(prepared):
             generation = await self._generator.open(choice)
             route = route or generation.route
             parts: list[str] = []
+            calls: list[ToolCall] = []
             logprobs: list[TokenLogprob] = []
-            async for event in self._generator.generate(choice, generation):
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                    logprobs += event.logprobs
-                else:
-                    finished.append(event)
-                    choices.append(
-                        Choice(
-                            index=index,
-                            message=ChatCompletionMessage(content="".join(parts)),
-                            finish_reason=event.finish_reason,
-                            logprobs=_logprobs(logprobs) if request.logprobs else None,
+            async with aclosing(self._events(choice, generation, tools)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        parts.append(event.text)
+                        logprobs += event.logprobs
+                    elif isinstance(event, CallFound):
+                        calls.append(_tool_call(event))
+                    else:
+                        finished.append(event)
+                        content = "".join(parts)
+                        message = ChatCompletionMessage(
+                            # With calls, OpenAI's content is null unless the model also
+                            # wrote text.
+                            content=(content.strip() or None) if calls else content,
+                            tool_calls=calls or None,
                         )
-                    )
+                        choices.append(
+                            Choice(
+                                index=index,
+                                message=message,
+                                finish_reason=event.finish_reason,
+                                logprobs=_logprobs(logprobs) if request.logprobs else None,
+                            )
+                        )
         completion = ChatCompletion(
             id=_completion_id(),
             model=self.model.id,
@@ -133,6 +154,36 @@ class ChatService:
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
         return completion, route
+
+    async def _events(
+        self, choice: GenerationRequest, generation: Generation, tools: ToolPlan | None
+    ) -> AsyncGenerator[TextDelta | CallFound | Finished, None]:
+        """The generation's events, with the calls found in its text when tools are
+        offered (the text around them stays content)."""
+        async with aclosing(self._generator.generate(choice, generation)) as events:
+            if tools is None:
+                async for event in events:
+                    yield event
+                return
+            reader = ToolCallStream(
+                self._prompts.tool_format, tools.offered, parallel=tools.parallel
+            )
+            held: list[TokenLogprob] = []  # of text not yet known to be content
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    pieces = reader.push(event.text)
+                    held += event.logprobs
+                else:
+                    pieces = reader.finish()
+                for piece in pieces:
+                    if isinstance(piece, str):
+                        yield TextDelta(piece, tuple(held))
+                        held.clear()
+                    else:
+                        yield piece
+                if isinstance(event, Finished):
+                    called = reader.calls and event.finish_reason == "stop"
+                    yield replace(event, finish_reason="tool_calls") if called else event
 
     async def stream(
         self,
@@ -161,16 +212,20 @@ class ChatService:
 
         finished: list[Finished] = []
         generation: Generation | None = first
+        tools = tool_plan(request)
         try:
             for index, choice in enumerate(prepared):
                 generation = generation or await self._generator.open(choice)
                 yield chunk(index, ChoiceDelta(role="assistant", content=""))
                 # Closed with the stream, even when its reader stops at a `yield`.
-                async with aclosing(self._generator.generate(choice, generation)) as events:
+                async with aclosing(self._events(choice, generation, tools)) as events:
                     async for event in events:
                         if isinstance(event, TextDelta):
                             logprobs = _logprobs(event.logprobs) if request.logprobs else None
                             yield chunk(index, ChoiceDelta(content=event.text), logprobs=logprobs)
+                        elif isinstance(event, CallFound):
+                            for delta in _call_deltas(event):
+                                yield chunk(index, ChoiceDelta(tool_calls=[delta]))
                         else:
                             finished.append(event)
                             yield chunk(index, ChoiceDelta(), event.finish_reason)
@@ -213,10 +268,6 @@ def _another_choice(first: GenerationRequest, index: int) -> GenerationRequest:
 
 def _refuse_unsupported(request: ChatCompletionRequest) -> None:
     """Say so, rather than silently ignoring what a client asked for."""
-    if request.tools:
-        raise InvalidRequest(
-            "tools are not supported by this model", param="tools", code="unsupported_parameter"
-        )
     if request.response_format is not None and request.response_format.type != "text":
         raise InvalidRequest(
             f"response_format {request.response_format.type!r} is not supported by this "
@@ -224,6 +275,75 @@ def _refuse_unsupported(request: ChatCompletionRequest) -> None:
             param="response_format",
             code="unsupported_parameter",
         )
+
+
+def _check_tools(request: ChatCompletionRequest) -> None:
+    names = [tool.function.name for tool in request.tools or []]
+    if len(set(names)) < len(names):
+        twice = next(name for name in names if names.count(name) > 1)
+        raise InvalidRequest(f"tools: the function {twice!r} is given twice", param="tools")
+    choice = request.tool_choice
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise InvalidRequest(
+            f"tool_choice names the function {choice.function.name!r}, which is not among "
+            "the tools",
+            param="tool_choice",
+        )
+    if choice == "required" and not names:
+        raise InvalidRequest("tool_choice 'required' needs tools", param="tool_choice")
+    for i, message in enumerate(request.messages):
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequest(
+                "a tool message needs the tool_call_id of the call it answers",
+                param=f"messages.{i}.tool_call_id",
+            )
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """The tools a request offers the model, and those it must call (none: it may answer
+    in text)."""
+
+    offered: tuple[ChatTool, ...]
+    forced: tuple[ChatTool, ...]
+    parallel: bool
+
+
+def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
+    """None when the model is offered no tools (none given, or tool_choice "none": then the
+    prompt leaves them out, so that the model does not write calls nobody will read)."""
+    choice = request.tool_choice
+    if not request.tools or choice == "none":
+        return None
+    offered = tuple(request.tools)
+    if isinstance(choice, NamedToolChoice):
+        forced = tuple(t for t in offered if t.function.name == choice.function.name)
+    else:
+        forced = offered if choice == "required" else ()
+    return ToolPlan(offered, forced, parallel=request.parallel_tool_calls is not False)
+
+
+def _tool_call(found: CallFound) -> ToolCall:
+    call = found.call
+    return ToolCall(
+        id=new_call_id(), function=ToolCallFunction(name=call.name, arguments=call.arguments)
+    )
+
+
+def _call_deltas(found: CallFound) -> list[ChoiceDeltaToolCall]:
+    """OpenAI's pieces of one call: its id, type and name first, then its arguments."""
+    call = found.call
+    return [
+        ChoiceDeltaToolCall(
+            index=found.index,
+            id=new_call_id(),
+            type="function",
+            function=ChoiceDeltaFunction(name=call.name, arguments=""),
+        ),
+        ChoiceDeltaToolCall(
+            index=found.index, function=ChoiceDeltaFunction(arguments=call.arguments)
+        ),
+    ]
 
 
 def _completion_id() -> str:

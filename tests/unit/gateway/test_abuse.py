@@ -274,9 +274,9 @@ def test_prompts_are_built_after_admission_and_off_the_event_loop(
     built_on: list[threading.Thread] = []
     chat_prompt = PromptBuilder.chat_prompt
 
-    def recording(self: PromptBuilder, messages: Any) -> list[int]:
+    def recording(self: PromptBuilder, messages: Any, tools: Any = ()) -> list[int]:
         built_on.append(threading.current_thread())
-        return chat_prompt(self, messages)
+        return chat_prompt(self, messages, tools)
 
     monkeypatch.setattr(PromptBuilder, "chat_prompt", recording)
     big = {**CHAT, "messages": [{"role": "user", "content": "word " * 200_000}]}
