@@ -21,7 +21,10 @@ from typing import Any
 
 from protocol.openai import ChatTool
 
-NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}}
+NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
+# Forced calls are written compactly, as json.dumps writes them: llguidance's default lets
+# whitespace run on between tokens, which a weak or unsure model then does for ever.
+COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,8 @@ def _call_schema(tools: Sequence[ChatTool], arguments_key: str) -> dict[str, Any
         }
         for tool in tools
     ]
-    return options[0] if len(options) == 1 else {"anyOf": options}
+    one = options[0] if len(options) == 1 else {"anyOf": options}
+    return {"x-guidance": COMPACT_JSON, **one}
 
 
 class HermesFormat(ToolFormat):
@@ -163,7 +167,8 @@ class JsonListFormat(ToolFormat):
 
     def grammar(self, tools: Sequence[ChatTool], parallel: bool) -> str:
         schema = _call_schema(tools, "arguments")
-        array = {"type": "array", "items": schema, "minItems": 1}
+        guidance = schema.pop("x-guidance")
+        array = {"x-guidance": guidance, "type": "array", "items": schema, "minItems": 1}
         if not parallel:
             array["maxItems"] = 1
         return f"start: %json {json.dumps(array)}\n"
