@@ -1,5 +1,5 @@
-"""Choosing the next token from logits: penalties and biases, then greedy, temperature
-and nucleus (top-p) sampling; and the model's own log-probabilities of the choice.
+"""Choosing the next token from logits: penalties and biases, a grammar's mask, then greedy,
+temperature and nucleus (top-p) sampling; and the model's own log-probabilities of the choice.
 
 Pure tensor code, run by the head thread (gateway/head.py), never on the event loop."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -32,6 +33,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
+
+
+class Constraint(Protocol):
+    """What a stream's tokens must match (gateway/grammar.py's Matcher): it masks each
+    step's logits and follows the tokens chosen."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits: [vocab] → a copy with the forbidden tokens at -inf."""
+        ...
+
+    def consume(self, token: int) -> None: ...
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -77,10 +89,15 @@ def sample(
     params: SamplingParams,
     generator: torch.Generator,
     generated: Counter[int] | None = None,
+    constraint: Constraint | None = None,
 ) -> int:
-    """logits: [vocab] → the next token id; ``generated`` counts the tokens so far."""
+    """logits: [vocab] → the next token id; ``generated`` counts the tokens so far. A
+    ``constraint`` masks the logits before any choice, so that every temperature and top-p
+    draws among the allowed tokens only."""
     if params.adjusts_logits:
         logits = adjust_logits(logits, params, generated or Counter())
+    if constraint is not None:
+        logits = constraint.mask(logits)
     if params.greedy:
         return int(torch.argmax(logits))
     probs = logits_to_probs(logits, params.temperature, params.top_p)
@@ -111,21 +128,31 @@ class TokenChoice:
 @dataclass
 class StreamSampler:
     """One stream's way of choosing its tokens: its parameters, its own random generator
-    (so a seeded stream draws the same tokens whoever it is batched with) and the tokens it
-    has chosen so far (for the penalties). Only one choice at a time per stream."""
+    (so a seeded stream draws the same tokens whoever it is batched with), the tokens it
+    has chosen so far (for the penalties) and what they must match, if anything. Only one
+    choice at a time per stream."""
 
     params: SamplingParams
     generator: torch.Generator
     logprobs: int | None = None  # None: off; k: each token's logprob and the top k
     generated: Counter[int] = field(default_factory=Counter)
+    constraint: Constraint | None = None
 
     @classmethod
-    def of(cls, params: SamplingParams, logprobs: int | None = None) -> StreamSampler:
-        return cls(params, make_generator(params.seed), logprobs)
+    def of(
+        cls,
+        params: SamplingParams,
+        logprobs: int | None = None,
+        constraint: Constraint | None = None,
+    ) -> StreamSampler:
+        return cls(params, make_generator(params.seed), logprobs, constraint=constraint)
 
     def choose(self, logits: torch.Tensor) -> TokenChoice:
-        """logits: [vocab] → the next token (counted for the penalties of later ones)."""
-        token = sample(logits, self.params, self.generator, self.generated)
+        """logits: [vocab] → the next token (counted for the penalties of later ones, and
+        consumed by the constraint). Logprobs stay the model's own, from before the mask."""
+        token = sample(logits, self.params, self.generator, self.generated, self.constraint)
+        if self.constraint is not None:
+            self.constraint.consume(token)
         self.generated[token] += 1
         if self.logprobs is None:
             return TokenChoice(token)

@@ -236,3 +236,56 @@ def test_token_logprobs_are_the_models_own_distribution() -> None:
     values, ids = torch.topk(reference, 3)
     assert [t for t, _ in top] == ids.tolist()
     assert [lp for _, lp in top] == pytest.approx(values.tolist())
+
+
+# ---- a constraint's mask ----
+
+
+class AllowOnly:
+    """A constraint allowing a fixed set of tokens; it records what it was given."""
+
+    def __init__(self, allowed: set[int]) -> None:
+        self.allowed = allowed
+        self.consumed: list[int] = []
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        keep[list(self.allowed)] = True
+        return logits.masked_fill(~keep, float("-inf"))
+
+    def consume(self, token: int) -> None:
+        self.consumed.append(token)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=1.0, seed=1),
+        SamplingParams(temperature=2.0, seed=2),
+        SamplingParams(temperature=2.0, top_p=0.9, seed=3),
+        SamplingParams(temperature=1.0, top_p=0.1, seed=4),
+        SamplingParams(temperature=2.0, seed=5, logit_bias={0: 100.0}, presence_penalty=2.0),
+    ],
+)
+def test_masked_tokens_are_never_chosen(params: SamplingParams) -> None:
+    # The allowed tokens are the model's least likely: every choice goes against it.
+    logits = torch.arange(VOCAB, dtype=torch.float32) / 10
+    allowed = {3, 5, 8, 13}
+    constraint = AllowOnly(allowed)
+    sampler = StreamSampler.of(params, logprobs=0, constraint=constraint)
+    choices = [sampler.choose(logits) for _ in range(300)]
+    assert {c.token for c in choices} <= allowed
+    assert constraint.consumed == [c.token for c in choices]
+    if not params.greedy and params.top_p > 0.5:
+        assert {c.token for c in choices} == allowed  # and they are sampled, not argmaxed
+    # The logprobs are the model's own, from before the mask.
+    reference = torch.log_softmax(logits, -1)
+    assert all(c.logprob == pytest.approx(float(reference[c.token])) for c in choices)
+
+
+def test_a_constraint_leaves_the_callers_logits_alone() -> None:
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(9))
+    before = logits.clone()
+    StreamSampler.of(SamplingParams(temperature=1.0), constraint=AllowOnly({1})).choose(logits)
+    assert torch.equal(logits, before)
