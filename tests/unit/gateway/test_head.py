@@ -19,6 +19,7 @@ import torch
 
 from gateway.app import create_app
 from gateway.batching import BatcherClosed
+from gateway.grammar import GrammarError
 from gateway.head import HeadRunner, batch_logits
 from gateway.metrics import GatewayMetrics
 from gateway.sampling import SamplingParams, StreamSampler
@@ -367,6 +368,34 @@ def test_a_streams_own_sampling_error_is_its_alone(runner: HeadRunner, gated: Ga
 
     bad, good = run(scenario)
     assert isinstance(bad, IndexError)
+    assert not isinstance(good, BaseException)
+    assert gated.rows == [1, 2]
+
+
+class FailingGrammar:
+    """A constraint whose matcher has failed (as llguidance's can, past a limit)."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        raise GrammarError("the grammar failed")
+
+    def consume(self, token: int) -> None:
+        raise AssertionError("nothing was chosen")
+
+
+def test_a_streams_grammar_failure_is_its_alone(runner: HeadRunner, gated: GatedLinear) -> None:
+    broken = StreamSampler.of(SamplingParams(), constraint=FailingGrammar())
+    fine = StreamSampler.of(SamplingParams(temperature=0.0))
+
+    async def scenario() -> list[object]:
+        held = await hold(runner, gated)
+        calls = [runner.next_token(hidden(1), broken), runner.next_token(hidden(2), fine)]
+        tasks = await queue(runner, calls)
+        gated.open_gate()
+        await held
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    bad, good = run(scenario)
+    assert isinstance(bad, GrammarError)
     assert not isinstance(good, BaseException)
     assert gated.rows == [1, 2]
 
