@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
+from gateway.grammar import Grammar
 from gateway.head import HeadRunner
 from gateway.metrics import GatewayMetrics
 from gateway.sampling import SamplingParams, StreamSampler, TokenChoice
@@ -38,6 +39,9 @@ class GenerationRequest:
     logprobs: int | None = None  # None: off; k: each token's logprob and the top k
     received_at: float = field(default_factory=time.monotonic)  # for time-to-first-token
     deadline: float = math.inf  # time.monotonic() past which the generation ends ("length")
+    # What the text must match (structured outputs); the generation stops ("stop") once
+    # the grammar is complete. Stop sequences still apply, as at OpenAI.
+    grammar: Grammar | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,8 @@ class Generator:
             async with self._affinity.held(generation.claim):
                 session.reuse(reused)
                 metrics.cached_tokens.inc(reused)
-                sampler = StreamSampler.of(request.sampling, request.logprobs)
+                matcher = request.grammar.matcher() if request.grammar else None
+                sampler = StreamSampler.of(request.sampling, request.logprobs, matcher)
                 pending: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
                 detokenizer = IncrementalDetokenizer(self._tokenizer)
                 stops = StopMatcher(request.stop)
@@ -163,7 +168,7 @@ class Generator:
                     if text:
                         yield TextDelta(text, tuple(pending))
                         pending.clear()
-                    if stops.stopped:
+                    if stops.stopped or (matcher is not None and matcher.stopped):
                         finish = "stop"
                         break
                     if generated == request.max_new_tokens or time.monotonic() >= request.deadline:
