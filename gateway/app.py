@@ -23,6 +23,7 @@ from gateway.chat_service import ChatService
 from gateway.completion_service import CompletionService
 from gateway.errors import to_http_error
 from gateway.generation import Generator
+from gateway.grammar import GrammarCompiler
 from gateway.head import HeadRunner
 from gateway.limits import Admission, BodySizeLimit
 from gateway.metrics import GatewayMetrics
@@ -92,11 +93,12 @@ def create_app(
             vocab_size=config.vocab_size,
             created=int(time.time()),
         )
+        eos_ids = _eos_ids(config, tokenizer)
         generator = Generator(
             head,
             tokenizer,
             swarm,
-            _eos_ids(config, tokenizer),
+            eos_ids,
             affinity,
             salt=settings.model_id,
             reuse=settings.affinity,
@@ -108,7 +110,22 @@ def create_app(
         app.state.admission = admission
         metrics.queued.set_function(lambda: admission.waiting)
         limits = RequestLimits(settings.default_max_tokens, settings.max_generation_s)
-        app.state.chat = ChatService(served, PromptBuilder(tokenizer), generator, limits)
+        # Structured outputs need a fast tokenizer (every model we load has one); without,
+        # chat refuses response formats other than text.
+        grammars = (
+            GrammarCompiler(
+                tokenizer,
+                eos_ids,
+                vocab_size=config.vocab_size,
+                cache_size=settings.grammar_cache_size,
+                compile_timeout_s=settings.grammar_compile_timeout_s,
+            )
+            if tokenizer.is_fast
+            else None
+        )
+        app.state.chat = ChatService(
+            served, PromptBuilder(tokenizer), generator, limits, grammars=grammars
+        )
         app.state.completions = CompletionService(served, tokenizer, generator, limits)
         try:
             yield
@@ -118,6 +135,8 @@ def create_app(
             if dht is not None:
                 dht.shutdown()
             head.close()
+            if grammars is not None:
+                grammars.close()
             await store.aclose()
 
     app = FastAPI(title="swarmgate", lifespan=lifespan)

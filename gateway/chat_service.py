@@ -17,6 +17,7 @@ from gateway.generation import (
     TextDelta,
     TokenLogprob,
 )
+from gateway.grammar import Grammar, GrammarCompiler
 from gateway.prepare import RequestLimits, ServedModel, check_model, generation_request
 from gateway.templating import PromptBuilder
 from gateway.tool_calls import CallFound, ToolCallStream, new_call_id
@@ -54,16 +55,18 @@ class ChatService:
         prompts: PromptBuilder,
         generator: Generator,
         limits: RequestLimits | None = None,
+        grammars: GrammarCompiler | None = None,  # None: only text responses
     ) -> None:
         self.model = model
         self._prompts = prompts
         self._generator = generator
         self._limits = limits or RequestLimits()
+        self._grammars = grammars
 
     def check(self, request: ChatCompletionRequest) -> None:
         """Refusals that need no tokenizer, made before the request waits for a slot."""
         check_model(self.model, request.model)
-        _refuse_unsupported(request)
+        _refuse_unsupported(request, structured=self._grammars is not None)
         _check_tools(request)
 
     async def prepare(
@@ -75,8 +78,11 @@ class ChatService:
         tenant: str = "",
     ) -> list[GenerationRequest]:
         """A checked request as one generation per choice. The chat template and tokenizer
-        run on a thread: megabytes of messages take a while, and other requests go on."""
-        return await asyncio.to_thread(self._prepare, request, session_key, received_at, tenant)
+        run on a thread: megabytes of messages take a while, and other requests go on; so
+        does the response format's grammar, on the compiler's threads."""
+        grammar = await response_grammar(request, self._grammars)
+        prepared = await asyncio.to_thread(self._prepare, request, session_key, received_at, tenant)
+        return [replace(p, grammar=grammar) for p in prepared] if grammar else prepared
 
     def _prepare(
         self,
@@ -266,15 +272,39 @@ def _another_choice(first: GenerationRequest, index: int) -> GenerationRequest:
     return replace(first, sampling=sampling, received_at=time.monotonic())
 
 
-def _refuse_unsupported(request: ChatCompletionRequest) -> None:
+def _refuse_unsupported(request: ChatCompletionRequest, *, structured: bool) -> None:
     """Say so, rather than silently ignoring what a client asked for."""
-    if request.response_format is not None and request.response_format.type != "text":
+    response_format = request.response_format
+    if response_format is None or response_format.type == "text":
+        return
+    if not structured:
         raise InvalidRequest(
-            f"response_format {request.response_format.type!r} is not supported by this "
+            f"response_format {response_format.type!r} is not supported by this "
             "model; only 'text' is",
             param="response_format",
             code="unsupported_parameter",
         )
+    json_schema = response_format.json_schema
+    if response_format.type == "json_schema" and json_schema and json_schema.schema_ is None:
+        raise InvalidRequest(
+            "response_format: json_schema.schema is required", param="response_format"
+        )
+
+
+async def response_grammar(
+    request: ChatCompletionRequest, grammars: GrammarCompiler | None
+) -> Grammar | None:
+    """What the response must match (None: any text). Errors name ``response_format``."""
+    response_format = request.response_format
+    if grammars is None or response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return await grammars.json_object(param="response_format")
+    json_schema = response_format.json_schema
+    assert json_schema is not None and json_schema.schema_ is not None  # checked before
+    return await grammars.json_schema(
+        json_schema.schema_, param="response_format", strict=json_schema.strict
+    )
 
 
 def _check_tools(request: ChatCompletionRequest) -> None:

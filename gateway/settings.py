@@ -33,3 +33,7 @@ class GatewaySettings:
     send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is cancelled
     default_max_tokens: int = 1024  # for chat requests that set none (completions: 16)
     max_generation_s: float = 600.0  # then a request's generation ends, finish_reason "length"
+    # Structured outputs: compiled grammars kept, and how long a request waits for its own
+    # (past that, a 400 when its compile had begun: the schema is too complex).
+    grammar_cache_size: int = 256
+    grammar_compile_timeout_s: float = 5.0
