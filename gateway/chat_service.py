@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
+from typing import Any
 
 from gateway.generation import (
     Finished,
@@ -17,10 +18,10 @@ from gateway.generation import (
     TextDelta,
     TokenLogprob,
 )
-from gateway.grammar import Grammar, GrammarCompiler
+from gateway.grammar import Grammar, GrammarCompiler, lark_json
 from gateway.prepare import RequestLimits, ServedModel, check_model, generation_request
 from gateway.templating import PromptBuilder
-from gateway.tool_calls import CallFound, ToolCallStream, new_call_id
+from gateway.tool_calls import CallFound, ToolCallStream, ToolFormat, new_call_id, tool_grammar
 from protocol.errors import InvalidRequest
 from protocol.openai import (
     ChatCompletion,
@@ -80,7 +81,7 @@ class ChatService:
         """A checked request as one generation per choice. The chat template and tokenizer
         run on a thread: megabytes of messages take a while, and other requests go on; so
         does the response format's grammar, on the compiler's threads."""
-        grammar = await response_grammar(request, self._grammars)
+        grammar = await response_grammar(request, self._grammars, self._prompts.tool_format)
         prepared = await asyncio.to_thread(self._prepare, request, session_key, received_at, tenant)
         return [replace(p, grammar=grammar) for p in prepared] if grammar else prepared
 
@@ -292,19 +293,34 @@ def _refuse_unsupported(request: ChatCompletionRequest, *, structured: bool) -> 
 
 
 async def response_grammar(
-    request: ChatCompletionRequest, grammars: GrammarCompiler | None
+    request: ChatCompletionRequest, grammars: GrammarCompiler | None, fmt: ToolFormat
 ) -> Grammar | None:
-    """What the response must match (None: any text). Errors name ``response_format``."""
+    """What the response must match (None: any text).
+
+    Tools the model must call (``required`` or a named function) allow only their calls.
+    Tools it may call, with a JSON response format, allow calls or that JSON. Without tools,
+    the format alone. Errors name the parameter whose schema failed."""
+    tools = tool_plan(request)
     response_format = request.response_format
-    if grammars is None or response_format is None or response_format.type == "text":
+    if grammars is None:
         return None
-    if response_format.type == "json_object":
-        return await grammars.json_object(param="response_format")
+    if tools is not None and tools.forced:
+        grammar = tool_grammar(fmt, tools.forced, tools.parallel)
+        return await grammars.lark(grammar, param="tools")
+    if response_format is None or response_format.type == "text":
+        return None
     json_schema = response_format.json_schema
-    assert json_schema is not None and json_schema.schema_ is not None  # checked before
-    return await grammars.json_schema(
-        json_schema.schema_, param="response_format", strict=json_schema.strict
-    )
+    if response_format.type == "json_object":
+        schema: dict[str, Any] = {"type": "object"}
+        strict = None
+    else:
+        assert json_schema is not None and json_schema.schema_ is not None  # checked before
+        schema, strict = json_schema.schema_, json_schema.strict
+    if tools is not None:
+        answer = lark_json(schema, strict=strict)
+        grammar = tool_grammar(fmt, tools.offered, tools.parallel, answer=answer)
+        return await grammars.lark(grammar, param="response_format")
+    return await grammars.json_schema(schema, param="response_format", strict=strict)
 
 
 def _check_tools(request: ChatCompletionRequest) -> None:

@@ -6,8 +6,9 @@ is recognised from the template. A template that knows none (SmolLM2's) gets the
 format, which Qwen2.5 and Hermes use too, through a system prompt (``fallback_system``):
 calls are ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks.
 
-Pure: no tokenizer, no I/O. Calls that do not parse, or that name a function the request
-did not offer, are left as text: a client never receives a call it cannot dispatch.
+Pure: no tokenizer, no I/O (grammars are text here; gateway/grammar.py compiles them).
+Calls that do not parse, or that name a function the request did not offer, are left as
+text: a client never receives a call it cannot dispatch.
 """
 
 from __future__ import annotations
@@ -19,12 +20,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.grammar import lark_json
 from protocol.openai import ChatTool
 
 NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
-# Forced calls are written compactly, as json.dumps writes them: llguidance's default lets
-# whitespace run on between tokens, which a weak or unsure model then does for ever.
-COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 @dataclass(frozen=True)
@@ -91,9 +90,9 @@ class ToolFormat:
         that a stream can send them before the answer ends; 0 if none."""
         return 0
 
-    def grammar(self, tools: Sequence[ChatTool], parallel: bool) -> str:
-        """A lark grammar (llguidance's dialect) whose every sentence is a valid call of
-        one of ``tools`` (or several when ``parallel``), in this format."""
+    def rules(self, tools: Sequence[ChatTool], parallel: bool) -> str:
+        """Lark rules (llguidance's dialect) whose rule ``calls`` matches exactly the valid
+        calls of ``tools`` in this format: one, or several when ``parallel``."""
         raise NotImplementedError
 
 
@@ -110,8 +109,21 @@ def _call_schema(tools: Sequence[ChatTool], arguments_key: str) -> dict[str, Any
         }
         for tool in tools
     ]
-    one = options[0] if len(options) == 1 else {"anyOf": options}
-    return {"x-guidance": COMPACT_JSON, **one}
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _strict(tools: Sequence[ChatTool]) -> bool:
+    # One grammar holds every tool's schema: one strict tool makes it strict.
+    return any(tool.function.strict for tool in tools)
+
+
+def tool_grammar(
+    fmt: ToolFormat, tools: Sequence[ChatTool], parallel: bool, answer: str | None = None
+) -> str:
+    """A lark grammar: calls of ``tools`` only, or, given ``answer`` (a rule body such as
+    ``%json{...}``), either calls or that answer."""
+    top = "start: calls | answer\nanswer: " + answer if answer else "start: calls"
+    return f"{top}\n{fmt.rules(tools, parallel)}"
 
 
 class HermesFormat(ToolFormat):
@@ -140,14 +152,10 @@ class HermesFormat(ToolFormat):
         closed = text.rfind(self.end)
         return 0 if closed < 0 else closed + len(self.end)
 
-    def grammar(self, tools: Sequence[ChatTool], parallel: bool) -> str:
-        schema = json.dumps(_call_schema(tools, "arguments"))
+    def rules(self, tools: Sequence[ChatTool], parallel: bool) -> str:
+        body = lark_json(_call_schema(tools, "arguments"), strict=_strict(tools))
         repeat = ' ("\\n" call)*' if parallel else ""
-        return (
-            f"start: call{repeat}\n"
-            f'call: "{self.start}\\n" body "\\n{self.end}"\n'
-            f"body: %json {schema}\n"
-        )
+        return f'calls: call{repeat}\ncall: "{self.start}\\n" body "\\n{self.end}"\nbody: {body}\n'
 
 
 class JsonListFormat(ToolFormat):
@@ -165,13 +173,11 @@ class JsonListFormat(ToolFormat):
         calls = [_call_of(value, "arguments", names) for value in values[0]]
         return [c for c in calls if c is not None] if calls and None not in calls else None
 
-    def grammar(self, tools: Sequence[ChatTool], parallel: bool) -> str:
-        schema = _call_schema(tools, "arguments")
-        guidance = schema.pop("x-guidance")
-        array = {"x-guidance": guidance, "type": "array", "items": schema, "minItems": 1}
+    def rules(self, tools: Sequence[ChatTool], parallel: bool) -> str:
+        array = {"type": "array", "items": _call_schema(tools, "arguments"), "minItems": 1}
         if not parallel:
             array["maxItems"] = 1
-        return f"start: %json {json.dumps(array)}\n"
+        return f"calls: {lark_json(array, strict=_strict(tools))}\n"
 
 
 class JsonObjectFormat(ToolFormat):
@@ -191,10 +197,10 @@ class JsonObjectFormat(ToolFormat):
         ]
         return None if None in calls else [c for c in calls if c is not None]
 
-    def grammar(self, tools: Sequence[ChatTool], parallel: bool) -> str:
-        schema = json.dumps(_call_schema(tools, "parameters"))
+    def rules(self, tools: Sequence[ChatTool], parallel: bool) -> str:
+        body = lark_json(_call_schema(tools, "parameters"), strict=_strict(tools))
         repeat = ' ("; " call)*' if parallel else ""
-        return f"start: call{repeat}\ncall: %json {schema}\n"
+        return f"calls: call{repeat}\ncall: {body}\n"
 
 
 HERMES = HermesFormat()

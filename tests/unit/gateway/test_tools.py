@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import openai.types.chat as chat_types
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
@@ -270,3 +271,117 @@ def test_a_random_model_offered_tools_answers_in_openais_shape(client: TestClien
     assert r.status_code == 200, r.text
     completion = chat_types.ChatCompletion.model_validate(r.json())
     assert completion.choices[0].finish_reason in ("stop", "length")
+
+
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "maxLength": 20},
+                "limit": {"type": "integer", "minimum": 1, "maximum": 9},
+                "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+            },
+            "required": ["query", "limit"],
+            "additionalProperties": False,
+        },
+    },
+}
+SCHEMAS = {
+    tool["function"]["name"]: tool["function"].get("parameters", {})  # type: ignore[index]
+    for tool in (WEATHER, TIME, LOOKUP)
+}
+
+
+def assert_valid_calls(message: chat_types.ChatCompletionMessage, names: set[str]) -> None:
+    calls = message.tool_calls or []
+    assert calls and {c.function.name for c in calls} <= names
+    for call in calls:
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "names"),
+    [
+        ("required", {"get_weather", "get_time", "lookup"}),
+        ({"type": "function", "function": {"name": "lookup"}}, {"lookup"}),
+    ],
+)
+def test_forced_calls_always_validate_whatever_the_model_writes(
+    client: TestClient, tool_choice: Any, names: set[str]
+) -> None:
+    """A random model, sampled at temperature 1: only the grammar can make these valid."""
+    body = {
+        "model": "tiny",
+        "messages": ASK,
+        "tools": [WEATHER, TIME, LOOKUP],
+        "tool_choice": tool_choice,
+        "temperature": 1,
+        "max_tokens": 120,
+        "parallel_tool_calls": False,
+    }
+    finished = []
+    for seed in range(6):
+        r = client.post("/v1/chat/completions", json={**body, "seed": seed})
+        assert r.status_code == 200, r.text
+        choice = chat_types.ChatCompletion.model_validate(r.json()).choices[0]
+        finished.append(choice.finish_reason)
+        if choice.finish_reason == "length":
+            continue  # cut short, as OpenAI's are (an unbounded string can run on)
+        assert choice.finish_reason == "tool_calls", choice
+        assert len(choice.message.tool_calls or []) == 1  # parallel_tool_calls false
+        assert_valid_calls(choice.message, names)
+    assert finished.count("tool_calls") >= 3, finished
+
+
+def test_forced_calls_stream_in_openais_shape(client: TestClient) -> None:
+    body = {
+        "model": "tiny",
+        "messages": ASK,
+        "tools": [TIME, LOOKUP],  # bounded arguments: the calls end in time
+        "tool_choice": "required",
+        "temperature": 1,
+        "seed": 3,
+        "max_tokens": 200,
+        "stream": True,
+    }
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    state = ChatCompletionStreamState(input_tools=[TIME, LOOKUP])  # type: ignore[list-item]
+    for line in lines[:-1]:
+        state.handle_chunk(chat_types.ChatCompletionChunk.model_validate_json(line))
+    final = state.get_final_completion().choices[0]
+    assert final.finish_reason == "tool_calls"
+    assert_valid_calls(final.message, {"get_time", "lookup"})  # type: ignore[arg-type]
+
+
+def test_tools_with_a_response_format_give_calls_or_that_json(client: TestClient) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 10}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    body = {
+        "model": "tiny",
+        "messages": ASK,
+        "tools": [WEATHER],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+        "temperature": 1,
+        "max_tokens": 80,
+    }
+    finished = []
+    for seed in range(6):
+        r = client.post("/v1/chat/completions", json={**body, "seed": seed})
+        choice = chat_types.ChatCompletion.model_validate(r.json()).choices[0]
+        finished.append(choice.finish_reason)
+        if choice.finish_reason == "tool_calls":
+            assert_valid_calls(choice.message, {"get_weather"})
+        elif choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content or ""), schema)
+    assert finished.count("length") <= 3, finished
