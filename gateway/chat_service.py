@@ -362,11 +362,15 @@ def tool_plan(request: ChatCompletionRequest) -> ToolPlan | None:
     if not request.tools or choice == "none":
         return None
     offered = tuple(request.tools)
+    parallel = request.parallel_tool_calls is not False
     if isinstance(choice, NamedToolChoice):
+        # One call of the named function: a small model otherwise tends to repeat it until
+        # max_tokens.
         forced = tuple(t for t in offered if t.function.name == choice.function.name)
+        parallel = False
     else:
         forced = offered if choice == "required" else ()
-    return ToolPlan(offered, forced, parallel=request.parallel_tool_calls is not False)
+    return ToolPlan(offered, forced, parallel)
 
 
 def _tool_call(found: CallFound) -> ToolCall:

@@ -31,7 +31,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
         # A template that knows tools renders them and the calls in history itself; any
-        # other gets them written in the Hermes format (gateway/tool_calls.py).
+        # other gets them written in the fallback format (gateway/tool_calls.py).
         self.native_tools = template_knows_tools(template)
         self.tool_format: ToolFormat = format_for_template(template)
 

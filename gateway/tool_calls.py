@@ -152,9 +152,12 @@ class HermesFormat(ToolFormat):
         closed = text.rfind(self.end)
         return 0 if closed < 0 else closed + len(self.end)
 
+    def __init__(self, *, forced_parallel: bool = True) -> None:
+        self.forced_parallel = forced_parallel
+
     def rules(self, tools: Sequence[ChatTool], parallel: bool) -> str:
         body = lark_json(_call_schema(tools, "arguments"), strict=_strict(tools))
-        repeat = ' ("\\n" call)*' if parallel else ""
+        repeat = ' ("\\n" call)*' if parallel and self.forced_parallel else ""
         return f'calls: call{repeat}\ncall: "{self.start}\\n" body "\\n{self.end}"\nbody: {body}\n'
 
 
@@ -204,11 +207,16 @@ class JsonObjectFormat(ToolFormat):
 
 
 HERMES = HermesFormat()
+# A model taught the format only by the fallback prompt, forced to call, writes one call:
+# one that was never trained on it (SmolLM2) repeats its call until max_tokens otherwise.
+FALLBACK = HermesFormat(forced_parallel=False)
 
 
 def format_for_template(template: str | None) -> ToolFormat:
-    """The format a chat template teaches its model; Hermes when the template shows none
-    (then the fallback system prompt teaches it)."""
+    """The format a chat template teaches its model; Hermes when it shows none, and the
+    fallback (Hermes taught by ``fallback_system``) when the template knows no tools."""
+    if not template_knows_tools(template):
+        return FALLBACK
     text = template or ""
     if "[TOOL_CALLS]" in text:
         return JsonListFormat()

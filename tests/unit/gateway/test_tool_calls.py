@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
+from gateway.grammar import GrammarCompiler
+from gateway.templating import load_tokenizer
 from gateway.tool_calls import (
+    FALLBACK,
     HERMES,
     CallFound,
     JsonListFormat,
@@ -16,6 +21,7 @@ from gateway.tool_calls import (
     ToolFormat,
     format_for_template,
     template_knows_tools,
+    tool_grammar,
 )
 from protocol.openai import ChatTool
 
@@ -125,9 +131,53 @@ def test_mistral_lists_and_llama_objects() -> None:
 
 
 def test_formats_are_recognised_from_templates() -> None:
-    assert format_for_template(None) is HERMES
+    assert format_for_template(None) is FALLBACK
+    assert format_for_template("{{ messages }}") is FALLBACK
     assert format_for_template("{% for t in tools %}<tool_call>{% endfor %}") is HERMES
-    assert isinstance(format_for_template("[AVAILABLE_TOOLS] [TOOL_CALLS]"), JsonListFormat)
+    assert isinstance(format_for_template("{{ tools }} [TOOL_CALLS]"), JsonListFormat)
     assert isinstance(format_for_template("<|python_tag|>{{ tools }}"), JsonObjectFormat)
     assert template_knows_tools("{% if tools %}...{% endif %}")
     assert not template_knows_tools("{{ messages }}")
+
+
+@pytest.mark.parametrize(
+    ("fmt", "one", "two"),
+    [
+        (
+            HERMES,
+            '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+            '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+        ),
+        (
+            JsonObjectFormat(),
+            '{"name": "get_time", "parameters": {}}',
+            '; {"name": "get_weather", "parameters": {"city": "Oslo"}}',
+        ),
+    ],
+)
+def test_forced_grammars_take_exactly_the_calls_their_format_reads(
+    tiny_model: Path, fmt: ToolFormat, one: str, two: str
+) -> None:
+    tokenizer = load_tokenizer(tiny_model)
+    compiler = GrammarCompiler(tokenizer, [tokenizer.eos_token_id])
+
+    def accepts(grammar: str, text: str) -> bool:
+        matcher = asyncio.run(compiler.lark(grammar, param="tools")).matcher()
+        for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            if not matcher.allowed()[token]:
+                return False
+            matcher.consume(token)
+        return matcher.accepting
+
+    try:
+        parallel = tool_grammar(fmt, TOOLS, parallel=True)
+        single = tool_grammar(fmt, TOOLS, parallel=False)
+        assert accepts(parallel, one) and accepts(parallel, one + two)
+        assert accepts(single, one) and not accepts(single, one + two)
+        assert read(fmt, one + two)[1] == [call("get_time"), call("get_weather", city="Oslo")]
+        bad = one.replace("get_time", "get_tim")
+        assert not accepts(parallel, bad)
+        # The fallback format, forced, writes one call however parallel the request.
+        assert not accepts(tool_grammar(FALLBACK, TOOLS, parallel=True), one + two)
+    finally:
+        compiler.close()

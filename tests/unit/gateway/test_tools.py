@@ -231,6 +231,7 @@ def test_plans() -> None:
     assert auto is not None and auto.forced == () and auto.parallel
     named = tool_plan(request(tool_choice={"type": "function", "function": {"name": "get_time"}}))
     assert named is not None and [t.function.name for t in named.forced] == ["get_time"]
+    assert not named.parallel
     required = tool_plan(request(tool_choice="required", parallel_tool_calls=False))
     assert required is not None and len(required.forced) == 2 and not required.parallel
 
