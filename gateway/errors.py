@@ -13,8 +13,10 @@ from protocol.errors import (
     ContextLengthExceeded,
     ModelNotFound,
     NoRouteError,
+    NotFound,
     PeerUnavailable,
     RequestError,
+    StoreUnavailable,
     SwarmError,
     TooManyRequests,
     Unauthorized,
@@ -55,6 +57,8 @@ def to_http_error(exc: BaseException) -> HTTPError:
         return _error(
             404, exc.message, "invalid_request_error", param="model", code="model_not_found"
         )
+    if isinstance(exc, NotFound):
+        return _error(404, exc.message, "invalid_request_error", param=exc.param, code=exc.code)
     if isinstance(exc, ContextLengthExceeded):
         return _error(
             400,
@@ -87,6 +91,14 @@ def to_http_error(exc: BaseException) -> HTTPError:
             f"a server of the swarm failed: {exc}",
             "service_unavailable_error",
             code="peer_unavailable",
+            retry=True,
+        )
+    if isinstance(exc, StoreUnavailable):
+        return _error(
+            503,
+            f"the gateway's store is unavailable: {exc}",
+            "service_unavailable_error",
+            code="store_unavailable",
             retry=True,
         )
     if isinstance(exc, SwarmError):

@@ -15,8 +15,11 @@ Errors about one server carry its ``peer_id`` so that the gateway can route arou
     ├── InvalidRequest          bad JSON or parameter values
     ├── Unauthorized            a missing or wrong API key
     ├── ModelNotFound           the requested model is not served here
+    ├── NotFound                a stored object (a response) that the request names is not here
     ├── ContextLengthExceeded   prompt + max tokens exceed the model's context
     └── TooManyRequests         the client (API key) has too many requests in flight
+
+    StoreUnavailable            the gateway's shared store (Redis) did not answer
 
 The gateway maps each class to an HTTP status once, in ``gateway/errors.py``.
 """
@@ -91,9 +94,18 @@ class ModelNotFound(RequestError):
     """The requested model is not served by this gateway."""
 
 
+class NotFound(RequestError):
+    """A stored object that the request names does not exist, has expired, or belongs to
+    another API key (which is not told apart: ids are no oracle)."""
+
+
 class ContextLengthExceeded(RequestError):
     """The prompt plus the tokens to generate do not fit the model's context."""
 
 
 class TooManyRequests(RequestError):
     """The client (its API key) already has as many requests in flight as one may have."""
+
+
+class StoreUnavailable(Exception):
+    """The gateway's shared store (Redis) did not answer a read that a request needs."""
