@@ -222,6 +222,11 @@ class RedisAffinityStore:
         self._ttl_ms = int(ttl_s * 1000)
         self._lease_ms = int(lease_ttl_s * 1000)
 
+    @property
+    def client(self) -> Any:
+        """The ``redis.asyncio`` client, for other soft state kept beside affinity."""
+        return self._redis
+
     async def get_key(self, key: str) -> SessionPin | None:
         raw = await self._redis.get(f"{self._prefix}key:{_digest(key)}")
         return SessionPin.from_json(raw) if raw else None

@@ -37,3 +37,4 @@ class GatewaySettings:
     # (past that, a 400 when its compile had begun: the schema is too complex).
     grammar_cache_size: int = 256
     grammar_compile_timeout_s: float = 5.0
+    response_ttl_s: float = 86400.0  # how long a stored response (`store: true`) is kept

@@ -317,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a request generating this long ends with finish_reason `length`",
     )
     gateway.add_argument(
+        "--response-ttl",
+        type=_positive_float,
+        default=_env("SWARMGATE_RESPONSE_TTL", "86400"),
+        help="seconds a stored response (/v1/responses with store) is kept, for "
+        "previous_response_id and GET /v1/responses/{id}",
+    )
+    gateway.add_argument(
         "--no-affinity",
         action="store_true",
         default=_env("SWARMGATE_NO_AFFINITY", "") not in ("", "0", "false"),

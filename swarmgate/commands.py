@@ -131,6 +131,7 @@ def gateway(args: argparse.Namespace) -> None:
         send_timeout_s=args.send_timeout,
         default_max_tokens=args.default_max_tokens,
         max_generation_s=args.max_generation_seconds,
+        response_ttl_s=args.response_ttl,
         api_keys=api_keys(args.api_key, args.api_key_file),
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         step_floor_s=args.step_floor,
