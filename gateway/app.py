@@ -29,6 +29,8 @@ from gateway.limits import Admission, BodySizeLimit
 from gateway.metrics import GatewayMetrics
 from gateway.prepare import RequestLimits, ServedModel
 from gateway.request_ids import RequestIdMiddleware
+from gateway.response_store import InMemoryResponseStore, RedisResponseStore, ResponseStore
+from gateway.responses_service import ResponsesService
 from gateway.routes import api, ops
 from gateway.sessions import SessionAffinity
 from gateway.settings import GatewaySettings
@@ -127,9 +129,12 @@ def create_app(
             served, PromptBuilder(tokenizer), generator, limits, grammars=grammars
         )
         app.state.completions = CompletionService(served, tokenizer, generator, limits)
+        responses = _response_store(settings, store)
+        app.state.responses = ResponsesService(app.state.chat, responses)
         try:
             yield
         finally:
+            await responses.aclose()
             if isinstance(swarm, P2PSwarmClient):
                 await swarm.aclose()
             if dht is not None:
@@ -167,6 +172,22 @@ def _affinity_store(settings: GatewaySettings) -> AffinityStore:
         namespace = dht_prefix(settings.model_id, settings.namespace)
         return RedisAffinityStore(settings.redis_url, namespace=namespace)
     return InMemoryAffinityStore()
+
+
+def _response_store(settings: GatewaySettings, affinity: AffinityStore) -> ResponseStore:
+    """Stored responses live where affinity does: in Redis when the gateway has one (on the
+    same connections), else in this process. Unlike affinity, they are kept with
+    `--no-affinity` too: they are conversations, not cache hints."""
+    namespace = dht_prefix(settings.model_id, settings.namespace)
+    ttl_s = settings.response_ttl_s
+    if isinstance(affinity, RedisAffinityStore):
+        return RedisResponseStore(affinity.client, namespace=namespace, ttl_s=ttl_s)
+    if settings.redis_url:
+        import redis.asyncio as redis
+
+        client = redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        return RedisResponseStore(client, namespace=namespace, ttl_s=ttl_s, owned=True)
+    return InMemoryResponseStore(ttl_s=ttl_s)
 
 
 def _eos_ids(config: object, tokenizer: object) -> set[int]:

@@ -22,6 +22,7 @@ from gateway.completion_service import CompletionService
 from gateway.errors import to_http_error
 from gateway.generation import Generation
 from gateway.limits import Admission, Slot
+from gateway.responses_service import ResponsesService
 from gateway.streaming import EventStream
 from gateway.swarm_client import SwarmClient
 from protocol.errors import ModelNotFound, NoRouteError
@@ -33,6 +34,7 @@ from protocol.openai import (
     ModelList,
     dump,
 )
+from protocol.responses import DeletedResponse, ResponsesRequest
 from routing.planner import Hop, plan_route
 
 api = APIRouter()  # the OpenAI surface, behind gateway.auth.ApiKeyGuard
@@ -63,6 +65,34 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _respond(request, request.app.state.completions, body, session_key)
 
 
+def _responses(request: Request) -> ResponsesService:
+    return request.app.state.responses  # type: ignore[no-any-return]
+
+
+def _tenant(request: Request) -> str:
+    return tenant_of(request.headers.get("authorization", ""), request.app.state.api_keys)
+
+
+@api.post("/v1/responses", responses=_ERRORS)
+async def create_response(body: ResponsesRequest, request: Request) -> Response:
+    service = _responses(request)
+    session_key = request.headers.get("x-session-id")
+    # The stored conversation is read before the request waits for a slot.
+    turn = await service.resolve(body, tenant=_tenant(request), session_key=session_key)
+    return await _respond(request, service, turn, session_key, framing=sse.TYPED_EVENTS)
+
+
+@api.get("/v1/responses/{response_id}", responses=_ERRORS)
+async def retrieve_response(response_id: str, request: Request) -> object:
+    return dump(await _responses(request).retrieve(response_id, tenant=_tenant(request)))
+
+
+@api.delete("/v1/responses/{response_id}", responses=_ERRORS)
+async def delete_response(response_id: str, request: Request) -> object:
+    await _responses(request).delete(response_id, tenant=_tenant(request))
+    return dump(DeletedResponse(id=response_id))
+
+
 ROUTE_HEADER = "X-Swarmgate-Route"
 
 
@@ -75,17 +105,22 @@ def route_header(route: Sequence[Hop]) -> str:
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
 
 
+Service = ChatService | CompletionService | ResponsesService
+
+
 async def _respond(
     request: Request,
-    service: ChatService | CompletionService,
+    service: Service,
     body: Any,
     session_key: str | None,
+    *,
+    framing: sse.Framing = sse.CHUNKS,
 ) -> Response:
     """Checks first; then a slot, the prompt and the generation, all given up (session
     closed, slot freed) if the client leaves before the response is ready."""
     received_at = time.monotonic()
     service.check(body)
-    work = _serve(request, service, body, session_key, received_at)
+    work = _serve(request, service, body, session_key, received_at, framing)
     try:
         return await unless_disconnected(request.receive, work)
     except ClientDisconnect:
@@ -94,10 +129,11 @@ async def _respond(
 
 async def _serve(
     request: Request,
-    service: ChatService | CompletionService,
+    service: Service,
     body: Any,
     session_key: str | None,
     received_at: float,
+    framing: sse.Framing,
 ) -> Response:
     """One JSON body, or a stream whose first generation is open before the status line
     goes out (so that a missing route is a 503, not a broken stream). Either way the
@@ -121,7 +157,8 @@ async def _serve(
             return JSONResponse(dump(completion), headers={ROUTE_HEADER: route_header(route)})
         first = await service.open(prepared[0])
         chunks = service.stream(body, prepared, first)
-        stream = _stream(service, chunks, first, slot, request.app.state.send_timeout_s)
+        timeout_s = request.app.state.send_timeout_s
+        stream = _stream(service, chunks, first, slot, timeout_s, framing)
         return stream
     finally:
         if stream is None:  # else the stream frees the slot when it ends
@@ -129,11 +166,12 @@ async def _serve(
 
 
 def _stream(
-    service: ChatService | CompletionService,
+    service: Service,
     chunks: AsyncGenerator[BaseModel, None],
     first: Generation,
     slot: Slot,
     send_timeout_s: float,
+    framing: sse.Framing,
 ) -> EventStream:
     async def cleanup() -> None:  # idempotent, and never suspends (see Generator.close)
         await chunks.aclose()
@@ -141,7 +179,7 @@ def _stream(
         slot.release()
 
     return EventStream(
-        _events(chunks, cleanup),
+        _events(chunks, cleanup, framing),
         cleanup=cleanup,
         send_timeout_s=send_timeout_s,
         headers={ROUTE_HEADER: route_header(first.route)},
@@ -149,21 +187,28 @@ def _stream(
 
 
 async def _events(
-    chunks: AsyncIterator[BaseModel], cleanup: Callable[[], Awaitable[None]]
+    chunks: AsyncIterator[BaseModel],
+    cleanup: Callable[[], Awaitable[None]],
+    framing: sse.Framing,
 ) -> AsyncIterator[ServerSentEvent]:
-    error = None
+    error = last = None
     try:
         async for chunk in chunks:
-            yield sse.chunk_event(chunk)
+            if framing.last(chunk):
+                last = framing.encode(chunk)
+            else:
+                yield framing.encode(chunk)
     except Exception as e:  # the status line is long gone: report in-band, then end cleanly
         error = sse.error_event(to_http_error(e).body)
     finally:
-        # Before `[DONE]`: a client that sends its next request on reading it finds its
-        # slot free.
+        # Before the stream's end (`[DONE]` or its last event): a client that sends its
+        # next request on reading it finds its slot free.
         await cleanup()
-    if error is not None:
-        yield error
-    yield sse.done_event()
+    for event in (last, error):
+        if event is not None:
+            yield event
+    if framing.done:
+        yield sse.done_event()
 
 
 def _served_models(request: Request) -> list[ModelCard]:

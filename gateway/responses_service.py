@@ -1,0 +1,211 @@
+"""The OpenAI Responses API on top of the chat completions service; knows nothing about HTTP.
+
+A request is first resolved against the conversation it continues (``previous_response_id``)
+into a ``Turn``: the chat request to run and what to store once it has run. From then on it
+goes the way of a chat completion (admission, template, swarm session), and its result is
+translated back (gateway/responses_translation.py).
+
+Every turn of a stored conversation runs under one session key, so that it finds the KV
+caches of the turn before: the request's ``prompt_cache_key`` (or ``X-Session-ID``) when it
+gives one, else the key of the conversation it continues, else, for its first response, a
+key named after that response's id. Two follow-ups of one response share that key: the
+second continues the cache of the first's branch as far as the two agree (exact either way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass
+
+from gateway.chat_service import ChatService
+from gateway.errors import to_http_error
+from gateway.generation import Generation, GenerationRequest
+from gateway.prepare import ServedModel, check_model
+from gateway.response_store import MAX_RECORD_BYTES, ResponseStore, StoredResponse
+from gateway.responses_translation import (
+    ResponseEvents,
+    chat_request,
+    new_id,
+    output_messages,
+    refuse_unsupported,
+    response_from_completion,
+    response_skeleton,
+)
+from protocol.errors import InvalidRequest, NotFound, RequestError
+from protocol.openai import ChatCompletionRequest, ChatMessage
+from protocol.responses import Response, ResponseEvent, ResponsesRequest
+from routing.planner import Hop
+
+logger = logging.getLogger(__name__)
+
+# The chat service names the chat request's parameters; a Responses client knows these.
+_PARAMS = {
+    "messages": "input",
+    "response_format": "text.format",
+    "max_completion_tokens": "max_output_tokens",
+}
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A Responses request resolved against the conversation it continues."""
+
+    request: ResponsesRequest
+    chat: ChatCompletionRequest  # what the chat service runs
+    conversation: tuple[ChatMessage, ...]  # stored turns and this input; no instructions
+    response: Response  # before any output: its id and the parameters it echoes
+    session_key: str | None  # the conversation's session, see the module's docstring
+    tenant: str
+
+    @property
+    def stream(self) -> bool:
+        return self.request.stream
+
+
+class ResponsesService:
+    def __init__(self, chat: ChatService, store: ResponseStore) -> None:
+        self._chat = chat
+        self._store = store
+
+    @property
+    def model(self) -> ServedModel:
+        return self._chat.model
+
+    async def resolve(
+        self, request: ResponsesRequest, *, tenant: str, session_key: str | None = None
+    ) -> Turn:
+        """Refusals first; then the stored conversation that the request continues (one
+        read of the store, before the request waits for a slot)."""
+        check_model(self.model, request.model)
+        refuse_unsupported(request)
+        previous = await self._previous(request, tenant)
+        response_id = new_id("resp")
+        with _responses_params():
+            chat, conversation = chat_request(request, previous.messages if previous else ())
+        if request.prompt_cache_key or session_key:
+            key: str | None = request.prompt_cache_key or session_key
+        elif previous is not None:
+            key = previous.session_key
+        else:
+            key = f"response:{response_id}" if request.stores() else None
+        return Turn(
+            request,
+            chat,
+            tuple(conversation),
+            response_skeleton(request, response_id, self.model.id),
+            key,
+            tenant,
+        )
+
+    async def _previous(self, request: ResponsesRequest, tenant: str) -> StoredResponse | None:
+        if request.previous_response_id is None:
+            return None
+        found = await self._store.get(tenant, request.previous_response_id)
+        if found is None:  # as OpenAI answers: a 400 with its own code
+            raise InvalidRequest(
+                f"Previous response with id {request.previous_response_id!r} not found.",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        return found
+
+    def check(self, turn: Turn) -> None:
+        with _responses_params():
+            self._chat.check(turn.chat)
+
+    async def prepare(
+        self,
+        turn: Turn,
+        session_key: str | None = None,  # already part of the turn's
+        *,
+        received_at: float | None = None,
+        tenant: str = "",
+    ) -> list[GenerationRequest]:
+        with _responses_params():
+            return await self._chat.prepare(
+                turn.chat, turn.session_key, received_at=received_at, tenant=turn.tenant
+            )
+
+    async def open(self, prepared: GenerationRequest) -> Generation:
+        return await self._chat.open(prepared)
+
+    async def close(self, generation: Generation) -> None:
+        await self._chat.close(generation)
+
+    async def complete(
+        self, turn: Turn, prepared: list[GenerationRequest]
+    ) -> tuple[Response, tuple[Hop, ...]]:
+        completion, route = await self._chat.complete(turn.chat, prepared)
+        response = response_from_completion(turn.response, completion)
+        await self._save(turn, response)
+        return response, route
+
+    async def stream(
+        self, turn: Turn, prepared: list[GenerationRequest], first: Generation
+    ) -> AsyncGenerator[ResponseEvent, None]:
+        """The response's events. A failure after the first event ends the stream with an
+        `error` event and `response.failed`, and stores nothing."""
+        events = ResponseEvents(turn.response)
+        for event in events.started():
+            yield event
+        chunks = self._chat.stream(turn.chat, prepared, first)
+        try:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    for event in events.push(chunk):
+                        yield event
+            response = events.result()
+            await self._save(turn, response)  # before the client hears it is done
+        except Exception as e:
+            http = to_http_error(e)
+            error = http.body.error
+            for event in events.failed(error.message, error.code, error.param, http.status):
+                yield event
+            return
+        for event in events.ended(response):
+            yield event
+
+    async def _save(self, turn: Turn, response: Response) -> None:
+        """Store a finished response, when asked to. The store failing costs the
+        conversation its continuation (a warning), not this answer."""
+        if not response.store:
+            return
+        messages = (*turn.conversation, *output_messages(response.output))
+        record = StoredResponse(response, messages, turn.session_key or "")
+        if len(record.to_json()) > MAX_RECORD_BYTES:
+            logger.warning(
+                "response %s is over %d bytes: not stored", response.id, MAX_RECORD_BYTES
+            )
+            return
+        try:
+            await self._store.put(turn.tenant, record)
+        except Exception as e:
+            logger.warning("response %s could not be stored: %s", response.id, e)
+
+    async def retrieve(self, response_id: str, *, tenant: str) -> Response:
+        found = await self._store.get(tenant, response_id)
+        if found is None:
+            raise _not_found(response_id)
+        return found.response
+
+    async def delete(self, response_id: str, *, tenant: str) -> None:
+        if not await self._store.delete(tenant, response_id):
+            raise _not_found(response_id)
+
+
+def _not_found(response_id: str) -> NotFound:
+    return NotFound(f"Response with id {response_id!r} not found.", param="response_id")
+
+
+@contextlib.contextmanager
+def _responses_params() -> Iterator[None]:
+    """Errors of the chat service, naming the parameters as a Responses client sent them."""
+    try:
+        yield
+    except RequestError as e:
+        root = (e.param or "").split(".", 1)[0]
+        if root not in _PARAMS:
+            raise
+        raise type(e)(e.message, param=_PARAMS[root], code=e.code) from e
