@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
@@ -370,3 +371,77 @@ def test_the_openai_sdk_creates_streams_and_retrieves(client: TestClient) -> Non
         sdk.responses.retrieve("resp_missing")
     with pytest.raises(openai.BadRequestError):
         sdk.responses.create(model=MODEL_ID, input="x", tools=[{"type": "web_search"}])
+
+
+LOOKUP = {
+    "type": "function",
+    "name": "lookup",
+    "strict": True,
+    "parameters": {
+        "type": "object",
+        "properties": {"q": {"type": "string", "maxLength": 8}},
+        "required": ["q"],
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_forced_call_and_its_output_round_trip_through_the_sdk(
+    client: TestClient, streamed: bool
+) -> None:
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
+    ask: dict[str, Any] = {
+        "model": MODEL_ID,
+        "input": "Find it",
+        "tools": [LOOKUP],
+        "tool_choice": "required",
+        "temperature": 1,
+        "max_output_tokens": 200,
+    }
+    if streamed:
+        with sdk.responses.stream(**ask) as events:
+            seen = list(events)
+        kinds = [e.type for e in seen]
+        assert "response.function_call_arguments.done" in kinds
+        first = events.get_final_response()
+    else:
+        first = sdk.responses.create(**ask)
+    assert first.status == "completed"
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) >= 1 and calls[0].name == "lookup"
+    jsonschema.validate(json.loads(calls[0].arguments), LOOKUP["parameters"])
+
+    answer = sdk.responses.create(
+        model=MODEL_ID,
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "42"}],
+        tools=[LOOKUP],
+        max_output_tokens=4,
+    )
+    assert answer.previous_response_id == first.id and answer.output
+
+
+def test_text_format_json_schema_constrains_the_answer(client: TestClient) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    done = 0
+    for seed in range(4):
+        r = create(
+            client,
+            input="Answer",
+            temperature=1,
+            max_output_tokens=120,
+            text={"format": {"type": "json_schema", "name": "a", "schema": schema, "strict": True}},
+            metadata={"seed": str(seed)},
+        )
+        assert r.text is not None and r.text.format is not None
+        assert r.text.format.type == "json_schema"
+        if r.status == "completed":
+            jsonschema.validate(json.loads(r.output_text), schema)
+            done += 1
+    assert done >= 2
