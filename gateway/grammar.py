@@ -109,10 +109,22 @@ class Grammar:
         return Matcher(self._start.deep_copy())
 
 
-def lark_json(schema: dict[str, Any], *, strict: bool | None = None) -> str:
+def lark_json(
+    schema: dict[str, Any], *, strict: bool | None = None, canonical: bool = False
+) -> str:
     """``%json{...}``: ``schema`` as a lark rule body, under the same JSON options as
-    ``GrammarCompiler.json_schema`` (e.g. ``'start: "<tool_call>\\n" ' + lark_json(s)``)."""
-    return "%json" + _compact({**schema, "x-guidance": _json_options(strict)})
+    ``GrammarCompiler.json_schema`` (e.g. ``'start: "<tool_call>\\n" ' + lark_json(s)``).
+    ``canonical``: written exactly as ``json.dumps`` writes it (``", "`` and ``": "``, no
+    other whitespace), so that text rendered again from the parsed value is the same."""
+    options = _json_options(strict)
+    if canonical:
+        options = {
+            "whitespace_flexible": False,
+            "item_separator": ", ",
+            "key_separator": ": ",
+            "lenient": not strict,
+        }
+    return "%json" + _compact({**schema, "x-guidance": options})
 
 
 class GrammarCompiler:

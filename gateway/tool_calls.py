@@ -156,7 +156,7 @@ class HermesFormat(ToolFormat):
         self.forced_parallel = forced_parallel
 
     def rules(self, tools: Sequence[ChatTool], parallel: bool) -> str:
-        body = lark_json(_call_schema(tools, "arguments"), strict=_strict(tools))
+        body = lark_json(_call_schema(tools, "arguments"), strict=_strict(tools), canonical=True)
         repeat = ' ("\\n" call)*' if parallel and self.forced_parallel else ""
         return f'calls: call{repeat}\ncall: "{self.start}\\n" body "\\n{self.end}"\nbody: {body}\n'
 
@@ -180,7 +180,7 @@ class JsonListFormat(ToolFormat):
         array = {"type": "array", "items": _call_schema(tools, "arguments"), "minItems": 1}
         if not parallel:
             array["maxItems"] = 1
-        return f"calls: {lark_json(array, strict=_strict(tools))}\n"
+        return f"calls: {lark_json(array, strict=_strict(tools), canonical=True)}\n"
 
 
 class JsonObjectFormat(ToolFormat):
@@ -201,7 +201,7 @@ class JsonObjectFormat(ToolFormat):
         return None if None in calls else [c for c in calls if c is not None]
 
     def rules(self, tools: Sequence[ChatTool], parallel: bool) -> str:
-        body = lark_json(_call_schema(tools, "parameters"), strict=_strict(tools))
+        body = lark_json(_call_schema(tools, "parameters"), strict=_strict(tools), canonical=True)
         repeat = ' ("; " call)*' if parallel else ""
         return f"calls: call{repeat}\ncall: {body}\n"
 
@@ -250,9 +250,8 @@ def hermes_calls_text(calls: Iterable[tuple[str, str]]) -> str:
             parsed = json.loads(arguments)
         except json.JSONDecodeError:
             parsed = arguments  # kept as the client sent it
-        blocks.append(
-            f"<tool_call>\n{json.dumps({'name': name, 'arguments': parsed})}\n</tool_call>"
-        )
+        call = json.dumps({"name": name, "arguments": parsed}, ensure_ascii=False)
+        blocks.append(f"<tool_call>\n{call}\n</tool_call>")
     return "\n".join(blocks)
 
 

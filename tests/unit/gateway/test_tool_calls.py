@@ -179,5 +179,9 @@ def test_forced_grammars_take_exactly_the_calls_their_format_reads(
         assert not accepts(parallel, bad)
         # The fallback format, forced, writes one call however parallel the request.
         assert not accepts(tool_grammar(FALLBACK, TOOLS, parallel=True), one + two)
+        # Calls are written as json.dumps writes them, so the call rendered again into the
+        # next turn's prompt is the very text generated: that turn reuses the whole cache.
+        assert not accepts(parallel, one.replace(": ", ":"))
+        assert not accepts(parallel, one.replace(", ", ",\n  "))
     finally:
         compiler.close()
