@@ -10,13 +10,25 @@ Every RPC carries hivemind ``ExpertRequest``/``ExpertResponse`` protobufs: tenso
 
 Any reply may instead be an ``RpcError`` (a typed refusal, after which the server ends the
 stream): the gateway tells "this server is full, try a replica" from "this server is broken".
+
+Node-to-node push (``rpc_push``, unary, server to server) spares the gateway a round trip
+per hop. A stream opened with a ``push_token`` (``SessionOpened.push`` says the server
+accepts it) may take a ``Step`` without a tensor, ``input_tokens=n``: its input comes
+either from the previous hop's ``Push`` showing that token, or, when that push failed,
+from the gateway as a ``Relay`` on this stream, whichever arrives first. A ``Step`` with
+``push_to`` sends its output to that hop and answers ``StepDone(pushed=True)`` without a
+tensor once the push was accepted; a failed push answers with the output as usual:
+
+    gateway → hop k: Step(push_to=hop k+1) + hidden   gateway → hop k+1: Step(input_tokens=n)
+    hop k → hop k+1: Push(token) + hidden [1,n,H]     hop k+1 → hop k: PushAccepted
+    hop k → gateway: StepDone(pushed=True)            hop k+1 → gateway: StepDone + hidden
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -35,6 +47,7 @@ from protocol.swarm import PROTOCOL_VERSION
 # Handler names registered on every server's P2P instance.
 RPC_INFERENCE = "swarmgate.rpc_inference"
 RPC_INFO = "swarmgate.rpc_info"
+RPC_PUSH = "swarmgate.rpc_push"
 
 # hivemind refuses messages over 4 MiB; stay below with room for framing and metadata.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -43,6 +56,10 @@ MESSAGE_BUDGET_BYTES = 3 * 1024 * 1024
 # Histogram buckets of one step, in seconds, for the gateway's per-hop latency and each
 # node's own step time alike: the same edges let a dashboard set one against the other.
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# How long a hop tries to push a step's output before it answers the gateway with it
+# instead (network time excluded); the gateway's deadline for that answer includes it.
+PUSH_TIMEOUT_S = 10.0
 
 
 # A chained block hash (protocol.prefix): 16 bytes of blake2b, hex.
@@ -54,6 +71,11 @@ HistoryDigest = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")]
 SessionSecret = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32,128}$")]
 # A caller's proof of membership (protocol.membership); empty in an open swarm.
 MemberPass = Annotated[str, StringConstraints(max_length=MAX_PASS_CHARS)]
+# What lets one hop push into the next: random hex the gateway makes per hop stream and
+# gives to that stream's server and to the hop before it. Never the session's secret.
+PushToken = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+# A libp2p peer id as the DHT records name servers (base58).
+PeerIdText = Annotated[str, StringConstraints(pattern=r"^[1-9A-HJ-NP-Za-km-z]{1,128}$")]
 
 
 class RpcMessage(BaseModel):
@@ -83,10 +105,22 @@ class OpenSession(RpcMessage):
     # server holding exactly that resumes all of it, not just its full prefix blocks.
     resume_length: int = Field(default=0, ge=0)
     resume_digest: HistoryDigest = ""
+    # Pushes of this hop's inputs must show this token; None: inputs come with the steps.
+    push_token: PushToken | None = None
 
 
 class SessionOpened(RpcMessage):
     cached_tokens: int = 0  # leading prompt tokens this server already holds
+    # It takes inputs by push (it got a push_token and speaks rpc_push). Servers that do
+    # not know push leave it out, so their hops are relayed.
+    push: bool = False
+
+
+class PushTarget(RpcMessage):
+    """Where a step's output goes instead of back to the gateway: the next hop."""
+
+    peer_id: PeerIdText
+    token: PushToken
 
 
 class Step(RpcMessage):
@@ -97,10 +131,38 @@ class Step(RpcMessage):
     new_hashes: list[BlockHash] = Field(default_factory=list, max_length=MAX_BLOCKS)
     # The history's digest once these tokens are in: what a later resume_digest names.
     digest: HistoryDigest = ""
+    # 0: the input is this message's tensor. n > 0: no tensor; the input, n tokens, comes
+    # by push from the previous hop or as a Relay on this stream (the first one to arrive).
+    input_tokens: int = Field(default=0, ge=0)
+    # Push the output there and answer without it; None: answer with the output.
+    push_to: PushTarget | None = None
 
 
 class StepDone(RpcMessage):
     position: int = Field(ge=0)  # tokens held after this step
+    pushed: bool = False  # the output went to the step's push_to: no tensor here
+
+
+class Relay(RpcMessage):
+    """The input of the step at ``position`` (tensor attached), relayed by the gateway
+    because the previous hop could not push it. Never answered: the step's StepDone is."""
+
+    relay: Literal[True]
+    position: int = Field(ge=0)
+
+
+class Push(RpcMessage):
+    """A hop's output for the next hop's step at ``position`` (tensor attached)."""
+
+    version: int = PROTOCOL_VERSION
+    member_pass: MemberPass = ""  # the pushing server's own pass
+    token: PushToken
+    position: int = Field(ge=0)
+    digest: HistoryDigest = ""  # of the history once these tokens are in, as in its Step
+
+
+class PushAccepted(RpcMessage):
+    position: int = Field(ge=0)
 
 
 class InfoRequest(RpcMessage):
@@ -170,6 +232,18 @@ def decode(kind: type[M], metadata: bytes) -> M:
         return kind.model_validate_json(metadata)
     except ValidationError as e:
         raise ProtocolMismatch(f"bad {kind.__name__} message: {e}") from None
+
+
+def decode_stream_message(metadata: bytes) -> Step | Relay:
+    """What the gateway sent on an inference stream after its opening: a step or a relay."""
+    if b'"relay"' in metadata:  # cheap first: steps never carry that key
+        try:
+            relay = "relay" in json.loads(metadata)
+        except ValueError:
+            raise ProtocolMismatch("bad stream message: not JSON") from None
+        if relay:
+            return decode(Relay, metadata)
+    return decode(Step, metadata)
 
 
 def decode_reply(kind: type[M], metadata: bytes, peer_id: str) -> M:

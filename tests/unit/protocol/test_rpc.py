@@ -15,12 +15,17 @@ from protocol.rpc import (
     MAX_MESSAGE_BYTES,
     MESSAGE_BUDGET_BYTES,
     OpenSession,
+    Push,
+    PushAccepted,
+    PushTarget,
+    Relay,
     RpcMessage,
     ServerInfo,
     SessionOpened,
     Step,
     StepDone,
     decode,
+    decode_stream_message,
     max_tokens_per_message,
 )
 from protocol.swarm import PROTOCOL_VERSION
@@ -40,6 +45,15 @@ MESSAGES: list[RpcMessage] = [
     Step(position=0),
     Step(position=17, new_hashes=["ff" * 16]),
     StepDone(position=18),
+    OpenSession(
+        secret="5e" * 16, session_id="s", start=0, end=4, max_length=8, push_token="7a" * 16
+    ),
+    SessionOpened(cached_tokens=3, push=True),
+    Step(position=4, input_tokens=2, push_to=PushTarget(peer_id="12D3KooWAbc", token="7a" * 16)),
+    StepDone(position=6, pushed=True),
+    Relay(relay=True, position=4),
+    Push(member_pass="pass", token="7a" * 16, position=4, digest="d1" * 16),
+    PushAccepted(position=4),
     ServerInfo(
         start=0,
         end=12,
@@ -116,6 +130,22 @@ def test_garbage_bytes_are_a_protocol_mismatch(garbage: bytes) -> None:
             },
         ),
         (ServerInfo, {"start": 0, "end": 1}),
+        (Step, {"position": 0, "input_tokens": -1}),
+        (Step, {"position": 0, "push_to": {"peer_id": "0OIl", "token": "7a" * 16}}),
+        (Step, {"position": 0, "push_to": {"peer_id": "Qm", "token": "secret"}}),
+        (
+            OpenSession,
+            {
+                "session_id": "x",
+                "start": 0,
+                "end": 1,
+                "max_length": 8,
+                "secret": "5e" * 16,
+                "push_token": "7A" * 16,
+            },
+        ),
+        (Push, {"token": "7a" * 16}),
+        (Relay, {"position": 3}),
     ],
 )
 def test_wrong_fields_are_a_protocol_mismatch(kind: type[RpcMessage], payload: object) -> None:
@@ -123,6 +153,20 @@ def test_wrong_fields_are_a_protocol_mismatch(kind: type[RpcMessage], payload: o
         decode(kind, json.dumps(payload).encode())
     assert kind.__name__ in str(info.value)
     assert isinstance(info.value, SwarmError)
+
+
+def test_a_stream_carries_steps_and_relays_told_apart_by_their_key() -> None:
+    assert decode_stream_message(Step(position=3).encode()) == Step(position=3)
+    relay = Relay(relay=True, position=3)
+    assert decode_stream_message(relay.encode()) == relay
+    with pytest.raises(ProtocolMismatch):
+        decode_stream_message(b'{"relay": tru')
+
+
+def test_older_servers_answers_mean_no_push() -> None:
+    """A server that predates push leaves ``push`` out: the gateway relays its hop."""
+    assert decode(SessionOpened, b'{"cached_tokens": 3}').push is False
+    assert decode(StepDone, b'{"position": 3}').pushed is False
 
 
 def test_decoding_as_the_wrong_kind_fails() -> None:
