@@ -2,6 +2,8 @@
 
 Compute runs on one worker thread, fed by the step scheduler, which batches the steps of
 every open stream; the event loop (P2P, announcements) stays responsive while torch works.
+Steps may take their inputs from, and send their outputs to, the chain's other servers
+directly (``rpc_push``, see ``swarm_node/push.py``).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import torch
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from models.loading import Span
@@ -30,25 +33,32 @@ from protocol.errors import (
     RequestError,
     SwarmError,
 )
+from protocol.latency import SimulatedLink
 from protocol.logs import request_id
 from protocol.membership import SwarmKey, check_pass
 from protocol.rpc import (
     RPC_INFERENCE,
     RPC_INFO,
+    RPC_PUSH,
     InfoRequest,
     OpenSession,
+    Push,
+    PushAccepted,
+    Relay,
     RpcError,
     ServerInfo,
     SessionOpened,
     Step,
     StepDone,
     decode,
+    decode_stream_message,
     max_tokens_per_message,
 )
 from protocol.swarm import PROTOCOL_VERSION
 from swarm_node.backend import new_session_kv
 from swarm_node.batching import BatchObserver, StepScheduler
 from swarm_node.kv_cache import CachedSession, SessionStore
+from swarm_node.push import Inbox, PushBoard, PushCall, Pusher
 from swarm_node.session_kv import SessionKV
 
 logger = logging.getLogger(__name__)
@@ -56,6 +66,9 @@ T = TypeVar("T")
 
 OPEN_TIMEOUT_S = 30.0  # a stream that never says which session it is gets dropped
 STEP_TIMEOUT_S = 90.0  # an idle stream holds its session's reservation at most this long
+# A step waits this long for its input by push or relay; longer than a gateway's recovery
+# of a failed hop before it (60 s), which ends with a relay.
+INPUT_WAIT_S = 90.0
 MAX_STREAMS_PER_PEER = 256  # one gateway's concurrent sessions here, replays included
 BUSY_WAIT_S = 2.0  # how long an open waits for the session's previous stream to end
 
@@ -86,8 +99,16 @@ class BlockHandler:
         observe_step: Callable[[int, float], None] = lambda tokens, seconds: None,
         observe_batch: BatchObserver = lambda segments, tokens: None,
         prefill_chunk: int | None = None,
+        member_pass: Callable[[], str] = lambda: "",  # this server's own, shown when pushing
+        link: SimulatedLink = SimulatedLink(),  # noqa: B008 (frozen: shared safely)
+        input_wait_s: float = INPUT_WAIT_S,
     ) -> None:
         self.span = span
+        self._member_pass = member_pass
+        self._link = link
+        self._input_wait_s = input_wait_s
+        self.pushes = PushBoard(span.config.hidden_size)
+        self.pusher: Pusher | None = None  # set by register(): None sends no pushes
         self._members = members  # None: an open swarm, everyone may call
         self._refused: set[str] = set()
         self._observe_step = observe_step  # (tokens, seconds) of each completed step
@@ -115,10 +136,26 @@ class BlockHandler:
             RPC_INFERENCE, self.rpc_inference, Request, stream_input=True, stream_output=True
         )
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, Request)
+        await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, Request)
+        self.pusher = Pusher(self._push_call(p2p), self._member_pass, self._link)
 
     async def unregister(self, p2p: P2P) -> None:
+        self.pusher = None
         await p2p.remove_protobuf_handler(RPC_INFERENCE, stream_input=True, stream_output=True)
         await p2p.remove_protobuf_handler(RPC_INFO)
+        await p2p.remove_protobuf_handler(RPC_PUSH)
+
+    def _push_call(self, p2p: P2P) -> PushCall:
+        async def call(
+            peer_id: str, request: runtime_pb2.ExpertRequest
+        ) -> runtime_pb2.ExpertResponse:
+            if peer_id == p2p.peer_id.to_base58():  # the next hop is this server too
+                return await self.rpc_push(request, SimpleNamespace(remote_id=peer_id))
+            peer = PeerID.from_base58(peer_id)
+            response_type = runtime_pb2.ExpertResponse
+            return await p2p.call_protobuf_handler(peer, RPC_PUSH, request, response_type)
+
+        return call
 
     def shutdown(self) -> None:
         self._scheduler.close()
@@ -154,19 +191,25 @@ class BlockHandler:
         self.active_streams += 1
         self._streams_of[caller] += 1
         began, computed = time.monotonic(), 0
+        reader = _Requests(requests)
+        token = opening.push_token
+        inbox = self.pushes.open(token) if token is not None else None
         try:
             if cached == 0 and session.position == 0:
                 cached = await self._seed(session, opening.prefix_hashes)
-            yield make_response(SessionOpened(cached_tokens=cached))
+            yield make_response(SessionOpened(cached_tokens=cached, push=inbox is not None))
             first = True
-            while (request := await self._next(requests)) is not None:
+            while (request := await reader.next(STEP_TIMEOUT_S)) is not None:
                 try:
-                    step = decode(Step, request.metadata)
-                    hidden = self._one_tensor(request)
-                    hashes = self.sessions.check_step(
-                        session, step.position, hidden.shape[1], step.new_hashes
-                    )
+                    message = decode_stream_message(request.metadata)
+                    if isinstance(message, Relay):
+                        continue  # its step took the push first: exactly one input per step
+                    step = message
+                    hidden, hashes = await self._input(session, step, request, reader, inbox)
+                    if hidden is None:
+                        return  # the gateway closed the stream while the step waited
                     out = await self._step(session, step, hidden, hashes, first)
+                    pushed = await self._push(step, out)
                 except (SwarmError, RequestError) as e:
                     yield make_response(RpcError.of(e))
                     return
@@ -176,8 +219,12 @@ class BlockHandler:
                     return
                 first = False
                 computed += hidden.shape[1]
-                yield make_response(StepDone(position=session.position), out)
+                done = StepDone(position=session.position, pushed=pushed)
+                yield make_response(done) if pushed else make_response(done, out)
         finally:
+            reader.close()
+            if inbox is not None and token is not None:
+                self.pushes.close(token, inbox)
             # One line per stream, like an access log: with --log-format json and the
             # request id, a request can be followed across every server it touched.
             logger.info(
@@ -197,6 +244,83 @@ class BlockHandler:
             async with self._released:
                 self._released.notify_all()
 
+    async def _input(
+        self,
+        session: CachedSession,
+        step: Step,
+        request: runtime_pb2.ExpertRequest,
+        reader: _Requests,
+        inbox: Inbox | None,
+    ) -> tuple[torch.Tensor | None, list[str]]:
+        """A step's input [1, n, H] (None: the stream ended while it waited) and the block
+        hashes it completes; checked before it waits, so a bad step fails at once."""
+        if not step.input_tokens:
+            hidden = self._one_tensor(request)
+            return hidden, self.sessions.check_step(
+                session, step.position, hidden.shape[1], step.new_hashes
+            )
+        if inbox is None:
+            raise InvalidRequest("this stream takes no pushes (it was opened without a token)")
+        if request.tensors:
+            raise ProtocolMismatch("a step awaiting its input by push carries a tensor")
+        if step.input_tokens > self._max_tokens:
+            raise InvalidRequest(f"{step.input_tokens} tokens in one step (max {self._max_tokens})")
+        hashes = self.sessions.check_step(
+            session, step.position, step.input_tokens, step.new_hashes
+        )
+        return await self._receive(step, reader, inbox), hashes
+
+    async def _receive(self, step: Step, reader: _Requests, inbox: Inbox) -> torch.Tensor | None:
+        """Wait for the step's input: the previous hop's push or the gateway's relay,
+        whichever comes first, within ``input_wait_s``."""
+        arrived = inbox.expect(step.position, step.input_tokens, step.digest)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._input_wait_s
+        try:
+            while not arrived.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise InvalidRequest(
+                        f"the input of the step at {step.position} came neither by push nor "
+                        f"by relay within {self._input_wait_s:g} s"
+                    )
+                if not await reader.wait(left, arrived):
+                    continue
+                request = reader.take()
+                if request is None:
+                    return None
+                message = decode_stream_message(request.metadata)
+                if not isinstance(message, Relay):
+                    raise ProtocolMismatch("a step came while the last one awaits its input")
+                inbox.relay(message.position, self._one_tensor(request))
+            return arrived.result()
+        finally:
+            inbox.settle()
+
+    async def _push(self, step: Step, out: torch.Tensor) -> bool:
+        """Whether the step's output went to the next hop (else it goes to the gateway)."""
+        if step.push_to is None or self.pusher is None:
+            return False
+        return await self.pusher.push(step.push_to, step.position, step.digest, out)
+
+    async def rpc_push(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """Another server's output, the input of a step of one of our streams: accepted
+        once that step took it. Members only; checked against the step before compute."""
+        try:
+            push = decode(Push, request.metadata)
+            if push.version != PROTOCOL_VERSION:
+                raise ProtocolMismatch(
+                    f"protocol version {push.version}, this server speaks {PROTOCOL_VERSION}"
+                )
+            self._check_member(push.member_pass, str(context.remote_id))
+            hidden = self._one_tensor(request)
+            await self.pushes.deliver(push.token, push.position, push.digest, hidden)
+        except (SwarmError, RequestError) as e:
+            return make_response(RpcError.of(e))
+        return make_response(PushAccepted(position=push.position))
+
     async def _read_opening(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], caller: str
     ) -> OpenSession:
@@ -215,15 +339,6 @@ class BlockHandler:
                 f"max_length {opening.max_length} exceeds the model's {self._max_length}"
             )
         return opening
-
-    @staticmethod
-    async def _next(
-        requests: AsyncIterator[runtime_pb2.ExpertRequest],
-    ) -> runtime_pb2.ExpertRequest | None:
-        try:
-            return await asyncio.wait_for(anext(requests), STEP_TIMEOUT_S)
-        except StopAsyncIteration:
-            return None
 
     async def _step(
         self,
@@ -335,3 +450,42 @@ class BlockHandler:
                 f"{hidden.shape[1]} tokens in one message (max {self._max_tokens})"
             )
         return hidden
+
+
+class _Requests:
+    """A stream's requests, read by a task that outlives a wait for something else (a
+    push): cancelling a read of hivemind's request iterator would end the stream."""
+
+    def __init__(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> None:
+        self._requests = requests
+        self._reading: asyncio.Task[runtime_pb2.ExpertRequest | None] | None = None
+
+    async def next(self, timeout_s: float) -> runtime_pb2.ExpertRequest | None:
+        """The next request; None once the stream has ended; ``TimeoutError`` if none."""
+        if not await self.wait(timeout_s):
+            raise TimeoutError(f"no message for {timeout_s:g} s")
+        return self.take()
+
+    async def wait(self, timeout_s: float, *also: asyncio.Future[Any]) -> bool:
+        """Wait until a request (or the end) can be taken, one of ``also`` is done, or
+        ``timeout_s`` passed; whether a request can be taken."""
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._read())
+        reading = self._reading
+        await asyncio.wait({reading, *also}, timeout=timeout_s, return_when="FIRST_COMPLETED")
+        return reading.done()
+
+    def take(self) -> runtime_pb2.ExpertRequest | None:
+        reading, self._reading = self._reading, None
+        assert reading is not None and reading.done(), "take() only after wait() said so"
+        return reading.result()
+
+    def close(self) -> None:
+        if self._reading is not None:
+            self._reading.cancel()
+
+    async def _read(self) -> runtime_pb2.ExpertRequest | None:
+        try:
+            return await anext(self._requests)
+        except StopAsyncIteration:
+            return None

@@ -14,6 +14,8 @@ import torch
 
 from models.loading import DTYPES, Span, load_config, load_span
 from models.resolve import resolve_model
+from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
+from protocol.membership import PassIssuer
 from protocol.rpc import ServerInfo
 from protocol.swarm import ModelRecord, NodeState, ServerRecord, dht_prefix
 from routing.block_selection import choose_blocks
@@ -47,6 +49,19 @@ def default_cache_bytes() -> int:
             available = min(available, int(text))
         break
     return available // 4
+
+
+def simulated_link() -> SimulatedLink:
+    """The delay ``SWARMGATE_SIMULATED_RTT_MS`` puts on this node's pushes to other nodes
+    (benchmarks only; the gateway delays its own messages)."""
+    link = SimulatedLink.from_env()
+    if link.enabled:
+        logger.warning(
+            "%s is set: every push to another node waits %.0f ms per round trip (benchmarks only)",
+            SIMULATED_RTT_ENV,
+            link.rtt_s * 1000,
+        )
+    return link
 
 
 class BlockServer:
@@ -126,6 +141,11 @@ class BlockServer:
         p2p = await dht.replicate_p2p()
         # Scraped only once served, below, when the board exists.
         metrics = NodeMetrics(lambda: board.latest, budget)
+        member_pass = (
+            PassIssuer(settings.swarm_key, self.peer_id).current
+            if settings.swarm_key is not None
+            else lambda: ""
+        )
         self.handler = BlockHandler(
             span,
             self.sessions,
@@ -135,6 +155,8 @@ class BlockServer:
             observe_step=metrics.observe_step,
             observe_batch=metrics.observe_batch,
             prefill_chunk=settings.prefill_per_batch,
+            member_pass=member_pass,
+            link=simulated_link(),
         )
         await self.handler.register(p2p)
         self.state = NodeState.ONLINE

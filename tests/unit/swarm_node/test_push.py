@@ -1,0 +1,484 @@
+"""Node-to-node push, receiving and sending: a step takes exactly one input, by push or by
+relay, checked against what the gateway announced, and nothing waits forever or dangles."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from hivemind.proto import runtime_pb2
+
+from models.loading import Span, load_span
+from protocol.codec import make_request, make_response, read_tensors
+from protocol.errors import CapacityExceeded, InvalidRequest
+from protocol.latency import SimulatedLink
+from protocol.membership import PassIssuer, SwarmKey
+from protocol.rpc import (
+    ErrorCode,
+    OpenSession,
+    Push,
+    PushAccepted,
+    PushTarget,
+    Relay,
+    RpcError,
+    SessionOpened,
+    Step,
+    StepDone,
+    decode,
+    decode_reply,
+)
+from swarm_node.handler import BlockHandler
+from swarm_node.kv_cache import SessionStore
+from swarm_node.push import MAX_EARLY_PUSHES, Inbox, PushBoard, Pusher
+from tests.tiny_model import TINY_BLOCKS
+from tests.unit.swarm_node.support import HIDDEN, inputs, reference, until
+from tests.unit.swarm_node.test_handler import SECRET, FakeStream, info_of, make_store
+
+TOKEN = "7a" * 16
+OTHER_TOKEN = "b3" * 16
+DIGEST = "d1" * 16
+HALF = TINY_BLOCKS // 2
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+# ---- Inbox: the rules, without a model ----
+
+
+def test_a_push_for_the_awaited_step_is_its_input() -> None:
+    async def scenario() -> None:
+        inbox = Inbox(HIDDEN)
+        arrived = inbox.expect(5, 3, DIGEST)
+        hidden = inputs(3, 1)
+        await inbox.push(5, DIGEST, hidden)
+        assert arrived.result() is hidden
+
+    run(scenario())
+
+
+def test_an_early_push_waits_for_its_step_and_is_accepted_once_taken() -> None:
+    async def scenario() -> None:
+        inbox = Inbox(HIDDEN)
+        hidden = inputs(2, 1)
+        pushing = asyncio.ensure_future(inbox.push(0, DIGEST, hidden))
+        await until(lambda: inbox.early == 1)
+        assert not pushing.done(), "accepted only once its step took it"
+        arrived = inbox.expect(0, 2, DIGEST)
+        assert arrived.result() is hidden
+        await pushing  # accepted
+        assert inbox.early == 0
+
+    run(scenario())
+
+
+def test_an_early_push_that_does_not_match_its_step_is_refused_and_the_step_waits_on() -> None:
+    async def scenario() -> None:
+        inbox = Inbox(HIDDEN)
+        pushing = asyncio.ensure_future(inbox.push(0, DIGEST, inputs(2, 1)))
+        await until(lambda: inbox.early == 1)
+        arrived = inbox.expect(0, 3, DIGEST)  # the gateway says 3 tokens
+        with pytest.raises(InvalidRequest, match="takes 3 tokens, got 2"):
+            await pushing
+        assert not arrived.done()
+        assert inbox.relay(0, inputs(3, 2))  # the pusher's fallback: the gateway relays
+        assert arrived.result().shape[1] == 3
+
+    run(scenario())
+
+
+def test_a_step_takes_exactly_one_input_whichever_comes_first() -> None:
+    async def scenario() -> None:
+        inbox = Inbox(HIDDEN)
+        arrived = inbox.expect(0, 1, DIGEST)
+        await inbox.push(0, DIGEST, inputs(1, 1))
+        with pytest.raises(InvalidRequest, match="already has its input"):
+            await inbox.push(0, DIGEST, inputs(1, 2))
+        assert not inbox.relay(0, inputs(1, 3)), "a relay after the push is stale: dropped"
+        torch.testing.assert_close(arrived.result(), inputs(1, 1))
+        inbox.settle()
+
+        second = inbox.expect(1, 1, DIGEST)
+        assert inbox.relay(1, inputs(1, 4))
+        with pytest.raises(InvalidRequest, match="already has its input"):
+            await inbox.push(1, DIGEST, inputs(1, 5))
+        torch.testing.assert_close(second.result(), inputs(1, 4))
+        inbox.settle()
+        with pytest.raises(InvalidRequest, match="has passed"):  # a late duplicate
+            await inbox.push(1, DIGEST, inputs(1, 5))
+        assert not inbox.relay(1, inputs(1, 5))
+
+    run(scenario())
+
+
+def test_a_second_early_push_for_one_step_is_a_duplicate() -> None:
+    async def scenario() -> None:
+        inbox = Inbox(HIDDEN)
+        first = asyncio.ensure_future(inbox.push(3, DIGEST, inputs(1, 1)))
+        await until(lambda: inbox.early == 1)
+        with pytest.raises(InvalidRequest, match="already waiting"):
+            await inbox.push(3, DIGEST, inputs(1, 2))
+        inbox.expect(3, 1, DIGEST)
+        await first
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("hidden", "match"),
+    [
+        (torch.zeros(1, 2, HIDDEN, dtype=torch.bfloat16), "float32"),
+        (torch.zeros(1, 2, HIDDEN + 1), "float32"),
+        (torch.zeros(2, 2, HIDDEN), "float32"),
+        (torch.zeros(2, HIDDEN), "float32"),
+        (torch.zeros(1, 3, HIDDEN), "takes 2 tokens"),
+        (torch.full((1, 2, HIDDEN), float("nan")), "non-finite"),
+    ],
+)
+def test_a_push_of_the_wrong_shape_dtype_length_or_values_is_refused(
+    hidden: torch.Tensor, match: str
+) -> None:
+    async def scenario() -> None:
+        inbox = Inbox(HIDDEN)
+        arrived = inbox.expect(0, 2, DIGEST)
+        with pytest.raises(InvalidRequest, match=match):
+            await inbox.push(0, DIGEST, hidden)
+        assert not arrived.done()
+
+    run(scenario())
+
+
+def test_a_push_for_another_history_is_refused() -> None:
+    async def scenario() -> None:
+        inbox = Inbox(HIDDEN)
+        inbox.expect(0, 1, DIGEST)
+        with pytest.raises(InvalidRequest, match="another history"):
+            await inbox.push(0, "ee" * 16, inputs(1, 1))
+
+    run(scenario())
+
+
+def test_early_pushes_are_bounded_in_number_and_in_time() -> None:
+    async def scenario() -> None:
+        inbox = Inbox(HIDDEN, early_wait_s=0.2)
+        waiting = [
+            asyncio.ensure_future(inbox.push(p, DIGEST, inputs(1, p)))
+            for p in range(MAX_EARLY_PUSHES)
+        ]
+        await until(lambda: inbox.early == MAX_EARLY_PUSHES)
+        with pytest.raises(CapacityExceeded):
+            await inbox.push(MAX_EARLY_PUSHES, DIGEST, inputs(1, 9))
+        for pending in waiting:  # their steps never come
+            with pytest.raises(InvalidRequest, match="no step at"):
+                await pending
+        assert inbox.early == 0
+
+    run(scenario())
+
+
+def test_a_cancelled_push_or_step_leaves_nothing_waiting() -> None:
+    async def scenario() -> None:
+        inbox = Inbox(HIDDEN)
+        pushing = asyncio.ensure_future(inbox.push(1, DIGEST, inputs(1, 1)))
+        await until(lambda: inbox.early == 1)
+        pushing.cancel()  # the pusher gave up
+        await asyncio.gather(pushing, return_exceptions=True)
+        assert inbox.early == 0
+
+        arrived = inbox.expect(1, 1, DIGEST)  # that push is gone: the step waits
+        assert not arrived.done()
+        inbox.settle()  # the step was cancelled
+        assert arrived.cancelled()
+        late = asyncio.ensure_future(inbox.push(2, DIGEST, inputs(1, 2)))
+        await until(lambda: inbox.early == 1)
+        inbox.close()  # the stream ended: waiting pushes are refused at once
+        with pytest.raises(InvalidRequest, match="closed"):
+            await late
+        with pytest.raises(InvalidRequest, match="closed"):
+            await inbox.push(3, DIGEST, inputs(1, 3))
+
+    run(scenario())
+
+
+def test_the_board_finds_inboxes_by_token_only() -> None:
+    async def scenario() -> None:
+        board = PushBoard(HIDDEN)
+        inbox = board.open(TOKEN)
+        assert inbox is not None
+        assert board.open(TOKEN) is None, "a token already in use is never shared"
+        arrived = inbox.expect(0, 1, DIGEST)
+        with pytest.raises(InvalidRequest, match="no stream here"):
+            await board.deliver(OTHER_TOKEN, 0, DIGEST, inputs(1, 1))
+        await board.deliver(TOKEN, 0, DIGEST, inputs(1, 1))
+        assert arrived.done()
+        board.close(TOKEN, inbox)
+        assert len(board) == 0 and inbox.closed
+        with pytest.raises(InvalidRequest, match="no stream here"):
+            await board.deliver(TOKEN, 1, DIGEST, inputs(1, 1))
+
+    run(scenario())
+
+
+# ---- Pusher: any failure means "answer the gateway instead" ----
+
+
+def test_a_push_is_sent_with_this_servers_pass_and_counts_once_accepted() -> None:
+    sent: list[tuple[str, Push]] = []
+
+    async def call(peer: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        push = decode(Push, request.metadata)
+        sent.append((peer, push))
+        return make_response(PushAccepted(position=push.position))
+
+    pusher = Pusher(call, member_pass=lambda: "my-pass")
+    target = PushTarget(peer_id="QmNext", token=TOKEN)
+    assert run(pusher.push(target, 4, DIGEST, inputs(1, 1)))
+    assert sent == [("QmNext", Push(member_pass="my-pass", token=TOKEN, position=4, digest=DIGEST))]
+
+
+@pytest.mark.parametrize("failure", ["refused", "unreachable", "silent"])
+def test_a_push_that_fails_in_any_way_is_reported_not_raised(failure: str) -> None:
+    async def call(peer: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        if failure == "refused":
+            return make_response(RpcError(error=ErrorCode.INVALID_REQUEST, message="no"))
+        if failure == "unreachable":
+            raise ConnectionError("dial failed")
+        await asyncio.sleep(10)
+        raise AssertionError("not reached")
+
+    pusher = Pusher(call, timeout_s=0.1)
+    target = PushTarget(peer_id="QmNext", token=TOKEN)
+    assert not run(pusher.push(target, 0, DIGEST, inputs(1, 1)))
+
+
+def test_a_push_crosses_one_simulated_link() -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def call(peer: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        return make_response(PushAccepted(position=0))
+
+    pusher = Pusher(call, link=SimulatedLink(0.1, sleep))
+    assert run(pusher.push(PushTarget(peer_id="QmNext", token=TOKEN), 0, DIGEST, inputs(1, 1)))
+    assert slept == [0.05, 0.05]
+
+
+# ---- the handler: streams that take their inputs by push or relay ----
+
+
+@pytest.fixture(scope="module")
+def span(tiny_model: Path) -> Span:
+    return load_span(tiny_model, 0, TINY_BLOCKS)
+
+
+def handler_of(span: Span, **kwargs: Any) -> tuple[BlockHandler, SessionStore]:
+    store = make_store(span)
+    return BlockHandler(span, store, lambda: info_of(store), **kwargs), store
+
+
+async def open_hop(
+    handler: BlockHandler,
+    blocks: tuple[int, int],
+    token: str | None,
+    caller: str = "",
+    member_pass: str = "",
+) -> FakeStream:
+    stream = FakeStream(handler, caller)
+    opening = OpenSession(
+        member_pass=member_pass,
+        session_id="conv",
+        secret=SECRET,
+        start=blocks[0],
+        end=blocks[1],
+        max_length=64,
+        push_token=token,
+    )
+    reply = await stream.exchange(make_request(opening))
+    assert decode_reply(SessionOpened, reply.metadata, "node").push == (token is not None)
+    return stream
+
+
+def push_request(position: int, hidden: torch.Tensor, token: str = TOKEN, **kw: Any) -> Any:
+    return make_request(Push(token=token, position=position, digest=DIGEST, **kw), hidden)
+
+
+def caller(peer: str) -> Any:
+    return SimpleNamespace(remote_id=peer)
+
+
+def expect_step(position: int, tokens: int, **kw: Any) -> runtime_pb2.ExpertRequest:
+    return make_request(Step(position=position, input_tokens=tokens, digest=DIGEST, **kw))
+
+
+def test_a_step_computes_on_the_pushed_input_as_on_its_own(span: Span) -> None:
+    prompt, turn = inputs(5, 1), inputs(1, 2)
+    expected = reference(span, [prompt, turn])
+
+    async def scenario() -> None:
+        handler, _ = handler_of(span)
+        stream = await open_hop(handler, (0, TINY_BLOCKS), TOKEN)
+        outs = []
+        for position, hidden in ((0, prompt), (5, turn)):
+            stream.send(expect_step(position, hidden.shape[1]))
+            reply = asyncio.ensure_future(anext(stream.replies))
+            accepted = await handler.rpc_push(push_request(position, hidden), caller("QmPrev"))
+            assert decode_reply(PushAccepted, accepted.metadata, "node").position == position
+            done = await reply
+            finished = decode_reply(StepDone, done.metadata, "node")
+            assert finished.position == position + hidden.shape[1] and not finished.pushed
+            outs.append(read_tensors(done)[0])
+        for got, want in zip(outs, expected, strict=True):
+            torch.testing.assert_close(got, want)
+        await stream.close()
+        assert len(handler.pushes) == 0
+
+    run(scenario())
+
+
+def test_a_push_before_its_step_and_a_relay_instead_of_a_push_both_work(span: Span) -> None:
+    prompt, turn = inputs(4, 3), inputs(1, 4)
+    expected = reference(span, [prompt, turn])
+
+    async def scenario() -> None:
+        handler, _ = handler_of(span)
+        stream = await open_hop(handler, (0, TINY_BLOCKS), TOKEN)
+        # Early: the push reaches the node before the gateway's step does.
+        pushing = asyncio.ensure_future(handler.rpc_push(push_request(0, prompt), caller("Qm")))
+        await until(lambda: sum(i.early for i in handler.pushes._inboxes.values()) == 1)
+        first = await stream.exchange(expect_step(0, 4))
+        torch.testing.assert_close(read_tensors(first)[0], expected[0])
+        decode_reply(PushAccepted, (await pushing).metadata, "node")
+        # Relayed: the previous hop could not push, the gateway sends the input itself.
+        stream.send(expect_step(4, 1))
+        relayed = await stream.exchange(make_request(Relay(relay=True, position=4), turn))
+        torch.testing.assert_close(read_tensors(relayed)[0], expected[1])
+        # A stale relay (its step took a push) is dropped without an answer.
+        stream.send(make_request(Relay(relay=True, position=4), turn))
+        await stream.close()
+
+    run(scenario())
+
+
+def test_pushes_with_a_wrong_token_or_from_a_stranger_are_refused_before_any_work(
+    span: Span,
+) -> None:
+    key = SwarmKey.generate()
+
+    async def scenario() -> None:
+        handler, _ = handler_of(span, members=key)
+        gateway_pass = PassIssuer(key, "QmGateway").current()
+        stream = await open_hop(handler, (0, TINY_BLOCKS), TOKEN, "QmGateway", gateway_pass)
+        stream.send(expect_step(0, 1))
+        reply = asyncio.ensure_future(anext(stream.replies))
+        stranger = await handler.rpc_push(push_request(0, inputs(1, 1)), caller("QmStranger"))
+        assert decode(RpcError, stranger.metadata).error is ErrorCode.FORBIDDEN
+        member = PassIssuer(key, "QmPrev").current()
+        wrong = push_request(0, inputs(1, 1), token=OTHER_TOKEN, member_pass=member)
+        refused = await handler.rpc_push(wrong, caller("QmPrev"))
+        assert decode(RpcError, refused.metadata).error is ErrorCode.INVALID_REQUEST
+        stolen_pass = push_request(0, inputs(1, 1), member_pass=member)  # QmPrev's, not ours
+        refused = await handler.rpc_push(stolen_pass, caller("QmOther"))
+        assert decode(RpcError, refused.metadata).error is ErrorCode.FORBIDDEN
+        accepted = await handler.rpc_push(push_request(0, inputs(1, 1), member_pass=member),
+                                          caller("QmPrev"))  # fmt: skip
+        decode_reply(PushAccepted, accepted.metadata, "node")
+        decode_reply(StepDone, (await reply).metadata, "node")
+        await stream.close()
+
+    run(scenario())
+
+
+def test_a_step_whose_input_never_comes_fails_with_a_clear_error(span: Span) -> None:
+    async def scenario() -> None:
+        handler, store = handler_of(span, input_wait_s=0.2)
+        stream = await open_hop(handler, (0, TINY_BLOCKS), TOKEN)
+        reply = await stream.exchange(expect_step(0, 2))
+        error = decode(RpcError, reply.metadata)
+        assert error.error is ErrorCode.INVALID_REQUEST
+        assert "neither by push nor by relay" in error.message
+        with pytest.raises(StopAsyncIteration):
+            await anext(stream.replies)
+        assert len(handler.pushes) == 0 and handler.active_streams == 0
+        assert not any(store.in_use(k) for k in store.session_ids())
+
+    run(scenario())
+
+
+def test_a_stream_closed_while_its_step_waits_frees_everything(span: Span) -> None:
+    async def scenario() -> None:
+        handler, store = handler_of(span)
+        stream = await open_hop(handler, (0, TINY_BLOCKS), TOKEN)
+        stream.send(expect_step(0, 1))
+        waiting = asyncio.ensure_future(anext(stream.replies))
+        early = asyncio.ensure_future(handler.rpc_push(push_request(1, inputs(1, 1)), caller("Q")))
+        await until(lambda: sum(i.early for i in handler.pushes._inboxes.values()) == 1)
+        stream.send(None)  # type: ignore[arg-type]  # the gateway leaves mid-wait
+        with pytest.raises(StopAsyncIteration):
+            await waiting
+        refused = await early
+        assert decode(RpcError, refused.metadata).error is ErrorCode.INVALID_REQUEST
+        assert len(handler.pushes) == 0 and handler.active_streams == 0
+        assert not any(store.in_use(k) for k in store.session_ids())
+
+    run(scenario())
+
+
+def test_a_step_without_a_push_token_or_with_a_tensor_and_a_count_is_refused(span: Span) -> None:
+    async def scenario() -> None:
+        handler, _ = handler_of(span)
+        relayed_only = await open_hop(handler, (0, TINY_BLOCKS), None)
+        reply = await relayed_only.exchange(expect_step(0, 1))
+        assert "takes no pushes" in decode(RpcError, reply.metadata).message
+        both = await open_hop(handler, (0, TINY_BLOCKS), TOKEN)
+        step = Step(position=0, input_tokens=1, digest=DIGEST)
+        reply = await both.exchange(make_request(step, inputs(1, 1)))
+        assert decode(RpcError, reply.metadata).error is ErrorCode.PROTOCOL_MISMATCH
+
+    run(scenario())
+
+
+def test_a_hop_pushes_its_output_into_the_next_hops_step(span: Span) -> None:
+    """Two servers, blocks [0, HALF) and [HALF, end): the first pushes, the second
+    answers; the chain's output is the whole model's."""
+    prompt = inputs(6, 5)
+    expected = reference(span, [prompt])[0]
+
+    async def scenario(fail: bool) -> None:
+        first, _ = handler_of(span)
+        second, _ = handler_of(span)
+
+        async def call(peer: str, request: runtime_pb2.ExpertRequest) -> Any:
+            if fail:
+                raise ConnectionError("the next hop is gone")
+            return await second.rpc_push(request, caller("QmFirst"))
+
+        first.pusher = Pusher(call)
+        head = await open_hop(first, (0, HALF), None)
+        tail = await open_hop(second, (HALF, TINY_BLOCKS), TOKEN)
+        tail.send(expect_step(0, 6))
+        answer = asyncio.ensure_future(anext(tail.replies))
+        to = PushTarget(peer_id="QmSecond", token=TOKEN)
+        done = await head.exchange(
+            make_request(Step(position=0, digest=DIGEST, push_to=to), prompt)
+        )
+        head_done = decode_reply(StepDone, done.metadata, "node")
+        assert head_done.position == 6 and head_done.pushed is not fail
+        if fail:  # the output came back instead: the gateway relays it
+            (middle,) = read_tensors(done)
+            tail.send(make_request(Relay(relay=True, position=0), middle))
+        else:
+            assert not done.tensors, "an acknowledged push carries no hidden state"
+        out = await answer
+        torch.testing.assert_close(read_tensors(out)[0], expected, atol=1e-4, rtol=1e-4)
+        await head.close()
+        await tail.close()
+
+    run(scenario(fail=False))
+    run(scenario(fail=True))
