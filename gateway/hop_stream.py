@@ -5,6 +5,11 @@ Every way a hop can fail (dialing, the daemon, a timeout, a closed stream, a mal
 non-finite reply) surfaces as a ``SwarmError`` naming the peer, so the chain above can
 route around it: ``CapacityExceeded`` for "full or draining, try a replica",
 ``PeerUnavailable`` (and ``BadReply``) or ``ProtocolMismatch`` for "broken, ban it".
+A stream whose connection failed stays failed: every later call raises the same error.
+
+A step is either one call (``step``: send the input, read the output) or, when servers push
+to each other, split in two: ``begin`` sends it (with its input, or awaiting it by push),
+``relay`` sends the input later if its push failed, ``finish`` reads the answer.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,8 +34,11 @@ from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import (
     MAX_MESSAGE_BYTES,
+    PUSH_TIMEOUT_S,
     RPC_INFERENCE,
     OpenSession,
+    PushTarget,
+    Relay,
     SessionOpened,
     Step,
     StepDone,
@@ -73,6 +82,16 @@ def check_hidden(tensor: torch.Tensor, shape: torch.Size, peer_id: str) -> torch
     if not bool(torch.isfinite(tensor).all()):
         raise BadReply(f"{peer_id} returned non-finite hidden states", peer_id)
     return tensor
+
+
+@dataclass
+class _Pending:
+    """A step sent by ``begin`` whose answer ``finish`` has not read yet."""
+
+    shape: torch.Size  # of its input and output, [1, n, H]
+    has_input: bool  # sent with it or relayed since; else it waits for a push
+    pushes: bool  # told to push its output onward
+    began: float
 
 
 def check_cached(cached: int, prefix_hashes: Sequence[str], peer_id: str, resumed: int = 0) -> int:
@@ -120,10 +139,35 @@ class HopStream:
         self.position = 0
         self.open_rtt_s = 0.0  # the opening round trip: no compute, mostly network
         self._closed = False
+        self._failed: SwarmError | None = None  # the error that broke this stream
+        self._push_token: str | None = None  # accepted by the server: it takes pushes
+        self._pending: _Pending | None = None
 
     @property
     def peer_id(self) -> str:
         return self.hop.peer_id
+
+    @property
+    def chunk_tokens(self) -> int:
+        """The most tokens one step message may carry."""
+        return self._chunk_tokens
+
+    @property
+    def push_target(self) -> PushTarget | None:
+        """Where the previous hop may push this hop's inputs; None: relay them."""
+        if self._push_token is None:
+            return None
+        return PushTarget(peer_id=self.peer_id, token=self._push_token)
+
+    @property
+    def pending(self) -> bool:
+        """A step was begun and its answer not yet read."""
+        return self._pending is not None
+
+    @property
+    def awaits_input(self) -> bool:
+        """The pending step has no input yet: it waits for a push (or a relay)."""
+        return self._pending is not None and not self._pending.has_input
 
     async def open(self, opening: OpenSession) -> int:
         """Open the session; how many of ``opening.prefix_hashes``' tokens the server holds."""
@@ -142,7 +186,10 @@ class HopStream:
             raise PeerUnavailable(f"the stream to {self.peer_id} is closed", self.peer_id)
         reply = await self._exchange(make_request(opening), OPEN_TIMEOUT_S)
         self.open_rtt_s = time.monotonic() - began
-        cached = decode_reply(SessionOpened, reply.metadata, self.peer_id).cached_tokens
+        opened = decode_reply(SessionOpened, reply.metadata, self.peer_id)
+        if opened.push and opening.push_token is not None:
+            self._push_token = opening.push_token
+        cached = opened.cached_tokens
         return check_cached(cached, opening.prefix_hashes, self.peer_id, opening.resume_length)
 
     async def step(self, hidden: torch.Tensor, history: TokenHistory) -> torch.Tensor:
@@ -163,13 +210,72 @@ class HopStream:
                 raise BadReply(
                     f"{self.peer_id} is at {done.position}, expected {end}", self.peer_id
                 )
-            tensors = read_tensors(reply)
-            if len(tensors) != 1:
-                raise BadReply(f"{self.peer_id} returned {len(tensors)} tensors", self.peer_id)
-            outputs.append(check_hidden(tensors[0], chunk.shape, self.peer_id))
+            outputs.append(self._output(reply, chunk.shape))
             self.position = end
         self._on_step(time.monotonic() - began)
         return torch.cat(outputs, dim=1)
+
+    async def begin(
+        self,
+        shape: torch.Size,
+        history: TokenHistory,
+        hidden: torch.Tensor | None = None,
+        push_to: PushTarget | None = None,
+    ) -> None:
+        """Send a step of ``shape`` [1, n, H] at ``position``, one message's worth: with
+        its input ``hidden``, or (None) awaiting it by push. ``push_to``: the next hop,
+        which then gets the output instead of us (if the push works). ``finish`` reads the
+        answer; until then no other step may begin."""
+        if self._pending is not None:
+            raise RuntimeError(f"a step of {self.peer_id} is still pending")
+        if hidden is not None and hidden.shape != shape:
+            raise ValueError(f"an input of {list(hidden.shape)} for a step of {list(shape)}")
+        tokens = shape[1]
+        end = self.position + tokens
+        step = Step(
+            position=self.position,
+            new_hashes=list(history.hashes[self.position // BLOCK_TOKENS : end // BLOCK_TOKENS]),
+            digest=history.digest(end),
+            input_tokens=0 if hidden is not None else tokens,
+            push_to=push_to,
+        )
+        request = make_request(step) if hidden is None else make_request(step, hidden)
+        began = time.monotonic()
+        await self._send(request)
+        self._pending = _Pending(shape, hidden is not None, push_to is not None, began)
+
+    async def relay(self, hidden: torch.Tensor) -> None:
+        """The pending step's input [1, n, H], which the previous hop could not push."""
+        pending = self._pending
+        if pending is None or pending.has_input or hidden.shape != pending.shape:
+            raise RuntimeError(f"no step of {self.peer_id} awaits an input of this shape")
+        await self._send(make_request(Relay(relay=True, position=self.position), hidden))
+        pending.has_input = True
+
+    async def finish(self) -> torch.Tensor | None:
+        """The pending step's output [1, n, H], or None if it was pushed to the next hop."""
+        pending = self._pending
+        if pending is None:
+            raise RuntimeError(f"no step of {self.peer_id} is pending")
+        tokens = pending.shape[1]
+        # Its deadline runs from now: a step awaiting a push had no input until the hop
+        # before it answered, which the chain reads first.
+        timeout_s = self._deadline_s(tokens) + (PUSH_TIMEOUT_S if pending.pushes else 0.0)
+        reply = await self._read(timeout_s)
+        self._pending = None
+        end = self.position + tokens
+        done = decode_reply(StepDone, reply.metadata, self.peer_id)
+        if done.position != end:
+            raise BadReply(f"{self.peer_id} is at {done.position}, expected {end}", self.peer_id)
+        out = None
+        if done.pushed:
+            if not pending.pushes or reply.tensors:
+                raise BadReply(f"{self.peer_id} says it pushed what it was not told", self.peer_id)
+        else:
+            out = self._output(reply, pending.shape)
+        self.position = end
+        self._on_step(time.monotonic() - pending.began)
+        return out
 
     def close(self) -> None:
         """End the stream; the server frees or keeps the session when it sees the end.
@@ -196,12 +302,23 @@ class HopStream:
         finally:
             writer.close()
 
+    def _output(self, reply: runtime_pb2.ExpertResponse, shape: torch.Size) -> torch.Tensor:
+        tensors = read_tensors(reply)
+        if len(tensors) != 1:
+            raise BadReply(f"{self.peer_id} returned {len(tensors)} tensors", self.peer_id)
+        return check_hidden(tensors[0], shape, self.peer_id)
+
+    def _streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._failed is not None:
+            raise self._failed
+        if self._reader is None or self._writer is None or self._closed:
+            raise PeerUnavailable(f"the stream to {self.peer_id} is closed", self.peer_id)
+        return self._reader, self._writer
+
     async def _exchange(
         self, request: runtime_pb2.ExpertRequest, timeout_s: float
     ) -> runtime_pb2.ExpertResponse:
-        if self._reader is None or self._writer is None or self._closed:
-            raise PeerUnavailable(f"the stream to {self.peer_id} is closed", self.peer_id)
-        reader, writer = self._reader, self._writer
+        reader, writer = self._streams()
 
         async def round_trip() -> runtime_pb2.ExpertResponse:
             await self._link.outbound()
@@ -211,18 +328,56 @@ class HopStream:
             return reply
 
         timeout_s += self._link.rtt_s  # the server's time to answer, plus the wire's
-        try:
+        with self._failures(timeout_s):
             return await asyncio.wait_for(round_trip(), timeout_s)
-        except SwarmError:
+
+    async def _send(self, request: runtime_pb2.ExpertRequest) -> None:
+        """One message to the server, answered later (or never: a relay)."""
+        _, writer = self._streams()
+
+        async def deliver() -> None:
+            await self._link.outbound()
+            await _send(writer, P2P.MESSAGE_MARKER, request.SerializeToString())
+
+        timeout_s = OPEN_TIMEOUT_S + self._link.rtt_s  # a write waits only on flow control
+        with self._failures(timeout_s):
+            await asyncio.wait_for(deliver(), timeout_s)
+
+    async def _read(self, timeout_s: float) -> runtime_pb2.ExpertResponse:
+        """The server's next answer, within ``timeout_s`` of its computing plus the wire's."""
+        reader, _ = self._streams()
+
+        async def receive() -> runtime_pb2.ExpertResponse:
+            reply = await _receive(reader, self.peer_id)
+            await self._link.inbound()
+            return reply
+
+        timeout_s += self._link.rtt_s
+        with self._failures(timeout_s):
+            return await asyncio.wait_for(receive(), timeout_s)
+
+    @contextlib.contextmanager
+    def _failures(self, timeout_s: float) -> Iterator[None]:
+        """Every way the stream can break, as the ``SwarmError`` it stays failed with."""
+        try:
+            yield
+        except SwarmError as e:
+            self._failed = e
             raise
         except asyncio.IncompleteReadError:
-            raise PeerUnavailable(f"{self.peer_id} closed the stream", self.peer_id) from None
+            error: SwarmError = PeerUnavailable(f"{self.peer_id} closed the stream", self.peer_id)
+            self._failed = error
+            raise error from None
         except TimeoutError:
-            raise PeerUnavailable(
+            error = PeerUnavailable(
                 f"{self.peer_id} did not answer within {timeout_s:.1f} s", self.peer_id
-            ) from None
+            )
+            self._failed = error
+            raise error from None
         except Exception as e:  # connection resets, the daemon going away
-            raise PeerUnavailable(f"{self.peer_id}: {e}", self.peer_id) from e
+            error = PeerUnavailable(f"{self.peer_id}: {e}", self.peer_id)
+            self._failed = error
+            raise error from e
 
 
 async def _send(writer: asyncio.StreamWriter, marker: bytes, payload: bytes) -> None:

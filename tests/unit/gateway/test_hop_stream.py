@@ -18,11 +18,14 @@ from protocol.prefix import BLOCK_TOKENS, TokenHistory, block_hashes
 from protocol.rpc import (
     ErrorCode,
     OpenSession,
+    PushTarget,
+    Relay,
     RpcError,
     SessionOpened,
     Step,
     StepDone,
     decode,
+    decode_stream_message,
 )
 from routing.planner import Hop
 
@@ -379,3 +382,136 @@ def test_close_is_synchronous_idempotent_and_ends_the_servers_side() -> None:
     asyncio.run(scenario())
 
     assert server.ended and harness.p2p.writer.closed and server.steps == []
+
+
+# ---- steps in two halves, for pushing chains ----
+
+
+class PushingServer(FakeServer):
+    """A server that takes pushes: a step without its input waits for a relay (the test
+    plays the pusher by relaying), a step told to push answers ``pushed`` if ``push_works``.
+    ``messages`` records what came, in order."""
+
+    def __init__(self, push_works: bool = True, takes_pushes: bool = True) -> None:
+        super().__init__()
+        self.opened = make_response(SessionOpened(push=takes_pushes))
+        self.push_works = push_works
+        self.messages: list[Step | Relay] = []
+
+    async def serve(self, writer: Writer, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        await writer.frames.get()
+        self._send(reader, self.opened)
+        waiting: Step | None = None
+        while True:
+            marker, payload = await writer.frames.get()
+            if marker == P2P.ERROR_MARKER:
+                self.ended = True
+                reader.feed_eof()
+                return
+            request = runtime_pb2.ExpertRequest.FromString(payload)
+            message = decode_stream_message(request.metadata)
+            self.messages.append(message)
+            if isinstance(message, Step) and message.input_tokens:
+                waiting = message
+                continue
+            step = waiting if isinstance(message, Relay) else message
+            assert step is not None
+            (hidden,) = read_tensors(request)
+            done = StepDone(position=step.position + hidden.shape[1])
+            if step.push_to is not None and self.push_works:
+                self._send(reader, make_response(done.model_copy(update={"pushed": True})))
+            else:
+                self._send(reader, make_response(done, hidden * 2))
+
+
+TARGET = PushTarget(peer_id="QmNextPeer", token="7a" * 16)
+
+
+def test_a_step_told_to_push_is_finished_without_hidden_states() -> None:
+    server = PushingServer()
+    hidden = torch.randn(1, 3, 8)
+
+    async def scenario() -> None:
+        stream = Harness(server).stream
+        await stream.open(OPENING.model_copy(update={"push_token": "b3" * 16}))
+        assert stream.push_target == PushTarget(peer_id=PEER, token="b3" * 16)
+        await stream.begin(hidden.shape, TokenHistory(list(range(3))), hidden, TARGET)
+        assert stream.pending and not stream.awaits_input
+        assert await stream.finish() is None
+        assert stream.position == 3 and not stream.pending
+
+    asyncio.run(scenario())
+
+    (step,) = server.messages
+    assert isinstance(step, Step) and step.push_to == TARGET and step.input_tokens == 0
+
+
+@pytest.mark.parametrize("push_works", [True, False])
+def test_a_step_awaiting_its_input_takes_a_relay_and_answers_with_its_output(
+    push_works: bool,
+) -> None:
+    server = PushingServer(push_works=push_works)
+    hidden = torch.randn(1, 2, 8)
+
+    async def scenario() -> torch.Tensor | None:
+        stream = Harness(server).stream
+        await stream.open(OPENING.model_copy(update={"push_token": "b3" * 16}))
+        await stream.begin(hidden.shape, TokenHistory(list(range(2))), push_to=TARGET)
+        assert stream.awaits_input
+        await stream.relay(hidden)  # its previous hop could not push it
+        assert not stream.awaits_input
+        return await stream.finish()
+
+    out = asyncio.run(scenario())
+
+    if push_works:
+        assert out is None
+    else:  # its own push failed: the output comes back for the gateway to relay
+        assert out is not None
+        torch.testing.assert_close(out, hidden * 2)
+    step, relay = server.messages
+    assert isinstance(step, Step) and step.input_tokens == 2 and step.position == 0
+    assert isinstance(relay, Relay) and relay.position == 0
+
+
+def test_a_server_that_predates_push_gets_no_push_target() -> None:
+    async def scenario() -> HopStream:
+        stream = Harness(PushingServer(takes_pushes=False)).stream
+        await stream.open(OPENING.model_copy(update={"push_token": "b3" * 16}))
+        return stream
+
+    assert asyncio.run(scenario()).push_target is None
+
+
+def claims_pushed(step: Step, hidden: torch.Tensor) -> runtime_pb2.ExpertResponse:
+    return make_response(StepDone(position=step.position + hidden.shape[1], pushed=True))
+
+
+def test_a_server_claiming_a_push_it_was_not_told_to_make_is_a_bad_reply() -> None:
+    harness = Harness(FakeServer(reply=claims_pushed))
+    hidden = torch.randn(1, 1, 8)
+
+    async def scenario() -> None:
+        await harness.stream.open(OPENING)
+        await harness.stream.begin(hidden.shape, TokenHistory([1]), hidden)
+        with pytest.raises(BadReply, match="pushed what it was not told"):
+            await harness.stream.finish()
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_that_broke_stays_broken() -> None:
+    harness = Harness(FakeServer(reply=silence))
+    hidden = torch.randn(1, 1, 8)
+
+    async def scenario() -> None:
+        await harness.stream.open(OPENING)
+        await harness.stream.begin(hidden.shape, TokenHistory([1]), hidden)
+        with pytest.raises(PeerUnavailable, match="did not answer") as first:
+            await harness.stream.finish()
+        with pytest.raises(PeerUnavailable) as again:
+            await harness.stream.step(hidden, TokenHistory([1]))
+        assert again.value is first.value
+
+    asyncio.run(scenario())
