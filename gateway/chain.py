@@ -1,13 +1,21 @@
 """A session on a chain of servers that survives servers failing under it.
 
-Hidden states flow gateway → hop → gateway → next hop. Before a step, every hop must
-hold the session's first ``position`` tokens. A hop that is behind (a replacement for a
-dead server, or a server that lost the conversation's cache between turns) *catches up*:
-the gateway rebuilds the inputs that enter it for every earlier position (the embedding
-of the token history, run through the live upstream hops in throwaway sessions) and
-replays them into it. A hop that fails is closed, its span alone is re-planned over live
-servers (one or several replacement hops), and the step goes on from there. So a failure
-costs the client a pause, never its answer: greedy output equals a run without it.
+Hidden states flow gateway → hop → gateway → next hop (relay), or, with ``push``, hop →
+next hop directly: the gateway sends the first hop its input and tells every other hop, at
+the same time, to expect its input by push; only the last hop answers with hidden states,
+the others with a small acknowledgement once their push was accepted. A hop whose push
+failed answers with its output instead, which the gateway relays to the next hop. A step
+goes in rounds of at most one message's tokens, pushed or relayed hop by hop.
+
+Before a step, every hop must hold the session's first ``position`` tokens. A hop that is
+behind (a replacement for a dead server, or a server that lost the conversation's cache
+between turns) *catches up*: the gateway rebuilds the inputs that enter it for every
+earlier position (the embedding of the token history, run through the live upstream hops
+in throwaway sessions) and replays them into it. A hop that fails is closed, its span alone
+is re-planned over live servers (one or several replacement hops), and the step goes on
+from there; a replacement whose input was pushed into the dead server rebuilds it the same
+way, since the gateway never holds it. So a failure costs the client a pause, never its
+answer: greedy output equals a run without it.
 
 Bounded: at most ``MAX_FAILOVERS`` replacements per session and ``FAILOVER_BUDGET_S`` per
 step; beyond, the last error goes up. A server that is full or draining is skipped for
@@ -18,10 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Sequence, Set
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -57,6 +66,11 @@ class ChainHost(Protocol):
     def succeeded(self, peer_id: str) -> None: ...
 
 
+# How a hop after the first got its input in a step: pushed by the hop before it, or
+# relayed through the gateway.
+InputRoute = Literal["push", "relay"]
+
+
 class _HopFailed(Exception):
     """Hop ``index`` of the chain failed with ``error``."""
 
@@ -75,8 +89,12 @@ class ChainSession:
         max_length: int,
         on_failover: Callable[[], None] = lambda: None,
         resume: tuple[int, str] = (0, ""),
+        push: bool = False,
+        on_input: Callable[[InputRoute], None] = lambda route: None,
     ) -> None:
         self._host = host
+        self._push = push  # hops push hidden states to each other where servers can
+        self._on_input = on_input
         self._resume = resume  # (length, digest) of the conversation's history, if continued
         self._on_failover = on_failover  # a failed hop was replaced mid-generation
         self.session_id = session_id
@@ -114,14 +132,32 @@ class ChainSession:
         """hidden: [1, n, H] for the history's last n tokens → the chain's output, same shape."""
         start = self._position
         began = time.monotonic()
-        inputs = {0: hidden}  # this step's input into each hop
+        rounds = [hidden]
+        if self._push and len(self._hops) > 1:  # pushed steps are one message each
+            rounds = list(torch.split(hidden, min(h.chunk_tokens for h in self._hops), dim=1))
+        outputs, position = [], start
+        for chunk in rounds:
+            outputs.append(await self._round(chunk, position, history, began))
+            position += chunk.shape[1]
+        self._position = position
         self._known = {}
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    async def _round(
+        self, hidden: torch.Tensor, start: int, history: TokenHistory, began: float
+    ) -> torch.Tensor:
+        """``hidden`` [1, n, H] at ``start`` through every hop: the last hop's output."""
+        end = start + hidden.shape[1]
+        # This round's input into each hop; None: pushed there by the hop before it.
+        inputs: dict[int, torch.Tensor | None] = {0: hidden}
+        self._known = {}
+        if self._pushable(start):
+            await self._begin_all(hidden, history)
         index = 0
         while index < len(self._hops):
+            pushed = inputs[index] is None and self._hops[index].pending
             try:
-                if self._hops[index].position < start:
-                    await self._catch_up(index, start, history)
-                out = await self._step_hop(index, inputs[index], history)
+                out = await self._run_hop(index, inputs[index], start, end, history)
             except _HopFailed as failure:
                 failed = failure.index
                 added = await self._replace(failure, began) - 1
@@ -134,11 +170,64 @@ class ChainSession:
                 else:
                     inputs = {k: v for k, v in inputs.items() if k <= index}
                 continue
+            if index > 0:
+                self._on_input("push" if pushed else "relay")
             index += 1
             inputs[index] = out
-        self._position = start + hidden.shape[1]
-        self._known = {}
-        return inputs[len(self._hops)]
+        out = inputs[len(self._hops)]
+        assert out is not None, "the last hop never pushes"
+        return out
+
+    def _pushable(self, start: int) -> bool:
+        """Whether this round can push: every hop is at ``start`` (none has to catch up)
+        and some server takes pushes."""
+        hops = self._hops
+        return (
+            self._push
+            and all(hop.position == start for hop in hops)
+            and any(hop.push_target is not None for hop in hops[1:])
+        )
+
+    async def _begin_all(self, hidden: torch.Tensor, history: TokenHistory) -> None:
+        """Send every hop its part of the round at once: the first its input, each hop
+        that takes pushes an announcement of it, each hop before one of those its target.
+        A hop that cannot be sent to is left for ``_run_hop`` to fail over."""
+        hops = self._hops
+        sending = []
+        for k, hop in enumerate(hops):
+            if k > 0 and hop.push_target is None:
+                continue  # a server that predates push: stepped by relay
+            target = hops[k + 1].push_target if k + 1 < len(hops) else None
+            sending.append(hop.begin(hidden.shape, history, hidden if k == 0 else None, target))
+        for result in await asyncio.gather(*sending, return_exceptions=True):
+            if isinstance(result, BaseException) and not isinstance(result, SwarmError):
+                raise result
+
+    async def _run_hop(
+        self,
+        index: int,
+        hidden: torch.Tensor | None,
+        start: int,
+        end: int,
+        history: TokenHistory,
+    ) -> torch.Tensor | None:
+        """Hop ``index``'s part of the round at [start, end): its output, or None if it
+        pushed that to the next hop. ``hidden``: its input, None if it was pushed there."""
+        hop = self._hops[index]
+        if hop.pending:  # begun by _begin_all: it has its input, or awaits it
+            try:
+                if hop.awaits_input and hidden is not None:
+                    await hop.relay(hidden)
+                out = await hop.finish()
+            except SwarmError as e:
+                raise _HopFailed(index, e) from e
+            self._host.succeeded(hop.peer_id)
+            return out
+        if hidden is None:  # pushed into the server this one replaced: rebuilt by replay
+            return (await self._catch_up(index, end, history))[:, start - end :]
+        if hop.position < start:
+            await self._catch_up(index, start, history)
+        return await self._step_hop(index, hidden, history)
 
     async def close(self) -> None:
         """Release the session on every server; never suspends (see HopStream.close)."""
@@ -156,8 +245,9 @@ class ChainSession:
         self._host.succeeded(hop.peer_id)
         return out
 
-    async def _catch_up(self, index: int, start: int, history: TokenHistory) -> None:
-        """Bring hop ``index`` from its position to ``start`` by replaying its inputs."""
+    async def _catch_up(self, index: int, start: int, history: TokenHistory) -> torch.Tensor:
+        """Bring hop ``index`` from its position to ``start`` by replaying its inputs; its
+        output for those positions."""
         hop = self._hops[index]
         behind = hop.position
         inputs = await self._inputs_of(index, start, history)
@@ -172,15 +262,17 @@ class ChainSession:
         out = await self._step_hop(index, inputs[:, behind:start], history)
         if behind == 0:
             self._known[index + 1] = out  # the next hop's inputs, should it need them
+        return out
 
     async def _inputs_of(self, index: int, start: int, history: TokenHistory) -> torch.Tensor:
         """What enters hop ``index`` at positions [0, start): the embedding, run through
         the hops before it in throwaway sessions (they keep their own caches intact)."""
-        first = max((k for k in self._known if k <= index), default=None)
+        known = {k: v for k, v in self._known.items() if k <= index and v.shape[1] >= start}
+        first = max(known, default=None)
         if first is None:
             first, hidden = 0, await self._host.embed(history.tokens[:start])
         else:
-            hidden = self._known[first]
+            hidden = known[first][:, :start]
         for k in range(first, index):
             hidden = await self._replay(k, hidden, history)
             self._known[k + 1] = hidden
@@ -225,6 +317,8 @@ class ChainSession:
             ", ".join(h.peer_id for h in route),
         )
         replacements = await self._open_hops(route, (), began)
+        for stream in replacements:  # one holding more of the conversation drops the rest
+            stream.position = min(stream.position, self._position)
         self._hops[failure.index : failure.index + 1] = replacements
         self._known = {}
         self._on_failover()
@@ -275,6 +369,7 @@ class ChainSession:
             prefix_hashes=list(prefix_hashes),
             resume_length=self._resume[0],
             resume_digest=self._resume[1],
+            push_token=secrets.token_hex(16) if self._push else None,
         )
 
     def _note_failure(self, hop: Hop, error: SwarmError, began: float) -> None:

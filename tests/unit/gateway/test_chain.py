@@ -11,6 +11,7 @@ import asyncio
 import functools
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence, Set
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from protocol.errors import (
     SwarmError,
 )
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
-from protocol.rpc import OpenSession
+from protocol.rpc import OpenSession, PushTarget
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
 from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot
@@ -52,6 +53,7 @@ DECODE = 8
 STEPS = [TOKENS[:PROMPT], *([t] for t in TOKENS[PROMPT : PROMPT + DECODE])]
 FED = PROMPT + DECODE
 ROUTE = [Hop("a", 0, 2), Hop("b", 2, 4)]
+CHUNK = 16  # tokens per message: pushed prompts go in rounds of this many
 MODEL = ModelRecord(
     name="tiny", architecture="llama", num_blocks=TINY_BLOCKS, hidden_size=HIDDEN, max_length=1024
 )
@@ -95,11 +97,18 @@ class FakeServer:
     Faults: ``down`` fails every open and step from now on; ``refuse`` fails new opens
     only; ``fail_at(k, fault)`` brings the server down at its k-th step of a kept session;
     ``nan_at`` answers that step with NaNs; the ``*_gate`` events hang until set.
+    Push: ``takes_pushes`` (else it answers an opening's push token as an old server);
+    ``refuse_pushes`` refuses every push to it; ``die_after_push_at`` brings it down at
+    that step just after its push was accepted.
     """
 
-    def __init__(self, peer_id: str, span: Span) -> None:
+    def __init__(self, peer_id: str, span: Span, inboxes: dict[str, FakeStream]) -> None:
         self.peer_id = peer_id
         self.span = span
+        self.inboxes = inboxes  # every server's streams that take pushes, by token
+        self.takes_pushes = True
+        self.refuse_pushes = False
+        self.die_after_push_at: int | None = None
         self.store = SessionStore(1 << 40, 1)
         self.openings: list[OpenSession] = []
         self.streams: list[FakeStream] = []
@@ -139,6 +148,10 @@ class FakeServer:
                 keep=opening.keep,
                 resume=(opening.resume_length, opening.resume_digest),
             )
+            token = opening.push_token
+            if token is not None and self.takes_pushes:
+                stream.push_token = token
+                self.inboxes[token] = stream
             return stream, check_cached(
                 cached + self.claim_extra,
                 opening.prefix_hashes,
@@ -165,8 +178,23 @@ class FakeServer:
         return [s for s in self.streams if not s.opening.keep]
 
 
+@dataclass
+class Pending:
+    shape: torch.Size
+    history: TokenHistory
+    input: torch.Tensor | None  # sent with the step, relayed or pushed; None: awaited
+    push_to: PushTarget | None
+    sent: bool = False  # the gateway sent the input (with the step, or relayed)
+
+
 class FakeStream:
-    """What HopStream does, over a FakeServer: ``position`` is where the next step starts."""
+    """What HopStream does, over a FakeServer: ``position`` is where the next step starts.
+
+    Pushed steps (``begin``/``relay``/``finish``) behave as a node's: the first input to
+    arrive counts (a later relay is dropped), and a push goes into the target stream's
+    pending step if that stream is open, its server up and taking pushes."""
+
+    chunk_tokens = CHUNK
 
     def __init__(self, server: FakeServer, hop: Hop, opening: OpenSession) -> None:
         self.server = server
@@ -176,12 +204,93 @@ class FakeStream:
         self.session: CachedSession | None = None
         self.steps: list[tuple[int, int]] = []  # (position, tokens) of each step done
         self.closed = False
+        self.push_token: str | None = None
+        self._pending: Pending | None = None
+        self.relayed = 0  # inputs the gateway relayed to a pending step
+        self.pushed_in = 0  # inputs pushed in by the previous hop
+        self.returned = 0  # outputs sent back to the gateway
 
     @property
     def peer_id(self) -> str:
         return self.hop.peer_id
 
+    @property
+    def push_target(self) -> PushTarget | None:
+        if self.push_token is None:
+            return None
+        return PushTarget(peer_id=self.peer_id, token=self.push_token)
+
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    @property
+    def awaits_input(self) -> bool:  # as far as the gateway knows
+        return self._pending is not None and not self._pending.sent
+
     async def step(self, hidden: torch.Tensor, history: TokenHistory) -> torch.Tensor:
+        assert self._pending is None, "a step while another is pending"
+        out = await self._compute(hidden, history)
+        self.returned += 1
+        return check_hidden(out, hidden.shape, self.peer_id)
+
+    async def begin(
+        self,
+        shape: torch.Size,
+        history: TokenHistory,
+        hidden: torch.Tensor | None = None,
+        push_to: PushTarget | None = None,
+    ) -> None:
+        assert self._pending is None and not self.closed, "begin on a busy or closed stream"
+        assert shape[1] <= self.chunk_tokens, "a pushed step is one message"
+        self._pending = Pending(shape, history, hidden, push_to, sent=hidden is not None)
+
+    async def relay(self, hidden: torch.Tensor) -> None:
+        pending = self._pending
+        assert pending is not None and not pending.sent and hidden.shape == pending.shape
+        pending.sent = True
+        self.relayed += 1
+        if pending.input is None:  # else it took a push first: the node drops the relay
+            pending.input = hidden
+
+    async def finish(self) -> torch.Tensor | None:
+        pending, self._pending = self._pending, None
+        assert pending is not None, "finish without a pending step"
+        if pending.input is None and self.server.down is None:
+            raise AssertionError(f"{self.peer_id} would wait forever: no input pushed or relayed")
+        position = self.position
+        out = await self._compute(
+            pending.input if pending.input is not None else torch.zeros(pending.shape),
+            pending.history,
+        )
+        target = pending.push_to and self.server.inboxes.get(pending.push_to.token)
+        if target is not None and target.take_push(position, out):
+            if self.server.kept_steps == self.server.die_after_push_at:
+                self.server.down = gone
+                raise gone(self.peer_id)  # pushed, then died before acknowledging
+            return None
+        self.returned += 1
+        return check_hidden(out, pending.shape, self.peer_id)
+
+    def take_push(self, position: int, hidden: torch.Tensor) -> bool:
+        """A push into this stream's pending step: whether the node would accept it."""
+        pending = self._pending
+        if (
+            self.closed
+            or self.server.down is not None
+            or self.server.refuse_pushes
+            or pending is None
+            or pending.input is not None
+            or self.position != position
+            or hidden.shape != pending.shape
+            or not bool(torch.isfinite(hidden).all())
+        ):
+            return False
+        pending.input = hidden
+        self.pushed_in += 1
+        return True
+
+    async def _compute(self, hidden: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         hashes = history.hashes
         server, session = self.server, self.session
         assert session is not None and not self.closed, "step on a stream that is not open"
@@ -212,11 +321,13 @@ class FakeStream:
         self.position = position + tokens
         if self.opening.keep and server.kept_steps == server.nan_at:
             out = torch.full_like(out, float("nan"))
-        return check_hidden(out, hidden.shape, self.peer_id)
+        return out
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.push_token is not None:
+                self.server.inboxes.pop(self.push_token, None)
             if self.session is not None:
                 self.server.store.release(self.session)
 
@@ -225,7 +336,10 @@ class FakeSwarm:
     """The ChainHost: servers in this process, planned over with the real planner."""
 
     def __init__(self, model: Path, spans: dict[str, tuple[int, int]]) -> None:
-        self.servers = {p: FakeServer(p, span_of(model, *span)) for p, span in spans.items()}
+        self.inboxes: dict[str, FakeStream] = {}
+        self.servers = {
+            p: FakeServer(p, span_of(model, *span), self.inboxes) for p, span in spans.items()
+        }
         self.failures: list[tuple[str, SwarmError]] = []
         self.successes: Counter[str] = Counter()
         self.embedded: list[int] = []  # tokens per embed call
@@ -307,9 +421,20 @@ async def feed(
 
 
 async def opened(
-    swarm: FakeSwarm, route: Sequence[Hop] = ROUTE, prefix_hashes: Sequence[str] = ()
+    swarm: FakeSwarm,
+    route: Sequence[Hop] = ROUTE,
+    prefix_hashes: Sequence[str] = (),
+    push: bool = False,
+    on_input: Callable[[str], None] = lambda route: None,
 ) -> ChainSession:
-    session = ChainSession(swarm, SESSION, SECRET, MAX_LENGTH)  # type: ignore[arg-type]  # duck-typed
+    session = ChainSession(
+        swarm,  # type: ignore[arg-type]  # duck-typed
+        SESSION,
+        SECRET,
+        MAX_LENGTH,
+        push=push,
+        on_input=on_input,
+    )
     await session.open(route, prefix_hashes)
     return session
 
@@ -323,12 +448,15 @@ async def until(condition: Callable[[], bool]) -> None:
 
 
 def run_chain(
-    swarm: FakeSwarm, route: Sequence[Hop] = ROUTE
+    swarm: FakeSwarm,
+    route: Sequence[Hop] = ROUTE,
+    push: bool = False,
+    on_input: Callable[[str], None] = lambda route: None,
 ) -> tuple[ChainSession, list[torch.Tensor]]:
     """Open ``route``, feed STEPS, close; the session and its outputs."""
 
     async def scenario() -> tuple[ChainSession, list[torch.Tensor]]:
-        session = await opened(swarm, route)
+        session = await opened(swarm, route, push=push, on_input=on_input)
         try:
             return session, await feed(session, TokenHistory(), STEPS)
         finally:
@@ -836,3 +964,146 @@ def test_cancelling_open_closes_the_hops_that_opened(tiny_model: Path) -> None:
     assert [s.peer_id for s in swarm.streams] == ["a", "b"]
     assert swarm.open_streams() == []
     assert session.route == []
+
+
+# ---- push: hops send hidden states straight to the next hop ----
+
+# What a pushed step is made of: the prompt in rounds of one message, then one token each.
+PUSHED_STEPS = [
+    *((p, min(CHUNK, PROMPT - p)) for p in range(0, PROMPT, CHUNK)),
+    *((p, 1) for p in range(PROMPT, FED)),
+]
+ROUNDS = len(PUSHED_STEPS)
+
+
+def counting(inputs: Counter[str]) -> Callable[[str], None]:
+    """An ``on_input`` that counts how the hops' inputs went: "push" or "relay"."""
+    return lambda via: inputs.update([via])
+
+
+def test_pushed_hops_give_the_whole_models_output_and_only_the_last_answers(
+    tiny_model: Path,
+) -> None:
+    spans = {f"s{b}": (b, b + 1) for b in range(TINY_BLOCKS)}
+    swarm = FakeSwarm(tiny_model, spans)
+    route = plan_route(swarm.snapshot(), TINY_BLOCKS)
+    inputs: Counter[str] = Counter()
+
+    _, outputs = run_chain(swarm, route, push=True, on_input=counting(inputs))
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    streams = [swarm[hop.peer_id].kept()[0] for hop in route]
+    for k, stream in enumerate(streams):
+        assert stream.steps == PUSHED_STEPS
+        assert stream.relayed == 0
+        assert stream.pushed_in == (ROUNDS if k else 0)
+        assert stream.returned == (ROUNDS if k == len(streams) - 1 else 0)
+    assert inputs == Counter(push=ROUNDS * (len(route) - 1))
+    assert swarm.inboxes == {} and swarm.open_streams() == []
+
+
+def test_the_same_chain_with_and_without_push_gives_the_same_output(tiny_model: Path) -> None:
+    spans = {"a": (0, 2), "b": (2, 4)}
+    _, relayed = run_chain(FakeSwarm(tiny_model, spans))
+    _, pushed = run_chain(FakeSwarm(tiny_model, spans), push=True)
+
+    assert_matches(pushed, relayed)
+
+
+@pytest.mark.parametrize("old", ["refuses pushes", "predates push"])
+def test_a_hop_that_gets_no_push_is_relayed_while_the_others_push(
+    tiny_model: Path, old: str
+) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 1), "m": (1, 3), "b": (3, 4)})
+    route = [Hop("a", 0, 1), Hop("m", 1, 3), Hop("b", 3, 4)]
+    if old == "refuses pushes":
+        swarm["m"].refuse_pushes = True  # every push fails: its sender answers instead
+    else:
+        swarm["m"].takes_pushes = False  # it never gets a token: nobody pushes to it
+    inputs: Counter[str] = Counter()
+
+    session, outputs = run_chain(swarm, route, push=True, on_input=counting(inputs))
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    a, m, b = (swarm[p].kept()[0] for p in "amb")
+    assert (a.returned, m.pushed_in) == (ROUNDS, 0)  # a's pushes failed, or it made none
+    if old == "refuses pushes":  # m was relayed its input, and pushes onward
+        assert (m.relayed, m.returned, b.pushed_in) == (ROUNDS, 0, ROUNDS)
+        assert inputs == Counter(relay=ROUNDS, push=ROUNDS)
+    else:  # m is stepped as before push: input and output through the gateway
+        assert (m.relayed, m.returned, b.pushed_in, b.relayed) == (0, ROUNDS, 0, ROUNDS)
+        assert inputs == Counter(relay=2 * ROUNDS)
+    assert swarm.failures == [] and session.failovers == 0
+
+
+@pytest.mark.parametrize(
+    ("dead", "when"),
+    [
+        ("a", "before its push"),
+        ("a", "after its push"),
+        ("m", "before its push"),
+        ("m", "after its push"),
+        ("b", "before its push"),  # the last hop never pushes
+    ],
+)
+def test_a_pushing_chain_survives_a_hop_dying_and_stays_exact(
+    tiny_model: Path, dead: str, when: str
+) -> None:
+    spans = {"a": (0, 1), "m": (1, 3), "b": (3, 4), "a2": (0, 1), "m2": (1, 3), "b2": (3, 4)}
+    swarm = FakeSwarm(tiny_model, spans)
+    route = [Hop("a", 0, 1), Hop("m", 1, 3), Hop("b", 3, 4)]
+    at = 5  # a decode step: the prompt took rounds 1 to 3
+    if when == "before its push":
+        swarm[dead].fail_at(at)
+    else:
+        swarm[dead].die_after_push_at = at
+    inputs: Counter[str] = Counter()
+
+    session, outputs = run_chain(swarm, route, push=True, on_input=counting(inputs))
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    assert [p for p, _ in swarm.failures] == [dead] and session.failovers == 1
+    assert session.route == [
+        Hop(f"{dead}2" if h.peer_id == dead else h.peer_id, h.start, h.end) for h in route
+    ]
+    (replacement,) = swarm[f"{dead}2"].kept()
+    assert replacement.session is not None and replacement.session.position == FED
+    if when == "after its push":  # its successor had its input: the relay was dropped
+        nxt = swarm["m" if dead == "a" else "b"].kept()[0]
+        assert nxt.relayed == 1 and nxt.pushed_in == ROUNDS
+    # Every round after the failure pushed again, the replacement included.
+    assert inputs["push"] >= (ROUNDS - at) * (len(route) - 1) + (at - 1) * (len(route) - 1)
+    assert swarm.open_streams() == [] and swarm.inboxes == {}
+
+
+def test_a_pushing_hop_that_answers_nan_is_blamed_not_the_hop_after_it(tiny_model: Path) -> None:
+    spans = {"a": (0, 2), "b": (2, 4), "a2": (0, 2)}
+    swarm = FakeSwarm(tiny_model, spans)
+    swarm["a"].nan_at = 4  # its push is refused (non-finite): it answers, and is caught
+
+    _, outputs = run_chain(swarm, push=True)
+
+    assert_matches(outputs, reference(tiny_model, STEPS))
+    ((peer, error),) = swarm.failures
+    assert peer == "a" and isinstance(error, BadReply)
+
+
+def test_a_cancelled_pushed_step_then_close_leaves_nothing_open(tiny_model: Path) -> None:
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4)})
+
+    async def scenario() -> None:
+        session = await opened(swarm, push=True)
+        history = TokenHistory()
+        await feed(session, history, STEPS[:2])
+        swarm["b"].step_gate = asyncio.Event()
+        history.extend(STEPS[2])
+        task = asyncio.create_task(session.step(embed(STEPS[2]), history))
+        await until(lambda: swarm["b"].waiting == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await session.close()
+
+    asyncio.run(scenario())
+
+    assert len(swarm.streams) == 2 and swarm.open_streams() == [] and swarm.inboxes == {}
