@@ -82,6 +82,7 @@ def create_app(
                 metrics=app.state.metrics,
                 step_floor_s=settings.step_floor_s,
                 prefill_chunk_tokens=settings.prefill_chunk_tokens,
+                push=settings.push,
             )
             await client.start()
             swarm = client

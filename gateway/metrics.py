@@ -72,6 +72,13 @@ class GatewayMetrics:
             "Spans planned again because a server failed or was full",
             registry=self.registry,
         )
+        self.hop_inputs = Counter(
+            "swarmgate_hop_inputs",
+            "Inputs of chain hops after the first, one per hop per step message: pushed by "
+            "the hop before (node to node), or relayed through this gateway",
+            ["via"],
+            registry=self.registry,
+        )
         self.failovers = Counter(
             "swarmgate_failovers",
             "Servers replaced in the middle of a generation, which then went on",

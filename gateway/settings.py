@@ -20,6 +20,8 @@ class GatewaySettings:
     # Shared affinity; None: kept in this process. May hold a password: never in a repr.
     redis_url: str | None = field(default=None, repr=False)
     affinity: bool = True  # False: every request on a fresh session (for comparisons)
+    # Servers send hidden states straight to the next hop; False: all through the gateway.
+    push: bool = True
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     refresh_period_s: float = 2.0  # how often the swarm snapshot is re-read from the DHT
     # A hop's reply to one step may take this long, plus what its announced throughput

@@ -103,8 +103,10 @@ class P2PSwarmClient:
         step_floor_s: float = 10.0,
         health: PeerHealth | None = None,
         metrics: GatewayMetrics | None = None,
+        push: bool = True,
     ) -> None:
         self._dht = dht
+        self._push = push  # hops push hidden states to each other where servers can
         self._prefix = prefix
         self._model = model  # the local files' model: servers of another shape are ignored
         self._member_pass = member_pass  # this gateway's pass, shown to every server it opens
@@ -166,6 +168,8 @@ class P2PSwarmClient:
             max_length,
             on_failover=self._metrics.failovers.inc,
             resume=resume,
+            push=self._push,
+            on_input=lambda via: self._metrics.hop_inputs.labels(via).inc(),
         )
         await chain.open(route, prefix_hashes)
         return chain

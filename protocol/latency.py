@@ -10,9 +10,12 @@ purpose.
 The delay suspends only the task that sends or receives (an ``asyncio`` sleep, never a
 blocking one), so every other stream of the process goes on meanwhile. A link that sends
 one message and waits for its answer (the gateway's hop streams) is delayed exactly as a
-real network would delay it. One that sends without waiting (a future node-to-node push)
-should call ``outbound()`` in a task per message, so that messages overlap in flight as
-they would on a wire. Connection set-up (dialing a peer) and DHT lookups are not delayed.
+real network would delay it. The side that starts an exchange delays both ways, so each
+link is delayed once: the gateway for its hop streams (a message it sends without waiting
+for an answer, such as a step announcement or a relay, waits ``outbound()`` in its own
+task, so messages overlap in flight as on a wire), a node for its pushes to the next node
+(the push reaches it ``rtt / 2`` later, the acceptance comes back ``rtt / 2`` after that).
+Connection set-up (dialing a peer) and DHT lookups are not delayed.
 """
 
 from __future__ import annotations

@@ -135,6 +135,16 @@ def _add_http(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_push(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-push",
+        action="store_true",
+        default=_env("SWARMGATE_NO_PUSH", "") not in ("", "0", "false"),
+        help="relay every hop's hidden states through the gateway instead of letting "
+        "servers push them to the next hop (for comparisons)",
+    )
+
+
 def _add_node_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16"], default=_env("SWARMGATE_DTYPE", "float32")
@@ -198,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the swarm's key (default: a new one for this swarm only)",
     )
     _add_http(up)
+    _add_push(up)
     _add_node_options(up)
     up.add_argument(
         "--nodes",
@@ -329,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("SWARMGATE_NO_AFFINITY", "") not in ("", "0", "false"),
         help="start every request on a fresh session (no KV cache reuse across requests)",
     )
+    _add_push(gateway)
     gateway.add_argument(
         "--prefill-chunk-tokens",
         type=int,

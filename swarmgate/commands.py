@@ -125,6 +125,7 @@ def gateway(args: argparse.Namespace) -> None:
         namespace=args.namespace,
         redis_url=args.redis_url,
         affinity=not args.no_affinity,
+        push=not args.no_push,
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
         max_concurrent_per_key=args.max_concurrent_per_key,

@@ -130,6 +130,8 @@ class LocalSwarm:
         flags = ["--host", self.args.host, "--port", str(self.args.port)]
         if self.args.api_key_file:
             flags += ["--api-key-file", self.args.api_key_file]
+        if self.args.no_push:
+            flags += ["--no-push"]
         return flags
 
     def _child_env(self, *, gateway: bool = False) -> dict[str, str]:
