@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import MODEL_ID, Swarm, run_swarm, start_node
+from tests.integration.test_push import hop_inputs
 from tests.integration.test_swarm_chat import _reference, hf_greedy
 from tests.processes import Process, node_identity, wait_for
 
@@ -130,6 +131,7 @@ def test_a_stream_survives_its_server_dying_and_stays_token_exact(
     assert killed, f"the stream ended before token {kill_at}: {result}"
     assert not result.errors and result.done
     assert result.text == expected
+    assert hop_inputs(replicated.base_url).get("push", 0) > 0, "the chain pushed (the default)"
     # The gateway's log says what it did: the dead server's span went to its replica.
     assert "failed" in replicated.gateway.output()
     # And the next request plans around the dead server (its record may still be in the DHT).
