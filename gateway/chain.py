@@ -218,7 +218,7 @@ class ChainSession:
             try:
                 if hop.awaits_input and hidden is not None:
                     await hop.relay(hidden)
-                out = await hop.finish()
+                out = await hop.finish(self._successor(index))
             except SwarmError as e:
                 raise _HopFailed(index, e) from e
             self._host.succeeded(hop.peer_id)
@@ -244,6 +244,17 @@ class ChainSession:
             raise _HopFailed(index, e) from e
         self._host.succeeded(hop.peer_id)
         return out
+
+    def _successor(self, index: int) -> HopStream | None:
+        """The hop that hop ``index`` pushes to this round, while it waits for that push:
+        its answer, if it comes first, shows that the push got through (nothing else could
+        have fed it), so the chain goes on without waiting for the pusher's own word."""
+        if index + 1 >= len(self._hops):
+            return None
+        successor = self._hops[index + 1]
+        if successor.pending and successor.awaits_input and successor.push_target is not None:
+            return successor
+        return None
 
     async def _catch_up(self, index: int, start: int, history: TokenHistory) -> torch.Tensor:
         """Bring hop ``index`` from its position to ``start`` by replaying its inputs; its

@@ -9,7 +9,10 @@ A stream whose connection failed stays failed: every later call raises the same 
 
 A step is either one call (``step``: send the input, read the output) or, when servers push
 to each other, split in two: ``begin`` sends it (with its input, or awaiting it by push),
-``relay`` sends the input later if its push failed, ``finish`` reads the answer.
+``relay`` sends the input later if its push failed, ``finish`` reads the answer. A pushed
+step's acknowledgement need not be read before the next step is sent: once the hop it
+pushed to has answered, the push evidently got through (``finish(successor=...)``), and the
+acknowledgement is checked when the next answer is read.
 """
 
 from __future__ import annotations
@@ -18,22 +21,21 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from google.protobuf.message import DecodeError
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
-from hivemind.proto.p2pd_pb2 import RPCError
 
+from gateway.frames import ReplyReader, receive_frame, send_frame
 from protocol.codec import make_request, read_tensors
 from protocol.errors import BadReply, PeerUnavailable, SwarmError
 from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import (
-    MAX_MESSAGE_BYTES,
     PUSH_TIMEOUT_S,
     RPC_INFERENCE,
     OpenSession,
@@ -46,7 +48,6 @@ from protocol.rpc import (
 )
 from routing.planner import Hop
 
-MAX_REPLY_BYTES = MAX_MESSAGE_BYTES + 64 * 1024  # hivemind's cap, plus framing and metadata
 OPEN_TIMEOUT_S = 10.0  # dialing a server and hearing its first reply
 CLOSE_TIMEOUT_S = 10.0  # how long a closing stream may take to say goodbye
 # Read once, when the gateway starts: no delay unless a benchmark sets the variable.
@@ -86,12 +87,14 @@ def check_hidden(tensor: torch.Tensor, shape: torch.Size, peer_id: str) -> torch
 
 @dataclass
 class _Pending:
-    """A step sent by ``begin`` whose answer ``finish`` has not read yet."""
+    """A step sent by ``begin`` whose answer has not been read yet."""
 
     shape: torch.Size  # of its input and output, [1, n, H]
+    end: int  # the position after it
     has_input: bool  # sent with it or relayed since; else it waits for a push
     pushes: bool  # told to push its output onward
     began: float
+    done: bool = False  # known to have pushed: its acknowledgement is read later
 
 
 def check_cached(cached: int, prefix_hashes: Sequence[str], peer_id: str, resumed: int = 0) -> int:
@@ -141,7 +144,8 @@ class HopStream:
         self._closed = False
         self._failed: SwarmError | None = None  # the error that broke this stream
         self._push_token: str | None = None  # accepted by the server: it takes pushes
-        self._pending: _Pending | None = None
+        self._unanswered: deque[_Pending] = deque()  # begun steps, oldest first
+        self._replies: ReplyReader | None = None  # once steps overlap: replies as they come
 
     @property
     def peer_id(self) -> str:
@@ -160,14 +164,22 @@ class HopStream:
         return PushTarget(peer_id=self.peer_id, token=self._push_token)
 
     @property
+    def _current(self) -> _Pending | None:
+        """The step begun and not finished, if any."""
+        if self._unanswered and not self._unanswered[-1].done:
+            return self._unanswered[-1]
+        return None
+
+    @property
     def pending(self) -> bool:
-        """A step was begun and its answer not yet read."""
-        return self._pending is not None
+        """A step was begun and not finished."""
+        return self._current is not None
 
     @property
     def awaits_input(self) -> bool:
         """The pending step has no input yet: it waits for a push (or a relay)."""
-        return self._pending is not None and not self._pending.has_input
+        current = self._current
+        return current is not None and not current.has_input
 
     async def open(self, opening: OpenSession) -> int:
         """Open the session; how many of ``opening.prefix_hashes``' tokens the server holds."""
@@ -195,6 +207,10 @@ class HopStream:
     async def step(self, hidden: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         """hidden: [1, n, H] for positions ``position ..`` → this hop's output, same shape.
         ``history``: the whole history, these tokens included."""
+        self._streams()  # a broken stream says so first
+        if self.pending:
+            raise RuntimeError(f"a step of {self.peer_id} is still pending")
+        await self._settle()
         hashes = history.hashes
         began = time.monotonic()
         outputs = []
@@ -226,56 +242,139 @@ class HopStream:
         its input ``hidden``, or (None) awaiting it by push. ``push_to``: the next hop,
         which then gets the output instead of us (if the push works). ``finish`` reads the
         answer; until then no other step may begin."""
-        if self._pending is not None:
+        self._streams()  # a broken stream says so first
+        if self.pending:
             raise RuntimeError(f"a step of {self.peer_id} is still pending")
         if hidden is not None and hidden.shape != shape:
             raise ValueError(f"an input of {list(hidden.shape)} for a step of {list(shape)}")
-        tokens = shape[1]
-        end = self.position + tokens
+        end = self.position + shape[1]
         step = Step(
             position=self.position,
             new_hashes=list(history.hashes[self.position // BLOCK_TOKENS : end // BLOCK_TOKENS]),
             digest=history.digest(end),
-            input_tokens=0 if hidden is not None else tokens,
+            input_tokens=shape[1] if hidden is None else 0,
             push_to=push_to,
         )
         request = make_request(step) if hidden is None else make_request(step, hidden)
         began = time.monotonic()
+        self._read_ahead()
         await self._send(request)
-        self._pending = _Pending(shape, hidden is not None, push_to is not None, began)
+        pending = _Pending(shape, end, hidden is not None, push_to is not None, began)
+        self._unanswered.append(pending)
 
     async def relay(self, hidden: torch.Tensor) -> None:
         """The pending step's input [1, n, H], which the previous hop could not push."""
-        pending = self._pending
-        if pending is None or pending.has_input or hidden.shape != pending.shape:
+        current = self._current
+        if current is None or current.has_input or hidden.shape != current.shape:
             raise RuntimeError(f"no step of {self.peer_id} awaits an input of this shape")
         await self._send(make_request(Relay(relay=True, position=self.position), hidden))
-        pending.has_input = True
+        current.has_input = True
 
-    async def finish(self) -> torch.Tensor | None:
-        """The pending step's output [1, n, H], or None if it was pushed to the next hop."""
-        pending = self._pending
-        if pending is None:
+    async def finish(self, successor: HopStream | None = None) -> torch.Tensor | None:
+        """The pending step's output [1, n, H], or None if it went to the next hop.
+
+        ``successor``: the hop this step pushes to, while its step waits for that push.
+        Should it answer first (and not with an error), our push got through: None at once,
+        our acknowledgement is checked when our next answer is read."""
+        current = self._current
+        if current is None:
             raise RuntimeError(f"no step of {self.peer_id} is pending")
-        tokens = pending.shape[1]
         # Its deadline runs from now: a step awaiting a push had no input until the hop
         # before it answered, which the chain reads first.
-        timeout_s = self._deadline_s(tokens) + (PUSH_TIMEOUT_S if pending.pushes else 0.0)
-        reply = await self._read(timeout_s)
-        self._pending = None
-        end = self.position + tokens
+        timeout_s = self._deadline_s(current.shape[1]) + self._link.rtt_s
+        if current.pushes:
+            timeout_s += PUSH_TIMEOUT_S
+
+        async def answer() -> runtime_pb2.ExpertResponse | None:
+            if successor is not None and current.pushes and await self._outrun_by(successor):
+                return None
+            await self._settle(keep=1)
+            return await self._next_reply()
+
+        with self._failures(timeout_s):
+            reply = await asyncio.wait_for(answer(), timeout_s)
+        if reply is None:
+            current.done = True
+            self._stepped(current)
+            return None
+        self._unanswered.popleft()
+        return self._answer(current, reply)
+
+    def _answer(self, pending: _Pending, reply: runtime_pb2.ExpertResponse) -> torch.Tensor | None:
+        """What a begun step's answer says: its output, or None if it pushed it."""
         done = decode_reply(StepDone, reply.metadata, self.peer_id)
-        if done.position != end:
-            raise BadReply(f"{self.peer_id} is at {done.position}, expected {end}", self.peer_id)
+        if done.position != pending.end:
+            raise BadReply(
+                f"{self.peer_id} is at {done.position}, expected {pending.end}", self.peer_id
+            )
         out = None
         if done.pushed:
             if not pending.pushes or reply.tensors:
                 raise BadReply(f"{self.peer_id} says it pushed what it was not told", self.peer_id)
+        elif pending.done:
+            raise BadReply(f"{self.peer_id} answered a step it had pushed", self.peer_id)
         else:
             out = self._output(reply, pending.shape)
-        self.position = end
-        self._on_step(time.monotonic() - pending.began)
+        if not pending.done:
+            self._stepped(pending)
         return out
+
+    def _stepped(self, pending: _Pending) -> None:
+        self.position = pending.end
+        self._on_step(time.monotonic() - pending.began)
+
+    async def _outrun_by(self, successor: HopStream) -> bool:
+        """Wait until our answer or ``successor``'s is there; whether the successor's came
+        first and says its step is done (so it took our push: nothing else could feed it)."""
+        mine = asyncio.ensure_future(self._ready(len(self._unanswered)))
+        theirs = asyncio.ensure_future(successor._ready(len(successor._unanswered)))
+        try:
+            while True:
+                await asyncio.wait({mine, theirs}, return_when=asyncio.FIRST_COMPLETED)
+                if mine.done():
+                    return False
+                if successor._answers_ok(theirs.result()):
+                    return True
+                await mine  # it failed: ours decides
+                return False
+        finally:
+            mine.cancel()
+            theirs.cancel()
+
+    def _answers_ok(self, reply: runtime_pb2.ExpertResponse | None) -> bool:
+        current = self._current
+        if reply is None or current is None:
+            return False
+        try:
+            done = decode_reply(StepDone, reply.metadata, self.peer_id)
+        except SwarmError:
+            return False
+        return done.position == current.end
+
+    async def _ready(self, n: int) -> runtime_pb2.ExpertResponse | None:
+        """The ``n``-th unread answer once it arrived; None if the stream ended first."""
+        assert self._replies is not None
+        return await self._replies.ready(n)
+
+    async def _settle(self, keep: int = 0) -> None:
+        """Read the acknowledgements of pushed steps, leaving the ``keep`` newest steps."""
+        while len(self._unanswered) > keep:
+            pending = self._unanswered[0]
+            timeout_s = self._deadline_s(pending.shape[1]) + PUSH_TIMEOUT_S + self._link.rtt_s
+            with self._failures(timeout_s):
+                reply = await asyncio.wait_for(self._next_reply(), timeout_s)
+            self._unanswered.popleft()
+            self._answer(pending, reply)
+
+    def _read_ahead(self) -> None:
+        if self._replies is None:
+            reader, _ = self._streams()
+            self._replies = ReplyReader(reader, self.peer_id, self._link)
+
+    async def _next_reply(self) -> runtime_pb2.ExpertResponse:
+        assert self._replies is not None
+        await self._replies.ready(1)
+        return self._replies.take()
 
     def close(self) -> None:
         """End the stream; the server frees or keeps the session when it sees the end.
@@ -288,15 +387,20 @@ class HopStream:
         self._closed = True
         self._on_close()
         if self._reader is not None and self._writer is not None:
-            detach(self._say_goodbye(self._reader, self._writer))
+            detach(self._say_goodbye(self._reader, self._writer, self._replies))
 
     async def _say_goodbye(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        replies: ReplyReader | None,
     ) -> None:
         try:
             with contextlib.suppress(Exception):
+                if replies is not None:
+                    await replies.stop()
                 await self._link.outbound()
-                await asyncio.wait_for(_send(writer, P2P.ERROR_MARKER, b""), CLOSE_TIMEOUT_S)
+                await asyncio.wait_for(send_frame(writer, P2P.ERROR_MARKER, b""), CLOSE_TIMEOUT_S)
                 # The server ends its side once it has released the session.
                 await asyncio.wait_for(reader.read(), CLOSE_TIMEOUT_S)
         finally:
@@ -322,8 +426,10 @@ class HopStream:
 
         async def round_trip() -> runtime_pb2.ExpertResponse:
             await self._link.outbound()
-            await _send(writer, P2P.MESSAGE_MARKER, request.SerializeToString())
-            reply = await _receive(reader, self.peer_id)
+            await send_frame(writer, P2P.MESSAGE_MARKER, request.SerializeToString())
+            if self._replies is not None:  # steps overlapped before: it reads every reply
+                return await self._next_reply()
+            reply = await receive_frame(reader, self.peer_id)
             await self._link.inbound()
             return reply
 
@@ -337,24 +443,11 @@ class HopStream:
 
         async def deliver() -> None:
             await self._link.outbound()
-            await _send(writer, P2P.MESSAGE_MARKER, request.SerializeToString())
+            await send_frame(writer, P2P.MESSAGE_MARKER, request.SerializeToString())
 
         timeout_s = OPEN_TIMEOUT_S + self._link.rtt_s  # a write waits only on flow control
         with self._failures(timeout_s):
             await asyncio.wait_for(deliver(), timeout_s)
-
-    async def _read(self, timeout_s: float) -> runtime_pb2.ExpertResponse:
-        """The server's next answer, within ``timeout_s`` of its computing plus the wire's."""
-        reader, _ = self._streams()
-
-        async def receive() -> runtime_pb2.ExpertResponse:
-            reply = await _receive(reader, self.peer_id)
-            await self._link.inbound()
-            return reply
-
-        timeout_s += self._link.rtt_s
-        with self._failures(timeout_s):
-            return await asyncio.wait_for(receive(), timeout_s)
 
     @contextlib.contextmanager
     def _failures(self, timeout_s: float) -> Iterator[None]:
@@ -378,29 +471,3 @@ class HopStream:
             error = PeerUnavailable(f"{self.peer_id}: {e}", self.peer_id)
             self._failed = error
             raise error from e
-
-
-async def _send(writer: asyncio.StreamWriter, marker: bytes, payload: bytes) -> None:
-    writer.write(marker + len(payload).to_bytes(P2P.HEADER_LEN, P2P.BYTEORDER) + payload)
-    await writer.drain()
-
-
-async def _receive(reader: asyncio.StreamReader, peer_id: str) -> runtime_pb2.ExpertResponse:
-    """One framed reply, its length bounded before a byte of it is buffered."""
-    marker = await reader.readexactly(1)
-    length = int.from_bytes(await reader.readexactly(P2P.HEADER_LEN), P2P.BYTEORDER)
-    if length > MAX_REPLY_BYTES:
-        raise BadReply(f"{peer_id} sent a {length}-byte message", peer_id)
-    payload = await reader.readexactly(length)
-    if marker == P2P.ERROR_MARKER:  # hivemind's report of an exception in the handler
-        error = RPCError()
-        error.ParseFromString(payload)
-        raise PeerUnavailable(f"{peer_id}: {error.message or 'the handler failed'}", peer_id)
-    if marker != P2P.MESSAGE_MARKER:
-        raise BadReply(f"{peer_id} sent a malformed frame", peer_id)
-    response = runtime_pb2.ExpertResponse()
-    try:
-        response.ParseFromString(payload)
-    except DecodeError:
-        raise BadReply(f"{peer_id} sent a malformed message", peer_id) from None
-    return response

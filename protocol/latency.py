@@ -76,7 +76,8 @@ class SimulatedLink:
         if self.enabled:
             await self.sleep(self.rtt_s / 2)
 
-    async def inbound(self) -> None:
-        """Wait as long as the peer's message took to arrive, once it has been read."""
-        if self.enabled:
-            await self.sleep(self.rtt_s / 2)
+    async def inbound(self, elapsed_s: float = 0.0) -> None:
+        """Wait as long as the peer's message took to arrive, once it has been read;
+        ``elapsed_s`` of that already passed since it was read off the wire."""
+        if self.enabled and self.rtt_s / 2 > elapsed_s:
+            await self.sleep(self.rtt_s / 2 - elapsed_s)

@@ -253,7 +253,8 @@ class FakeStream:
         if pending.input is None:  # else it took a push first: the node drops the relay
             pending.input = hidden
 
-    async def finish(self) -> torch.Tensor | None:
+    async def finish(self, successor: FakeStream | None = None) -> torch.Tensor | None:
+        # The successor computes only when it is finished itself: it never answers first.
         pending, self._pending = self._pending, None
         assert pending is not None, "finish without a pending step"
         if pending.input is None and self.server.down is None:

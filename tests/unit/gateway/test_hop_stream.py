@@ -515,3 +515,111 @@ def test_a_stream_that_broke_stays_broken() -> None:
         assert again.value is first.value
 
     asyncio.run(scenario())
+
+
+class ManualServer(FakeServer):
+    """Answers the opening (taking pushes), then whatever the test makes it answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened = make_response(SessionOpened(push=True))
+        self.messages: list[Step | Relay] = []
+
+    async def serve(self, writer: Writer, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        await writer.frames.get()
+        self._send(reader, self.opened)
+        while True:
+            marker, payload = await writer.frames.get()
+            if marker == P2P.ERROR_MARKER:
+                self.ended = True
+                reader.feed_eof()
+                return
+            request = runtime_pb2.ExpertRequest.FromString(payload)
+            self.messages.append(decode_stream_message(request.metadata))
+
+    def answer(self, reply: runtime_pb2.ExpertResponse) -> None:
+        assert self.reader is not None
+        self._send(self.reader, reply)
+
+
+async def pushing_pair() -> tuple[HopStream, ManualServer, HopStream, ManualServer]:
+    """Two open streams: the first's steps push to the second's."""
+    first, second = ManualServer(), ManualServer()
+    a, b = Harness(first).stream, Harness(second).stream
+    await a.open(OPENING.model_copy(update={"push_token": "a1" * 16}))
+    await b.open(OPENING.model_copy(update={"push_token": "b2" * 16}))
+    return a, first, b, second
+
+
+async def pushed_step(a: HopStream, b: HopStream, n: int, history: TokenHistory) -> None:
+    hidden = torch.randn(1, n, 8)
+    await a.begin(hidden.shape, history, hidden, push_to=b.push_target)
+    await b.begin(hidden.shape, history)
+
+
+async def settled(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("never settled")
+
+
+def test_a_pusher_is_done_once_its_successor_answers_and_its_ack_is_read_later() -> None:
+    async def scenario() -> None:
+        a, first, b, second = await pushing_pair()
+        history = TokenHistory(list(range(3)))
+        await pushed_step(a, b, 2, history)
+        finishing = asyncio.ensure_future(a.finish(successor=b))
+        await asyncio.sleep(0.01)
+        assert not finishing.done()
+        out = torch.randn(1, 2, 8)
+        second.answer(make_response(StepDone(position=2), out))  # b computed on the push
+        assert await asyncio.wait_for(finishing, 1) is None  # before a's own word
+        assert a.position == 2 and not a.pending
+        torch.testing.assert_close(await b.finish(), out)
+
+        # The next step goes out before a's first acknowledgement was read; both are
+        # read, in order, when the next answer is.
+        await pushed_step(a, b, 1, history)
+        assert [m.position for m in first.messages if isinstance(m, Step)] == [0, 2]
+        first.answer(make_response(StepDone(position=2, pushed=True)))
+        first.answer(make_response(StepDone(position=3, pushed=True)))
+        assert await asyncio.wait_for(a.finish(), 1) is None
+        assert a.position == 3
+        second.answer(make_response(StepDone(position=3), torch.randn(1, 1, 8)))
+        await b.finish()
+
+    asyncio.run(scenario())
+
+
+def test_a_successors_error_proves_nothing_the_pusher_answers_for_itself() -> None:
+    async def scenario() -> None:
+        a, first, b, second = await pushing_pair()
+        await pushed_step(a, b, 2, TokenHistory(list(range(2))))
+        finishing = asyncio.ensure_future(a.finish(successor=b))
+        second.answer(make_response(RpcError(error=ErrorCode.INTERNAL, message="broke")))
+        await asyncio.sleep(0.01)
+        assert not finishing.done()
+        out = torch.randn(1, 2, 8)
+        first.answer(make_response(StepDone(position=2), out))  # its push had failed
+        torch.testing.assert_close(await asyncio.wait_for(finishing, 1), out)
+
+    asyncio.run(scenario())
+
+
+def test_a_pushed_step_answered_with_hidden_states_later_is_a_bad_reply() -> None:
+    async def scenario() -> None:
+        a, first, b, second = await pushing_pair()
+        history = TokenHistory(list(range(3)))
+        await pushed_step(a, b, 2, history)
+        finishing = asyncio.ensure_future(a.finish(successor=b))
+        second.answer(make_response(StepDone(position=2), torch.randn(1, 2, 8)))
+        assert await asyncio.wait_for(finishing, 1) is None
+        await b.finish()
+        first.answer(make_response(StepDone(position=2), torch.randn(1, 2, 8)))  # a lie
+        with pytest.raises(BadReply, match="answered a step it had pushed"):
+            await a.step(torch.randn(1, 1, 8), history)
+
+    asyncio.run(scenario())
