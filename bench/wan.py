@@ -1,29 +1,40 @@
-"""Single-stream decode speed and time to first token over simulated WAN round trips.
+"""Single-stream decode speed and time to first token over simulated WAN round trips, with
+hidden states relayed through the gateway and pushed from node to node.
 
-Prints JSON. For each ``--rtt-ms`` value ``r`` (0 is always run as well, as the baseline),
-`swarmgate up` (a DHT, ``--nodes`` block servers, the gateway, all on loopback) starts with
-``SWARMGATE_SIMULATED_RTT_MS=r`` in its environment, which its children inherit: every
-message on the gateway's hop streams reaches its server ``r/2`` later, and every reply reaches
-the gateway ``r/2`` after it was sent (see ``protocol/latency.py``). Mode: *gateway relay*,
-the only one there is: hidden states go gateway → hop 1 → gateway → hop 2 → ..., so each
-decoded token costs one round trip per hop. After a warm-up request, one greedy streaming
-chat request goes through the OpenAI SDK; the swarm is then stopped (always, errors too)
-before the next value starts its own.
+Prints JSON. For each ``--rtt-ms`` value ``r`` (0 is always run as well, as the baseline)
+and each mode, `swarmgate up` (a DHT, ``--nodes`` block servers, the gateway, all on
+loopback) starts with ``SWARMGATE_SIMULATED_RTT_MS=r`` in its environment, which its
+children inherit: every message on a link reaches its peer ``r/2`` later, and every reply
+comes back ``r/2`` after it was sent (see ``protocol/latency.py``), on the gateway's hop
+streams and on the nodes' pushes alike. Modes:
 
-How to read it, per RTT (``rtt["100"]``):
+- ``relay`` (``SWARMGATE_NO_PUSH=1``): hidden states go gateway → hop 1 → gateway → hop 2
+  → ..., so each decoded token costs one round trip per hop: ``hops * r``.
+- ``push`` (the default): the gateway sends hop 1 its input and tells the other hops to
+  expect theirs; each hop pushes its output to the next, the last answers the gateway:
+  ``(hops + 1) * r / 2`` per token.
+
+After a warm-up request, one greedy streaming chat request goes through the OpenAI SDK;
+the swarm is then stopped (always, errors too) before the next run starts its own.
+
+How to read it, per RTT and mode (``rtt["100"]["push"]``):
 
 - ``ttft_s``: from sending the request to its first text. The measured request is a cold
   conversation (the warm-up asks something else), so it pays the opening of every hop (in
-  parallel: one round trip) and the prompt's prefill through each hop in turn.
+  parallel: one round trip) and the prompt's prefill through the chain.
 - ``decode_tok_s``: (completion tokens - 1) / (time from the first text to the last).
 - ``hops``: servers on the request's route (from the gateway's ``X-Swarmgate-Route``).
-- ``vs_rtt_0``: ``decode_tok_s`` and ``ttft_s`` divided by the baseline's.
+- ``vs_rtt_0``: ``decode_tok_s`` and ``ttft_s`` divided by the same mode's baseline.
 - ``extra_ms_per_token`` / ``expected_extra_ms_per_token``: the decode interval's growth
-  over the baseline, measured and as the injection implies (``hops * r``).
-- ``extra_ttft_ms`` / ``expected_extra_ttft_ms``: the same for TTFT (``(1 + hops) * r``:
-  the parallel openings, then one prefill message per hop; prompts here fit one message).
+  over the same mode's baseline, measured and as the injection implies (above).
+- ``extra_ttft_ms`` / ``expected_extra_ttft_ms``: the same for TTFT: the parallel openings
+  (``r``), then the prefill (prompts here fit one message): ``hops * r`` relayed,
+  ``(hops + 1) * r / 2`` pushed.
 
-    python bench/wan.py [--model smollm2] [--rtt-ms 0 20 100] [--tokens 32] [--nodes 2]
+And per RTT, ``push_vs_relay``: push's ``decode_tok_s`` and ``ttft_s`` divided by relay's.
+
+    python bench/wan.py [--model smollm2] [--rtt-ms 0 20 100] [--modes relay push]
+                        [--tokens 32] [--nodes 2]
 """
 
 from __future__ import annotations
@@ -45,7 +56,8 @@ from models.resolve import resolve_model
 from protocol.latency import SIMULATED_RTT_ENV, parse_rtt_ms
 from tests.processes import start_up
 
-MODE = "gateway relay"
+# Each mode's environment for `swarmgate up` (and so its gateway).
+MODES = {"relay": {"SWARMGATE_NO_PUSH": "1"}, "push": {"SWARMGATE_NO_PUSH": "0"}}
 ROUTE_HEADER = "x-swarmgate-route"  # gateway.routes.ROUTE_HEADER, without importing FastAPI
 WARM_UP: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
 MESSAGES: list[ChatCompletionMessageParam] = [
@@ -93,18 +105,27 @@ def measure(url: str, model: str, tokens: int) -> dict[str, Any]:
 
 
 def run_one(
-    args: argparse.Namespace, model_id: str, rtt_ms: float, log_dir: Path
+    args: argparse.Namespace, model_id: str, rtt_ms: float, mode: str, log_dir: Path
 ) -> dict[str, Any]:
-    env = {SIMULATED_RTT_ENV: f"{rtt_ms:g}"}
-    swarm, url = start_up(args.model, args.nodes, log_dir, f"bench-wan-up-{rtt_ms:g}ms", env)
+    env = {SIMULATED_RTT_ENV: f"{rtt_ms:g}", **MODES[mode]}
+    name = f"bench-wan-up-{mode}-{rtt_ms:g}ms"
+    swarm, url = start_up(args.model, args.nodes, log_dir, name, env)
     try:
         return measure(url, model_id, args.tokens)
     finally:
         swarm.stop(timeout_s=60)
 
 
-def compare(result: dict[str, Any], base: dict[str, Any], rtt_ms: float) -> dict[str, Any]:
-    """What ``result`` adds to the baseline, next to what ``rtt_ms`` per hop implies."""
+def crossings(mode: str, hops: int) -> float:
+    """Round trips one message's trip through the chain costs: a relayed hop one each, a
+    pushed chain one link per hop plus the way back, each half a round trip."""
+    return float(hops) if mode == "relay" else (hops + 1) / 2
+
+
+def compare(
+    result: dict[str, Any], base: dict[str, Any], rtt_ms: float, mode: str
+) -> dict[str, Any]:
+    """What ``result`` adds to its mode's baseline, next to what ``rtt_ms`` per hop implies."""
     hops = result["hops"] or 0
     return {
         "vs_rtt_0": {
@@ -112,9 +133,17 @@ def compare(result: dict[str, Any], base: dict[str, Any], rtt_ms: float) -> dict
             "ttft_s": result["ttft_s"] / base["ttft_s"],
         },
         "extra_ms_per_token": result["decode_ms_per_token"] - base["decode_ms_per_token"],
-        "expected_extra_ms_per_token": hops * rtt_ms,
+        "expected_extra_ms_per_token": crossings(mode, hops) * rtt_ms,
         "extra_ttft_ms": 1000 * (result["ttft_s"] - base["ttft_s"]),
-        "expected_extra_ttft_ms": (1 + hops) * rtt_ms,
+        "expected_extra_ttft_ms": (1 + crossings(mode, hops)) * rtt_ms,
+    }
+
+
+def push_vs_relay(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    push, relay = runs["push"], runs["relay"]
+    return {
+        "decode_tok_s": push["decode_tok_s"] / relay["decode_tok_s"],
+        "ttft_s": push["ttft_s"] / relay["ttft_s"],
     }
 
 
@@ -125,6 +154,7 @@ def main() -> None:
         "--rtt-ms", type=parse_rtt_ms, nargs="+", default=[0.0, 20.0, 100.0],
         help="simulated round trips per hop, in milliseconds (0 is always added)",
     )  # fmt: skip
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--nodes", type=int, default=2)
     args = parser.parse_args()
@@ -137,15 +167,20 @@ def main() -> None:
     model_id = resolve_model(args.model).name  # converts the model once, before any swarm
     log_dir = Path(__file__).resolve().parent / "results"
     log_dir.mkdir(exist_ok=True)
-    results = {f"{r:g}": run_one(args, model_id, r, log_dir) for r in rtts}
-    base = results["0"]
-    for rtt_ms, result in zip(rtts, results.values(), strict=True):
-        result.update(compare(result, base, rtt_ms))
+    results: dict[str, dict[str, Any]] = {
+        f"{r:g}": {mode: run_one(args, model_id, r, mode, log_dir) for mode in args.modes}
+        for r in rtts
+    }
+    for rtt_ms, runs in zip(rtts, results.values(), strict=True):
+        for mode in args.modes:
+            runs[mode].update(compare(runs[mode], results["0"][mode], rtt_ms, mode))
+        if {"push", "relay"} <= set(args.modes):
+            runs["push_vs_relay"] = push_vs_relay(runs)
     print(
         json.dumps(
             {
                 "date": time.strftime("%Y-%m-%d"),
-                "mode": MODE,
+                "modes": args.modes,
                 "model": model_id,
                 "nodes": args.nodes,
                 "cores": os.cpu_count(),
