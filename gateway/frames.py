@@ -74,9 +74,6 @@ class ReplyReader:
         self._changed = asyncio.Event()
         self._task = asyncio.ensure_future(self._run())
 
-    def close(self) -> None:
-        self._task.cancel()
-
     async def ready(self, n: int = 1) -> runtime_pb2.ExpertResponse | None:
         """Wait until the ``n``-th unread reply has arrived (or the stream ended before
         it); that reply, None if the stream ended or broke first."""
