@@ -95,6 +95,7 @@ def create_app(
             max_length=config.max_position_embeddings,
             vocab_size=config.vocab_size,
             created=int(time.time()),
+            adapters=lambda: swarm.snapshot().adapters(),
         )
         eos_ids = _eos_ids(config, tokenizer)
         generator = Generator(

@@ -91,8 +91,10 @@ class ChainSession:
         resume: tuple[int, str] = (0, ""),
         push: bool = False,
         on_input: Callable[[InputRoute], None] = lambda route: None,
+        adapter: str | None = None,
     ) -> None:
         self._host = host
+        self.adapter = adapter  # every hop, replacements too, must run this LoRA adapter
         self._push = push  # hops push hidden states to each other where servers can
         self._on_input = on_input
         self._resume = resume  # (length, digest) of the conversation's history, if continued
@@ -300,6 +302,7 @@ class ChainSession:
             end=hop.end,
             max_length=hidden.shape[1],
             keep=False,
+            adapter=self.adapter,
         )
         stream: HopStream | None = None
         try:
@@ -381,6 +384,7 @@ class ChainSession:
             resume_length=self._resume[0],
             resume_digest=self._resume[1],
             push_token=secrets.token_hex(16) if self._push else None,
+            adapter=self.adapter,
         )
 
     def _note_failure(self, hop: Hop, error: SwarmError, began: float) -> None:

@@ -155,7 +155,7 @@ class ChatService:
                         )
         completion = ChatCompletion(
             id=_completion_id(),
-            model=self.model.id,
+            model=request.model,
             choices=choices,
             usage=usage_of(*finished),
             system_fingerprint=SYSTEM_FINGERPRINT,
@@ -212,7 +212,7 @@ class ChatService:
             return ChatCompletionChunk(
                 id=completion_id,
                 created=created,
-                model=self.model.id,
+                model=request.model,
                 choices=[choice],
                 system_fingerprint=SYSTEM_FINGERPRINT,
             )
@@ -241,7 +241,7 @@ class ChatService:
                 yield ChatCompletionChunk(
                     id=completion_id,
                     created=created,
-                    model=self.model.id,
+                    model=request.model,
                     choices=[],
                     system_fingerprint=SYSTEM_FINGERPRINT,
                     usage=usage_of(*finished),

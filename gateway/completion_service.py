@@ -145,7 +145,7 @@ class CompletionService:
                     )
         completion = Completion(
             id=_completion_id(),
-            model=self.model.id,
+            model=request.model,
             choices=choices,
             system_fingerprint=SYSTEM_FINGERPRINT,
             usage=_total_usage(finished),
@@ -176,7 +176,7 @@ class CompletionService:
             return Completion(
                 id=completion_id,
                 created=created,
-                model=self.model.id,
+                model=request.model,
                 choices=[choice],
                 system_fingerprint=SYSTEM_FINGERPRINT,
             )
@@ -208,7 +208,7 @@ class CompletionService:
                 yield Completion(
                     id=completion_id,
                     created=created,
-                    model=self.model.id,
+                    model=request.model,
                     choices=[],
                     system_fingerprint=SYSTEM_FINGERPRINT,
                     usage=_total_usage(finished),

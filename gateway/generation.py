@@ -42,6 +42,9 @@ class GenerationRequest:
     # What the text must match (structured outputs); the generation stops ("stop") once
     # the grammar is complete. Stop sequences still apply, as at OpenAI.
     grammar: Grammar | None = None
+    # The LoRA adapter to run (model "BASE:ADAPTER"); None: the base model. Its sessions,
+    # prefix hashes and routes are its own: caches never mix with the base model's.
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,11 @@ class Generator:
         Opened before a response starts so that a missing route is an HTTP status, not an
         error in the middle of a stream. The caller holds the request's admission slot.
         """
-        history = TokenHistory(request.prompt_ids, salt=f"{self._salt}\0{request.tenant}")
+        model = self._salt if request.adapter is None else f"{self._salt}:{request.adapter}"
+        history = TokenHistory(request.prompt_ids, salt=f"{model}\0{request.tenant}")
         key = request.session_key
+        if key and request.adapter is not None:
+            key = f"{key}\0{request.adapter}"  # the same conversation on another adapter
         claim = await self._affinity.claim(key and f"{request.tenant}\0{key}", history)
         try:
             session = await self._swarm.open_session(
@@ -117,6 +123,7 @@ class Generator:
                 prefix_hashes=history.hashes if self._reuse else [],
                 prefer=claim.prefer,
                 resume=claim.resume if self._reuse else (0, ""),
+                adapter=request.adapter,
             )
         except BaseException as e:
             detach(self._affinity.release(claim))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from gateway.generation import GenerationRequest
@@ -17,6 +18,8 @@ class ServedModel:
     max_length: int  # the model's context window in tokens
     vocab_size: int
     created: int
+    # The LoRA adapters online servers offer now, requested as model "{id}:{adapter}".
+    adapters: Callable[[], Collection[str]] = lambda: ()
 
 
 @dataclass(frozen=True)
@@ -27,11 +30,18 @@ class RequestLimits:
     max_generation_s: float = 600.0  # then a request's generation ends with "length"
 
 
-def check_model(model: ServedModel, requested: str) -> None:
-    if requested != model.id:
-        raise ModelNotFound(
-            f"the model {requested!r} does not exist; this gateway serves {model.id!r}"
-        )
+def check_model(model: ServedModel, requested: str) -> str | None:
+    """The LoRA adapter a request's model names (``BASE:ADAPTER``), or None for the base
+    model; ``ModelNotFound`` for anything the swarm does not serve."""
+    if requested == model.id:
+        return None
+    base, colon, adapter = requested.rpartition(":")
+    if colon and base == model.id and adapter in model.adapters():
+        return adapter
+    raise ModelNotFound(
+        f"the model {requested!r} does not exist; this gateway serves {model.id!r}"
+        + "".join(f", {model.id}:{name}" for name in sorted(model.adapters())[:16])
+    )
 
 
 def check_token_ids(model: ServedModel, ids: list[int], param: str) -> None:
@@ -86,4 +96,5 @@ def generation_request(
         tenant=tenant,
         received_at=received_at,
         deadline=received_at + limits.max_generation_s,
+        adapter=check_model(model, request.model),
     )

@@ -94,7 +94,7 @@ class ResponsesService:
             request,
             chat,
             tuple(conversation),
-            response_skeleton(request, response_id, self.model.id),
+            response_skeleton(request, response_id, request.model),
             key,
             tenant,
         )

@@ -212,13 +212,20 @@ async def _events(
 
 
 def _served_models(request: Request) -> list[ModelCard]:
+    """The base model and each of its LoRA adapters that online servers cover, every block
+    of it: what a request can be routed for now."""
     model = _chat(request).model
     snapshot = _swarm(request).snapshot()
-    try:
-        plan_route(snapshot, snapshot.num_blocks)
-    except NoRouteError:
-        return []
-    return [ModelCard(id=model.id, created=model.created)]
+    cards = []
+    for adapter in [None, *sorted(snapshot.adapters())]:
+        serving = snapshot.serving(adapter)
+        try:
+            plan_route(serving, serving.num_blocks)
+        except NoRouteError:
+            continue
+        model_id = model.id if adapter is None else f"{model.id}:{adapter}"
+        cards.append(ModelCard(id=model_id, created=model.created))
+    return cards
 
 
 @api.get("/v1/models")

@@ -79,11 +79,13 @@ class SwarmClient(Protocol):
         prefix_hashes: Sequence[str] = (),
         prefer: Sequence[Hop] | None = None,
         resume: tuple[int, str] = (0, ""),
+        adapter: str | None = None,
     ) -> InferenceSession:
         """A session with room for ``max_length`` tokens, on ``prefer`` if that route still
         works; servers report how much of ``prefix_hashes`` they already hold (all of
         ``resume``'s (length, digest) history, when they hold exactly that). Its caches
-        there are found again only with the same ``session_id`` and ``secret``."""
+        there are found again only with the same ``session_id`` and ``secret``. With an
+        ``adapter``, only servers that hold that LoRA adapter take part."""
         ...
 
 
@@ -152,8 +154,9 @@ class P2PSwarmClient:
         prefix_hashes: Sequence[str] = (),
         prefer: Sequence[Hop] | None = None,
         resume: tuple[int, str] = (0, ""),
+        adapter: str | None = None,
     ) -> ChainSession:
-        snapshot = self._snapshot
+        snapshot = self._snapshot.serving(adapter)
         held = len(prefix_hashes) * BLOCK_TOKENS
         # The pinned route's servers hold the conversation: the planner weighs that against
         # speed and load, keeps the hops that still work and re-plans only what was lost.
@@ -170,6 +173,7 @@ class P2PSwarmClient:
             resume=resume,
             push=self._push,
             on_input=lambda via: self._metrics.hop_inputs.labels(via).inc(),
+            adapter=adapter,
         )
         await chain.open(route, prefix_hashes)
         return chain
@@ -195,7 +199,7 @@ class P2PSwarmClient:
 
     def plan(self, start: int, end: int, exclude: Set[str], session: ChainSession) -> list[Hop]:
         self._metrics.replans.inc()
-        snapshot, costs = self._snapshot, self.costs()
+        snapshot, costs = self._snapshot.serving(session.adapter), self.costs()
         # A server already in the chain would get a second stream for the same session
         # (a cold fork, after a wait): only when nobody else can take the span.
         in_chain = {hop.peer_id for hop in session.route}

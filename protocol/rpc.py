@@ -42,7 +42,7 @@ from protocol.errors import (
 )
 from protocol.membership import MAX_PASS_CHARS
 from protocol.prefix import MAX_BLOCKS
-from protocol.swarm import PROTOCOL_VERSION
+from protocol.swarm import PROTOCOL_VERSION, AdapterName
 
 # Handler names registered on every server's P2P instance.
 RPC_INFERENCE = "swarmgate.rpc_inference"
@@ -107,6 +107,9 @@ class OpenSession(RpcMessage):
     resume_digest: HistoryDigest = ""
     # Pushes of this hop's inputs must show this token; None: inputs come with the steps.
     push_token: PushToken | None = None
+    # The LoRA adapter the session runs (a name the server's record lists); None: the base
+    # model. A session's cache is its adapter's: it is never resumed or seeded across them.
+    adapter: AdapterName | None = None
 
 
 class SessionOpened(RpcMessage):

@@ -11,15 +11,26 @@ import enum
 import hashlib
 import json
 import re
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 PROTOCOL_VERSION = 2  # 2: members' passes, session secrets, owner-bound records
 LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]  # default listen address: this machine only
 MAX_THROUGHPUT = 1e6  # decode steps/s; anything above is a lie meant to win every route
 MAX_NAME_CHARS = 128  # dtype, quant and adapter names
 MAX_MODEL_BLOCKS = 10_000  # no model comes near; a record beyond is malformed
+MAX_ADAPTERS = 64  # adapters one server may list
+# A LoRA adapter's id: its folder's name, requested as model "BASE:ADAPTER".
+ADAPTER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+AdapterName = Annotated[str, StringConstraints(pattern=ADAPTER_PATTERN)]
 
 
 class NodeState(enum.StrEnum):
@@ -60,7 +71,7 @@ class ServerRecord(_Record):
     cache_bytes_free: int = Field(default=0, ge=0)
     dtype: str = Field(default="float32", max_length=MAX_NAME_CHARS)
     quant: str = Field(default="none", max_length=MAX_NAME_CHARS)
-    adapters: tuple[str, ...] = Field(default=(), max_length=64)
+    adapters: tuple[AdapterName, ...] = Field(default=(), max_length=MAX_ADAPTERS)
     # How many sessions it caches. Never which: a session id is its owner's business.
     cached_sessions: int = Field(default=0, ge=0)
     evictions: int = Field(default=0, ge=0)

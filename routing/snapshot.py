@@ -35,6 +35,19 @@ class SwarmSnapshot:
     def online(self) -> dict[str, ServerRecord]:
         return {p: r for p, r in self.servers.items() if r.state is NodeState.ONLINE}
 
+    def serving(self, adapter: str | None) -> SwarmSnapshot:
+        """The swarm as a session of LoRA ``adapter`` sees it: only servers holding it
+        (None: the base model, which every server runs)."""
+        if adapter is None:
+            return self
+        servers = {p: r for p, r in self.servers.items() if adapter in r.adapters}
+        expires = {p: t for p, t in self.expires.items() if p in servers}
+        return SwarmSnapshot(self.model, servers, self.taken_at, expires)
+
+    def adapters(self) -> set[str]:
+        """The LoRA adapters some online server holds."""
+        return {name for record in self.online().values() for name in record.adapters}
+
 
 def carry_over(previous: SwarmSnapshot, fresh: SwarmSnapshot) -> SwarmSnapshot:
     """``fresh`` plus the servers of ``previous`` it lacks whose records have not expired.

@@ -6,7 +6,8 @@ most ``prefill_chunk`` tokens of prompts. A long prompt is therefore split into 
 interleave with other streams' decode steps, which wait behind at most one chunk, and a
 lone stream waits for nothing: there is no batching window.
 
-Batches group sessions over the same blocks (a forward runs one range of layers). A step's
+Batches group sessions over the same blocks (a forward runs one range of layers) and the
+same LoRA adapter (a forward runs one set of weights). A step's
 result is delivered once all its tokens have run.
 """
 
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from models.adapters import select_adapter
 from models.loading import Span
 from swarm_node.backend import Segment, forward_packed
 from swarm_node.session_kv import SessionKV
@@ -42,6 +44,7 @@ class _Job:
     position: int  # of the step's first token
     hidden: torch.Tensor  # [1, n, hidden_size]
     result: asyncio.Future[torch.Tensor]
+    adapter: str | None = None  # the LoRA adapter it runs; None: the base model
     done: int = 0  # tokens already run (a prompt in chunks)
     outputs: list[torch.Tensor] = field(default_factory=list)
 
@@ -57,6 +60,18 @@ class _Piece:
 
 
 BatchObserver = Callable[[int, int], None]  # (segments, tokens) of each forward
+
+
+def _forward_with(
+    span: Span,
+    adapter: str | None,
+    hidden: torch.Tensor,
+    segments: list[Segment],
+    start: int,
+    end: int,
+) -> torch.Tensor:
+    select_adapter(span, adapter)  # on the compute thread, so no other forward is running
+    return forward_packed(span, hidden, segments, start=start, end=end)
 
 
 class StepScheduler:
@@ -82,14 +97,20 @@ class StepScheduler:
         self._loop: asyncio.Task[None] | None = None
 
     async def step(
-        self, kv: SessionKV, blocks: tuple[int, int], position: int, hidden: torch.Tensor
+        self,
+        kv: SessionKV,
+        blocks: tuple[int, int],
+        position: int,
+        hidden: torch.Tensor,
+        *,
+        adapter: str | None = None,
     ) -> torch.Tensor:
         """Run ``hidden`` [1, n, hidden_size] at ``position ...`` through ``blocks`` on the
         session ``kv``. If this is cancelled, the cache may be half-written (a forward may
         still be running on it): the caller must never use ``kv`` again."""
         self._start()
         result: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        job = _Job(kv, blocks, position, hidden, result)
+        job = _Job(kv, blocks, position, hidden, result, adapter)
         self._waiting.append(job)
         self._wake.set()
         try:
@@ -154,13 +175,13 @@ class StepScheduler:
                 await asyncio.wait_for(self._wake.wait(), left)
 
     def _pick(self) -> list[_Piece]:
-        """The next forward: the oldest waiting step's blocks; every decode step over them,
-        then prompt tokens up to the chunk size, oldest first."""
-        blocks = self._waiting[0].blocks
+        """The next forward: the oldest waiting step's blocks and adapter; every decode step
+        over them, then prompt tokens up to the chunk size, oldest first."""
+        kind = (self._waiting[0].blocks, self._waiting[0].adapter)
         pieces: list[_Piece] = []
         prompt_tokens = 0
         for job in self._waiting:
-            if job.blocks != blocks or len(pieces) >= MAX_BATCH_SEGMENTS:
+            if (job.blocks, job.adapter) != kind or len(pieces) >= MAX_BATCH_SEGMENTS:
                 continue
             if job.left == 1:
                 pieces.append(_Piece(job, 1))
@@ -172,6 +193,7 @@ class StepScheduler:
 
     async def _forward(self, pieces: list[_Piece]) -> None:
         start, end = pieces[0].job.blocks
+        adapter = pieces[0].job.adapter
         dtype = self._span.dtype
         hidden = torch.cat(
             [p.job.hidden[:, p.job.done : p.job.done + p.tokens].to(dtype) for p in pieces], 1
@@ -182,7 +204,7 @@ class StepScheduler:
         try:
             out = await loop.run_in_executor(
                 self._compute,
-                lambda: forward_packed(self._span, hidden, segments, start=start, end=end),
+                lambda: _forward_with(self._span, adapter, hidden, segments, start, end),
             )
         except Exception as e:
             # One forward ran them all: none of their caches can be trusted now.

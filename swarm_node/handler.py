@@ -102,8 +102,10 @@ class BlockHandler:
         member_pass: Callable[[], str] = lambda: "",  # this server's own, shown when pushing
         link: SimulatedLink = SimulatedLink(),  # noqa: B008 (frozen: shared safely)
         input_wait_s: float = INPUT_WAIT_S,
+        adapters: frozenset[str] = frozenset(),  # LoRA adapters attached to the span
     ) -> None:
         self.span = span
+        self.adapters = adapters
         self._member_pass = member_pass
         self._link = link
         self._input_wait_s = input_wait_s
@@ -183,6 +185,7 @@ class BlockHandler:
                 lambda: new_session_kv(self.span, opening.start, opening.end),
                 keep=opening.keep,
                 resume=(opening.resume_length, opening.resume_digest),
+                adapter=opening.adapter,
             )
             session.cache.limit = opening.max_length  # its buffers grow no further
         except (SwarmError, RequestError) as e:
@@ -334,6 +337,9 @@ class BlockHandler:
         if not self._accepting():
             raise CapacityExceeded("this server is draining and takes no new sessions")
         self._check_range(opening.start, opening.end)
+        if opening.adapter is not None and opening.adapter not in self.adapters:
+            # Routed here from a stale record: another server may serve it.
+            raise ProtocolMismatch(f"this server does not serve the adapter {opening.adapter!r}")
         if opening.max_length > self._max_length:
             raise InvalidRequest(
                 f"max_length {opening.max_length} exceeds the model's {self._max_length}"
@@ -358,7 +364,9 @@ class BlockHandler:
             session.cache.crop(position)
         try:
             blocks = (session.start, session.end)
-            out = await self._scheduler.step(session.cache, blocks, position, hidden)
+            out = await self._scheduler.step(
+                session.cache, blocks, position, hidden, adapter=session.adapter
+            )
         except BaseException:
             # Cancelled (the stream dropped) while the compute thread may still be writing
             # this cache, or the forward failed halfway: nobody may use this cache again.

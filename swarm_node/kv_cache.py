@@ -39,6 +39,7 @@ class CachedSession:
     in_use: bool = False
     last_used: float = 0.0
     keep: bool = True  # False: dropped when its stream closes (a throwaway replay)
+    adapter: str | None = None  # the LoRA adapter its keys and values were computed with
 
     def charge(self) -> int:
         return max(self.size_bytes, self.reserved_bytes) if self.in_use else self.size_bytes
@@ -112,6 +113,7 @@ class SessionStore:
         *,
         keep: bool = True,
         resume: tuple[int, str] = (0, ""),
+        adapter: str | None = None,
     ) -> tuple[CachedSession, int]:
         """A session for a new stream and how many of its prefix tokens are cached here:
         whole blocks of ``prefix_hashes``, or all of it when it holds exactly the history
@@ -122,12 +124,16 @@ class SessionStore:
         if session is not None and session.in_use:
             # Another stream is using this cache right now: never share it, fork a fresh one.
             session_id, session = f"{session_id}#{uuid.uuid4().hex[:8]}", None
-        elif session is not None and (session.start, session.end) != (start, end):
+        elif session is not None and (session.start, session.end, session.adapter) != (
+            start,
+            end,
+            adapter,
+        ):
             self._drop(session_id)
             session = None
         kept = session is not None
         if session is None:
-            session = CachedSession(session_id, start, end, new_cache())
+            session = CachedSession(session_id, start, end, new_cache(), adapter=adapter)
             cached = 0
         else:
             blocks = common_blocks(session.hashes, prefix_hashes)
@@ -148,16 +154,17 @@ class SessionStore:
     def find_prefix(
         self, session: CachedSession, prefix_hashes: Sequence[str]
     ) -> tuple[CachedSession, int] | None:
-        """Another session over the same blocks holding the longest prefix of
+        """Another session over the same blocks and adapter holding the longest prefix of
         ``prefix_hashes``, and how many tokens of it: a fresh session is seeded from it
         instead of recomputing what this node already has."""
         for index in range(len(prefix_hashes) - 1, -1, -1):
             tokens = (index + 1) * BLOCK_TOKENS
             for key in self._holders.get(prefix_hashes[index], ()):
                 donor = self._sessions[key]
-                if donor is not session and (donor.start, donor.end) == (
+                if donor is not session and (donor.start, donor.end, donor.adapter) == (
                     session.start,
                     session.end,
+                    session.adapter,
                 ):
                     return donor, tokens
         return None

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from models.adapters import AdapterError, attach_adapters, read_adapters
 from models.loading import DTYPES, Span, load_config, load_span
 from models.resolve import resolve_model
 from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
@@ -79,6 +80,12 @@ class BlockServer:
         settings = self.settings
         source = await asyncio.to_thread(resolve_model, settings.model, name=settings.model_name)
         config = load_config(source.path)
+        try:  # a bad adapter stops the node before it joins, with the adapter's name
+            self.adapters = read_adapters(
+                [Path(folder) for folder in settings.adapters], config.num_hidden_layers
+            )
+        except AdapterError as e:
+            raise SystemExit(f"swarmgate node: {e}") from None
         dtype = DTYPES[settings.dtype]
         model = ModelRecord.of(source.name, config, settings.dtype)
         self.prefix = dht_prefix(source.name, settings.namespace)
@@ -122,8 +129,14 @@ class BlockServer:
         except Exception as e:
             logger.warning("could not announce joining: %s", e)
         logger.info("peer %s: loading blocks %d:%d of %s", self.peer_id, start, end, model.name)
+        if self.adapters:
+            logger.info("adapters: %s", ", ".join(a.name for a in self.adapters))
         began = time.monotonic()
         span: Span = await asyncio.to_thread(load_span, folder, start, end, dtype)  # type: ignore[arg-type]
+        try:
+            await asyncio.to_thread(attach_adapters, span, self.adapters)
+        except AdapterError as e:
+            raise SystemExit(f"swarmgate node: {e}") from None
         self.throughput = await asyncio.to_thread(measure_decode_throughput, span)
         logger.info(
             "loaded %d blocks in %.1f s; %.1f decode steps/s",
@@ -157,6 +170,7 @@ class BlockServer:
             prefill_chunk=settings.prefill_per_batch,
             member_pass=member_pass,
             link=simulated_link(),
+            adapters=frozenset(a.name for a in self.adapters),
         )
         await self.handler.register(p2p)
         self.state = NodeState.ONLINE
@@ -200,6 +214,7 @@ class BlockServer:
             evictions=stats.evictions,
             dtype=self.settings.dtype,
             quant=self.settings.quant,
+            adapters=tuple(a.name for a in self.adapters),
         )
 
     def info(self) -> ServerInfo:

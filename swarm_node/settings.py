@@ -16,6 +16,7 @@ class NodeSettings:
     model_name: str | None = None  # the model id; default: derived from `model`
     dtype: str = "float32"
     quant: str = "none"
+    adapters: tuple[str, ...] = ()  # peft LoRA adapter folders, served as BASE:FOLDER_NAME
     cache_bytes: int | None = None  # KV cache budget; None: a quarter of available memory
     prefill_per_batch: int | None = None  # prompt tokens per batched forward; None: default
     cache_ttl_s: float = 600.0  # an idle session's cache is dropped after this long

@@ -181,6 +181,14 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, seconds that running streams may take to finish before the "
         "server leaves (a second signal leaves at once)",
     )
+    parser.add_argument(
+        "--adapters",
+        nargs="+",
+        metavar="DIR",
+        default=_env_list("SWARMGATE_ADAPTERS"),
+        help="peft LoRA adapter folders to serve beside the base model; each is requested as "
+        "model BASE:FOLDER_NAME (a node serves its span of each)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

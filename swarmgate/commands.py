@@ -91,6 +91,7 @@ def node(args: argparse.Namespace) -> None:
             num_blocks=args.num_blocks,
             dtype=args.dtype,
             quant=args.quant,
+            adapters=tuple(args.adapters),
             cache_bytes=args.cache_bytes,
             cache_ttl_s=args.cache_ttl,
             prefill_per_batch=args.batch_prefill_tokens,

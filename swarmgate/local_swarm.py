@@ -124,6 +124,8 @@ class LocalSwarm:
             flags += ["--cache-bytes", str(self.args.cache_bytes)]
         if self.args.batch_prefill_tokens is not None:
             flags += ["--batch-prefill-tokens", str(self.args.batch_prefill_tokens)]
+        if self.args.adapters:
+            flags += ["--adapters", *(str(Path(a).resolve()) for a in self.args.adapters)]
         return flags
 
     def _http_flags(self) -> list[str]:

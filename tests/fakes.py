@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from models.adapters import attach_adapters, read_adapters, select_adapter
 from models.loading import load_config, load_span
 from protocol.errors import PeerUnavailable
 from protocol.prefix import TokenHistory
@@ -33,10 +34,13 @@ class LocalSwarmClient:
         *,
         covered: bool = True,
         fail_after_steps: int | None = None,
+        adapters: Sequence[Path] = (),
     ) -> None:
         config = load_config(model_path)
         blocks = config.num_hidden_layers
         self.span = load_span(model_path, 0, blocks)
+        loaded = read_adapters(adapters, blocks)
+        attach_adapters(self.span, loaded)
         self.fail_after_steps = fail_after_steps
         self.opened = 0
         self.opens: list[tuple[str, list[str]]] = []  # (session id, prefix hashes) per open
@@ -47,7 +51,11 @@ class LocalSwarmClient:
         servers = (
             {
                 "local-peer": ServerRecord(
-                    state=NodeState.ONLINE, start=0, end=blocks, throughput=1.0
+                    state=NodeState.ONLINE,
+                    start=0,
+                    end=blocks,
+                    throughput=1.0,
+                    adapters=tuple(a.name for a in loaded),
                 )
             }
             if covered
@@ -74,20 +82,25 @@ class LocalSwarmClient:
         prefix_hashes: Sequence[str] = (),
         prefer: Sequence[Hop] | None = None,
         resume: tuple[int, str] = (0, ""),
+        adapter: str | None = None,
     ) -> LocalSession:
-        route = plan_route(self._snapshot, self._snapshot.num_blocks)  # NoRoute when uncovered
+        snapshot = self._snapshot.serving(adapter)
+        route = plan_route(snapshot, snapshot.num_blocks)  # NoRoute when uncovered
         if self.open_gate is not None:
             await self.open_gate.wait()
         self.opened += 1
         self.opens.append((session_id, list(prefix_hashes)))
-        return LocalSession(self, route)
+        return LocalSession(self, route, adapter)
 
 
 class LocalSession:
     cached_tokens = 0  # every session starts from scratch here
 
-    def __init__(self, client: LocalSwarmClient, route: list[Hop]) -> None:
+    def __init__(
+        self, client: LocalSwarmClient, route: list[Hop], adapter: str | None = None
+    ) -> None:
         self._client = client
+        self._adapter = adapter
         self.route = route
         self._cache = new_session_kv(client.span, client.span.start, client.span.end)
         self._steps = 0
@@ -105,6 +118,7 @@ class LocalSession:
         if limit is not None and self._steps > limit:
             raise PeerUnavailable("local-peer went away", "local-peer")
         position = self._cache.length
+        select_adapter(self._client.span, self._adapter)
         return forward_span(self._client.span, hidden, self._cache, position=position)
 
     async def close(self) -> None:

@@ -35,3 +35,20 @@ def build_tiny_llama(folder: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_lora_adapter(model: Path, folder: Path, *, seed: int = 1) -> Path:
+    """A peft LoRA adapter of ``model`` with non-zero weights on every projection, saved
+    as peft saves one; ``folder``'s name is its id."""
+    import peft
+
+    base = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False
+    )
+    peft.get_peft_model(base, config).save_pretrained(folder)
+    return folder

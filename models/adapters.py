@@ -1,0 +1,168 @@
+"""LoRA adapters (peft) on a span of blocks: read and check at start, select per forward.
+
+A node serves the base model and any number of adapters on the same weights. Each
+adapter is injected with peft into the span's own layers under its name (the folder's
+name), and every forward first selects the adapter of the sessions it runs: none for the
+base model. Selecting is cheap (flags on the LoRA layers), so forwards of different
+adapters interleave freely; a forward never mixes two (see swarm_node/batching.py).
+
+Everything that can be wrong with an adapter is found here, before the node announces
+anything: a folder that is not a peft adapter, an adapter that is not LoRA, one trained
+for another base model (its layers or shapes do not fit this one).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+
+from models.loading import Span
+from protocol.swarm import ADAPTER_PATTERN, MAX_ADAPTERS
+
+ADAPTER_NAME = re.compile(ADAPTER_PATTERN)  # it becomes part of a model id
+_PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the tensors
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class AdapterError(ValueError):
+    """An adapter this node cannot serve; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class Adapter:
+    name: str
+    path: Path
+    config: peft.LoraConfig
+    weights: dict[str, torch.Tensor]  # the model's tensor names, without peft's prefix
+
+
+def read_adapter(folder: Path, num_blocks: int) -> Adapter:
+    """Read one peft adapter folder and check what can be checked without the model."""
+    folder = Path(folder)
+    name = folder.resolve().name
+    if not ADAPTER_NAME.match(name):
+        raise AdapterError(
+            f"adapter {folder}: its folder name {name!r} is its id and must be 1-64 letters, "
+            "digits, '_', '.' or '-'"
+        )
+    if not (folder / "adapter_config.json").is_file():
+        raise AdapterError(
+            f"adapter {name!r} ({folder}): no adapter_config.json, not a peft adapter"
+        )
+    try:
+        config = peft.PeftConfig.from_pretrained(str(folder))
+    except Exception as e:
+        raise AdapterError(
+            f"adapter {name!r} ({folder}): unreadable adapter_config.json: {e}"
+        ) from None
+    if not isinstance(config, peft.LoraConfig):
+        raise AdapterError(
+            f"adapter {name!r} ({folder}) is a {config.peft_type} adapter; only LoRA adapters "
+            "are served"
+        )
+    weights_file = folder / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise AdapterError(f"adapter {name!r} ({folder}): no adapter_model.safetensors")
+    weights = {key.removeprefix(_PEFT_PREFIX): t for key, t in load_file(weights_file).items()}
+    blocks = set()
+    for key in weights:
+        match = _LAYER_INDEX.search(key)
+        if match is None:
+            raise AdapterError(
+                f"adapter {name!r} ({folder}) adapts {key.removesuffix('.weight')}, which is "
+                "not in a transformer block; only adapters of the blocks are served"
+            )
+        blocks.add(int(match.group(1)))
+    if blocks and max(blocks) >= num_blocks:
+        raise AdapterError(
+            f"adapter {name!r} ({folder}) adapts block {max(blocks)} but this model has "
+            f"{num_blocks} blocks: it was made for another base model"
+        )
+    return Adapter(name, folder, config, weights)
+
+
+def read_adapters(folders: Sequence[Path], num_blocks: int) -> list[Adapter]:
+    if len(folders) > MAX_ADAPTERS:
+        raise AdapterError(f"{len(folders)} adapters; a node serves {MAX_ADAPTERS} at most")
+    adapters = [read_adapter(folder, num_blocks) for folder in folders]
+    names = [a.name for a in adapters]
+    for name in names:
+        if names.count(name) > 1:
+            raise AdapterError(f"two adapters are named {name!r}; their folder names must differ")
+    return adapters
+
+
+def _block_tree(span: Span) -> torch.nn.Module:
+    """The span's layers under the names they have in the whole model
+    (``model.layers.{block}``), which is how adapters name their targets."""
+    root = torch.nn.Module()
+    root.model = torch.nn.Module()
+    root.model.layers = torch.nn.ModuleDict(
+        {
+            str(block): layer
+            for block, layer in zip(range(span.start, span.end), span.layers, strict=True)
+        }
+    )
+    return root
+
+
+def attach_adapters(span: Span, adapters: Sequence[Adapter]) -> None:
+    """Inject every adapter into the span's layers, base weights untouched; afterwards
+    the base model is selected."""
+    tree = _block_tree(span)
+    for adapter in adapters:
+        ours = {
+            key: tensor.to(span.dtype)
+            for key, tensor in adapter.weights.items()
+            if span.start <= int(_LAYER_INDEX.search(key).group(1)) < span.end  # type: ignore[union-attr]
+        }
+        if not ours:
+            continue  # it adapts none of these blocks: here it is the base model
+        try:
+            peft.inject_adapter_in_model(
+                adapter.config, tree, adapter_name=adapter.name, state_dict=ours
+            )
+            loaded: Any = peft.set_peft_model_state_dict(tree, ours, adapter_name=adapter.name)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise AdapterError(
+                f"adapter {adapter.name!r} ({adapter.path}) does not fit this model: it was "
+                f"made for another base model ({_first_line(e)})"
+            ) from None
+        missing = [key for key in loaded.missing_keys if f".{adapter.name}." in key]
+        if missing or loaded.unexpected_keys:
+            raise AdapterError(
+                f"adapter {adapter.name!r} ({adapter.path}) does not fit this model: it was made "
+                f"for another base model (missing {missing[:3]}, unexpected "
+                f"{list(loaded.unexpected_keys)[:3]})"
+            )
+    select_adapter(span, None)
+
+
+def lora_layers(span: Span) -> Iterator[LoraLayer]:
+    for layer in span.layers:
+        for module in layer.modules():
+            if isinstance(module, LoraLayer):
+                yield module
+
+
+def select_adapter(span: Span, name: str | None) -> None:
+    """Make the span's next forwards run adapter ``name``, or the base model (None).
+    Call on the thread that runs the forwards, right before them."""
+    for module in lora_layers(span):
+        if name is None:
+            module.enable_adapters(False)
+        else:
+            module.enable_adapters(True)
+            module.set_adapter(name, inference_mode=True)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
