@@ -2,8 +2,8 @@
 the tensors each part needs: a span of transformer blocks for a server, the embedding,
 final norm and LM head for the gateway.
 
-Covers the Llama family layout (``model.layers.{i}``, ``model.embed_tokens``,
-``model.norm``, ``lm_head``): Llama, Mistral, Qwen2, Mixtral.
+Every layout comes from ``models/families.py``: the Llama family (Llama, Mistral, Qwen2,
+Qwen3, Mixtral), Falcon and BLOOM.
 """
 
 from __future__ import annotations
@@ -17,20 +17,29 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
+from models.families import SUPPORTED_MODEL_TYPES, Family, family_of
+
+__all__ = [
+    "DTYPES",
+    "SUPPORTED_MODEL_TYPES",
+    "Head",
+    "Span",
+    "load_config",
+    "load_head",
+    "load_span",
+]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_config(folder: Path) -> PretrainedConfig:
     config: PretrainedConfig = AutoConfig.from_pretrained(folder)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model type {config.model_type!r} is not supported yet "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    # sdpa is what `generate` uses by default; the same kernel keeps outputs identical.
-    config._attn_implementation = "sdpa"
+    family = family_of(config)
+    # What `generate` runs with by default; the same kernels keep outputs identical.
+    config._attn_implementation = family.attn_implementation
+    if getattr(config, "max_position_embeddings", None) is None:
+        # Sessions, records and the gateway size themselves by this one name.
+        config.max_position_embeddings = family.default_max_length
     return config
 
 
@@ -59,6 +68,10 @@ class _Weights:
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
 
+    @property
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
     def read(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with ``prefix``, keyed by the rest of its name."""
         names = [n for n in self._file_of if n.startswith(prefix)]
@@ -78,38 +91,66 @@ def _materialize(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> tor
     return module.eval().requires_grad_(False)
 
 
+def _read_part(
+    weights: _Weights, family: Family, path: str, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` under the decoder model. A checkpoint saved from the bare
+    decoder (as BLOOM's are) names them without the ``base.`` prefix."""
+    prefix = f"{family.base}.{path}."
+    if not any(name.startswith(prefix) for name in weights.names):
+        prefix = f"{path}."
+    return weights.read(prefix, dtype)
+
+
+def _module(skeleton: Any, family: Family, path: str) -> Any:
+    return skeleton.get_submodule(f"{family.base}.{path}")
+
+
 @dataclass
 class Span:
-    """Blocks ``[start, end)`` with local layer indices 0..n-1 (their cache slots)."""
+    """Blocks ``[start, end)``. Each block keeps its model-wide index as ``layer_idx``
+    (per-layer settings such as Qwen's sliding layers are looked up by it); a cache slot is
+    ``layer_idx`` minus the first block a step runs. ``rotary`` is None for models
+    without rotary embeddings (ALiBi)."""
 
     config: PretrainedConfig
     start: int
     end: int
     layers: list[torch.nn.Module]
-    rotary: torch.nn.Module
+    rotary: torch.nn.Module | None
     dtype: torch.dtype
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.config)
 
 
 def load_span(folder: Path, start: int, end: int, dtype: torch.dtype = torch.float32) -> Span:
     config = load_config(folder)
+    family = family_of(config)
     if not 0 <= start < end <= config.num_hidden_layers:
         raise ValueError(f"blocks {start}:{end} outside the model's 0:{config.num_hidden_layers}")
     skeleton = _skeleton(config)
-    layer_cls = type(skeleton.model.layers[0])
+    layer_cls = type(_module(skeleton, family, family.layers)[0])
     weights = _Weights(folder)
     layers = []
-    for local, block in enumerate(range(start, end)):
+    for block in range(start, end):
         with torch.device("meta"):
-            layer = layer_cls(config, layer_idx=local)
-        layers.append(_materialize(layer, weights.read(f"model.layers.{block}.", dtype)))
-    # Rotary tables are computed, not loaded, and stay fp32: casting them changes outputs.
-    rotary = type(skeleton.model.rotary_emb)(config=config).eval()
+            layer = layer_cls(config, layer_idx=block)
+        layers.append(
+            _materialize(layer, _read_part(weights, family, f"{family.layers}.{block}", dtype))
+        )
+    rotary = None
+    if family.rotary is not None:
+        # Rotary tables are computed, not loaded, and stay fp32: casting them changes outputs.
+        rotary = type(_module(skeleton, family, family.rotary))(config=config).eval()
     return Span(config, start, end, layers, rotary, dtype)
 
 
 @dataclass
 class Head:
-    """The gateway's part of the model: token embedding, final norm and LM head (fp32)."""
+    """The gateway's part of the model: token embedding (with any norm the family applies
+    right after it), final norm and LM head (fp32)."""
 
     config: PretrainedConfig
     embed: torch.nn.Module
@@ -119,16 +160,27 @@ class Head:
 
 def load_head(folder: Path) -> Head:
     config = load_config(folder)
+    family = family_of(config)
     skeleton = _skeleton(config)
     weights = _Weights(folder)
     dtype = torch.float32
-    embed = _materialize(skeleton.model.embed_tokens, weights.read("model.embed_tokens.", dtype))
-    norm = _materialize(skeleton.model.norm, weights.read("model.norm.", dtype))
+
+    def part(path: str) -> torch.nn.Module:
+        return _materialize(
+            _module(skeleton, family, path), _read_part(weights, family, path, dtype)
+        )
+
+    tokens = part(family.embed)
+    embed = (
+        tokens
+        if family.embed_norm is None
+        else torch.nn.Sequential(tokens, part(family.embed_norm))
+    )
     if "lm_head.weight" in weights:
         head_state = weights.read("lm_head.", dtype)
     else:  # tied embeddings: the checkpoint stores the matrix once
-        head_state = {"weight": embed.get_parameter("weight")}
+        head_state = {"weight": tokens.get_parameter("weight")}
         if getattr(skeleton.lm_head, "bias", None) is not None:
             raise ValueError("tied LM head with a bias is not supported")
     lm_head = _materialize(skeleton.lm_head, head_state)
-    return Head(config, embed, norm, lm_head)
+    return Head(config, embed, part(family.norm), lm_head)

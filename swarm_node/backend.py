@@ -8,7 +8,14 @@ decode step of sixteen sessions is sixteen one-token segments; a prefill chunk i
 longer segment, and both mix freely in one forward.
 
 The blocks are the model's own Hugging Face modules; only attention is ours, registered
-with transformers' ``AttentionInterface`` so the modules call it in place of SDPA.
+with transformers' ``AttentionInterface`` so the modules call it in place of SDPA. Families
+whose attention is their modules' own code (Falcon, BLOOM; see ``models/families.py``) run
+each segment through the blocks on its own instead (``swarm_node/per_segment.py``), behind
+the same entry point.
+
+``forward_packed`` is the serving entry point (inference mode, caches updated);
+``run_span`` is the same computation under autograd, for backward passes through a span
+(segments without caches).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from transformers import AttentionInterface
 
 from models.loading import Span
+from swarm_node.per_segment import run_per_segment
 from swarm_node.session_kv import KVShape, SessionKV
 
 PACKED_ATTENTION = "swarmgate_packed"
@@ -34,7 +42,7 @@ class CacheMismatch(RuntimeError):
 class Segment:
     """One session's tokens in a packed forward: ``length`` tokens at ``position ...``.
 
-    ``kv`` None: no cache, the tokens attend only to each other (throughput probes)."""
+    ``kv`` None: no cache, the tokens attend causally to each other only (probes, training)."""
 
     kv: SessionKV | None
     position: int
@@ -50,8 +58,8 @@ class _PackedStep:
     """Handed to the blocks as their ``past_key_values``: writes each segment's new keys
     and values into its session's buffers, and attends per segment."""
 
-    def __init__(self, segments: Sequence[Segment], first_slot: int) -> None:
-        self._first_slot = first_slot  # the span-local index of the sessions' first block
+    def __init__(self, segments: Sequence[Segment], first_block: int) -> None:
+        self._first_block = first_block  # the model-wide index of the sessions' first block
         self._parts: list[tuple[Segment, int, int]] = []  # (segment, first token, end)
         offset = 0
         for segment in segments:
@@ -61,7 +69,7 @@ class _PackedStep:
     def update(
         self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        slot = layer_idx - self._first_slot
+        slot = layer_idx - self._first_block
         for segment, begin, end in self._parts:
             if segment.kv is not None:
                 segment.kv.write(
@@ -79,7 +87,7 @@ class _PackedStep:
         sliding_window: int | None,
     ) -> torch.Tensor:
         """query: [1, heads, total, head_dim] → [1, total, heads, head_dim]."""
-        slot = int(getattr(module, "layer_idx")) - self._first_slot  # noqa: B009
+        slot = int(getattr(module, "layer_idx")) - self._first_block  # noqa: B009
         outputs = []
         for segment, begin, end in self._parts:
             q = query[:, :, begin:end]
@@ -87,7 +95,7 @@ class _PackedStep:
                 k, v = keys[:, :, begin:end], values[:, :, begin:end]
             else:
                 k, v = segment.kv.view(slot, segment.position + segment.length)
-            outputs.append(_attention(q, k, v, segment.position, scaling, sliding_window))
+            outputs.append(_attention(q, k, v, scaling, sliding_window))
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
         return out.transpose(1, 2)
 
@@ -96,18 +104,18 @@ def _attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    position: int,
     scaling: float | None,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    """One segment: queries at ``position ...`` over keys ``0 ... position + n - 1``."""
+    """One segment: its n queries are the last n of the keys it holds."""
     n, held = q.shape[2], k.shape[2]
+    offset = held - n  # keys before the first query: the history
     mask, causal = None, False
     windowed = sliding_window is not None and held > sliding_window
-    if n > 1 and position == 0 and not windowed:
+    if n > 1 and offset == 0 and not windowed:
         causal = True  # the same kernel as a prompt through `generate`
     elif n > 1 or windowed:
-        rows = torch.arange(position, position + n).unsqueeze(1)
+        rows = torch.arange(offset, held).unsqueeze(1)
         cols = torch.arange(held).unsqueeze(0)
         mask = cols <= rows
         if sliding_window is not None:
@@ -147,6 +155,15 @@ def forward_packed(
 
     hidden: [1, total, hidden_size], any float dtype; returns the same shape in fp32.
     """
+    return run_span(span, hidden, segments, start=start, end=end)
+
+
+def run_span(
+    span: Span, hidden: torch.Tensor, segments: Sequence[Segment], *, start: int, end: int
+) -> torch.Tensor:
+    """``forward_packed`` without its inference mode: under autograd, gradients reach
+    ``hidden`` (the blocks' own weights stay frozen). Segments with caches write them in
+    place, which autograd cannot see through: a backward pass uses ``kv=None`` segments."""
     if hidden.shape[1] != sum(s.length for s in segments):
         raise ValueError("the packed tokens and the segments disagree")
     for segment in segments:
@@ -158,16 +175,36 @@ def forward_packed(
             )
         segment.kv.crop(segment.position)
         segment.kv.ensure(segment.position + segment.length)
-    first, last = start - span.start, end - span.start
-    span.config._attn_implementation = PACKED_ATTENTION
+    layers = span.layers[start - span.start : end - span.start]
     x = hidden.to(span.dtype)
+    if span.family.attention == "packed":
+        x = _run_packed(span, layers, x, segments, start)
+    else:
+        x = run_per_segment(span, layers, x, segments, start)
+    for segment in segments:
+        if segment.kv is not None:
+            segment.kv.length = segment.position + segment.length
+    return x.float()
+
+
+def _run_packed(
+    span: Span,
+    layers: Sequence[torch.nn.Module],
+    x: torch.Tensor,
+    segments: Sequence[Segment],
+    first_block: int,
+) -> torch.Tensor:
+    """x: [1, total, hidden_size] in the span's dtype → the same, through ``layers``."""
+    span.config._attn_implementation = PACKED_ATTENTION
     position_ids = torch.cat(
         [torch.arange(s.position, s.position + s.length) for s in segments]
     ).unsqueeze(0)
+    if span.rotary is None:
+        raise ValueError("packed attention needs a rotary model")  # every packed family is
     cos, sin = span.rotary(x, position_ids)
     position_embeddings = (cos.to(x.dtype), sin.to(x.dtype))
-    packed = _PackedStep(segments, first)
-    for layer in span.layers[first:last]:
+    packed = _PackedStep(segments, first_block)
+    for layer in layers:
         x = layer(
             x,
             attention_mask=None,
@@ -177,10 +214,7 @@ def forward_packed(
             position_embeddings=position_embeddings,
             packed=packed,
         )
-    for segment in segments:
-        if segment.kv is not None:
-            segment.kv.length = segment.position + segment.length
-    return x.float()
+    return x
 
 
 def forward_span(

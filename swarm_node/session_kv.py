@@ -15,13 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
+from models.families import cache_heads
+
 ALIGN_TOKENS = 64  # capacity grows in multiples of this: few, cheap reallocations
 GROWTH = 1.5
 
 
 @dataclass(frozen=True)
 class KVShape:
-    """What one token costs in one block: ``kv_heads`` heads of ``head_dim``, in ``dtype``."""
+    """What one token costs in one block: ``kv_heads`` heads of ``head_dim``, in ``dtype``.
+    ``kv_heads`` counts what the blocks' cache update receives, which is not always the
+    config's key/value heads (Falcon's new decoder architecture hands over every head)."""
 
     kv_heads: int
     head_dim: int
@@ -30,7 +34,7 @@ class KVShape:
     @classmethod
     def of(cls, config: object, dtype: torch.dtype) -> KVShape:
         heads = getattr(config, "num_attention_heads")  # noqa: B009 - configs are untyped
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        kv_heads = cache_heads(config)
         head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size") // heads  # noqa: B009
         return cls(int(kv_heads), int(head_dim), dtype)
 
