@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -28,6 +28,33 @@ from transformers.models.bloom import modeling_bloom
 from transformers.models.falcon import modeling_falcon
 
 SegmentInputs = Callable[[PretrainedConfig, int, int, torch.dtype], dict[str, Any]]
+BlockState = Callable[[dict[str, torch.Tensor], PretrainedConfig], dict[str, torch.Tensor]]
+
+
+def _as_saved(state: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    return state
+
+
+def _mixtral_block_state(
+    state: dict[str, torch.Tensor], config: PretrainedConfig
+) -> dict[str, torch.Tensor]:
+    """Mixtral checkpoints (the Hub's, and transformers' own ``save_pretrained``) keep one
+    ``block_sparse_moe.experts.{e}.w1/w2/w3`` matrix per expert; the module holds them
+    fused, as transformers' loader converts them: ``gate_up_proj`` [experts, 2 * inter,
+    hidden] (w1 then w3) and ``down_proj`` [experts, hidden, inter]."""
+    if "block_sparse_moe.gate.weight" not in state:
+        return state  # already in the module's layout
+    prefix = "block_sparse_moe."
+    out = {name: t for name, t in state.items() if not name.startswith(prefix)}
+    experts = range(config.num_local_experts)
+
+    def stacked(w: str) -> torch.Tensor:
+        return torch.stack([state[f"{prefix}experts.{e}.{w}.weight"] for e in experts])
+
+    out["mlp.gate.weight"] = state[f"{prefix}gate.weight"]
+    out["mlp.experts.gate_up_proj"] = torch.cat([stacked("w1"), stacked("w3")], dim=1)
+    out["mlp.experts.down_proj"] = stacked("w2")
+    return out
 
 
 def _default_cache_heads(config: PretrainedConfig) -> int:
@@ -96,6 +123,8 @@ class Family:
     # tokens at the end of ``keys`` held ones.
     segment_inputs: SegmentInputs | None = None
     cache_heads: Callable[[PretrainedConfig], int] = _default_cache_heads
+    # A block's checkpoint tensors → its module's state (names relative to the block).
+    block_state: BlockState = _as_saved
     # The context length when the config names none (BLOOM's ALiBi has no table to bound it;
     # its models were trained on 2048 tokens).
     default_max_length: int | None = None
@@ -108,7 +137,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
-    "mixtral": _LLAMA_LIKE,
+    "mixtral": replace(_LLAMA_LIKE, block_state=_mixtral_block_state),
     "falcon": Family(
         base="transformer",
         layers="h",

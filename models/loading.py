@@ -137,9 +137,8 @@ def load_span(folder: Path, start: int, end: int, dtype: torch.dtype = torch.flo
     for block in range(start, end):
         with torch.device("meta"):
             layer = layer_cls(config, layer_idx=block)
-        layers.append(
-            _materialize(layer, _read_part(weights, family, f"{family.layers}.{block}", dtype))
-        )
+        saved = _read_part(weights, family, f"{family.layers}.{block}", dtype)
+        layers.append(_materialize(layer, family.block_state(saved, config)))
     rotary = None
     if family.rotary is not None:
         # Rotary tables are computed, not loaded, and stay fp32: casting them changes outputs.
