@@ -199,8 +199,8 @@ def _run_packed(
     position_ids = torch.cat(
         [torch.arange(s.position, s.position + s.length) for s in segments]
     ).unsqueeze(0)
-    if span.rotary is None:
-        raise ValueError("packed attention needs a rotary model")  # every packed family is
+    if span.rotary is None:  # every packed family has one: this is a mis-described family
+        raise ValueError(f"{span.config.model_type} has no rotary table for packed attention")
     cos, sin = span.rotary(x, position_ids)
     position_embeddings = (cos.to(x.dtype), sin.to(x.dtype))
     packed = _PackedStep(segments, first_block)
