@@ -4,6 +4,7 @@ read only their own blocks, and gradients flow through a span without caches."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
@@ -232,3 +234,25 @@ def test_an_unsupported_model_type_names_the_supported_ones(tmp_path: Path) -> N
     GPT2Config(n_layer=2).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"'gpt2' is not supported .*llama.*falcon.*bloom"):
         load_config(tmp_path)
+
+
+def test_a_checkpoint_saved_from_the_bare_decoder_loads_too(
+    folder_of: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """BLOOM's Hub checkpoints name tensors ``h.0...``, not ``transformer.h.0...``."""
+    folder = folder_of("bloom")
+    for file in folder.iterdir():
+        if file.name != "model.safetensors":
+            shutil.copy(file, tmp_path / file.name)
+    state = load_file(folder / "model.safetensors")
+    save_file(
+        {k.removeprefix("transformer."): v for k, v in state.items()},
+        tmp_path / "model.safetensors",
+    )
+    ids = [5, 9, 200, 17]
+    with torch.no_grad():
+        expected = [
+            batch_logits(head, [forward_span(span, embed_ids(head, ids), None)])
+            for head, span in ((load_head(f), load_span(f, 0, BLOCKS)) for f in (folder, tmp_path))
+        ]
+    torch.testing.assert_close(expected[0], expected[1], atol=1e-5, rtol=1e-5)  # alignment
