@@ -49,6 +49,31 @@ def _skeleton(config: PretrainedConfig) -> Any:
         return AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
 
 
+@dataclass(frozen=True)
+class BlockLinear:
+    """A linear projection inside every transformer block: where it sits and its shape."""
+
+    path: str  # within a block, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: int
+
+
+def block_linears(config: PretrainedConfig) -> dict[str, BlockLinear]:
+    """The linear projections of one block by short name (``q_proj``, ``down_proj``, ...):
+    what LoRA may target. Read from the model's classes on the meta device, never from a
+    loaded block, whose projections may already be wrapped by adapters."""
+    layer = _skeleton(config).model.layers[0]
+    found: dict[str, BlockLinear] = {}
+    repeated: set[str] = set()  # per-expert projections: no single module to name
+    for path, module in layer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            name = path.rsplit(".", 1)[-1]
+            if name in found:
+                repeated.add(name)
+            found[name] = BlockLinear(path, module.in_features, module.out_features)
+    return {name: linear for name, linear in found.items() if name not in repeated}
+
+
 class _Weights:
     """Reads named tensors from a folder's safetensors files (sharded or not)."""
 

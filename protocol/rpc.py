@@ -22,6 +22,17 @@ tensor once the push was accepted; a failed push answers with the output as usua
     gateway → hop k: Step(push_to=hop k+1) + hidden   gateway → hop k+1: Step(input_tokens=n)
     hop k → hop k+1: Push(token) + hidden [1,n,H]     hop k+1 → hop k: PushAccepted
     hop k → gateway: StepDone(pushed=True)            hop k+1 → gateway: StepDone + hidden
+
+Training (``rpc_train_forward``, ``rpc_train_backward``) is stateless, one stream per call,
+as Petals' forward and backward: the caller's LoRA tensors travel with every call and
+nothing stays on the server. The tensors of a call easily exceed one message (SmolLM2's
+rank-8 LoRA over 15 blocks is ~10 MiB), so both directions are streams: a header, then
+the call's tensors flattened into one run of float32 values cut into pieces that each fit
+a message (``protocol.codec.tensor_pieces``). The header fixes every shape, so each side
+knows, and bounds, what it will read before it reads it:
+
+    client → TrainCall, then pieces of [hidden, grad_out (backward), LoRA A/B per block]
+    server → TrainDone, then pieces of [output] (forward) or [grad_in, LoRA grads] (backward)
 """
 
 from __future__ import annotations
@@ -30,7 +41,14 @@ import enum
 import json
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from protocol.errors import (
     CapacityExceeded,
@@ -48,6 +66,8 @@ from protocol.swarm import PROTOCOL_VERSION, AdapterName
 RPC_INFERENCE = "swarmgate.rpc_inference"
 RPC_INFO = "swarmgate.rpc_info"
 RPC_PUSH = "swarmgate.rpc_push"
+RPC_TRAIN_FORWARD = "swarmgate.rpc_train_forward"
+RPC_TRAIN_BACKWARD = "swarmgate.rpc_train_backward"
 
 # hivemind refuses messages over 4 MiB; stay below with room for framing and metadata.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -186,6 +206,50 @@ class ServerInfo(RpcMessage):
     tokens_reused: int = 0  # prompt positions served from a cache instead
 
 
+MAX_LORA_RANK = 64
+MAX_LORA_TARGETS = 16
+MAX_TRAIN_BATCH = 1024  # sequences per call; tokens and values are bounded by the server
+
+# A projection inside a block, as LoRA names it: q_proj, down_proj, ...
+TargetName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+
+
+class LoraSpec(RpcMessage):
+    """A LoRA adapter's shape, as peft's ``LoraConfig`` has it (no dropout)."""
+
+    rank: int = Field(ge=1, le=MAX_LORA_RANK)
+    alpha: float = Field(gt=0, le=4096, allow_inf_nan=False)
+    targets: list[TargetName] = Field(min_length=1, max_length=MAX_LORA_TARGETS)
+
+    @field_validator("targets")
+    @classmethod
+    def _distinct(cls, targets: list[str]) -> list[str]:
+        if len(set(targets)) != len(targets):
+            raise ValueError("targets repeat a name")
+        return targets
+
+
+class TrainCall(RpcMessage):
+    """The header of a training call over blocks ``[start, end)``: ``batch`` sequences of
+    ``length`` tokens, each from position 0, and the caller's LoRA tensors for those blocks."""
+
+    version: int = PROTOCOL_VERSION
+    member_pass: MemberPass = ""
+    request_id: str = Field(default="", max_length=64, pattern=r"^[A-Za-z0-9._:-]*$")
+    start: int = Field(ge=0)
+    end: int = Field(gt=0)
+    batch: int = Field(ge=1, le=MAX_TRAIN_BATCH)
+    length: int = Field(ge=1)
+    lora: LoraSpec
+    # Backward only: whether the caller needs the gradient of the inputs (the first hop's
+    # caller does not: its inputs are frozen embeddings).
+    input_grad: bool = True
+
+
+class TrainDone(RpcMessage):
+    values: int = Field(ge=0)  # float32 values that follow in pieces
+
+
 class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"  # the caller showed no valid pass of this server's swarm
     CAPACITY = "capacity"  # no room for this session now: try a replica
@@ -258,6 +322,9 @@ def decode_reply(kind: type[M], metadata: bytes, peer_id: str) -> M:
         return kind.model_validate_json(metadata)
     except (ValidationError, ValueError) as e:
         raise ProtocolMismatch(f"{peer_id} sent a bad {kind.__name__}: {e}", peer_id) from None
+
+
+MAX_PIECE_VALUES = MESSAGE_BUDGET_BYTES // 4  # float32 values in one piece of a training call
 
 
 def max_tokens_per_message(hidden_size: int, bytes_per_value: int = 4) -> int:

@@ -147,11 +147,21 @@ AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
 def forward_packed(
     span: Span, hidden: torch.Tensor, segments: Sequence[Segment], *, start: int, end: int
 ) -> torch.Tensor:
+    """``run_span`` without autograd: what serving runs."""
+    return run_span(span, hidden, segments, start=start, end=end)
+
+
+def run_span(
+    span: Span, hidden: torch.Tensor, segments: Sequence[Segment], *, start: int, end: int
+) -> torch.Tensor:
     """Run the packed tokens of ``segments`` through blocks ``[start, end)`` (absolute
     indices; every segment's session covers exactly these blocks) and append them to their
     caches. A segment's cache must hold at least ``position`` tokens; any beyond are dropped
     first (an edited or regenerated turn). Positions are never inferred from a cache, so a
     cache that lost tokens is an error, not silently wrong output.
+
+    Not under ``torch.inference_mode`` itself: training runs it with autograd (segments
+    without caches), so gradients can flow back through the blocks.
 
     hidden: [1, total, hidden_size], any float dtype; returns the same shape in fp32.
     """
