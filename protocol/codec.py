@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator, Sequence
+from typing import TypeAlias
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -17,7 +18,7 @@ from hivemind.proto import runtime_pb2
 from protocol.errors import ProtocolMismatch
 from protocol.rpc import MAX_PIECE_VALUES, RpcMessage
 
-Message = runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse
+Message: TypeAlias = runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse
 
 
 def make_request(message: RpcMessage, *tensors: torch.Tensor) -> runtime_pb2.ExpertRequest:
@@ -45,7 +46,7 @@ def tensor_pieces(
     if not tensors:
         return []
     flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
-    return list(flat.split(max_values))
+    return list(torch.split(flat, max_values))
 
 
 def request_pieces(tensors: Sequence[torch.Tensor]) -> list[runtime_pb2.ExpertRequest]:
@@ -98,4 +99,7 @@ async def read_pieces(
         pieces.append(piece)
         received += piece.numel()
     flat = torch.cat(pieces) if pieces else torch.empty(0)
-    return [part.reshape(tuple(shape)) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
+    return [
+        part.reshape(tuple(shape))
+        for part, shape in zip(torch.split(flat, sizes), shapes, strict=True)
+    ]

@@ -218,7 +218,7 @@ class LoraSpec(RpcMessage):
     """A LoRA adapter's shape, as peft's ``LoraConfig`` has it (no dropout)."""
 
     rank: int = Field(ge=1, le=MAX_LORA_RANK)
-    alpha: float = Field(gt=0, le=4096, allow_inf_nan=False)
+    alpha: int = Field(ge=1, le=4096)
     targets: list[TargetName] = Field(min_length=1, max_length=MAX_LORA_TARGETS)
 
     @field_validator("targets")

@@ -23,8 +23,8 @@ import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
-from models.loading import Span
-from protocol.codec import make_response, read_tensors
+from models.loading import Span, block_linears
+from protocol.codec import make_response, read_pieces, read_tensors, response_pieces
 from protocol.errors import (
     CapacityExceeded,
     InvalidRequest,
@@ -40,6 +40,8 @@ from protocol.rpc import (
     RPC_INFERENCE,
     RPC_INFO,
     RPC_PUSH,
+    RPC_TRAIN_BACKWARD,
+    RPC_TRAIN_FORWARD,
     InfoRequest,
     OpenSession,
     Push,
@@ -50,6 +52,8 @@ from protocol.rpc import (
     SessionOpened,
     Step,
     StepDone,
+    TrainCall,
+    TrainDone,
     decode,
     decode_stream_message,
     max_tokens_per_message,
@@ -60,6 +64,13 @@ from swarm_node.batching import BatchObserver, StepScheduler
 from swarm_node.kv_cache import CachedSession, SessionStore
 from swarm_node.push import Inbox, PushBoard, PushCall, Pusher
 from swarm_node.session_kv import SessionKV
+from swarm_node.training import (
+    MAX_TRAIN_TOKENS,
+    MAX_TRAIN_VALUES,
+    LoraCall,
+    train_backward,
+    train_forward,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,6 +82,10 @@ STEP_TIMEOUT_S = 90.0  # an idle stream holds its session's reservation at most 
 INPUT_WAIT_S = 90.0
 MAX_STREAMS_PER_PEER = 256  # one gateway's concurrent sessions here, replays included
 BUSY_WAIT_S = 2.0  # how long an open waits for the session's previous stream to end
+# Training calls in progress here (reading, waiting for or using the compute thread): each
+# holds its tensors in memory until it is done, so their number is bounded.
+MAX_TRAIN_CALLS = 4
+TRAIN_READ_TIMEOUT_S = 60.0  # a call's header and tensors must arrive within this
 
 
 def session_key(session_id: str, secret: str) -> str:
@@ -130,6 +145,8 @@ class BlockHandler:
         self._max_length = span.config.max_position_embeddings
         self.active_streams = 0
         self._streams_of: Counter[str] = Counter()  # open streams per calling peer
+        self._linears = block_linears(span.config)  # what LoRA may target
+        self._training = 0  # training calls in progress
         self._released = asyncio.Condition()
 
     async def register(self, p2p: P2P) -> None:
@@ -139,6 +156,13 @@ class BlockHandler:
         )
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, Request)
         await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, Request)
+        for name, handler in (
+            (RPC_TRAIN_FORWARD, self.rpc_train_forward),
+            (RPC_TRAIN_BACKWARD, self.rpc_train_backward),
+        ):
+            await p2p.add_protobuf_handler(
+                name, handler, Request, stream_input=True, stream_output=True
+            )
         self.pusher = Pusher(self._push_call(p2p), self._member_pass, self._link)
 
     async def unregister(self, p2p: P2P) -> None:
@@ -146,6 +170,8 @@ class BlockHandler:
         await p2p.remove_protobuf_handler(RPC_INFERENCE, stream_input=True, stream_output=True)
         await p2p.remove_protobuf_handler(RPC_INFO)
         await p2p.remove_protobuf_handler(RPC_PUSH)
+        for name in (RPC_TRAIN_FORWARD, RPC_TRAIN_BACKWARD):
+            await p2p.remove_protobuf_handler(name, stream_input=True, stream_output=True)
 
     def _push_call(self, p2p: P2P) -> PushCall:
         async def call(
@@ -407,6 +433,122 @@ class BlockHandler:
                     self._released.wait_for(lambda: not self.sessions.in_use(session_id)),
                     BUSY_WAIT_S,
                 )
+
+    async def rpc_train_forward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A ``TrainCall`` and pieces of [hidden [B, n, H], LoRA tensors] → ``TrainDone``
+        and pieces of the output [B, n, H]. Stateless: nothing stays here after it."""
+        async for reply in self._train(requests, context, backward=False):
+            yield reply
+
+    async def rpc_train_backward(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A ``TrainCall`` and pieces of [hidden, grad of the output (both [B, n, H]), LoRA
+        tensors] → ``TrainDone`` and pieces of [grad of hidden (if ``input_grad``), grads of
+        the LoRA tensors]. The forward is recomputed: nothing was kept from it."""
+        async for reply in self._train(requests, context, backward=True):
+            yield reply
+
+    async def _train(
+        self,
+        requests: AsyncIterator[runtime_pb2.ExpertRequest],
+        context: P2PContext | None,
+        *,
+        backward: bool,
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        caller = str(context.remote_id) if context is not None else ""
+        if self._training >= MAX_TRAIN_CALLS:
+            full = CapacityExceeded(f"{MAX_TRAIN_CALLS} training calls in progress here")
+            yield make_response(RpcError.of(full))
+            return
+        self._training += 1
+        try:
+            try:
+                pending = await asyncio.wait_for(
+                    self._train_call(requests, caller, backward), TRAIN_READ_TIMEOUT_S
+                )
+                # The timeout covers reading; compute waits its turn on the compute thread.
+                outputs = await pending
+            except (SwarmError, RequestError) as e:
+                yield make_response(RpcError.of(e))
+                return
+            except TimeoutError:
+                error = InvalidRequest(f"the call did not arrive within {TRAIN_READ_TIMEOUT_S:g} s")
+                yield make_response(RpcError.of(error))
+                return
+            except Exception as e:
+                logger.exception("a training call from %s failed", caller or "a local caller")
+                yield make_response(RpcError.of(e))
+                return
+            yield make_response(TrainDone(values=sum(t.numel() for t in outputs)))
+            for piece in response_pieces(outputs):
+                yield piece
+        finally:
+            self._training -= 1
+
+    async def _train_call(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], caller: str, backward: bool
+    ) -> asyncio.Future[list[torch.Tensor]]:
+        """Read and check a call, then hand it to the compute thread: its result, to await."""
+        first = await anext(requests, None)
+        if first is None:
+            raise ProtocolMismatch("a training stream without a call")
+        call = decode(TrainCall, first.metadata)
+        if call.version != PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"protocol version {call.version}, this server speaks {PROTOCOL_VERSION}"
+            )
+        self._check_member(call.member_pass, caller)
+        request_id.set(call.request_id)
+        if not self._accepting():
+            raise CapacityExceeded("this server is draining and takes no training calls")
+        if first.tensors:
+            raise ProtocolMismatch("a training call's header carries no tensors")
+        lora = self._check_train_call(call)
+        hidden_shape = (call.batch, call.length, self.span.config.hidden_size)
+        shapes = [hidden_shape, *([hidden_shape] if backward else []), *lora.shapes(self._linears)]
+        tensors = await read_pieces(requests, shapes)
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise InvalidRequest("a training call's tensors must be finite")
+        loop = asyncio.get_running_loop()
+        span, linears = self.span, self._linears
+        if backward:
+            hidden, grad, weights = tensors[0], tensors[1], tensors[2:]
+
+            def run() -> list[torch.Tensor]:
+                dx, grads = train_backward(
+                    span, lora, linears, weights, hidden, grad, input_grad=call.input_grad
+                )
+                return grads if dx is None else [dx, *grads]
+
+        else:
+            hidden, weights = tensors[0], tensors[1:]
+
+            def run() -> list[torch.Tensor]:
+                return [train_forward(span, lora, linears, weights, hidden)]
+
+        return loop.run_in_executor(self._compute, run)
+
+    def _check_train_call(self, call: TrainCall) -> LoraCall:
+        """Everything a call may cost, bounded before any tensor of it is read."""
+        self._check_range(call.start, call.end)
+        tokens = call.batch * call.length
+        if tokens > MAX_TRAIN_TOKENS:
+            raise InvalidRequest(f"{tokens} tokens in one training call (max {MAX_TRAIN_TOKENS})")
+        if tokens * self.span.config.hidden_size > MAX_TRAIN_VALUES:
+            raise InvalidRequest(
+                f"{tokens} tokens of hidden states exceed {MAX_TRAIN_VALUES} values"
+            )
+        if call.length > self._max_length:
+            raise InvalidRequest(f"length {call.length} exceeds the model's {self._max_length}")
+        unknown = [t for t in call.lora.targets if t not in self._linears]
+        if unknown:
+            known = ", ".join(self._linears)
+            raise InvalidRequest(f"no projection named {', '.join(unknown)} (known: {known})")
+        spec = call.lora
+        return LoraCall(call.start, call.end, spec.rank, spec.alpha, tuple(spec.targets))
 
     async def rpc_info(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext

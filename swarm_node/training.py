@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -43,7 +44,7 @@ class LoraCall:
     start: int
     end: int
     rank: int
-    alpha: float
+    alpha: int
     targets: tuple[str, ...]
 
     def shapes(self, linears: Mapping[str, BlockLinear]) -> list[tuple[int, int]]:
@@ -112,7 +113,7 @@ def _adapter(
     name = f"swarmgate-train-{uuid.uuid4().hex}"
     paths = [linears[t].path for t in call.targets]
     requires_grad = {p: p.requires_grad for layer in layers for p in layer.parameters()}
-    states = {
+    states: dict[LoraLayer, tuple[list[str], bool]] = {
         m: (list(m.active_adapters), m.disable_adapters)
         for layer in layers
         for m in layer.modules()
@@ -156,7 +157,7 @@ def _load(
     with torch.no_grad():
         for layer in layers:
             for path in paths:
-                module = layer.get_submodule(path)
+                module = cast(Any, layer.get_submodule(path))  # a peft LoRA layer now
                 for matrix in (module.lora_A[name].weight, module.lora_B[name].weight):
                     matrix.copy_(next(tensors))
                     params.append(matrix)

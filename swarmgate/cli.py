@@ -363,6 +363,33 @@ def build_parser() -> argparse.ArgumentParser:
         "allows, before it counts as failed and the session moves on without it",
     )
 
+    finetune = commands.add_parser(
+        "finetune", help="train a LoRA adapter through the swarm (servers keep their weights)"
+    )
+    _add_model(finetune)
+    _add_peers(finetune, required=True)
+    _add_swarm_key(finetune)
+    finetune.add_argument(
+        "--data",
+        required=True,
+        help='JSONL: {"messages": [...]}, {"prompt", "completion"} or {"text"} per line',
+    )
+    finetune.add_argument("--out", required=True, help="folder for the peft adapter")
+    finetune.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (max 64)")
+    finetune.add_argument("--alpha", type=_positive_int, default=16, help="LoRA alpha")
+    finetune.add_argument(
+        "--targets",
+        default="q_proj,k_proj,v_proj,o_proj",
+        help="comma-separated projections to adapt, or `all`",
+    )
+    finetune.add_argument("--steps", type=_positive_int, default=100)
+    finetune.add_argument("--lr", type=_positive_float, default=1e-3, help="AdamW learning rate")
+    finetune.add_argument("--batch-size", type=_positive_int, default=4)
+    finetune.add_argument(
+        "--max-length", type=_positive_int, default=256, help="tokens per example (cut beyond)"
+    )
+    finetune.add_argument("--seed", type=int, default=0)
+
     status = commands.add_parser("status", help="print the swarm's coverage")
     _add_peers(status, required=True)
     _add_swarm_key(status)
@@ -384,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "node": commands.node,
         "gateway": commands.gateway,
         "status": commands.status,
+        "finetune": commands.finetune,
     }[args.command]
     try:
         code = handler(args)

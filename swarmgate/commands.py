@@ -191,3 +191,42 @@ def up(args: argparse.Namespace) -> int:
     source = resolve_model(args.model, name=args.model_name)
     swarm = LocalSwarm(source, args)
     return swarm.run()
+
+
+def finetune(args: argparse.Namespace) -> int:
+    from models.loading import block_linears, load_config
+    from protocol.rpc import MAX_LORA_RANK
+    from training import DataError, FinetuneSettings, train_lora
+    from training.lora import parse_targets
+
+    source = resolve_model(args.model, name=args.model_name)
+    if args.rank > MAX_LORA_RANK:
+        raise SystemExit(
+            f"swarmgate finetune: --rank {args.rank}: servers take at most {MAX_LORA_RANK}"
+        )
+    try:
+        targets = parse_targets(args.targets, list(block_linears(load_config(source.path))))
+    except ValueError as e:
+        raise SystemExit(f"swarmgate finetune: --targets: {e}") from None
+    settings = FinetuneSettings(
+        model_name=source.name,
+        model_path=source.path,
+        initial_peers=tuple(initial_peers(args)),
+        data=Path(args.data),
+        out=Path(args.out),
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=tuple(targets),
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+        swarm_key=swarm_key(args),
+        namespace=args.namespace,
+    )
+    try:
+        train_lora(settings)
+    except DataError as e:
+        raise SystemExit(f"swarmgate finetune: {e}") from None
+    return 0

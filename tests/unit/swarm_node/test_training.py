@@ -18,7 +18,7 @@ from swarm_node.training import LoraCall, train_backward, train_forward
 from tests.tiny_model import TINY_BLOCKS
 
 TARGETS = ("q_proj", "v_proj", "o_proj", "down_proj")
-RANK, ALPHA = 4, 8.0
+RANK, ALPHA = 4, 8
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,9 @@ def reference(
     embeddings = inner.rotary_emb(x, positions)
     out = x
     for layer in inner.layers[start:end]:
-        out = layer(out, attention_mask=None, position_ids=positions, position_embeddings=embeddings)
+        out = layer(
+            out, attention_mask=None, position_ids=positions, position_embeddings=embeddings
+        )
     params = lora_of(peft_model, start, end)
     grads = torch.autograd.grad(out, [x, *params], grad_outputs=grad)
     return out.detach(), grads[0], list(grads[1:])

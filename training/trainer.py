@@ -1,0 +1,293 @@
+"""``train_lora``: fine-tune a LoRA adapter through the swarm.
+
+The client holds the tokenizer, the frozen embedding, final norm and LM head (the
+gateway's part of the model) and the adapter's tensors. Each step:
+
+    embed the batch → train_forward through each hop of a chain covering every block
+    → cross-entropy on the client → train_backward hop by hop in reverse (each hop's
+    gradient of its input is the previous hop's gradient of its output) → AdamW on the
+    LoRA tensors
+
+Servers keep nothing between calls, so a step that fails (a server died, or refused)
+is simply run again on a re-planned chain, up to ``max_retries`` times; the optimizer
+moves only once a step's gradients are all in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from gateway.swarm_client import P2PSwarmClient
+from gateway.templating import load_tokenizer
+from models.loading import Head, block_linears, load_config, load_head
+from protocol.errors import SwarmError
+from protocol.membership import PassIssuer, SwarmKey
+from protocol.rpc import LoraSpec
+from protocol.swarm import ModelRecord, dht_prefix
+from routing.dht import SwarmDHT
+from routing.planner import Hop, plan_route
+from training.data import IGNORE, Example, batches, collate, read_examples, token_loss
+from training.lora import ClientLora
+from training.remote import CALL_TIMEOUT_S, TrainClient
+
+logger = logging.getLogger("swarmgate.finetune")
+
+MAX_RETRIES = 3  # runs of one step after the first that failed
+RETRY_DELAY_S = 1.0
+EVAL_EXAMPLES = 256  # the final loss is measured on the first examples of the data
+SWARM_WAIT_S = 60.0  # how long to wait for a full chain at the start
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    model_name: str  # the swarm's model id; also the adapter's base_model_name_or_path
+    model_path: Path  # the local model folder (tokenizer, embedding, norm, LM head)
+    initial_peers: tuple[str, ...]
+    data: Path  # JSONL (training/data.py)
+    out: Path  # where the peft adapter folder goes
+    rank: int = 8
+    alpha: int = 16
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    steps: int = 100
+    lr: float = 1e-3
+    batch_size: int = 4
+    max_length: int = 256  # tokens per example; longer ones are cut
+    seed: int = 0
+    swarm_key: SwarmKey | None = None
+    namespace: str = ""
+    max_retries: int = MAX_RETRIES
+    call_timeout_s: float = CALL_TIMEOUT_S
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # each step's mean loss per trained token
+    final_loss: float  # with the saved adapter, over the first EVAL_EXAMPLES examples
+    adapter_dir: Path
+    seconds_per_step: float
+    bytes_sent: int = 0  # over the whole run, calls of the final evaluation included
+    bytes_received: int = 0
+    retries: int = 0
+    routes: list[list[Hop]] = field(default_factory=list)  # each step's chain
+
+
+def train_lora(settings: FinetuneSettings, *, progress: TextIO | None = None) -> TrainResult:
+    """Train, save the adapter to ``settings.out`` and say how it went; progress lines
+    (step, loss, seconds per step) go to ``progress`` (default stderr)."""
+    return asyncio.run(_train(settings, progress if progress is not None else sys.stderr))
+
+
+async def _train(settings: FinetuneSettings, progress: TextIO) -> TrainResult:
+    torch.manual_seed(settings.seed)
+    config = load_config(settings.model_path)
+    tokenizer = load_tokenizer(settings.model_path)
+    examples = read_examples(settings.data, tokenizer, settings.max_length)
+    head = load_head(settings.model_path)
+    linears = block_linears(config)
+    spec = LoraSpec(rank=settings.rank, alpha=settings.alpha, targets=list(settings.targets))
+    lora = ClientLora(linears, config.num_hidden_layers, spec, seed=settings.seed)
+    dht = SwarmDHT(
+        initial_peers=list(settings.initial_peers),
+        start=True,
+        client_mode=True,
+        swarm_key=settings.swarm_key,
+    )
+    try:
+        member_pass = (
+            PassIssuer(settings.swarm_key, dht.peer_id.to_base58()).current
+            if settings.swarm_key is not None
+            else lambda: ""
+        )
+        model = ModelRecord.of(settings.model_name, config)
+        swarm = P2PSwarmClient(
+            dht,
+            dht_prefix(settings.model_name, settings.namespace),
+            model,
+            embed=_no_embed,
+            member_pass=member_pass,
+        )
+        await swarm.start()
+        try:
+            client = TrainClient(
+                await dht.replicate_p2p(),
+                config.hidden_size,
+                linears,
+                spec,
+                member_pass=member_pass,
+                timeout_s=settings.call_timeout_s,
+            )
+            pad = tokenizer.pad_token_id
+            pad = tokenizer.eos_token_id if pad is None else pad
+            trainer = Trainer(swarm, client, head, lora, pad_id=int(pad or 0))
+            return await trainer.run(examples, settings, progress)
+        finally:
+            await swarm.aclose()
+    finally:
+        dht.shutdown()
+
+
+async def _no_embed(ids: list[int]) -> torch.Tensor:
+    raise RuntimeError("training embeds on its own")  # never called: no inference sessions
+
+
+class Trainer:
+    """The training loop over a swarm client (plans, health) and a ``TrainClient``."""
+
+    def __init__(
+        self,
+        swarm: P2PSwarmClient,
+        client: TrainClient,
+        head: Head,
+        lora: ClientLora,
+        *,
+        pad_id: int,
+    ) -> None:
+        self._swarm = swarm
+        self._client = client
+        self._head = head
+        self._lora = lora
+        self._pad_id = pad_id
+        self.retries = 0
+        self.routes: list[list[Hop]] = []
+
+    async def run(
+        self, examples: Sequence[Example], settings: FinetuneSettings, progress: TextIO
+    ) -> TrainResult:
+        optimizer = torch.optim.AdamW(self._lora.parameters(), lr=settings.lr, weight_decay=0.0)
+        await self._wait_for_chain()
+        losses = []
+        began = time.monotonic()
+        plan = batches(len(examples), settings.batch_size, settings.steps, settings.seed)
+        for step, indices in enumerate(plan, start=1):
+            started = time.monotonic()
+            ids, labels = collate([examples[i] for i in indices], self._pad_id)
+            loss = await self._retrying(
+                functools.partial(self.step, ids, labels), settings.max_retries
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss)
+            took = time.monotonic() - started
+            sent = self._client.bytes_sent / step / 1e6
+            print(
+                f"step {step}/{settings.steps}  loss {loss:.4f}  {took:.2f} s/step  "
+                f"{sent:.2f} MB sent/step",
+                file=progress,
+                flush=True,
+            )
+        seconds = (time.monotonic() - began) / max(1, len(plan))
+        final = await self.evaluate(examples[:EVAL_EXAMPLES], settings)
+        self._lora.save(settings.out, settings.model_name)
+        print(f"final loss {final:.4f}; adapter saved to {settings.out}", file=progress, flush=True)
+        return TrainResult(
+            losses=losses,
+            final_loss=final,
+            adapter_dir=settings.out,
+            seconds_per_step=seconds,
+            bytes_sent=self._client.bytes_sent,
+            bytes_received=self._client.bytes_received,
+            retries=self.retries,
+            routes=self.routes,
+        )
+
+    async def step(self, ids: torch.Tensor, labels: torch.Tensor) -> float:
+        """One batch forward and backward through a fresh chain; the LoRA tensors' grads
+        are set (not accumulated: a retried step starts over). The mean loss."""
+        route = self._plan()
+        self.routes.append(route)
+        hidden = self._embed(ids)
+        inputs = []
+        for hop in route:
+            inputs.append(hidden)
+            hidden = await self._client.forward(hop, self._span(hop), hidden)
+        final = hidden.detach().requires_grad_(True)
+        total, count = token_loss(self._logits(final), labels)
+        loss = total / max(count, 1)
+        (grad,) = torch.autograd.grad(loss, [final])
+        grads: dict[int, torch.Tensor] = {}
+        for index in reversed(range(len(route))):
+            hop = route[index]
+            params = self._span(hop)
+            dx, dlora = await self._client.backward(
+                hop, params, inputs[index], grad, input_grad=index > 0
+            )
+            for param, g in zip(params, dlora, strict=True):
+                grads[id(param)] = g
+            if dx is not None:
+                grad = dx
+        for param in self._lora.parameters():
+            param.grad = grads[id(param)]
+        return float(loss.detach())
+
+    async def evaluate(self, examples: Sequence[Example], settings: FinetuneSettings) -> float:
+        """Mean loss per trained token over ``examples`` with the current adapter."""
+        total, count = 0.0, 0
+        for begin in range(0, len(examples), settings.batch_size):
+            ids, labels = collate(examples[begin : begin + settings.batch_size], self._pad_id)
+
+            async def forward(ids: torch.Tensor = ids, labels: torch.Tensor = labels) -> float:
+                hidden = self._embed(ids)
+                for hop in self._plan():
+                    hidden = await self._client.forward(hop, self._span(hop), hidden)
+                with torch.no_grad():
+                    part, _ = token_loss(self._logits(hidden), labels)
+                return float(part)
+
+            total += await self._retrying(forward, settings.max_retries)
+            count += int((labels[:, 1:] != IGNORE).sum())
+        return total / max(count, 1)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[float]], retries: int) -> float:
+        for tries in range(retries + 1):
+            try:
+                return await attempt()
+            except SwarmError as e:
+                peer = getattr(e, "peer_id", None)
+                if peer is not None:
+                    self._swarm.failed(peer, e)
+                if tries == retries:
+                    raise
+                self.retries += 1
+                logger.warning("step failed (%s); re-planning, retry %d/%d", e, tries + 1, retries)
+                await asyncio.sleep(RETRY_DELAY_S)
+                with contextlib.suppress(Exception):  # the old snapshot serves until it answers
+                    await self._swarm.refresh()
+        raise AssertionError("unreachable")
+
+    async def _wait_for_chain(self) -> None:
+        deadline = time.monotonic() + SWARM_WAIT_S
+        while True:
+            try:
+                self._plan()
+                return
+            except SwarmError:
+                if time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                await self._swarm.refresh()
+
+    def _plan(self) -> list[Hop]:
+        snapshot = self._swarm.snapshot()
+        return plan_route(snapshot, snapshot.num_blocks, costs=self._swarm.costs())
+
+    def _span(self, hop: Hop) -> list[torch.nn.Parameter]:
+        return self._lora.span(hop.start, hop.end)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self._head.embed(ids).float()  # type: ignore[no-any-return]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._head.lm_head(self._head.norm(hidden))  # type: ignore[no-any-return]
