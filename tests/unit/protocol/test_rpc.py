@@ -255,3 +255,28 @@ def test_read_tensors_returns_independent_tensors() -> None:
     [back] = read_tensors(message)
     tensor.add_(1.0)  # the message holds a copy, not a view of the sender's tensor
     assert torch.equal(back, torch.ones(1, 2, 4))
+
+
+def test_pieces_round_trip_under_the_message_cap() -> None:
+    import asyncio
+
+    import torch
+
+    from protocol.codec import read_pieces, request_pieces, tensor_pieces
+    from protocol.rpc import MAX_MESSAGE_BYTES
+
+    tensors = [torch.randn(3, 700_000), torch.randn(5), torch.randn(2, 2, 2)]
+    pieces = tensor_pieces(tensors)
+    assert sum(p.numel() for p in pieces) == sum(t.numel() for t in tensors)
+    requests = request_pieces(tensors)
+    assert len(requests) > 1 and all(r.ByteSize() < MAX_MESSAGE_BYTES for r in requests)
+
+    async def read() -> list[torch.Tensor]:
+        async def stream():  # type: ignore[no-untyped-def]
+            for r in requests:
+                yield r
+
+        return await read_pieces(stream(), [tuple(t.shape) for t in tensors])
+
+    for got, want in zip(asyncio.run(read()), tensors, strict=True):
+        assert torch.equal(got, want)
