@@ -76,8 +76,9 @@ class TrainResult:
     final_loss: float  # with the saved adapter, over the first EVAL_EXAMPLES examples
     adapter_dir: Path
     seconds_per_step: float
-    bytes_sent: int = 0  # over the whole run, calls of the final evaluation included
-    bytes_received: int = 0
+    # Over every hop's calls, forward and backward, retries included (not the evaluation).
+    bytes_sent_per_step: float = 0.0
+    bytes_received_per_step: float = 0.0
     retries: int = 0
     routes: list[list[Hop]] = field(default_factory=list)  # each step's chain
 
@@ -187,6 +188,7 @@ class Trainer:
                 flush=True,
             )
         seconds = (time.monotonic() - began) / max(1, len(plan))
+        sent, received = self._client.bytes_sent, self._client.bytes_received
         final = await self.evaluate(examples[:EVAL_EXAMPLES], settings)
         self._lora.save(settings.out, settings.model_name)
         print(f"final loss {final:.4f}; adapter saved to {settings.out}", file=progress, flush=True)
@@ -195,8 +197,8 @@ class Trainer:
             final_loss=final,
             adapter_dir=settings.out,
             seconds_per_step=seconds,
-            bytes_sent=self._client.bytes_sent,
-            bytes_received=self._client.bytes_received,
+            bytes_sent_per_step=sent / max(1, len(plan)),
+            bytes_received_per_step=received / max(1, len(plan)),
             retries=self.retries,
             routes=self.routes,
         )
