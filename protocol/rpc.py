@@ -26,10 +26,10 @@ tensor once the push was accepted; a failed push answers with the output as usua
 Training (``rpc_train_forward``, ``rpc_train_backward``) is stateless, one stream per call,
 as Petals' forward and backward: the caller's LoRA tensors travel with every call and
 nothing stays on the server. The tensors of a call easily exceed one message (SmolLM2's
-rank-8 LoRA on all 7 projections over 15 blocks is 4.9 MB), so both directions are streams: a header, then
-the call's tensors flattened into one run of float32 values cut into pieces that each fit
-a message (``protocol.codec.tensor_pieces``). The header fixes every shape, so each side
-knows, and bounds, what it will read before it reads it:
+rank-8 LoRA on all 7 projections over 15 blocks is 4.9 MB), so both directions are
+streams: a header, then the call's tensors flattened into one run of float32 values cut
+into pieces that each fit a message (``protocol.codec.tensor_pieces``). The header fixes
+every shape, so each side knows, and bounds, what it will read before it reads it:
 
     client → TrainCall, then pieces of [hidden, grad_out (backward), LoRA A/B per block]
     server → TrainDone, then pieces of [output] (forward) or [grad_in, LoRA grads] (backward)

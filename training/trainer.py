@@ -31,7 +31,7 @@ import torch
 from gateway.swarm_client import P2PSwarmClient
 from gateway.templating import load_tokenizer
 from models.loading import Head, block_linears, load_config, load_head
-from protocol.errors import SwarmError
+from protocol.errors import NoRouteError, SwarmError
 from protocol.membership import PassIssuer, SwarmKey
 from protocol.rpc import LoraSpec
 from protocol.swarm import ModelRecord, dht_prefix
@@ -161,6 +161,7 @@ class Trainer:
         self._pad_id = pad_id
         self.retries = 0
         self.routes: list[list[Hop]] = []
+        self._failed: set[str] = set()  # servers that failed a call of this run
 
     async def run(
         self, examples: Sequence[Example], settings: FinetuneSettings, progress: TextIO
@@ -258,6 +259,7 @@ class Trainer:
                 peer = getattr(e, "peer_id", None)
                 if peer is not None:
                     self._swarm.failed(peer, e)
+                    self._failed.add(peer)
                 if tries == retries:
                     raise
                 self.retries += 1
@@ -281,8 +283,13 @@ class Trainer:
                 await self._swarm.refresh()
 
     def _plan(self) -> list[Hop]:
-        snapshot = self._swarm.snapshot()
-        return plan_route(snapshot, snapshot.num_blocks, costs=self._swarm.costs())
+        """A chain without the servers that failed this run, unless none exists without
+        them (a ban alone only makes a server expensive: a fast one would be picked again)."""
+        snapshot, costs = self._swarm.snapshot(), self._swarm.costs()
+        try:
+            return plan_route(snapshot, snapshot.num_blocks, exclude=self._failed, costs=costs)
+        except NoRouteError:
+            return plan_route(snapshot, snapshot.num_blocks, costs=costs)
 
     def _span(self, hop: Hop) -> list[torch.nn.Parameter]:
         return self._lora.span(hop.start, hop.end)
