@@ -165,15 +165,6 @@ def run_span(
 
     hidden: [1, total, hidden_size], any float dtype; returns the same shape in fp32.
     """
-    return run_span(span, hidden, segments, start=start, end=end)
-
-
-def run_span(
-    span: Span, hidden: torch.Tensor, segments: Sequence[Segment], *, start: int, end: int
-) -> torch.Tensor:
-    """``forward_packed`` without its inference mode: under autograd, gradients reach
-    ``hidden`` (the blocks' own weights stay frozen). Segments with caches write them in
-    place, which autograd cannot see through: a backward pass uses ``kv=None`` segments."""
     if hidden.shape[1] != sum(s.length for s in segments):
         raise ValueError("the packed tokens and the segments disagree")
     for segment in segments:
