@@ -62,6 +62,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             {
                 "name": "tail",
                 "blocks": "10:30",
+                "quant": "int8",
+                "adapters": ["/adapters/pirate", "/adapters/legal"],
                 "drainTimeout": 120,
                 "terminationGracePeriodSeconds": 150,
             },
@@ -456,6 +458,8 @@ def test_node_groups_map_to_their_spans(manifests: dict[str, list[dict[str, Any]
             assert "--num-blocks" not in args
             assert workload["spec"]["podManagementPolicy"] == "Parallel"
         assert flag(args, "--dtype") == [group.get("dtype", "float32")]
+        assert flag(args, "--quant") == [group.get("quant", "none")]
+        assert flag(args, "--adapters") == group.get("adapters", [])
     head = container(nodes[f"{RELEASE}-swarmgate-node-head"])
     assert flag(head["args"], "--cache-bytes") == [str(3 * 2**30)]
     assert flag(head["args"], "--announce-period") == ["5"]  # extraArgs come last and win
