@@ -18,6 +18,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from models.families import SUPPORTED_MODEL_TYPES, Family, family_of
+from models.quantization import quantize_blocks
 
 __all__ = [
     "DTYPES",
@@ -150,7 +151,9 @@ class Span:
         return family_of(self.config)
 
 
-def load_span(folder: Path, start: int, end: int, dtype: torch.dtype = torch.float32) -> Span:
+def load_span(
+    folder: Path, start: int, end: int, dtype: torch.dtype = torch.float32, quant: str = "none"
+) -> Span:
     config = load_config(folder)
     family = family_of(config)
     if not 0 <= start < end <= config.num_hidden_layers:
@@ -168,6 +171,7 @@ def load_span(folder: Path, start: int, end: int, dtype: torch.dtype = torch.flo
     if family.rotary is not None:
         # Rotary tables are computed, not loaded, and stay fp32: casting them changes outputs.
         rotary = type(_module(skeleton, family, family.rotary))(config=config).eval()
+    quantize_blocks(layers, quant, dtype)
     return Span(config, start, end, layers, rotary, dtype)
 
 

@@ -132,7 +132,14 @@ class BlockServer:
         if self.adapters:
             logger.info("adapters: %s", ", ".join(a.name for a in self.adapters))
         began = time.monotonic()
-        span: Span = await asyncio.to_thread(load_span, folder, start, end, dtype)  # type: ignore[arg-type]
+        span: Span = await asyncio.to_thread(
+            load_span,
+            folder,  # type: ignore[arg-type]
+            start,
+            end,
+            dtype,
+            settings.quant,
+        )
         try:
             await asyncio.to_thread(attach_adapters, span, self.adapters)
         except AdapterError as e:

@@ -1,0 +1,168 @@
+"""Weight quantization of a span's blocks through bitsandbytes (CPU or GPU).
+
+``int8``: every ``nn.Linear`` becomes a ``bnb.nn.Linear8bitLt`` (LLM.int8() row-wise absmax
+weights, ``has_fp16_weights=False``); outputs stay close to the unquantized span's.
+``nf4``: every ``nn.Linear`` becomes a ``bnb.nn.Linear4bit`` with 4-bit NormalFloat weights
+in blocks of 64; approximate, it changes greedy answers, so never promise token-exactness.
+
+Only true ``nn.Linear`` modules are quantized, which is where the weights of dense models
+are. Everything else keeps the span's dtype on purpose:
+
+- norms: one vector of ``hidden_size`` per norm, nothing to save, and their scales multiply
+  every activation, so their error would reach everything downstream;
+- rotary tables are computed, not stored, and stay fp32 (see ``models.loading``);
+- MoE routers (``MixtralTopKRouter`` in transformers 5 holds a bare ``nn.Parameter``): tiny,
+  and the top-k choice is discrete, so a small error there picks other experts outright;
+- MoE experts in transformers 5 are fused 3D parameters (``MixtralExperts.gate_up_proj``
+  ``[experts, 2 * intermediate, hidden]``), not ``nn.Linear``: bitsandbytes' layers do not
+  take them, so a Mixtral span saves memory on attention only. ``quantize_blocks`` reports
+  the share of parameters it left alone so that a node can say so in its log.
+
+bitsandbytes quantizes when a parameter first moves to a real device: ``Int8Params`` and
+``Params4bit`` keep the full-precision tensor at construction and quantize on ``.to(device)``
+(checked with 0.50.2: the data turns int8 / packed uint8 then). On a CPU with avx512_bf16
+the first forward of a ``Linear4bit`` in eval mode repacks its weight for the fused CPU
+kernel (absmax un-nested to bf16), so memory is steady only after one forward.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+QUANTS = ("none", "int8", "nf4")
+
+# LLM.int8() outlier decomposition threshold. 0 disables it: every column of the activations
+# goes through the int8 matmul. Measured on the tiny test Llama and SmolLM2 (see
+# tests/unit/swarm_node/test_quantization.py), 0 is as accurate here and skips a dense
+# fp16 side matmul per layer.
+INT8_THRESHOLD = 0.0
+
+
+@dataclass(frozen=True)
+class QuantizedSpan:
+    """What ``quantize_blocks`` did: how many linears it replaced and what it left alone."""
+
+    quant: str
+    linears: int
+    quantized_params: int  # elements of the replaced weights
+    kept_params: int  # elements of every other parameter (norms, routers, fused experts)
+
+
+def quantize_blocks(
+    layers: list[torch.nn.Module], quant: str, compute_dtype: torch.dtype
+) -> QuantizedSpan:
+    """Replace, in place, every ``nn.Linear`` of ``layers`` by its bitsandbytes counterpart.
+
+    ``compute_dtype`` is the span's dtype: nf4 dequantizes into it; activations, KV cache and
+    everything that is not an ``nn.Linear`` stay in it. ``quant="none"`` changes nothing.
+    """
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quantization {quant!r} (known: {', '.join(QUANTS)})")
+    total = sum(p.numel() for layer in layers for p in layer.parameters())
+    if quant == "none":
+        return QuantizedSpan(quant, 0, 0, total)
+    bnb = _import_bitsandbytes()
+    if quant == "nf4":
+        _log_kernels_hint()
+    linears = quantized = 0
+    for layer in layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    setattr(parent, name, _replace(bnb, child, quant, compute_dtype))
+                    linears += 1
+                    quantized += child.weight.numel()
+    done = QuantizedSpan(quant, linears, quantized, total - quantized)
+    logger.info(
+        "%s: quantized %d linear layers; %.1f%% of the blocks' parameters stay %s "
+        "(norms, MoE routers, fused MoE experts)",
+        quant,
+        linears,
+        100 * done.kept_params / max(total, 1),
+        str(compute_dtype).removeprefix("torch."),
+    )
+    return done
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by ``module``'s parameters and buffers, with the quantization statistics
+    that bitsandbytes keeps beside them rather than as buffers (int8 row scales, 4-bit
+    absmax and codebooks). Tensors shared between modules count once."""
+    seen: dict[int, int] = {}
+    for tensor in [*module.parameters(), *module.buffers(), *_statistics(module)]:
+        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
+
+
+def _statistics(module: torch.nn.Module) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    for m in module.modules():
+        weight, matmul = getattr(m, "weight", None), getattr(m, "state", None)
+        # Linear8bitLt moves its row scales from the weight to its matmul state on the
+        # first forward.
+        for holder in (weight, matmul):
+            if isinstance(getattr(holder, "SCB", None), torch.Tensor):
+                found.append(holder.SCB)  # type: ignore[union-attr]
+        state = getattr(weight, "quant_state", None)
+        while state is not None:
+            found += [t for t in (state.absmax, state.code, state.offset) if t is not None]
+            state = state.state2 if getattr(state, "nested", False) else None
+    return found
+
+
+def _replace(bnb: Any, linear: torch.nn.Linear, quant: str, dtype: torch.dtype) -> Any:
+    shape = (linear.in_features, linear.out_features, linear.bias is not None)
+    weight = linear.weight.data
+    # Built on the meta device so that the constructor's own fp32 weight is never allocated.
+    if quant == "int8":
+        new = bnb.nn.Linear8bitLt(
+            *shape, has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta"
+        )
+        new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        new = bnb.nn.Linear4bit(*shape, compute_dtype=dtype, quant_type="nf4", device="meta")
+        new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=new)
+    if linear.bias is not None:
+        new.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+    # Moving to the device is what quantizes (see the module docstring).
+    return new.to(weight.device).eval()
+
+
+def _import_bitsandbytes() -> Any:
+    # Its import runs torch.jit.script_method, deprecated in torch 2.13: noise in node logs
+    # that says nothing about this server.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bitsandbytes
+
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_cast_warning)
+    return bitsandbytes
+
+
+def _drop_cast_warning(record: logging.LogRecord) -> bool:
+    # Linear8bitLt warns on every call, i.e. 7 times per block per decode step, that its
+    # input is cast to fp16 to be quantized: that is how LLM.int8() works, not news.
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+@functools.cache
+def _log_kernels_hint() -> None:
+    if importlib.util.find_spec("kernels") is not None:
+        return
+    # bitsandbytes itself warns on import ("Failed to load CPU gemm_4bit_forward from
+    # kernels-community") when the CPU has avx512_bf16; this says what it means for us.
+    logger.info(
+        "nf4: the optional `kernels` package (pip install 'kernels>=0.11.1') would speed up "
+        "4-bit matmuls on CPU: bitsandbytes then fetches kernels-community/"
+        "quantization-bitsandbytes from the Hugging Face Hub. Without it, bitsandbytes' "
+        "built-in kernel runs (and bitsandbytes warns about it when imported)."
+    )
