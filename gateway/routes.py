@@ -270,7 +270,7 @@ async def metrics(request: Request) -> Response:
 async def swarm(request: Request) -> JSONResponse:
     snapshot = _swarm(request).snapshot()
     servers = [
-        {"peer_id": peer_id, **record.to_wire()}
+        {"peer_id": peer_id, **record.to_wire(), "precision": record.precision}
         for peer_id, record in sorted(snapshot.servers.items(), key=lambda kv: (kv[1].start, kv[0]))
     ]
     return JSONResponse(

@@ -86,6 +86,13 @@ class ServerRecord(_Record):
     def length(self) -> int:
         return self.end - self.start
 
+    @property
+    def precision(self) -> str:
+        """``dtype`` alone, or ``dtype/quant`` for quantized weights (``bfloat16/nf4``).
+
+        Derived, so not on the wire: readers show it, the record carries its two parts."""
+        return self.dtype if self.quant == "none" else f"{self.dtype}/{self.quant}"
+
 
 class ModelRecord(_Record):
     """What every server of a model agrees on; stored under ``{prefix}._model``."""

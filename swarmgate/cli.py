@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from protocol.logs import configure_logging
 from protocol.swarm import LOOPBACK_MADDRS
@@ -145,15 +145,35 @@ def _add_push(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    """A `type` that checks the value: argparse runs `type`, not `choices`, on a default
+    that came from an environment variable, so a typo there would only fail at load time."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
 def _add_node_options(parser: argparse.ArgumentParser) -> None:
+    dtypes, quants = ("float32", "bfloat16"), ("none", "int8", "nf4")
     parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16"], default=_env("SWARMGATE_DTYPE", "float32")
+        "--dtype",
+        type=_one_of(*dtypes),
+        choices=dtypes,
+        default=_env("SWARMGATE_DTYPE", "float32"),
+        help="the blocks' compute dtype, also of their KV cache",
     )
     parser.add_argument(
         "--quant",
-        choices=["none"],
+        type=_one_of(*quants),
+        choices=quants,
         default=_env("SWARMGATE_QUANT", "none"),
-        help="weight quantization (int8/nf4 are planned)",
+        help="weight quantization of the served blocks through bitsandbytes: int8 (outputs "
+        "close to unquantized) or nf4 (a quarter of fp16's memory, approximate: it changes "
+        "greedy answers); computed in --dtype",
     )
     parser.add_argument(
         "--cache-bytes",

@@ -45,7 +45,9 @@ def summarize(snapshot: SwarmSnapshot) -> dict[str, Any]:
         "health": health(snapshot),
         "coverage": counts,  # online servers per block
         "weakest": {"servers": least, "blocks": [f"{a}:{b}" for a, b in ranges]},
-        "servers": [{"peer_id": p, **r.to_wire()} for p, r in _by_span(snapshot)],
+        "servers": [
+            {"peer_id": p, **r.to_wire(), "precision": r.precision} for p, r in _by_span(snapshot)
+        ],
     }
 
 
@@ -64,13 +66,13 @@ def format_table(snapshots: list[SwarmSnapshot]) -> str:
         lines.append(f"  weakest: {where} ({least} server{'s' if least != 1 else ''})")
         lines.append(
             f"  {'peer id':<54} {'blocks':>9} {'state':<9} {'tok/s':>7} {'load':>5} "
-            f"{'dtype':<9} {'cache free':>10}"
+            f"{'precision':<15} {'cache free':>10}"
         )
         for peer_id, r in _by_span(snapshot):
             span = f"{r.start}:{r.end}"
             lines.append(
                 f"  {peer_id:<54} {span:>9} {r.state.value:<9} {r.throughput:>7.1f} "
-                f"{r.load:>5.0f} {r.dtype:<9} {_size(r.cache_bytes_free):>10}"
+                f"{r.load:>5.0f} {r.precision:<15} {_size(r.cache_bytes_free):>10}"
             )
     return "\n".join(lines)
 
