@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -128,6 +129,19 @@ def test_api_keys_guard_the_openai_routes_only(tiny_model: Path) -> None:
             )
         assert client.get("/health").status_code == 200
         assert client.get("/swarm").status_code == 200
+
+
+def test_the_swarm_route_shows_each_servers_precision(covered: tuple) -> None:
+    client, swarm = covered
+    [(peer, record)] = swarm.snapshot().servers.items()
+    quantized = record.model_copy(update={"dtype": "bfloat16", "quant": "nf4"})
+    swarm._snapshot = dataclasses.replace(swarm.snapshot(), servers={peer: quantized})
+    [server] = client.get("/swarm").json()["servers"]
+    assert (server["dtype"], server["quant"], server["precision"]) == (
+        "bfloat16",
+        "nf4",
+        "bfloat16/nf4",
+    )
 
 
 def test_metrics_count_requests_and_tokens(covered: tuple) -> None:
