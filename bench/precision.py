@@ -1,0 +1,152 @@
+"""What each precision of a span costs and gives: memory per block, decode speed, drift.
+
+Prints JSON. For each of fp32, bf16, int8 and nf4 (int8 and nf4 with fp32 and with bf16
+compute), in this process, one after the other:
+
+- ``block_bytes``: parameters, buffers and bitsandbytes' quantization statistics of one
+  loaded block (block 0), after a first forward (nf4 repacks its weights for the CPU kernel
+  then); ``kv_bytes_per_token``: the block's KV cache per token, in the compute dtype;
+- ``decode_tok_s``: single-stream decode steps per second through a span of ``--blocks``
+  blocks, each step one token with its KV cache, median of ``--repeats`` runs of
+  ``--tokens`` steps after a ``--prompt-tokens`` prefill;
+- accuracy of the whole model (every block in that precision, the gateway's fp32 head)
+  against fp32 on a few prompts: ``max_abs_logit_diff``, ``rel_logit_error`` (L2 of the
+  difference over L2 of fp32's, worst prompt), ``top1_agreement`` (share of positions whose
+  argmax matches fp32's). ``--no-accuracy`` skips it.
+
+Ratios are against the fp32 run of the same process.
+
+    python bench/precision.py [--model smollm2] [--blocks 4] [--tokens 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.loading import Head, Span, load_config, load_head, load_span
+from models.quantization import module_bytes
+from models.resolve import resolve_model
+from swarm_node.backend import forward_span, new_session_kv
+
+PRECISIONS = [
+    ("float32", "none"),
+    ("bfloat16", "none"),
+    ("float32", "int8"),
+    ("bfloat16", "int8"),
+    ("float32", "nf4"),
+    ("bfloat16", "nf4"),
+]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "Water boils at",
+    "1, 2, 3, 4,",
+    "The quick brown fox jumps over the lazy dog. Then",
+    "Explain why the sky is blue.",
+    "import numpy as np\n",
+]
+
+
+def precision_name(dtype: str, quant: str) -> str:
+    return dtype if quant == "none" else f"{dtype}/{quant}"
+
+
+@torch.inference_mode()
+def decode_rate(span: Span, prompt: torch.Tensor, tokens: int) -> float:
+    kv = new_session_kv(span, span.start, span.end)
+    forward_span(span, prompt, kv)
+    step, position = prompt[:, -1:], prompt.shape[1]
+    for _ in range(2):  # warm-up
+        forward_span(span, step, kv, position=position)
+        position += 1
+    began = time.perf_counter()
+    for _ in range(tokens):
+        forward_span(span, step, kv, position=position)
+        position += 1
+    return tokens / (time.perf_counter() - began)
+
+
+@torch.inference_mode()
+def logits(head: Head, span: Span, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [head.lm_head(head.norm(forward_span(span, head.embed(p), None)))[0] for p in prompts]
+
+
+def accuracy(got: list[torch.Tensor], want: list[torch.Tensor]) -> dict[str, float]:
+    pairs = list(zip(got, want, strict=True))
+    agree = sum(int((g.argmax(-1) == w.argmax(-1)).sum()) for g, w in pairs)
+    return {
+        "max_abs_logit_diff": max(float((g - w).abs().max()) for g, w in pairs),
+        "rel_logit_error": max(float((g - w).norm() / w.norm()) for g, w in pairs),
+        "top1_agreement": agree / sum(w.shape[0] for w in want),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-accuracy", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    source = resolve_model(args.model)
+    config = load_config(source.path)
+    head = load_head(source.path)
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    prompts = [tokenizer(p, return_tensors="pt")["input_ids"] for p in PROMPTS]
+    with torch.inference_mode():
+        prompt = head.embed(torch.arange(args.prompt_tokens).unsqueeze(0) + 1000)
+    results: dict[str, dict[str, float]] = {}
+    reference: list[torch.Tensor] = []
+    for dtype, quant in PRECISIONS:
+        span = load_span(source.path, 0, args.blocks, DTYPES[dtype], quant)
+        rates = [decode_rate(span, prompt, args.tokens) for _ in range(args.repeats)]
+        row = {
+            "block_bytes": module_bytes(span.layers[0]),
+            "kv_bytes_per_token": new_session_kv(span, 0, 1).shape.bytes_per_token_per_block,
+            "decode_tok_s": statistics.median(rates),
+        }
+        if not args.no_accuracy:
+            whole = load_span(source.path, 0, config.num_hidden_layers, DTYPES[dtype], quant)
+            got = logits(head, whole, prompts)
+            reference = reference or got
+            row |= accuracy(got, reference)
+        results[precision_name(dtype, quant)] = row
+    base = results["float32"]
+    for row in results.values():
+        row["bytes_ratio"] = row["block_bytes"] / base["block_bytes"]
+        row["speed_ratio"] = row["decode_tok_s"] / base["decode_tok_s"]
+    print(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%d"),
+                "model": source.name,
+                "span_blocks": args.blocks,
+                "prompt_tokens": args.prompt_tokens,
+                "decode_tokens": args.tokens,
+                "repeats": args.repeats,
+                "accuracy_prompts": len(PROMPTS),
+                "torch_threads": torch.get_num_threads(),
+                "precisions": results,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
