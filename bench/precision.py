@@ -12,7 +12,10 @@ compute), in this process, one after the other:
 - accuracy of the whole model (every block in that precision, the gateway's fp32 head)
   against fp32 on a few prompts: ``max_abs_logit_diff``, ``rel_logit_error`` (L2 of the
   difference over L2 of fp32's, worst prompt), ``top1_agreement`` (share of positions whose
-  argmax matches fp32's). ``--no-accuracy`` skips it.
+  argmax matches fp32's); and greedy answers to a few chat questions, ``--greedy-tokens``
+  each: ``greedy_identical`` (share of answers equal to fp32's) and
+  ``greedy_common_prefix`` (tokens they share with fp32's before they part, mean).
+  ``--no-accuracy`` skips all of it.
 
 Ratios are against the fp32 run of the same process.
 
@@ -57,6 +60,14 @@ PROMPTS = [
     "Explain why the sky is blue.",
     "import numpy as np\n",
 ]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis briefly.",
+    "List three prime numbers.",
+    "Who wrote Hamlet?",
+    "Give me a tip for learning Python.",
+]
 
 
 def precision_name(dtype: str, quant: str) -> str:
@@ -83,6 +94,31 @@ def logits(head: Head, span: Span, prompts: list[torch.Tensor]) -> list[torch.Te
     return [head.lm_head(head.norm(forward_span(span, head.embed(p), None)))[0] for p in prompts]
 
 
+@torch.inference_mode()
+def greedy(head: Head, span: Span, prompt: torch.Tensor, tokens: int) -> list[int]:
+    """``tokens`` greedy tokens after ``prompt``, decoded one at a time with a KV cache."""
+    kv = new_session_kv(span, span.start, span.end)
+    out: list[int] = []
+    step, position = prompt, 0
+    for _ in range(tokens):
+        hidden = forward_span(span, head.embed(step), kv, position=position)
+        position += step.shape[1]
+        out.append(int(head.lm_head(head.norm(hidden[:, -1])).argmax()))
+        step = torch.tensor([[out[-1]]])
+    return out
+
+
+def agreement(got: list[list[int]], want: list[list[int]]) -> dict[str, float]:
+    def common(a: list[int], b: list[int]) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+
+    pairs = list(zip(got, want, strict=True))
+    return {
+        "greedy_identical": sum(g == w for g, w in pairs) / len(pairs),
+        "greedy_common_prefix": statistics.mean(common(g, w) for g, w in pairs),
+    }
+
+
 def accuracy(got: list[torch.Tensor], want: list[torch.Tensor]) -> dict[str, float]:
     pairs = list(zip(got, want, strict=True))
     agree = sum(int((g.argmax(-1) == w.argmax(-1)).sum()) for g, w in pairs)
@@ -100,6 +136,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--greedy-tokens", type=int, default=24)
     parser.add_argument("--no-accuracy", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -111,7 +148,17 @@ def main() -> None:
     with torch.inference_mode():
         prompt = head.embed(torch.arange(args.prompt_tokens).unsqueeze(0) + 1000)
     results: dict[str, dict[str, float]] = {}
+    chats = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+        for q in QUESTIONS
+    ]
     reference: list[torch.Tensor] = []
+    reference_answers: list[list[int]] = []
     for dtype, quant in PRECISIONS:
         span = load_span(source.path, 0, args.blocks, DTYPES[dtype], quant)
         rates = [decode_rate(span, prompt, args.tokens) for _ in range(args.repeats)]
@@ -123,8 +170,10 @@ def main() -> None:
         if not args.no_accuracy:
             whole = load_span(source.path, 0, config.num_hidden_layers, DTYPES[dtype], quant)
             got = logits(head, whole, prompts)
+            answers = [greedy(head, whole, c, args.greedy_tokens) for c in chats]
             reference = reference or got
-            row |= accuracy(got, reference)
+            reference_answers = reference_answers or answers
+            row |= accuracy(got, reference) | agreement(answers, reference_answers)
         results[precision_name(dtype, quant)] = row
     base = results["float32"]
     for row in results.values():
@@ -140,6 +189,8 @@ def main() -> None:
                 "decode_tokens": args.tokens,
                 "repeats": args.repeats,
                 "accuracy_prompts": len(PROMPTS),
+                "greedy_questions": len(QUESTIONS),
+                "greedy_tokens": args.greedy_tokens,
                 "torch_threads": torch.get_num_threads(),
                 "precisions": results,
             },
