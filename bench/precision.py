@@ -159,13 +159,18 @@ def main() -> None:
     ]
     reference: list[torch.Tensor] = []
     reference_answers: list[list[int]] = []
-    for dtype, quant in PRECISIONS:
-        span = load_span(source.path, 0, args.blocks, DTYPES[dtype], quant)
-        rates = [decode_rate(span, prompt, args.tokens) for _ in range(args.repeats)]
+    # Speed first, round robin over the precisions, so that load from other processes on
+    # the machine spreads over all of them instead of landing on one.
+    spans = {p: load_span(source.path, 0, args.blocks, DTYPES[p[0]], p[1]) for p in PRECISIONS}
+    rates: dict[tuple[str, str], list[float]] = {p: [] for p in PRECISIONS}
+    for _ in range(args.repeats):
+        for p, span in spans.items():
+            rates[p].append(decode_rate(span, prompt, args.tokens))
+    for (dtype, quant), span in spans.items():
         row = {
             "block_bytes": module_bytes(span.layers[0]),
             "kv_bytes_per_token": new_session_kv(span, 0, 1).shape.bytes_per_token_per_block,
-            "decode_tok_s": statistics.median(rates),
+            "decode_tok_s": statistics.median(rates[dtype, quant]),
         }
         if not args.no_accuracy:
             whole = load_span(source.path, 0, config.num_hidden_layers, DTYPES[dtype], quant)
