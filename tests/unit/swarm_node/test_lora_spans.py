@@ -179,3 +179,27 @@ def test_adapter_ids_must_be_usable_in_a_model_id(tiny_adapter: Path, tmp_path: 
     with pytest.raises(AdapterError, match="two adapters are named 'pirate'"):
         read_adapters([tiny_adapter, tiny_adapter], TINY_BLOCKS)
     assert json.loads((tiny_adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_an_adapter_runs_on_a_quantized_span(
+    tiny_model: Path, tiny_adapter: Path, quant: str
+) -> None:
+    """peft wraps bitsandbytes' layers too: on an int8 or nf4 span the adapter's effect is
+    there, and the quantized output stays far closer to the fp32 adapter's than to the
+    base model's."""
+    adapters = read_adapters([tiny_adapter], TINY_BLOCKS)
+    exact = load_span(tiny_model, 0, TINY_BLOCKS)
+    quantized = load_span(tiny_model, 0, TINY_BLOCKS, quant=quant)
+    for span in (exact, quantized):
+        attach_adapters(span, adapters)
+    torch.manual_seed(0)
+    hidden = torch.randn(1, 6, exact.config.hidden_size)
+
+    def run(span: Span, adapter: str | None) -> torch.Tensor:
+        select_adapter(span, adapter)
+        return forward_span(span, hidden, new_session_kv(span, 0, TINY_BLOCKS))
+
+    pirate, base = run(exact, "pirate"), run(exact, None)
+    drift = (run(quantized, "pirate") - pirate).norm()
+    assert drift < 0.5 * (pirate - base).norm()
