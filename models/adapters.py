@@ -23,13 +23,14 @@ import peft
 import torch
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
+from transformers import PretrainedConfig
 
+from models.families import family_of
 from models.loading import Span
 from protocol.swarm import ADAPTER_PATTERN, MAX_ADAPTERS
 
 ADAPTER_NAME = re.compile(ADAPTER_PATTERN)  # it becomes part of a model id
 _PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the tensors
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 class AdapterError(ValueError):
@@ -42,10 +43,14 @@ class Adapter:
     path: Path
     config: peft.LoraConfig
     weights: dict[str, torch.Tensor]  # the model's tensor names, without peft's prefix
+    blocks: dict[str, int]  # tensor name → the block it adapts
 
 
-def read_adapter(folder: Path, num_blocks: int) -> Adapter:
-    """Read one peft adapter folder and check what can be checked without the model."""
+def read_adapter(folder: Path, config: PretrainedConfig) -> Adapter:
+    """Read one peft adapter folder of the model ``config`` describes, and check what can
+    be checked without its weights."""
+    num_blocks = int(config.num_hidden_layers)
+    in_block = re.compile(rf"^{re.escape(family_of(config).blocks_path)}\.(\d+)\.")
     folder = Path(folder)
     name = folder.resolve().name
     if not ADAPTER_NAME.match(name):
@@ -58,41 +63,42 @@ def read_adapter(folder: Path, num_blocks: int) -> Adapter:
             f"adapter {name!r} ({folder}): no adapter_config.json, not a peft adapter"
         )
     try:
-        config = peft.PeftConfig.from_pretrained(str(folder))
+        lora = peft.PeftConfig.from_pretrained(str(folder))
     except Exception as e:
         raise AdapterError(
             f"adapter {name!r} ({folder}): unreadable adapter_config.json: {e}"
         ) from None
-    if not isinstance(config, peft.LoraConfig):
+    if not isinstance(lora, peft.LoraConfig):
         raise AdapterError(
-            f"adapter {name!r} ({folder}) is a {config.peft_type} adapter; only LoRA adapters "
+            f"adapter {name!r} ({folder}) is a {lora.peft_type} adapter; only LoRA adapters "
             "are served"
         )
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise AdapterError(f"adapter {name!r} ({folder}): no adapter_model.safetensors")
     weights = {key.removeprefix(_PEFT_PREFIX): t for key, t in load_file(weights_file).items()}
-    blocks = set()
+    blocks: dict[str, int] = {}
     for key in weights:
-        match = _LAYER_INDEX.search(key)
+        match = in_block.match(key)
         if match is None:
             raise AdapterError(
                 f"adapter {name!r} ({folder}) adapts {key.removesuffix('.weight')}, which is "
-                "not in a transformer block; only adapters of the blocks are served"
+                "not in a transformer block of this model; only adapters of the blocks are served"
             )
-        blocks.add(int(match.group(1)))
-    if blocks and max(blocks) >= num_blocks:
+        blocks[key] = int(match.group(1))
+    deepest = max(blocks.values(), default=0)
+    if deepest >= num_blocks:
         raise AdapterError(
-            f"adapter {name!r} ({folder}) adapts block {max(blocks)} but this model has "
+            f"adapter {name!r} ({folder}) adapts block {deepest} but this model has "
             f"{num_blocks} blocks: it was made for another base model"
         )
-    return Adapter(name, folder, config, weights)
+    return Adapter(name, folder, lora, weights, blocks)
 
 
-def read_adapters(folders: Sequence[Path], num_blocks: int) -> list[Adapter]:
+def read_adapters(folders: Sequence[Path], config: PretrainedConfig) -> list[Adapter]:
     if len(folders) > MAX_ADAPTERS:
         raise AdapterError(f"{len(folders)} adapters; a node serves {MAX_ADAPTERS} at most")
-    adapters = [read_adapter(folder, num_blocks) for folder in folders]
+    adapters = [read_adapter(folder, config) for folder in folders]
     names = [a.name for a in adapters]
     for name in names:
         if names.count(name) > 1:
@@ -102,15 +108,12 @@ def read_adapters(folders: Sequence[Path], num_blocks: int) -> list[Adapter]:
 
 def _block_tree(span: Span) -> torch.nn.Module:
     """The span's layers under the names they have in the whole model
-    (``model.layers.{block}``), which is how adapters name their targets."""
-    root = torch.nn.Module()
-    root.model = torch.nn.Module()
-    root.model.layers = torch.nn.ModuleDict(
-        {
-            str(block): layer
-            for block, layer in zip(range(span.start, span.end), span.layers, strict=True)
-        }
-    )
+    (``model.layers.{block}``, ``transformer.h.{block}``), which is how adapters name
+    their targets."""
+    root, decoder = torch.nn.Module(), torch.nn.Module()
+    root.add_module(span.family.base, decoder)
+    blocks = zip(range(span.start, span.end), span.layers, strict=True)
+    decoder.add_module(span.family.layers, torch.nn.ModuleDict({str(b): m for b, m in blocks}))
     return root
 
 
@@ -122,7 +125,7 @@ def attach_adapters(span: Span, adapters: Sequence[Adapter]) -> None:
         ours = {
             key: tensor.to(span.dtype)
             for key, tensor in adapter.weights.items()
-            if span.start <= int(_LAYER_INDEX.search(key).group(1)) < span.end  # type: ignore[union-attr]
+            if span.start <= adapter.blocks[key] < span.end
         }
         if not ours:
             continue  # it adapts none of these blocks: here it is the base model

@@ -129,6 +129,12 @@ class Family:
     # its models were trained on 2048 tokens).
     default_max_length: int | None = None
 
+    @property
+    def blocks_path(self) -> str:
+        """Where the blocks sit in the causal LM, as module and weight names say it
+        (``model.layers``, ``transformer.h``): block ``i`` is ``{blocks_path}.{i}``."""
+        return f"{self.base}.{self.layers}"
+
 
 _LLAMA_LIKE = Family(base="model", layers="layers", embed="embed_tokens", norm="norm")
 

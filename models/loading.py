@@ -63,7 +63,7 @@ def block_linears(config: PretrainedConfig) -> dict[str, BlockLinear]:
     """The linear projections of one block by short name (``q_proj``, ``down_proj``, ...):
     what LoRA may target. Read from the model's classes on the meta device, never from a
     loaded block, whose projections may already be wrapped by adapters."""
-    layer = _skeleton(config).model.layers[0]
+    layer = _module(_skeleton(config), family_of(config), family_of(config).layers)[0]
     found: dict[str, BlockLinear] = {}
     repeated: set[str] = set()  # per-expert projections: no single module to name
     for path, module in layer.named_modules():

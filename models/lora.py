@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from models.loading import BlockLinear
 
 # A causal LM wrapped by peft: PeftModel → LoraModel → the HF model, whose blocks are
-# ``model.layers.{i}``. Checked against peft's own save in the tests.
-PEFT_BLOCK_PREFIX = "base_model.model.model.layers"
+# ``{Family.blocks_path}.{i}``. Checked against peft's own save in the tests.
+PEFT_PREFIX = "base_model.model."
 
 
 def lora_shapes(
@@ -30,6 +30,7 @@ def lora_shapes(
     return shapes
 
 
-def peft_key(block: int, linear: BlockLinear, which: str) -> str:
-    """The name of one LoRA matrix (``which``: "A" or "B") in ``adapter_model.safetensors``."""
-    return f"{PEFT_BLOCK_PREFIX}.{block}.{linear.path}.lora_{which}.weight"
+def peft_key(block: int, linear: BlockLinear, which: str, blocks_path: str) -> str:
+    """The name of one LoRA matrix (``which``: "A" or "B") in ``adapter_model.safetensors``
+    (``blocks_path``: the family's, such as ``model.layers``)."""
+    return f"{PEFT_PREFIX}{blocks_path}.{block}.{linear.path}.lora_{which}.weight"

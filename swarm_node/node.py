@@ -81,9 +81,7 @@ class BlockServer:
         source = await asyncio.to_thread(resolve_model, settings.model, name=settings.model_name)
         config = load_config(source.path)
         try:  # a bad adapter stops the node before it joins, with the adapter's name
-            self.adapters = read_adapters(
-                [Path(folder) for folder in settings.adapters], config.num_hidden_layers
-            )
+            self.adapters = read_adapters([Path(folder) for folder in settings.adapters], config)
         except AdapterError as e:
             raise SystemExit(f"swarmgate node: {e}") from None
         dtype = DTYPES[settings.dtype]

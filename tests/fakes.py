@@ -39,7 +39,7 @@ class LocalSwarmClient:
         config = load_config(model_path)
         blocks = config.num_hidden_layers
         self.span = load_span(model_path, 0, blocks)
-        loaded = read_adapters(adapters, blocks)
+        loaded = read_adapters(adapters, config)
         attach_adapters(self.span, loaded)
         self.fail_after_steps = fail_after_steps
         self.opened = 0

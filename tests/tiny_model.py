@@ -41,15 +41,19 @@ def build_tiny_llama(folder: Path, *, seed: int = 0) -> Path:
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build_lora_adapter(model: Path, folder: Path, *, seed: int = 1) -> Path:
-    """A peft LoRA adapter of ``model`` with non-zero weights on every projection, saved
-    as peft saves one; ``folder``'s name is its id."""
+def build_lora_adapter(
+    model: Path, folder: Path, *, seed: int = 1, targets: list[str] | None = None
+) -> Path:
+    """A peft LoRA adapter of ``model`` with non-zero weights on ``targets`` (default:
+    every projection of a Llama block), saved as peft saves one; ``folder``'s name is its
+    id."""
     import peft
+    from transformers import AutoModelForCausalLM
 
-    base = LlamaForCausalLM.from_pretrained(model, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     torch.manual_seed(seed)
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False
+        r=4, lora_alpha=8, target_modules=targets or LORA_TARGETS, init_lora_weights=False
     )
     peft.get_peft_model(base, config).save_pretrained(folder)
     return folder

@@ -31,8 +31,10 @@ class ClientLora:
         spec: LoraSpec,
         *,
         seed: int = 0,
+        blocks_path: str = "model.layers",  # the family's (models/families.py)
     ) -> None:
         self.spec = spec
+        self.blocks_path = blocks_path
         self.linears = {t: linears[t] for t in spec.targets}
         self.num_blocks = num_blocks
         generator = torch.Generator().manual_seed(seed)
@@ -59,8 +61,8 @@ class ClientLora:
         for index, (a, b) in enumerate(self._matrices):
             block, target = divmod(index, len(self.spec.targets))
             linear = self.linears[self.spec.targets[target]]
-            state[peft_key(block, linear, "A")] = a.detach().clone().contiguous()
-            state[peft_key(block, linear, "B")] = b.detach().clone().contiguous()
+            state[peft_key(block, linear, "A", self.blocks_path)] = a.detach().clone().contiguous()
+            state[peft_key(block, linear, "B", self.blocks_path)] = b.detach().clone().contiguous()
         return state
 
     def save(self, folder: Path, base_model: str) -> None:

@@ -30,6 +30,7 @@ import torch
 
 from gateway.swarm_client import P2PSwarmClient
 from gateway.templating import load_tokenizer
+from models.families import family_of
 from models.loading import Head, block_linears, load_config, load_head
 from protocol.errors import NoRouteError, SwarmError
 from protocol.membership import PassIssuer, SwarmKey
@@ -97,7 +98,10 @@ async def _train(settings: FinetuneSettings, progress: TextIO) -> TrainResult:
     head = load_head(settings.model_path)
     linears = block_linears(config)
     spec = LoraSpec(rank=settings.rank, alpha=settings.alpha, targets=list(settings.targets))
-    lora = ClientLora(linears, config.num_hidden_layers, spec, seed=settings.seed)
+    blocks_path = family_of(config).blocks_path
+    lora = ClientLora(
+        linears, config.num_hidden_layers, spec, seed=settings.seed, blocks_path=blocks_path
+    )
     dht = SwarmDHT(
         initial_peers=list(settings.initial_peers),
         start=True,

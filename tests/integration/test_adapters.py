@@ -11,10 +11,11 @@ import httpx
 import peft
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from tests.integration.conftest import MODEL_ID, Swarm, run_swarm, start_node
 from tests.processes import wait_for
+from tests.reference import greedy_ids, token_texts
 from tests.tiny_model import TINY_BLOCKS
 
 pytestmark = pytest.mark.integration
@@ -57,34 +58,19 @@ def complete(swarm: Swarm, model: str) -> tuple[list[int], int]:
     return tokens, cached
 
 
-def reference_tokens(model: Path, adapter: Path | None) -> list[str]:
-    from transformers import AutoTokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    runner = peft.PeftModel.from_pretrained(base, adapter).eval() if adapter else base
-    with torch.no_grad():
-        out = runner.generate(
-            input_ids=torch.tensor([PROMPT]),
-            attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-        )
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    return [tokenizer.decode([t]) for t in out[0, len(PROMPT) :].tolist()]
-
-
 def test_adapter_and_base_answer_exactly_and_keep_their_caches_apart(
     adapter_swarm: Swarm, tiny_model: Path, tiny_adapter: Path
 ) -> None:
     assert models(adapter_swarm) == [MODEL_ID, f"{MODEL_ID}:pirate"]
     pirate, pirate_cached = complete(adapter_swarm, f"{MODEL_ID}:pirate")
-    assert pirate == reference_tokens(tiny_model, tiny_adapter)
+    assert pirate == token_texts(
+        tiny_model, greedy_ids(tiny_model, PROMPT, NEW_TOKENS, tiny_adapter)
+    )
     assert pirate_cached == 0
     # Same prompt, base model: the servers hold its first block, but computed with the
     # adapter's weights, so nothing may be reused.
     base, base_cached = complete(adapter_swarm, MODEL_ID)
-    assert base == reference_tokens(tiny_model, None)
+    assert base == token_texts(tiny_model, greedy_ids(tiny_model, PROMPT, NEW_TOKENS))
     assert base != pirate and base_cached == 0
     # Each model reuses its own.
     assert complete(adapter_swarm, f"{MODEL_ID}:pirate") == (pirate, 32)

@@ -6,15 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import peft
 import pytest
-import torch
 from starlette.testclient import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.fakes import LocalSwarmClient
+from tests.reference import greedy_ids, tokenizer
 
 MODEL_ID = "tiny"
 PROMPT = [1, 400, 401, 402, 403]
@@ -38,18 +36,7 @@ def complete(client: TestClient, model: str) -> dict[str, object]:
 
 
 def expected_text(model: Path, adapter: Path | None) -> str:
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    runner = peft.PeftModel.from_pretrained(base, adapter).eval() if adapter else base
-    with torch.no_grad():
-        out = runner.generate(
-            input_ids=torch.tensor([PROMPT]),
-            attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,
-            do_sample=False,
-        )
-    text: str = AutoTokenizer.from_pretrained(model).decode(out[0, len(PROMPT) :])
-    return text
+    return tokenizer(model).decode(greedy_ids(model, PROMPT, NEW_TOKENS, adapter))
 
 
 def test_the_models_list_shows_the_base_and_each_covered_adapter(client: TestClient) -> None:

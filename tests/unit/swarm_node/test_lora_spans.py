@@ -12,7 +12,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.adapters import (
     AdapterError,
@@ -21,11 +21,12 @@ from models.adapters import (
     read_adapters,
     select_adapter,
 )
-from models.loading import Head, Span, load_head, load_span
+from models.loading import Head, Span, load_config, load_head, load_span
 from swarm_node.backend import forward_span, new_session_kv
 from swarm_node.batching import StepScheduler
 from swarm_node.session_kv import SessionKV
-from tests.tiny_model import TINY_BLOCKS, build_lora_adapter
+from tests.reference import greedy_ids
+from tests.tiny_model import TINY_BLOCKS, build_lora_adapter, build_tiny_family
 
 SPLITS = [(0, 1), (1, 3), (3, TINY_BLOCKS)]
 NEW_TOKENS = 10
@@ -34,7 +35,7 @@ NEW_TOKENS = 10
 @pytest.fixture(scope="module")
 def spans(tiny_model: Path, tiny_adapter: Path) -> list[Span]:
     loaded = [load_span(tiny_model, start, end) for start, end in SPLITS]
-    adapters = read_adapters([tiny_adapter], TINY_BLOCKS)
+    adapters = read_adapters([tiny_adapter], load_config(tiny_model))
     for span in loaded:
         attach_adapters(span, adapters)
     return loaded
@@ -62,19 +63,6 @@ def greedy(spans: list[Span], head: Head, adapter: str | None, prompt: list[int]
     return out
 
 
-def peft_greedy(model: Path, adapter: Path | None, prompt: list[int]) -> list[int]:
-    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
-    runner = peft.PeftModel.from_pretrained(base, adapter).eval() if adapter else base
-    with torch.no_grad():
-        out = runner.generate(
-            input_ids=torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 PROMPTS = [[1, 400, 401, 402, 403], list(range(200, 240))]
 
 
@@ -82,17 +70,17 @@ PROMPTS = [[1, 400, 401, 402, 403], list(range(200, 240))]
 def test_an_adapter_through_split_spans_answers_as_peft_on_the_whole_model(
     spans: list[Span], head: Head, tiny_model: Path, tiny_adapter: Path, prompt: list[int]
 ) -> None:
-    expected = peft_greedy(tiny_model, tiny_adapter, prompt)
+    expected = greedy_ids(tiny_model, prompt, NEW_TOKENS, tiny_adapter)
     assert greedy(spans, head, "pirate", prompt) == expected
     # The adapter matters: its answer is not the base model's.
-    assert expected != peft_greedy(tiny_model, None, prompt)
+    assert expected != greedy_ids(tiny_model, prompt, NEW_TOKENS)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_the_base_model_on_spans_with_adapters_answers_as_before(
     spans: list[Span], head: Head, tiny_model: Path, prompt: list[int]
 ) -> None:
-    assert greedy(spans, head, None, prompt) == peft_greedy(tiny_model, None, prompt)
+    assert greedy(spans, head, None, prompt) == greedy_ids(tiny_model, prompt, NEW_TOKENS)
 
 
 def test_forwards_of_different_adapters_never_share_a_batch(
@@ -101,7 +89,7 @@ def test_forwards_of_different_adapters_never_share_a_batch(
     """Steps of the base model and of an adapter that wait together run as separate
     forwards, each with its own weights."""
     span = load_span(tiny_model, 0, TINY_BLOCKS)
-    attach_adapters(span, [read_adapter(tiny_adapter, TINY_BLOCKS)])
+    attach_adapters(span, [read_adapter(tiny_adapter, load_config(tiny_model))])
     torch.manual_seed(0)
     hidden = torch.randn(1, 6, span.config.hidden_size)
 
@@ -138,11 +126,11 @@ def test_forwards_of_different_adapters_never_share_a_batch(
 # ---- adapters a node must refuse, by name ----
 
 
-def test_a_folder_that_is_not_an_adapter_is_refused(tmp_path: Path) -> None:
+def test_a_folder_that_is_not_an_adapter_is_refused(tiny_model: Path, tmp_path: Path) -> None:
     folder = tmp_path / "empty"
     folder.mkdir()
     with pytest.raises(AdapterError, match=r"'empty'.*not a peft adapter"):
-        read_adapter(folder, TINY_BLOCKS)
+        read_adapter(folder, load_config(tiny_model))
 
 
 def test_an_adapter_that_is_not_lora_is_refused(tiny_model: Path, tmp_path: Path) -> None:
@@ -150,7 +138,7 @@ def test_an_adapter_that_is_not_lora_is_refused(tiny_model: Path, tmp_path: Path
     config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
     peft.get_peft_model(base, config).save_pretrained(tmp_path / "prompted")
     with pytest.raises(AdapterError, match=r"'prompted'.*PROMPT_TUNING.*only LoRA"):
-        read_adapter(tmp_path / "prompted", TINY_BLOCKS)
+        read_adapter(tmp_path / "prompted", load_config(tiny_model))
 
 
 def test_an_adapter_of_another_base_model_is_refused(tiny_model: Path, tmp_path: Path) -> None:
@@ -161,23 +149,27 @@ def test_an_adapter_of_another_base_model_is_refused(tiny_model: Path, tmp_path:
     adapter = build_lora_adapter(wider, tmp_path / "elsewhere")
     span = load_span(tiny_model, 0, 2)
     with pytest.raises(AdapterError, match=r"'elsewhere'.*another base model"):
-        attach_adapters(span, read_adapters([adapter], TINY_BLOCKS))
+        attach_adapters(span, read_adapters([adapter], load_config(tiny_model)))
 
 
-def test_an_adapter_of_a_deeper_model_is_refused(tiny_adapter: Path) -> None:
+def test_an_adapter_of_a_deeper_model_is_refused(tiny_model: Path, tiny_adapter: Path) -> None:
+    shallow = load_config(tiny_model)
+    shallow.num_hidden_layers = 2
     with pytest.raises(AdapterError, match=r"'pirate'.*block 3 but this model has 2 blocks"):
-        read_adapter(tiny_adapter, 2)
+        read_adapter(tiny_adapter, shallow)
 
 
-def test_adapter_ids_must_be_usable_in_a_model_id(tiny_adapter: Path, tmp_path: Path) -> None:
+def test_adapter_ids_must_be_usable_in_a_model_id(
+    tiny_model: Path, tiny_adapter: Path, tmp_path: Path
+) -> None:
     odd = tmp_path / "bad name!"
     odd.mkdir()
     for file in tiny_adapter.iterdir():
         (odd / file.name).write_bytes(file.read_bytes())
     with pytest.raises(AdapterError, match="folder name"):
-        read_adapter(odd, TINY_BLOCKS)
+        read_adapter(odd, load_config(tiny_model))
     with pytest.raises(AdapterError, match="two adapters are named 'pirate'"):
-        read_adapters([tiny_adapter, tiny_adapter], TINY_BLOCKS)
+        read_adapters([tiny_adapter, tiny_adapter], load_config(tiny_model))
     assert json.loads((tiny_adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
@@ -188,7 +180,7 @@ def test_an_adapter_runs_on_a_quantized_span(
     """peft wraps bitsandbytes' layers too: on an int8 or nf4 span the adapter's effect is
     there, and the quantized output stays far closer to the fp32 adapter's than to the
     base model's."""
-    adapters = read_adapters([tiny_adapter], TINY_BLOCKS)
+    adapters = read_adapters([tiny_adapter], load_config(tiny_model))
     exact = load_span(tiny_model, 0, TINY_BLOCKS)
     quantized = load_span(tiny_model, 0, TINY_BLOCKS, quant=quant)
     for span in (exact, quantized):
@@ -203,3 +195,20 @@ def test_an_adapter_runs_on_a_quantized_span(
     pirate, base = run(exact, "pirate"), run(exact, None)
     drift = (run(quantized, "pirate") - pirate).norm()
     assert drift < 0.5 * (pirate - base).norm()
+
+
+def test_an_adapter_of_another_family_answers_as_peft(tmp_path: Path) -> None:
+    """BLOOM names its blocks transformer.h.{i} and its projections otherwise: adapters
+    follow the family's names."""
+    model = build_tiny_family(tmp_path / "bloom", "bloom")
+    adapter = build_lora_adapter(
+        model, tmp_path / "bloomy", targets=["query_key_value", "dense_h_to_4h"]
+    )
+    config = load_config(model)
+    loaded = [load_span(model, start, end) for start, end in SPLITS]
+    for span in loaded:
+        attach_adapters(span, read_adapters([adapter], config))
+    prompt = PROMPTS[0]
+    expected = greedy_ids(model, prompt, NEW_TOKENS, adapter)
+    assert greedy(loaded, load_head(model), "bloomy", prompt) == expected
+    assert greedy(loaded, load_head(model), None, prompt) == greedy_ids(model, prompt, NEW_TOKENS)

@@ -12,10 +12,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from models.families import family_of
 from models.loading import block_linears, load_config
 from models.lora import lora_shapes
 from protocol.rpc import LoraSpec
-from tests.tiny_model import TINY_BLOCKS
+from tests.tiny_model import TINY_BLOCKS, build_tiny_family
 from training.lora import ClientLora, parse_targets
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -82,3 +83,21 @@ def test_parse_targets() -> None:
     assert parse_targets("all", known) == known
     with pytest.raises(ValueError, match="lm_head"):
         parse_targets("q_proj,lm_head", known)
+
+
+def test_keys_follow_the_family_as_peft_saves_them(tmp_path: Path) -> None:
+    """BLOOM's blocks are transformer.h.{i}: a BLOOM adapter is saved under those names."""
+    model = build_tiny_family(tmp_path / "bloom", "bloom")
+    targets = ["query_key_value", "dense_h_to_4h"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM")
+    base = AutoModelForCausalLM.from_pretrained(model)
+    get_peft_model(base, config).save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+    model_config = load_config(model)
+    lora = ClientLora(
+        block_linears(model_config),
+        TINY_BLOCKS,
+        LoraSpec(rank=4, alpha=8, targets=targets),
+        blocks_path=family_of(model_config).blocks_path,
+    )
+    lora.save(tmp_path / "ours", "tiny-bloom")
+    assert saved_keys(tmp_path / "ours") == saved_keys(tmp_path / "peft")
