@@ -21,7 +21,6 @@ the same entry point.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,24 +28,13 @@ from transformers import AttentionInterface
 
 from models.loading import Span
 from swarm_node.per_segment import run_per_segment
-from swarm_node.session_kv import KVShape, SessionKV
+from swarm_node.session_kv import KVShape, Segment, SessionKV
 
 PACKED_ATTENTION = "swarmgate_packed"
 
 
 class CacheMismatch(RuntimeError):
     """A cache's length disagrees with the position a step claims (a bug, never data)."""
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One session's tokens in a packed forward: ``length`` tokens at ``position ...``.
-
-    ``kv`` None: no cache, the tokens attend causally to each other only (probes, training)."""
-
-    kv: SessionKV | None
-    position: int
-    length: int
 
 
 def new_session_kv(span: Span, start: int, end: int) -> SessionKV:

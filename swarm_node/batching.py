@@ -24,8 +24,8 @@ import torch
 
 from models.adapters import select_adapter
 from models.loading import Span
-from swarm_node.backend import Segment, forward_packed
-from swarm_node.session_kv import SessionKV
+from swarm_node.backend import forward_packed
+from swarm_node.session_kv import Segment, SessionKV
 
 logger = logging.getLogger(__name__)
 

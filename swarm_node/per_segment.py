@@ -11,15 +11,12 @@ one small forward each.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from models.loading import Span
-from swarm_node.session_kv import SessionKV
-
-if TYPE_CHECKING:
-    from swarm_node.backend import Segment
+from swarm_node.session_kv import Segment, SessionKV
 
 
 class _SegmentCache:

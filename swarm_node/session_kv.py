@@ -109,3 +109,14 @@ class SessionKV:
         return torch.empty(
             (self.blocks, shape.kv_heads, capacity, shape.head_dim), dtype=shape.dtype
         )
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One session's tokens in a packed forward: ``length`` tokens at ``position ...``.
+
+    ``kv`` None: no cache, the tokens attend causally to each other only (probes, training)."""
+
+    kv: SessionKV | None
+    position: int
+    length: int

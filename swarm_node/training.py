@@ -28,7 +28,8 @@ from peft.tuners.lora import LoraLayer
 
 from models.loading import BlockLinear, Span
 from models.lora import lora_shapes
-from swarm_node.backend import Segment, run_span
+from swarm_node.backend import run_span
+from swarm_node.session_kv import Segment
 
 # Per call: what autograd keeps for the backward grows with tokens x blocks; these bound it
 # (SmolLM2, 15 blocks, 4096 tokens: ~3 GB of activations) along with the input's size.

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from models.loading import Span, load_span
 from swarm_node import batching as batching_module
-from swarm_node.backend import Segment, forward_packed, forward_span, new_session_kv
+from swarm_node.backend import forward_packed, forward_span, new_session_kv
 from swarm_node.batching import StepScheduler
-from swarm_node.session_kv import SessionKV
+from swarm_node.session_kv import Segment, SessionKV
 from tests.tiny_model import TINY_BLOCKS
 from tests.unit.swarm_node.support import HIDDEN, Gate, gated_forwards, inputs, reference, until
 

@@ -36,8 +36,8 @@ from transformers import (
 from gateway.head import batch_logits, embed_ids
 from models import loading
 from models.loading import Head, Span, load_config, load_head, load_span
-from swarm_node.backend import Segment, forward_packed, forward_span, new_session_kv, run_span
-from swarm_node.session_kv import KVShape
+from swarm_node.backend import forward_packed, forward_span, new_session_kv, run_span
+from swarm_node.session_kv import KVShape, Segment
 from swarm_node.throughput import measure_decode_throughput
 from tests.unit.swarm_node.support import HIDDEN, inputs, reference
 
