@@ -14,20 +14,23 @@ for another base model (its layers or shapes do not fit this one).
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import peft
 import torch
-from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import PretrainedConfig
 
 from models.families import family_of
 from models.loading import Span
 from protocol.swarm import ADAPTER_PATTERN, MAX_ADAPTERS
+
+if TYPE_CHECKING:  # peft (and the bitsandbytes it loads) takes seconds to import
+    import peft
+    from peft.tuners.lora import LoraLayer
 
 ADAPTER_NAME = re.compile(ADAPTER_PATTERN)  # it becomes part of a model id
 _PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the tensors
@@ -49,6 +52,8 @@ class Adapter:
 def read_adapter(folder: Path, config: PretrainedConfig) -> Adapter:
     """Read one peft adapter folder of the model ``config`` describes, and check what can
     be checked without its weights."""
+    import peft
+
     num_blocks = int(config.num_hidden_layers)
     in_block = re.compile(rf"^{re.escape(family_of(config).blocks_path)}\.(\d+)\.")
     folder = Path(folder)
@@ -120,6 +125,8 @@ def _block_tree(span: Span) -> torch.nn.Module:
 def attach_adapters(span: Span, adapters: Sequence[Adapter]) -> None:
     """Inject every adapter into the span's layers, base weights untouched; afterwards
     the base model is selected."""
+    import peft
+
     tree = _block_tree(span)
     for adapter in adapters:
         ours = {
@@ -150,6 +157,10 @@ def attach_adapters(span: Span, adapters: Sequence[Adapter]) -> None:
 
 
 def lora_layers(span: Span) -> Iterator[LoraLayer]:
+    if "peft" not in sys.modules:
+        return  # nothing imported peft, so no layer carries an adapter
+    from peft.tuners.lora import LoraLayer
+
     for layer in span.layers:
         for module in layer.modules():
             if isinstance(module, LoraLayer):

@@ -20,16 +20,17 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 
 from models.loading import BlockLinear, Span
 from models.lora import lora_shapes
 from swarm_node.backend import run_span
 from swarm_node.session_kv import Segment
+
+if TYPE_CHECKING:  # imported on the first training call: peft takes seconds to import
+    from peft.tuners.lora import LoraLayer
 
 # Per call: what autograd keeps for the backward grows with tokens x blocks; these bound it
 # (SmolLM2, 15 blocks, 4096 tokens: ~3 GB of activations) along with the input's size.
@@ -110,6 +111,9 @@ def _adapter(
 ) -> Iterator[list[torch.nn.Parameter]]:
     """The call's LoRA as the only active adapter of blocks ``[start, end)``; yields its
     matrices in wire order (the only parameters that require grad meanwhile)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
     layers = span.layers[call.start - span.start : call.end - span.start]
     name = f"swarmgate-train-{uuid.uuid4().hex}"
     paths = [linears[t].path for t in call.targets]
@@ -144,6 +148,8 @@ def _adapter(
 
 
 def _plain(layer: torch.nn.Module, path: str) -> _Wrapped | None:
+    from peft.tuners.lora import LoraLayer
+
     parent_path, _, attr = path.rpartition(".")
     parent = layer.get_submodule(parent_path) if parent_path else layer
     original = getattr(parent, attr)
