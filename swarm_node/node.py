@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from models.adapters import AdapterError, attach_adapters, read_adapters
+from models.adapters import Adapter, AdapterError, attach_adapters, read_adapters
 from models.loading import DTYPES, Span, load_config, load_span
 from models.resolve import resolve_model
 from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
@@ -69,6 +69,7 @@ class BlockServer:
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
         self.state = NodeState.JOINING
+        self.adapters: list[Adapter] = []  # read at start: run() fails on a bad one
         self._stop = asyncio.Event()
         self._hurry = False  # a second signal: leave without waiting for sessions
 

@@ -44,12 +44,14 @@ def test_up_passes_dtype_and_quant_to_every_node(tmp_path: Path) -> None:
 
 def test_a_node_announces_its_dtype_and_quant() -> None:
     server = BlockServer(NodeSettings(model="m", dtype="bfloat16", quant="int8"))
+    server.adapters = [SimpleNamespace(name="pirate")]  # type: ignore[list-item]
     server.model_digest, server.throughput = "d", 3.0
     server.span = SimpleNamespace(start=0, end=2)  # type: ignore[assignment]
     server.sessions = SessionStore(1 << 20, 1024)
     server.handler = SimpleNamespace(active_streams=0)  # type: ignore[assignment]
     record = ServerRecord.from_wire(server.record().to_wire())
     assert (record.dtype, record.quant, record.precision) == ("bfloat16", "int8", "bfloat16/int8")
+    assert record.adapters == ("pirate",)
 
 
 def _record(dtype: str, quant: str, start: int, end: int) -> ServerRecord:
