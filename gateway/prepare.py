@@ -40,7 +40,7 @@ def check_model(model: ServedModel, requested: str) -> str | None:
         return adapter
     raise ModelNotFound(
         f"the model {requested!r} does not exist; this gateway serves {model.id!r}"
-        + "".join(f", {model.id}:{name}" for name in sorted(model.adapters())[:16])
+        + "".join(f", {f'{model.id}:{name}'!r}" for name in sorted(model.adapters())[:16])
     )
 
 
