@@ -1,9 +1,16 @@
-"""Micro-batching on one worker thread, without timers.
+"""Micro-batching on one worker thread.
 
-A call that finds the thread idle runs at once, alone: a lone caller waits for nothing.
 Calls that arrive while the thread is busy queue; when it frees up, everything queued (up
-to ``max_batch``) runs as one job. So batches grow exactly as much as the load makes
-callers wait anyway, and no call waits for more than the job in flight plus its own.
+to ``max_batch``) runs as one job. So batches grow as much as the load makes callers wait
+anyway.
+
+A call that finds the thread idle runs at once, unless the owner ``expected`` more calls
+than are queued: then the job waits while calls keep coming, each within ``gap_s`` of the
+last, and at most ``GATHER_SHARE`` of a job's time (``MAX_GATHER_S`` at most). Calls that
+belong together (the rows of one server's batched forward, answered stream by stream)
+arrive within milliseconds; starting on the first would run it alone and the rest in a
+second job costing as much, and the split would then persist, step after step. A lone
+caller (one expected) waits for nothing.
 
 All bookkeeping happens on the event loop; the thread only runs ``run_batch``. No torch
 here: what a batch means is the caller's business.
@@ -16,6 +23,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
+
+GATHER_SHARE = 0.5
+MAX_GATHER_S = 0.05
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")
@@ -36,16 +46,23 @@ class MicroBatcher(Generic[Req, Res]):
         max_batch: int,
         thread_name: str,
         on_batch: Callable[[Sequence[Req]], None] = lambda batch: None,
+        expected: Callable[[], int] = lambda: 0,
+        gap_s: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}")
         self._run_batch = run_batch
         self._max_batch = max_batch
         self._on_batch = on_batch  # sees each batch as it starts (metrics, tests)
+        self._expected = expected  # calls likely to come soon, those queued included
+        self._gap_s = gap_s
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self._waiting: deque[tuple[Req, asyncio.Future[Res]]] = deque()
         self._busy = False  # a job is on the thread; new calls queue behind it
         self._closed = False
+        self._job_s = 0.0  # how long jobs take, smoothed
+        self._gathering_since: float | None = None  # the thread idles while calls gather
+        self._gather_timer: asyncio.TimerHandle | None = None
 
     @property
     def waiting(self) -> int:
@@ -61,7 +78,7 @@ class MicroBatcher(Generic[Req, Res]):
         future: asyncio.Future[Res] = asyncio.get_running_loop().create_future()
         self._waiting.append((request, future))
         if not self._busy:
-            self._start_next()
+            self._start_or_gather()
         # Awaiting the future itself: a cancelled caller cancels it, which marks the request
         # as abandoned for _start_next and _deliver.
         return await future
@@ -69,8 +86,36 @@ class MicroBatcher(Generic[Req, Res]):
     def close(self) -> None:
         """Fail every queued call; a job in flight finishes, and its callers get results."""
         self._closed = True
+        self._stop_gathering()
         self._fail_waiting()
         self._thread.shutdown(wait=False)
+
+    def _start_or_gather(self) -> None:
+        """The thread is idle and a call waits: start it now, or wait a little for more."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._gathering_since is None:
+            self._gathering_since = now
+        until = self._gathering_since + min(MAX_GATHER_S, GATHER_SHARE * self._job_s)
+        if len(self._waiting) >= self._expected() or now >= until or self._gap_s <= 0:
+            self._stop_gathering()
+            self._start_next()
+            return
+        if self._gather_timer is not None:
+            self._gather_timer.cancel()
+        self._gather_timer = loop.call_at(min(now + self._gap_s, until), self._gathered)
+
+    def _gathered(self) -> None:
+        self._gather_timer = None
+        self._stop_gathering()
+        if not self._busy:
+            self._start_next()
+
+    def _stop_gathering(self) -> None:
+        if self._gather_timer is not None:
+            self._gather_timer.cancel()
+            self._gather_timer = None
+        self._gathering_since = None
 
     def _start_next(self) -> None:
         if self._closed:
@@ -84,15 +129,19 @@ class MicroBatcher(Generic[Req, Res]):
         if not batch:
             return
         requests = [request for request, _ in batch]
-        job = asyncio.get_running_loop().run_in_executor(self._thread, self._run_batch, requests)
-        job.add_done_callback(lambda done: self._deliver(batch, done))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        job = loop.run_in_executor(self._thread, self._run_batch, requests)
+        job.add_done_callback(lambda done: self._deliver(batch, done, loop.time() - began))
         self._on_batch(requests)
 
     def _deliver(
         self,
         batch: list[tuple[Req, asyncio.Future[Res]]],
         job: asyncio.Future[Sequence[Res | Exception]],
+        took_s: float,
     ) -> None:
+        self._job_s = took_s if not self._job_s else 0.8 * self._job_s + 0.2 * took_s
         outcomes: Sequence[Res | BaseException]
         if job.cancelled():
             outcomes = [BatcherClosed("the job was cancelled")] * len(batch)
@@ -110,7 +159,9 @@ class MicroBatcher(Generic[Req, Res]):
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
-        self._start_next()
+        self._busy = False
+        if self._waiting:
+            self._start_or_gather()
 
     def _fail_waiting(self) -> None:
         for _, future in self._waiting:

@@ -158,30 +158,34 @@ class Generator:
                 generated = 0
                 finish: FinishReason = "length"
                 last = request.received_at
-                while generated < request.max_new_tokens:
-                    choice = await self._head.next_token(hidden, sampler)
-                    token = choice.token
-                    now = time.monotonic()
-                    (metrics.token_latency if generated else metrics.ttft).observe(now - last)
-                    last = now
-                    if token in self._eos_ids:
-                        finish = "stop"
-                        break
-                    generated += 1
-                    metrics.generated_tokens.inc()
-                    if request.logprobs is not None:
-                        pending.append(self._logprob(choice))
-                    text = stops.push(detokenizer.push(token))
-                    if text:
-                        yield TextDelta(text, tuple(pending))
-                        pending.clear()
-                    if stops.stopped or (matcher is not None and matcher.stopped):
-                        finish = "stop"
-                        break
-                    if generated == request.max_new_tokens or time.monotonic() >= request.deadline:
-                        break  # "length"; the last token needs no forward pass
-                    history.extend([token])
-                    hidden = await session.step(await self._head.embed([token]), history)
+                with self._head.decoding():  # from here, a row every step
+                    while generated < request.max_new_tokens:
+                        decoded = await self._head.decode(hidden, sampler)
+                        choice, token = decoded.choice, decoded.choice.token
+                        now = time.monotonic()
+                        (metrics.token_latency if generated else metrics.ttft).observe(now - last)
+                        last = now
+                        if token in self._eos_ids:
+                            finish = "stop"
+                            break
+                        generated += 1
+                        metrics.generated_tokens.inc()
+                        if request.logprobs is not None:
+                            pending.append(self._logprob(choice))
+                        text = stops.push(detokenizer.push(token))
+                        if text:
+                            yield TextDelta(text, tuple(pending))
+                            pending.clear()
+                        if stops.stopped or (matcher is not None and matcher.stopped):
+                            finish = "stop"
+                            break
+                        if (
+                            generated == request.max_new_tokens
+                            or time.monotonic() >= request.deadline
+                        ):
+                            break  # "length"; the last token needs no forward pass
+                        history.extend([token])
+                        hidden = await session.step(decoded.embedding, history)
                 if not stops.stopped:
                     tail = stops.push(detokenizer.flush()) + stops.flush()
                     if tail or pending:

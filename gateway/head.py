@@ -5,7 +5,9 @@ The LM head dominates a decode step here (for SmolLM2 a 49152 x 576 fp32 matrix,
 read per call): on one CPU core one call of 16 rows took ~27 ms, 16 calls of one row
 ~180 ms. So every call that arrives while the thread is busy waits in a queue, and the next
 job runs all of them: one norm + LM head over the stacked rows, then each stream's own
-sampling in its own row. A lone stream never waits (see gateway/batching.py).
+sampling in its own row. A lone stream never waits; with several streams decoding, an idle
+thread waits a few milliseconds for the rows that arrive together (see gateway/batching.py).
+A decoding stream gets its next token's embedding in the same job, ready for its next step.
 
 Failures: an exception in the shared LM head reaches every caller with a row in it; one in
 a single call's own work (its embedding, its sampling) reaches that caller alone.
@@ -13,7 +15,8 @@ a single call's own work (its embedding, its sampling) reaches that caller alone
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -27,6 +30,9 @@ from models.loading import Head
 # Rows of one job: 64 rows of the default model took ~70 ms on one CPU core, so a call
 # queued behind a full batch is not held long.
 MAX_BATCH_ROWS = 64
+# The last hop answers the streams of one batched forward one by one, ~1 ms apart here: an
+# idle head thread waits this long after each for the next (see gateway/batching.py).
+GATHER_GAP_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -43,12 +49,19 @@ class _Logits:
 class _NextToken:
     hidden: torch.Tensor  # [1, n, hidden_size]
     sampler: StreamSampler
+    embed: bool = False  # also the chosen token's embedding
+
+
+@dataclass(frozen=True)
+class Decoded:
+    choice: TokenChoice
+    embedding: torch.Tensor  # [1, 1, hidden_size]: the chosen token, as the next step's input
 
 
 T = TypeVar("T")
 
 _Call = _Embed | _Logits | _NextToken
-_Outcome = torch.Tensor | TokenChoice
+_Outcome = torch.Tensor | TokenChoice | Decoded
 
 
 class HeadRunner:
@@ -63,11 +76,14 @@ class HeadRunner:
     ) -> None:
         self._hidden_size = int(head.config.hidden_size)
         self._metrics = metrics or GatewayMetrics()
+        self._decoding = 0
         self._batcher: MicroBatcher[_Call, _Outcome] = MicroBatcher(
             lambda calls: run_calls(head, calls),
             max_batch=max_batch,
             thread_name="head",
             on_batch=self._observe,
+            expected=lambda: self._decoding,
+            gap_s=GATHER_GAP_S,
         )
 
     @property
@@ -93,6 +109,22 @@ class HeadRunner:
         out = await self._batcher.submit(_NextToken(self._checked(hidden), sampler))
         assert isinstance(out, TokenChoice)
         return out
+
+    async def decode(self, hidden: torch.Tensor, sampler: StreamSampler) -> Decoded:
+        """``next_token`` and that token's embedding, in one trip to the thread."""
+        out = await self._batcher.submit(_NextToken(self._checked(hidden), sampler, embed=True))
+        assert isinstance(out, Decoded)
+        return out
+
+    @contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Counts a stream as decoding while inside: an idle thread waits briefly for the
+        rows of decoding streams, never for others."""
+        self._decoding += 1
+        try:
+            yield
+        finally:
+            self._decoding -= 1
 
     def close(self) -> None:
         self._batcher.close()
@@ -151,11 +183,16 @@ def _run_rows(head: Head, calls: Sequence[_Logits | _NextToken]) -> list[_Outcom
     except Exception as error:  # the rows were computed together: they fail together
         return [error] * len(calls)
     return [
-        _attempt(call.sampler.choose, row)
+        _attempt(_choose, head, call, row)
         if isinstance(call, _NextToken)
         else row.clone()  # a view would keep the whole batch's logits alive
         for call, row in zip(calls, logits, strict=True)
     ]
+
+
+def _choose(head: Head, call: _NextToken, row: torch.Tensor) -> TokenChoice | Decoded:
+    choice = call.sampler.choose(row)
+    return Decoded(choice, embed_ids(head, [choice.token])) if call.embed else choice
 
 
 def _attempt(fn: Callable[..., T], *args: object) -> T | Exception:

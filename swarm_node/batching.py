@@ -31,9 +31,11 @@ logger = logging.getLogger(__name__)
 
 PREFILL_CHUNK_TOKENS = 128  # how long a prompt may hold up other streams' decode steps
 # How long a forward may wait for the steps of other open streams, as a share of a forward's
-# duration and at most in seconds: see StepScheduler._gather.
+# duration and at most in seconds, and how long without a new step ends the wait: see
+# StepScheduler._gather.
 GATHER_SHARE = 0.5
 MAX_GATHER_S = 0.05
+GATHER_GAP_S = 0.01
 MAX_BATCH_SEGMENTS = 256  # sessions in one forward
 
 
@@ -94,6 +96,7 @@ class StepScheduler:
         self._forward_s = 0.0  # how long forwards take, smoothed
         self._waiting: list[_Job] = []  # in arrival order
         self._wake = asyncio.Event()
+        self._last_arrival = 0.0  # loop time of the latest step
         self._loop: asyncio.Task[None] | None = None
 
     async def step(
@@ -112,6 +115,7 @@ class StepScheduler:
         result: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
         job = _Job(kv, blocks, position, hidden, result, adapter)
         self._waiting.append(job)
+        self._last_arrival = asyncio.get_running_loop().time()
         self._wake.set()
         try:
             return await result
@@ -157,17 +161,22 @@ class StepScheduler:
         Streams that decode together reach this server a few milliseconds apart (the
         previous hop answers them one by one). A forward started at the first arrival
         would run it alone and the rest in the next forward, and such a split never heals:
-        the two groups then alternate, each forward half as full. So while some open streams
-        have no step here yet, the forward waits for them, at most half a forward's time
-        (bounded): a lone stream never waits, and a stream that is busy elsewhere costs the
-        others that much at most.
+        the two groups then alternate, each forward half as full, and a forward costs
+        nearly as much for one step as for sixteen. So while some open streams have no step
+        here yet, the forward waits for them, as long as they keep arriving (a gap of
+        ``GATHER_GAP_S`` without one ends the wait: the rest are elsewhere in their cycle,
+        not about to come) and at most half a forward's time (bounded). A lone stream never
+        waits. On `swarmgate up` with 16 streams (2 cores), waiting for every open stream had
+        left forwards of ~8 steps that each waited out the window; the gap gave forwards of
+        ~16 and 5-10% more tokens/s.
         """
         window = min(MAX_GATHER_S, GATHER_SHARE * self._forward_s)
         if window <= 0 or len(self._waiting) >= self._open_streams():
             return
-        deadline = asyncio.get_running_loop().time() + window
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + window
         while len(self._waiting) < self._open_streams():
-            left = deadline - asyncio.get_running_loop().time()
+            left = min(deadline, self._last_arrival + GATHER_GAP_S) - loop.time()
             if left <= 0:
                 return
             self._wake.clear()

@@ -219,6 +219,39 @@ def test_prefill_chooses_from_the_last_position(runner: HeadRunner, head: Head) 
     assert run(lambda: runner.next_token(prompt, greedy)).token == expected
 
 
+def test_decode_also_embeds_the_chosen_token(runner: HeadRunner, head: Head) -> None:
+    h = hidden(4)
+    greedy = StreamSampler.of(SamplingParams(temperature=0.0))
+
+    async def scenario() -> tuple[int, torch.Tensor, torch.Tensor]:
+        decoded = await runner.decode(h, greedy)
+        return decoded.choice.token, decoded.embedding, await runner.embed([decoded.choice.token])
+
+    token, embedding, expected = run(scenario)
+    assert token == int(unbatched_logits(head, h).argmax())
+    assert embedding.shape == (1, 1, HIDDEN)
+    torch.testing.assert_close(embedding, expected, rtol=0, atol=0)
+
+
+def test_rows_of_decoding_streams_wait_for_each_other_on_an_idle_thread(
+    runner: HeadRunner, gated: GatedLinear
+) -> None:
+    """Two streams decoding: the first row to reach the idle thread waits for the second,
+    which comes within the gap, and they run as one LM head call."""
+    greedy = [StreamSampler.of(SamplingParams(temperature=0.0)) for _ in range(2)]
+
+    async def scenario() -> None:
+        await runner.logits(hidden(0))  # times a job
+        with runner.decoding(), runner.decoding():
+            # The second's call queues first; the first's task runs before any timer.
+            first = asyncio.ensure_future(runner.decode(hidden(1), greedy[0]))
+            await runner.decode(hidden(2), greedy[1])
+            await first
+
+    run(scenario)
+    assert gated.rows == [1, 2]
+
+
 def test_logprobs_are_the_models_own(runner: HeadRunner, head: Head) -> None:
     h = hidden(3)
     # Temperature and bias change the choice, never the reported distribution.

@@ -272,3 +272,30 @@ def test_sessions_over_other_blocks_run_in_their_own_forward(span: Span) -> None
         torch.testing.assert_close(a, reference(span, [inputs(3, 1)])[0], atol=1e-4, rtol=1e-4)
 
     run(scenario)
+
+
+def test_a_forward_waits_for_steps_that_keep_arriving_not_for_a_stream_elsewhere(
+    span: Span, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three open streams, two of which send a step now: the forward waits for the second
+    (it came within the gap of the first), then runs without the third, which is elsewhere
+    in its cycle: a gap without arrivals ends the wait long before the window."""
+    monkeypatch.setattr(batching_module, "MAX_GATHER_S", 60.0)
+    monkeypatch.setattr(batching_module, "GATHER_SHARE", 1e9)  # the window: a minute
+    monkeypatch.setattr(batching_module, "GATHER_GAP_S", 0.5)
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as compute:
+            scheduler = StepScheduler(span, compute, observe_batch=recorder, open_streams=lambda: 3)
+            blocks = (0, TINY_BLOCKS)
+            kvs = [new_session_kv(span, 0, TINY_BLOCKS) for _ in range(3)]
+            await scheduler.step(kvs[0], blocks, 0, inputs(2, 0))  # times a forward
+            first = asyncio.ensure_future(scheduler.step(kvs[1], blocks, 0, inputs(1, 1)))
+            await until(lambda: scheduler.waiting == 1)
+            second = asyncio.ensure_future(scheduler.step(kvs[2], blocks, 0, inputs(1, 2)))
+            await asyncio.wait_for(asyncio.gather(first, second), 30)
+            scheduler.close()
+        assert recorder.batches[1:] == [(2, 2)]
+
+    run(scenario)
