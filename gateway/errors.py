@@ -109,7 +109,10 @@ def to_http_error(exc: BaseException) -> HTTPError:
 
 def _validation_error(exc: RequestValidationError) -> HTTPError:
     first = exc.errors()[0] if exc.errors() else {}
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = tuple(first.get("loc", ()))
+    if loc[:1] == ("query",):  # a query parameter goes by its own name, as a body's field
+        loc = loc[1:]
+    location = [str(part) for part in loc if part != "body"]
     if first.get("type") == "json_invalid":
         return _error(400, "the request body is not valid JSON", "invalid_request_error")
     param = ".".join(location) or None

@@ -1,5 +1,5 @@
-"""Stored responses (`store: true`): what `previous_response_id` continues and
-`GET /v1/responses/{id}` returns.
+"""Stored responses (`store: true`): what `previous_response_id` continues,
+`GET /v1/responses/{id}` returns and `GET /v1/responses/{id}/input_items` lists.
 
 Unlike affinity, this is the conversation itself, not a hint: it lives in Redis when the
 gateway has one (so that any gateway can continue any conversation), else in memory; either
@@ -20,12 +20,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from pydantic import TypeAdapter
+
 from protocol.errors import StoreUnavailable
 from protocol.openai import ChatMessage
-from protocol.responses import Response
+from protocol.responses import InputItem, Response
 
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 8 * 1024 * 1024  # a longer conversation is not stored (with a warning)
+_INPUT = TypeAdapter(list[InputItem])
 
 
 @dataclass(frozen=True)
@@ -36,25 +39,31 @@ class StoredResponse:
     response: Response
     messages: tuple[ChatMessage, ...]  # every turn so far, this response's output included
     session_key: str  # the name of the conversation's swarm session, for its next turn
+    # This request's own input items, as sent (a string as one user message). None in a
+    # record written before they were kept: an older reader ignores the field, and a newer
+    # one reads such a record without it, so the version stays.
+    input: tuple[InputItem, ...] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "v": RECORD_VERSION,
-                "session_key": self.session_key,
-                "messages": [m.model_dump(mode="json", exclude_none=True) for m in self.messages],
-                "response": self.response.model_dump(mode="json"),
-            },
-            ensure_ascii=False,
-        )
+        record: dict[str, Any] = {
+            "v": RECORD_VERSION,
+            "session_key": self.session_key,
+            "messages": [m.model_dump(mode="json", exclude_none=True) for m in self.messages],
+            "response": self.response.model_dump(mode="json"),
+        }
+        if self.input is not None:
+            record["input"] = _INPUT.dump_python(list(self.input), mode="json", exclude_none=True)
+        return json.dumps(record, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> StoredResponse:
         data = json.loads(raw)
+        items = data.get("input")
         return cls(
             Response.model_validate(data["response"]),
             tuple(ChatMessage.model_validate(m) for m in data["messages"]),
             str(data["session_key"]),
+            None if items is None else tuple(_INPUT.validate_python(items)),
         )
 
 

@@ -18,6 +18,7 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from gateway.chat_service import ChatService
 from gateway.errors import to_http_error
@@ -25,8 +26,12 @@ from gateway.generation import Generation, GenerationRequest
 from gateway.prepare import ServedModel, check_model
 from gateway.response_store import MAX_RECORD_BYTES, ResponseStore, StoredResponse
 from gateway.responses_translation import (
+    InputItem,
     ResponseEvents,
     chat_request,
+    input_items,
+    items_page,
+    listed_items,
     new_id,
     output_messages,
     refuse_unsupported,
@@ -35,7 +40,7 @@ from gateway.responses_translation import (
 )
 from protocol.errors import InvalidRequest, NotFound, RequestError
 from protocol.openai import ChatCompletionRequest, ChatMessage
-from protocol.responses import Response, ResponseEvent, ResponsesRequest
+from protocol.responses import Response, ResponseEvent, ResponseItemList, ResponsesRequest
 from routing.planner import Hop
 
 logger = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ class Turn:
     request: ResponsesRequest
     chat: ChatCompletionRequest  # what the chat service runs
     conversation: tuple[ChatMessage, ...]  # stored turns and this input; no instructions
+    input: tuple[InputItem, ...]  # this request's own input, as items
     response: Response  # before any output: its id and the parameters it echoes
     session_key: str | None  # the conversation's session, see the module's docstring
     tenant: str
@@ -94,6 +100,7 @@ class ResponsesService:
             request,
             chat,
             tuple(conversation),
+            tuple(input_items(request.input)),
             response_skeleton(request, response_id, request.model),
             key,
             tenant,
@@ -173,7 +180,7 @@ class ResponsesService:
         if not response.store:
             return
         messages = (*turn.conversation, *output_messages(response.output))
-        record = StoredResponse(response, messages, turn.session_key or "")
+        record = StoredResponse(response, messages, turn.session_key or "", turn.input)
         if len(record.to_json()) > MAX_RECORD_BYTES:
             logger.warning(
                 "response %s is over %d bytes: not stored", response.id, MAX_RECORD_BYTES
@@ -189,6 +196,30 @@ class ResponsesService:
         if found is None:
             raise _not_found(response_id)
         return found.response
+
+    async def input_items(
+        self,
+        response_id: str,
+        *,
+        tenant: str,
+        after: str | None = None,
+        before: str | None = None,
+        limit: int = 20,
+        order: Literal["asc", "desc"] = "desc",
+    ) -> ResponseItemList:
+        """A page of the input items of a stored response: its request's own ``input``,
+        not the conversation it continued (as OpenAI lists them)."""
+        found = await self._store.get(tenant, response_id)
+        if found is None:
+            raise _not_found(response_id)
+        if found.input is None:
+            raise NotFound(
+                f"The input items of response {response_id!r} were not kept: an older "
+                "gateway stored it.",
+                param="response_id",
+            )
+        items = listed_items(response_id, found.input)
+        return items_page(items, after=after, before=before, limit=limit, order=order)
 
     async def delete(self, response_id: str, *, tenant: str) -> None:
         if not await self._store.delete(tenant, response_id):

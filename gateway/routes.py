@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
@@ -85,6 +85,24 @@ async def create_response(body: ResponsesRequest, request: Request) -> Response:
 @api.get("/v1/responses/{response_id}", responses=_ERRORS)
 async def retrieve_response(response_id: str, request: Request) -> object:
     return dump(await _responses(request).retrieve(response_id, tenant=_tenant(request)))
+
+
+@api.get("/v1/responses/{response_id}/input_items", responses=_ERRORS)
+async def list_input_items(
+    response_id: str,
+    request: Request,
+    after: str | None = None,
+    before: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    order: Literal["asc", "desc"] = "desc",
+    # Accepted and ignored: what it can add (images, logprobs, reasoning, tool results) is
+    # never part of an input here, which is text and function calls.
+    include: Annotated[list[str] | None, Query()] = None,
+) -> object:
+    page = await _responses(request).input_items(
+        response_id, tenant=_tenant(request), after=after, before=before, limit=limit, order=order
+    )
+    return dump(page)
 
 
 @api.delete("/v1/responses/{response_id}", responses=_ERRORS)

@@ -81,6 +81,7 @@ class InputMessage(OpenAIModel):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[ContentPart]
+    id: str | None = None  # kept for the input items list, which names items by id
 
     @field_validator("content")
     @classmethod
@@ -109,6 +110,7 @@ class FunctionCallOutputItem(OpenAIModel):
     type: Literal["function_call_output"]
     call_id: str = Field(min_length=1, max_length=256)
     output: str | list[ContentPart]
+    id: str | None = None
 
     @field_validator("output")
     @classmethod
@@ -460,6 +462,44 @@ class ErrorEvent(ResponseEvent):
     code: str | None = None
     message: str
     param: str | None = None
+
+
+# ---- `GET /v1/responses/{id}/input_items` ----
+
+
+class MessageItem(OpenAIModel):
+    """A message of a response's input as listed: its content always a list of parts (an
+    assistant's text as `output_text`, as OpenAI lists a replayed answer)."""
+
+    id: str
+    type: Literal["message"] = "message"
+    status: ItemStatus = "completed"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: list[InputText | InputRefusal | OutputText]
+
+
+class FunctionCallOutput(OpenAIModel):
+    """A function's output, given in a response's input, as listed."""
+
+    id: str
+    type: Literal["function_call_output"] = "function_call_output"
+    status: ItemStatus = "completed"
+    call_id: str
+    output: str | list[InputText | InputRefusal]
+
+
+ResponseItem = MessageItem | FunctionCall | FunctionCallOutput
+
+
+class ResponseItemList(OpenAIModel):
+    """One page of a response's input items; ``first_id``/``last_id`` are None on an empty
+    page."""
+
+    object: Literal["list"] = "list"
+    data: list[ResponseItem]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class DeletedResponse(BaseModel):

@@ -4,10 +4,18 @@ real, in tests/integration/test_responses.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 from gateway.response_store import InMemoryResponseStore, StoredResponse
 from protocol.openai import ChatMessage, ToolCall, ToolCallFunction
-from protocol.responses import OutputMessage, OutputText, Response
+from protocol.responses import (
+    FunctionCallOutputItem,
+    InputMessage,
+    InputText,
+    OutputMessage,
+    OutputText,
+    Response,
+)
 
 
 class Clock:
@@ -34,6 +42,19 @@ def record(response_id: str, text: str = "Hello") -> StoredResponse:
 def test_a_record_round_trips_through_json() -> None:
     stored = record("resp_1", "Grüße 👋")
     assert StoredResponse.from_json(stored.to_json()) == stored
+
+
+def test_a_records_input_round_trips_and_an_older_record_has_none() -> None:
+    items = (
+        InputMessage(role="user", content=[InputText(type="input_text", text="Hi")]),
+        FunctionCallOutputItem(type="function_call_output", call_id="call_1", output="42"),
+    )
+    stored = record("resp_1")
+    with_input = StoredResponse(stored.response, stored.messages, stored.session_key, items)
+    assert StoredResponse.from_json(with_input.to_json()) == with_input
+    older = json.loads(with_input.to_json())
+    del older["input"]
+    assert StoredResponse.from_json(json.dumps(older)).input is None
 
 
 def test_records_are_per_tenant_and_expire() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses import Response, ResponseItemList, ResponseStreamEvent
 from pydantic import TypeAdapter
 from starlette.testclient import TestClient
 
@@ -236,6 +236,78 @@ def test_a_response_can_be_deleted(client: TestClient) -> None:
     assert client.delete(f"/v1/responses/{r.id}").status_code == 404
 
 
+def input_items(client: TestClient, response_id: str, **params: Any) -> ResponseItemList:
+    r = client.get(f"/v1/responses/{response_id}/input_items", params=params)
+    assert r.status_code == 200, r.text
+    return ResponseItemList.model_validate(r.json())
+
+
+def test_input_items_are_the_requests_own_input(client: TestClient) -> None:
+    first = create(client, input="Hello")
+    [hello] = input_items(client, first.id).data
+    assert hello.type == "message" and hello.role == "user"
+    assert [(p.type, p.text) for p in hello.content] == [("input_text", "Hello")]  # type: ignore[union-attr]
+    assert input_items(client, first.id).data[0].id == hello.id  # the same id every time
+
+    call = {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"}
+    result = {"type": "function_call_output", "call_id": "call_1", "output": "42"}
+    turn = [{"role": "user", "content": "Go", "id": "msg_mine"}, call, result]
+    second = create(client, input=turn, previous_response_id=first.id)
+    listed = input_items(client, second.id)  # as OpenAI: not the turns it continued
+    assert [item.type for item in listed.data] == [
+        "function_call_output",
+        "function_call",
+        "message",
+    ]
+    assert listed.data[-1].id == "msg_mine"
+    assert (listed.first_id, listed.last_id) == (listed.data[0].id, "msg_mine")
+    assert not listed.has_more and listed.object == "list"
+    ascending = input_items(client, second.id, order="asc")
+    assert [i.id for i in ascending.data] == [i.id for i in reversed(listed.data)]
+
+    page = input_items(client, second.id, order="asc", limit=2)
+    assert page.has_more and len(page.data) == 2
+    rest = input_items(client, second.id, order="asc", limit=2, after=page.last_id)
+    assert not rest.has_more and [i.id for i in rest.data] == [listed.data[0].id]
+    back = input_items(client, second.id, order="asc", before=rest.first_id)
+    assert back.data == page.data
+    # `include` adds nothing that a text input could hold: accepted, and nothing changes.
+    included = input_items(client, second.id, include=["message.input_image.image_url"])
+    assert included == listed
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"order": "newest"}, "order"),
+        ({"after": "msg_nope"}, "after"),
+        ({"before": "msg_nope"}, "before"),
+    ],
+)
+def test_input_items_refuse_bad_paging(
+    client: TestClient, params: dict[str, Any], param: str
+) -> None:
+    r = create(client, input="Hello")
+    got = client.get(f"/v1/responses/{r.id}/input_items", params=params)
+    assert got.status_code == 400, got.text
+    assert got.json()["error"]["type"] == "invalid_request_error"
+    assert got.json()["error"]["param"] == param
+
+
+def test_input_items_of_an_unknown_or_unstored_response_are_404(client: TestClient) -> None:
+    missing = client.get("/v1/responses/resp_nope/input_items")
+    assert missing.status_code == 404
+    assert missing.json() == client.get("/v1/responses/resp_nope").json()
+    unstored = create(client, input="Hello", store=False)
+    assert client.get(f"/v1/responses/{unstored.id}/input_items").status_code == 404
+    deleted = create(client, input="Hello")
+    client.delete(f"/v1/responses/{deleted.id}")
+    assert client.get(f"/v1/responses/{deleted.id}/input_items").status_code == 404
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
@@ -305,6 +377,8 @@ def test_responses_of_one_api_key_are_invisible_to_another(tiny_model: Path) -> 
         r = create(client, headers=a, input="A secret")
         assert client.get(f"/v1/responses/{r.id}", headers=a).status_code == 200
         assert client.get(f"/v1/responses/{r.id}", headers=b).status_code == 404
+        assert client.get(f"/v1/responses/{r.id}/input_items", headers=a).status_code == 200
+        assert client.get(f"/v1/responses/{r.id}/input_items", headers=b).status_code == 404
         assert client.delete(f"/v1/responses/{r.id}", headers=b).status_code == 404
         body = {**BASE, "input": "And?", "previous_response_id": r.id}
         other = client.post("/v1/responses", json=body, headers=b)
@@ -369,8 +443,22 @@ def test_the_openai_sdk_creates_streams_and_retrieves(client: TestClient) -> Non
 
     with pytest.raises(openai.NotFoundError):
         sdk.responses.retrieve("resp_missing")
+    with pytest.raises(openai.NotFoundError):
+        sdk.responses.input_items.list("resp_missing")
     with pytest.raises(openai.BadRequestError):
         sdk.responses.create(model=MODEL_ID, input="x", tools=[{"type": "web_search"}])
+
+
+def test_the_openai_sdk_lists_input_items_page_by_page(client: TestClient) -> None:
+    sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=client)
+    turn = [{"role": "user", "content": f"Line {i}"} for i in range(5)]
+    r = sdk.responses.create(model=MODEL_ID, input=turn, max_output_tokens=2)  # type: ignore[arg-type]
+    first = sdk.responses.input_items.list(r.id, limit=2, order="asc")
+    assert len(first.data) == 2 and first.has_more
+    texts = [item.content[0].text for item in first]  # type: ignore[union-attr]
+    assert texts == [f"Line {i}" for i in range(5)]  # the SDK follows `after` to the end
+    newest = sdk.responses.input_items.list(r.id)
+    assert newest.data[0].content[0].text == "Line 4"  # type: ignore[union-attr]
 
 
 LOOKUP = {

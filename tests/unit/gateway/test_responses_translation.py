@@ -13,6 +13,7 @@ import pytest
 from openai import omit
 from openai.lib.streaming.responses._responses import ResponseStreamState
 from openai.types.responses import Response as SDKResponse
+from openai.types.responses import ResponseItemList as SDKResponseItemList
 from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
 
@@ -20,6 +21,9 @@ from gateway.responses_translation import (
     ResponseEvents,
     chat_messages,
     chat_request,
+    input_items,
+    items_page,
+    listed_items,
     output_items,
     output_messages,
     response_from_completion,
@@ -42,7 +46,7 @@ from protocol.openai import (
     ToolCallFunction,
 )
 from protocol.openai import Choice as ChatChoice
-from protocol.responses import FunctionCall, OutputMessage, ResponsesRequest
+from protocol.responses import FunctionCall, MessageItem, OutputMessage, ResponsesRequest
 
 EVENT = TypeAdapter(ResponseStreamEvent)
 WEATHER = {
@@ -299,3 +303,60 @@ def test_a_broken_stream_fails_with_its_output_so_far() -> None:
     assert failed.response.error.code == "server_error"
     [message] = failed.response.output
     assert message.status == "incomplete" and message.content[0].text == "Half an"
+
+
+def test_input_items_are_listed_with_stable_ids_in_openais_shapes() -> None:
+    items = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "assistant", "id": "msg_given", "content": "Earlier answer."},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "42", "id": "fco_given"},
+        {"role": "user", "id": "msg_given", "content": [{"type": "input_text", "text": "Hm"}]},
+    ]
+    stored = input_items(request(input=items).input)
+    listed = listed_items("resp_1", stored)
+    assert listed == listed_items("resp_1", stored)  # the same ids every time
+    assert [item.id for item in listed][1::2] == ["msg_given", "fco_given"]
+    derived = [listed[0].id, listed[2].id, listed[4].id]  # the repeated id is no cursor
+    assert len(set(derived)) == 3 and "msg_given" not in derived
+    assert listed_items("resp_2", stored)[0].id != listed[0].id
+    assert isinstance(listed[1], MessageItem) and listed[1].content[0].type == "output_text"
+    page = items_page(listed, order="asc")
+    SDKResponseItemList.model_validate(page.model_dump(mode="json"))
+
+    [one] = listed_items("resp_1", input_items("Hello"))
+    assert one.model_dump(mode="json") == {
+        "id": one.id,
+        "type": "message",
+        "status": "completed",
+        "role": "user",
+        "content": [{"type": "input_text", "text": "Hello"}],
+    }
+
+
+def test_input_items_page_like_openais_lists() -> None:
+    listed = listed_items(
+        "resp_1",
+        input_items(request(input=[{"role": "user", "content": str(i)} for i in range(5)]).input),
+    )
+    ids = [item.id for item in listed]
+
+    def page_ids(**params: Any) -> tuple[list[str], bool]:
+        page = items_page(listed, **params)
+        got = [item.id for item in page.data]
+        assert (page.first_id, page.last_id) == ((got[0], got[-1]) if got else (None, None))
+        return got, page.has_more
+
+    assert page_ids() == (ids[::-1], False)  # newest first by default
+    assert page_ids(order="asc", limit=2) == (ids[:2], True)
+    assert page_ids(order="asc", limit=2, after=ids[1]) == (ids[2:4], True)
+    assert page_ids(order="asc", limit=2, after=ids[3]) == (ids[4:], False)
+    assert page_ids(order="asc", after=ids[4]) == ([], False)
+    assert page_ids(limit=2, after=ids[3]) == ([ids[2], ids[1]], True)
+    # Paging back: the items nearest the cursor.
+    assert page_ids(order="asc", limit=2, before=ids[4]) == (ids[2:4], True)
+    assert page_ids(order="asc", limit=2, before=ids[1]) == (ids[:1], False)
+    assert page_ids(order="asc", after=ids[0], before=ids[3]) == (ids[1:3], False)
+    with pytest.raises(InvalidRequest) as refused:
+        items_page(listed, after="msg_nope")
+    assert refused.value.param == "after"
