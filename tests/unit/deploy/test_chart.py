@@ -23,6 +23,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 
+from swarmgate.cli import build_parser
+
 CHART = Path(__file__).resolve().parents[3] / "charts" / "swarmgate"
 RELEASE = "demo"
 NAMESPACE = "llm"
@@ -353,6 +355,8 @@ def test_the_swarm_key_is_required_unless_the_swarm_is_open(chart: helm_python.C
         ({"dht": {"identity": {"secret": "x"}}}, "/dht/identity"),
         ({"ingress": {"enabled": True}}, "ingress"),
         ({"logging": {"format": "yaml"}}, "/logging/format"),
+        ({"gateway": {"responseTtlSeconds": 0}}, "/gateway/responseTtlSeconds"),
+        ({"gateway": {"responseTtlSeconds": "1d"}}, "/gateway/responseTtlSeconds"),
     ],
 )
 def test_the_schema_rejects_typos(
@@ -476,6 +480,31 @@ def test_nodes_outlive_their_drain(manifests: dict[str, list[dict[str, Any]]], n
         (drain,) = flag(container(workload)["args"], "--drain-timeout")
         grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         assert grace > float(drain), workload["metadata"]["name"]
+
+
+def test_stored_responses_are_kept_as_long_as_the_cli_would(
+    chart: helm_python.Chart,
+    manifests: dict[str, list[dict[str, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SWARMGATE_RESPONSE_TTL", raising=False)
+    (gateway,) = members(manifests["defaults"], "gateway")
+    args = container(gateway)["args"]
+    assert flag(args, "--response-ttl") == ["86400"]
+    at = args.index("--response-ttl")
+    parse = build_parser().parse_args
+    assert parse(args).response_ttl == parse(args[:at] + args[at + 2 :]).response_ttl
+    for ttl, arg in ((3600, "3600"), (0.5, "0.5")):
+        values = {"swarmKey": {"existingSecret": SWARM_KEY}, "gateway": {"responseTtlSeconds": ttl}}
+        templates = render(chart, values)
+        (deployment,) = [
+            yaml.safe_load(manifest)
+            for path, manifest in templates.items()
+            if path.endswith("deployment-gateway.yaml")
+        ]
+        args = container(deployment)["args"]
+        assert flag(args, "--response-ttl") == [arg]
+        assert parse(args).response_ttl == ttl
 
 
 def test_a_group_may_turn_off_what_the_defaults_turn_on(
