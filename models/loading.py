@@ -171,7 +171,7 @@ def load_span(
     if family.rotary is not None:
         # Rotary tables are computed, not loaded, and stay fp32: casting them changes outputs.
         rotary = type(_module(skeleton, family, family.rotary))(config=config).eval()
-    quantize_blocks(layers, quant, dtype)
+    quantize_blocks(layers, quant, dtype, first_block=start)
     return Span(config, start, end, layers, rotary, dtype)
 
 

@@ -25,6 +25,15 @@ bitsandbytes quantizes when a parameter first moves to a real device: ``Int8Para
 (checked with 0.50.2: the data turns int8 / packed uint8 then). On a CPU with avx512_bf16
 the first forward of a ``Linear4bit`` in eval mode repacks its weight for the fused CPU
 kernel (absmax un-nested to bf16), so memory is steady only after one forward.
+
+That repack (``bitsandbytes.functional._convert_weight_packed_for_cpu``) takes the weight
+in tiles of 32 output rows (it asserts ``out_features % 32 == 0``) and reshapes the absmax
+to one per 64 inputs of each row (a ``RuntimeError`` unless ``in_features % 64 == 0``).
+bitsandbytes has no fallback for other shapes there: the first forward fails, which a node
+would meet only in its throughput measurement. Its generic path (CPUs without avx512_bf16,
+GPUs) takes any shape. So where the repack will run, ``quantize_blocks`` refuses nf4 for a
+span with such a linear before touching it, with a ``QuantizationError`` that names the
+first one and suggests int8 (any shape) or none.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import functools
 import importlib.util
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +62,15 @@ QUANTS = ("none", "int8", "nf4")
 # it runs in training mode) gives 0.05 but decodes ~10x slower, so it is not offered.
 INT8_THRESHOLD = 6.0
 
+# nf4 weights carry one absmax per this many consecutive weights (bitsandbytes' default).
+NF4_BLOCKSIZE = 64
+# Output rows per tile of the fused CPU nf4 kernel's repacked weight (its ``block_n``).
+NF4_CPU_TILE_ROWS = 32
+
+
+class QuantizationError(ValueError):
+    """A span that this quantization cannot serve here; the message names the layer."""
+
 
 @dataclass(frozen=True)
 class QuantizedSpan:
@@ -64,12 +83,20 @@ class QuantizedSpan:
 
 
 def quantize_blocks(
-    layers: list[torch.nn.Module], quant: str, compute_dtype: torch.dtype
+    layers: list[torch.nn.Module],
+    quant: str,
+    compute_dtype: torch.dtype,
+    *,
+    first_block: int = 0,
 ) -> QuantizedSpan:
     """Replace, in place, every ``nn.Linear`` of ``layers`` by its bitsandbytes counterpart.
 
     ``compute_dtype`` is the span's dtype: nf4 dequantizes into it; activations, KV cache and
     everything that is not an ``nn.Linear`` stay in it. ``quant="none"`` changes nothing.
+    ``first_block`` is the model's index of ``layers[0]``, for error messages.
+
+    Raises ``QuantizationError``, before changing anything, for nf4 on a CPU whose fused
+    kernel cannot take a linear's shape (see the module docstring).
     """
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r} (known: {', '.join(QUANTS)})")
@@ -77,26 +104,68 @@ def quantize_blocks(
     if quant == "none":
         return QuantizedSpan(quant, 0, 0, total)
     bnb = _import_bitsandbytes()
+    found = list(_linears(layers))
     if quant == "nf4":
+        if found and _nf4_repacks_for_cpu(bnb, found[0].linear.weight.device):
+            _check_nf4_cpu_shapes(found, first_block)
         _log_kernels_hint()
-    linears = quantized = 0
-    for layer in layers:
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.Linear:
-                    setattr(parent, name, _replace(bnb, child, quant, compute_dtype))
-                    linears += 1
-                    quantized += child.weight.numel()
-    done = QuantizedSpan(quant, linears, quantized, total - quantized)
+    quantized = 0
+    for site in found:
+        setattr(site.parent, site.attr, _replace(bnb, site.linear, quant, compute_dtype))
+        quantized += site.linear.weight.numel()
+    done = QuantizedSpan(quant, len(found), quantized, total - quantized)
     logger.info(
         "%s: quantized %d linear layers; %.1f%% of the blocks' parameters stay %s "
         "(norms, MoE routers, fused MoE experts)",
         quant,
-        linears,
+        done.linears,
         100 * done.kept_params / max(total, 1),
         str(compute_dtype).removeprefix("torch."),
     )
     return done
+
+
+@dataclass(frozen=True)
+class _Linear:
+    block: int  # index in the span
+    name: str  # qualified name in its block, e.g. "mlp.down_proj"
+    parent: torch.nn.Module
+    attr: str
+    linear: torch.nn.Linear
+
+
+def _linears(layers: list[torch.nn.Module]) -> Iterator[_Linear]:
+    for block, layer in enumerate(layers):
+        for path, parent in list(layer.named_modules()):
+            for attr, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    name = f"{path}.{attr}" if path else attr
+                    yield _Linear(block, name, parent, attr, child)
+
+
+def _nf4_repacks_for_cpu(bnb: Any, device: torch.device) -> bool:
+    """Whether bitsandbytes will repack nf4 weights on ``device`` for its fused CPU kernel
+    (what ``Linear4bit.forward`` checks, in eval mode without gradients)."""
+    return device.type == "cpu" and bool(bnb.functional.has_avx512bf16())
+
+
+def _check_nf4_cpu_shapes(found: list[_Linear], first_block: int) -> None:
+    bad = [
+        site
+        for site in found
+        if site.linear.out_features % NF4_CPU_TILE_ROWS or site.linear.in_features % NF4_BLOCKSIZE
+    ]
+    if not bad:
+        return
+    site = bad[0]
+    more = f" (and {len(bad) - 1} more linear layers)" if len(bad) > 1 else ""
+    raise QuantizationError(
+        f"--quant nf4 cannot serve block {first_block + site.block} {site.name} "
+        f"(in_features {site.linear.in_features}, out_features {site.linear.out_features})"
+        f"{more}: bitsandbytes' nf4 kernel for CPUs with avx512_bf16 needs out_features "
+        f"divisible by {NF4_CPU_TILE_ROWS} and in_features by {NF4_BLOCKSIZE}. "
+        "Serve this model with --quant int8 or --quant none."
+    )
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -136,7 +205,13 @@ def _replace(bnb: Any, linear: torch.nn.Linear, quant: str, dtype: torch.dtype) 
         new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         new = bnb.nn.Linear4bit(*shape, compute_dtype=dtype, quant_type="nf4", device="meta")
-        new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", module=new)
+        new.weight = bnb.nn.Params4bit(
+            weight,
+            requires_grad=False,
+            quant_type="nf4",
+            blocksize=NF4_BLOCKSIZE,
+            module=new,
+        )
     if linear.bias is not None:
         new.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
     # Moving to the device is what quantizes (see the module docstring).

@@ -14,6 +14,7 @@ import torch
 
 from models.adapters import Adapter, AdapterError, attach_adapters, read_adapters
 from models.loading import DTYPES, Span, load_config, load_span
+from models.quantization import QuantizationError
 from models.resolve import resolve_model
 from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
 from protocol.membership import PassIssuer
@@ -131,14 +132,17 @@ class BlockServer:
         if self.adapters:
             logger.info("adapters: %s", ", ".join(a.name for a in self.adapters))
         began = time.monotonic()
-        span: Span = await asyncio.to_thread(
-            load_span,
-            folder,  # type: ignore[arg-type]
-            start,
-            end,
-            dtype,
-            settings.quant,
-        )
+        try:
+            span: Span = await asyncio.to_thread(
+                load_span,
+                folder,  # type: ignore[arg-type]
+                start,
+                end,
+                dtype,
+                settings.quant,
+            )
+        except QuantizationError as e:
+            raise SystemExit(f"swarmgate node: {e}") from None
         try:
             await asyncio.to_thread(attach_adapters, span, self.adapters)
         except AdapterError as e:

@@ -13,12 +13,12 @@ from models.resolve import resolve_model
 TINY_BLOCKS = 4
 
 
-def build_tiny_llama(folder: Path, *, seed: int = 0) -> Path:
+def build_tiny_llama(folder: Path, *, seed: int = 0, intermediate_size: int = 128) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2").path)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
-        intermediate_size=128,
+        intermediate_size=intermediate_size,
         num_hidden_layers=TINY_BLOCKS,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -29,8 +29,9 @@ from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
 
 from models import quantization
 from models.loading import Head, Span, load_head, load_span
-from models.quantization import module_bytes, quantize_blocks
+from models.quantization import QuantizationError, module_bytes, quantize_blocks
 from swarm_node.backend import forward_span, new_session_kv
+from tests.tiny_model import build_tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -229,3 +230,47 @@ def test_nf4_says_once_that_kernels_would_speed_it_up(
         load_span(tiny_model, 1, 2, torch.float32, "nf4")
     hints = [r for r in caplog.records if "`kernels`" in r.getMessage()]
     assert len(hints) == 1
+
+
+@pytest.fixture(scope="module")
+def odd_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with an MLP of 96: down_proj's in_features is no multiple of 64."""
+    return build_tiny_llama(tmp_path_factory.mktemp("odd"), intermediate_size=96)
+
+
+def test_nf4_refuses_at_load_what_the_cpu_kernel_cannot_repack(
+    odd_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quantization, "_nf4_repacks_for_cpu", lambda bnb, device: True)
+    with pytest.raises(QuantizationError) as refused:
+        load_span(odd_model, 2, 4, torch.bfloat16, "nf4")
+    message = str(refused.value)
+    assert "block 2 mlp.down_proj (in_features 96, out_features 64)" in message
+    assert "and 1 more" in message  # block 3's
+    assert "--quant int8 or --quant none" in message
+    # What it suggests serves the same span.
+    span = load_span(odd_model, 2, 4, torch.float32, "int8")
+    assert torch.isfinite(forward_span(span, torch.randn(1, 3, 64), None)).all()
+
+
+def test_nf4_takes_any_shape_where_bitsandbytes_does_not_repack(
+    odd_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quantization, "_nf4_repacks_for_cpu", lambda bnb, device: False)
+    span = load_span(odd_model, 0, 1, torch.float32, "nf4")  # a GPU, or a CPU without bf16
+    assert isinstance(span.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
+
+
+@pytest.mark.skipif(
+    not bnb.functional.has_avx512bf16(), reason="bitsandbytes repacks only on avx512_bf16"
+)
+@pytest.mark.parametrize(("in_features", "out_features"), [(96, 64), (64, 48)])
+@torch.inference_mode()
+def test_bitsandbytes_cpu_nf4_kernel_still_fails_on_such_shapes(
+    in_features: int, out_features: int
+) -> None:
+    """Why the check exists. When this fails, bitsandbytes takes these shapes: drop it."""
+    quant = bnb.nn.Linear4bit(in_features, out_features, bias=False, quant_type="nf4")
+    quant = quant.to("cpu").eval()
+    with pytest.raises((AssertionError, RuntimeError)):
+        quant(torch.randn(2, in_features))
