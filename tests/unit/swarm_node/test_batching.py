@@ -299,3 +299,34 @@ def test_a_forward_waits_for_steps_that_keep_arriving_not_for_a_stream_elsewhere
         assert recorder.batches[1:] == [(2, 2)]
 
     run(scenario)
+
+
+def test_a_step_waits_for_a_stream_whose_rhythm_says_its_step_is_due(
+    span: Span, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stream a steps every 0.3 s (the sleeps make its rhythm: they are the input here).
+    Stream b's step arrives between two of a's: instead of running alone, it waits for
+    a's, which is due within the horizon, and both run in one forward."""
+    monkeypatch.setattr(batching_module, "MAX_GATHER_S", 0.001)  # no waiting for bursts
+    monkeypatch.setattr(batching_module, "GATHER_GAP_S", 0.5)  # slack after a due step
+    monkeypatch.setattr(batching_module, "MAX_ALIGN_S", 60.0)
+    monkeypatch.setattr(batching_module, "ALIGN_SHARE", 1e9)
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        with ThreadPoolExecutor(1) as compute:
+            scheduler = StepScheduler(span, compute, observe_batch=recorder, open_streams=lambda: 2)
+            blocks = (0, TINY_BLOCKS)
+            a, b = (new_session_kv(span, 0, TINY_BLOCKS) for _ in range(2))
+            await scheduler.step(a, blocks, 0, inputs(1, 0))
+            await asyncio.sleep(0.3)
+            await scheduler.step(a, blocks, 1, inputs(1, 1))  # a's next is due in 0.3 s
+            late = asyncio.ensure_future(scheduler.step(b, blocks, 0, inputs(1, 2)))
+            await until(lambda: scheduler.waiting == 1)
+            await asyncio.wait_for(
+                asyncio.gather(late, scheduler.step(a, blocks, 2, inputs(1, 3))), 30
+            )
+            scheduler.close()
+        assert recorder.batches == [(1, 1), (1, 1), (2, 2)]
+
+    run(scenario)
