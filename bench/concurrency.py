@@ -4,16 +4,20 @@ Prints JSON. First, in this process and before the swarm starts (so neither comp
 the other for the CPU), `transformers` `generate` runs on the whole model (fp32, greedy,
 exactly ``--tokens`` new tokens per row) with batch 1 and with batch N, the largest of
 ``--streams``, left-padded: batch N is the ceiling of what this machine can decode at once.
-Then `swarmgate up` (a DHT, 2 nodes, the gateway on loopback) is started, and for each level
-``c`` of ``--streams``, ``c`` greedy streams are sent at once through the OpenAI SDK.
+Then `swarmgate up` (a DHT, 2 nodes, the gateway on loopback) is started and warmed up as
+the baseline is (one stream, then N at once, 4 tokens each: the first batch of a size
+allocates what later ones reuse), and for each level ``c`` of ``--streams``, ``c`` greedy
+streams are sent at once through the OpenAI SDK.
 
 How to read it:
 
 - ``hf.batch_1`` / ``hf.batch_N``: generated tokens / wall time of one ``generate`` call;
   ``hf.batch_ratio`` is how much batching alone gains on this machine.
 - ``swarm["c"].tok_s``: completion tokens of all ``c`` streams (from ``usage``) / wall time
-  from the first request sent to the last stream done. ``speedup_vs_1`` divides it by the
-  1-stream level's, ``vs_hf_batch`` divides the largest level's by HF's batch N.
+  from the first request sent to the last stream done, in the median of ``--repeats``
+  rounds (``tok_s_rounds`` lists them all; the TTFTs are that round's, ``failures`` count
+  every round's). ``speedup_vs_1`` divides it by the 1-stream level's, ``vs_hf_batch``
+  divides the largest level's by HF's batch N.
 - ``ttft_p50_s`` / ``ttft_p99_s``: from sending a request to its first text, over the
   streams that got one. p99 is nearest-rank, so with fewer than 100 streams it is the max.
 - ``failures``: streams that raised, got no text, ended with a finish reason other than
@@ -21,8 +25,8 @@ How to read it:
 - ``target_met``: the issue's target, the largest level >= 5x one stream with no failures
   at any level (``target`` names the levels it compared).
 
-Every stream asks for a story on its own topic with its own number, and the number sits in
-the first block of prompt tokens, so no stream (of this level or an earlier one) shares a
+Every stream asks for a story on its own topic with its round's name and its own number,
+and these sit in the first block of prompt tokens, so no stream (of any round) shares a
 cached prefix with another: each is a cold conversation. Each stream also sends its own
 bearer token, as concurrent users would; one token for all would hit the gateway's
 ``--max-concurrent-per-key`` (4) and measure its 429s instead. A stream may stop before
@@ -30,7 +34,7 @@ bearer token, as concurrent users would; one token for all would hit the gateway
 generate and ``finish_reasons`` shows how often that happened.
 
     python bench/concurrency.py [--model smollm2] [--streams 1 4 16] [--tokens 48]
-                                [--timeout 300]
+                                [--timeout 300] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -80,14 +84,15 @@ TOPICS = [
 ]
 
 
-def story(level: int, index: int) -> str:
-    """Stream ``index`` of level ``level``'s own request (the number comes first, see above)."""
+def story(round_: str, index: int) -> str:
+    """Stream ``index`` of a round's own request (the round's name and the stream's number
+    come first, see above)."""
     topic = TOPICS[index % len(TOPICS)]
-    return f"Story {level}-{index}: write a very long story about {topic}, with many chapters."
+    return f"Story {round_}-{index}: write a very long story about {topic}, with many chapters."
 
 
-def messages(level: int, index: int) -> list[ChatCompletionMessageParam]:
-    return [{"role": "user", "content": story(level, index)}]
+def messages(round_: str, index: int) -> list[ChatCompletionMessageParam]:
+    return [{"role": "user", "content": story(round_, index)}]
 
 
 # --- transformers baseline ---------------------------------------------------------------
@@ -120,7 +125,7 @@ def bench_hf(path: Path, batch: int, tokens: int) -> dict[str, Any]:
     model.eval()
     prompts: list[str] = []
     for i in range(batch):
-        chat = [{"role": "user", "content": story(0, i)}]
+        chat = [{"role": "user", "content": story("0", i)}]
         text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         assert isinstance(text, str)
         prompts.append(text)
@@ -200,9 +205,10 @@ def nearest_rank(values: list[float], q: float) -> float:
 
 
 async def run_level(
-    url: str, model: str, level: int, tokens: int, timeout_s: float
+    url: str, model: str, level: int, tokens: int, timeout_s: float, round_: str
 ) -> dict[str, Any]:
-    """``level`` streams at once, each with its own prompt and bearer token."""
+    """``level`` streams at once, each with its own prompt (named by ``round_``) and bearer
+    token."""
     clients = [
         openai.AsyncOpenAI(
             base_url=f"{url}/v1",
@@ -215,7 +221,7 @@ async def run_level(
     results = [StreamResult() for _ in range(level)]
     start = time.perf_counter()
     tasks = [
-        asyncio.create_task(one_stream(c, model, messages(level, i), tokens, r))
+        asyncio.create_task(one_stream(c, model, messages(round_, i), tokens, r))
         for i, (c, r) in enumerate(zip(clients, results, strict=True))
     ]
     try:
@@ -250,15 +256,25 @@ async def run_level(
 
 
 async def bench_swarm(
-    url: str, model: str, levels: list[int], tokens: int, timeout_s: float
+    url: str, model: str, levels: list[int], tokens: int, timeout_s: float, repeats: int
 ) -> dict[str, dict[str, Any]]:
-    async with openai.AsyncOpenAI(
-        base_url=f"{url}/v1", api_key="bench-concurrency-warmup", max_retries=0, timeout=timeout_s
-    ) as client:
-        await client.chat.completions.create(
-            model=model, messages=messages(0, 0), max_tokens=4, temperature=0
-        )
-    return {str(c): await run_level(url, model, c, tokens, timeout_s) for c in levels}
+    # Warm-up, like the HF baseline's: one stream, then the largest level, a few tokens
+    # each (their own prompts, so no measured stream reuses their caches).
+    for level in (1, levels[-1]):
+        await run_level(url, model, level, 4, timeout_s, f"warmup{level}")
+    out: dict[str, dict[str, Any]] = {}
+    for c in levels:
+        rounds = [
+            await run_level(url, model, c, tokens, timeout_s, f"{c}.{r}") for r in range(repeats)
+        ]
+        median = sorted(rounds, key=lambda result: result["tok_s"])[(len(rounds) - 1) // 2]
+        out[str(c)] = {
+            **median,
+            "tok_s_rounds": [result["tok_s"] for result in rounds],
+            "failures": sum(result["failures"] for result in rounds),
+            "errors": sorted({e for result in rounds for e in result["errors"]})[:5],
+        }
+    return out
 
 
 def main() -> None:
@@ -269,10 +285,13 @@ def main() -> None:
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds each level may take at most"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="rounds per level; the median round is reported"
+    )
     args = parser.parse_args()
     levels = sorted(set(args.streams))
-    if levels[0] < 1 or args.tokens < 1:
-        parser.error("--streams and --tokens must be positive")
+    if levels[0] < 1 or args.tokens < 1 or args.repeats < 1:
+        parser.error("--streams, --tokens and --repeats must be positive")
     # SIGTERM unwinds like Ctrl-C, so the `finally` below still stops the swarm.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -284,7 +303,9 @@ def main() -> None:
     log_dir.mkdir(exist_ok=True)
     swarm, url = start_up(args.model, NODES, log_dir, "bench-concurrency-up")
     try:
-        levels_out = asyncio.run(bench_swarm(url, source.name, levels, args.tokens, args.timeout))
+        levels_out = asyncio.run(
+            bench_swarm(url, source.name, levels, args.tokens, args.timeout, args.repeats)
+        )
     finally:
         swarm.stop(timeout_s=60)
 
