@@ -21,7 +21,7 @@ from protocol.errors import (
     TooManyRequests,
     Unauthorized,
 )
-from protocol.openai import ErrorDetail, ErrorResponse
+from protocol.openai import UNSUPPORTED, ErrorDetail, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
@@ -119,4 +119,5 @@ def _validation_error(exc: RequestValidationError) -> HTTPError:
     message = first.get("msg", "invalid request")
     if param:
         message = f"{param}: {message}"
-    return _error(400, message, "invalid_request_error", param=param)
+    code = UNSUPPORTED if first.get("type") == UNSUPPORTED else None
+    return _error(400, message, "invalid_request_error", param=param, code=code)

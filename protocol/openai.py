@@ -18,6 +18,7 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 
 class OpenAIModel(BaseModel):
@@ -29,6 +30,10 @@ class OpenAIModel(BaseModel):
 # JSON's \ud800-style escapes can carry a lone UTF-16 surrogate, which is no character:
 # the tokenizer, Redis and our own responses cannot encode it.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+# A pydantic error type: the gateway answers it with OpenAI's code "unsupported_parameter".
+UNSUPPORTED = "unsupported_parameter"
 
 
 def valid_unicode(value: str) -> str:
@@ -59,6 +64,26 @@ class ChatMessage(OpenAIModel):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        # Without this, pydantic reports the failed `str` branch of the union first
+        # ("messages.0.content.str: Input should be a valid string") for an image part.
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError("content must be a string or a list of text parts")
+        for j, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise PydanticCustomError(
+                    UNSUPPORTED,
+                    "content part {index} is of type {kind}, which is not supported: "
+                    "this model reads text only",
+                    {"index": j, "kind": repr(kind)},
+                )
+        return value
 
     @field_validator("content")
     @classmethod

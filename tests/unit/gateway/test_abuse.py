@@ -149,6 +149,35 @@ def test_bad_input_is_a_400_naming_the_parameter_before_any_session_opens(
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("content", "message", "code"),
+    [
+        (
+            [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {}}],
+            "content part 1 is of type 'image_url', which is not supported: "
+            "this model reads text only",
+            "unsupported_parameter",
+        ),
+        (
+            [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}],
+            "content part 0 is of type 'input_audio', which is not supported: "
+            "this model reads text only",
+            "unsupported_parameter",
+        ),
+        (5, "Value error, content must be a string or a list of text parts", None),
+    ],
+    ids=["image-part", "audio-part", "a-number"],
+)
+def test_content_that_is_not_text_is_refused_naming_the_message(
+    client: TestClient, swarm: LocalSwarmClient, content: Any, message: str, code: str | None
+) -> None:
+    body = {**CHAT, "messages": [{"role": "user", "content": content}]}
+    r = post_raw(client, "/v1/chat/completions", body)
+    expected = {**_invalid("messages.0.content", message)["error"], "code": code}
+    assert (r.status_code, r.json()) == (400, {"error": expected})
+    assert swarm.opened == 0
+
+
 def test_a_seed_at_the_int64_edges_works_for_every_choice(client: TestClient) -> None:
     for seed in (2**63 - 1, -(2**63)):
         r = client.post("/v1/chat/completions", json={**CHAT, "seed": seed, "n": 8})
