@@ -71,9 +71,12 @@ def generation_request(
     room = model.max_length - len(prompt)
     limit = request.token_limit()
     if room <= 0 or (limit is not None and limit > room):
+        # OpenAI's own wording, which clients and frameworks recognise.
+        wanted = limit or 1
         raise ContextLengthExceeded(
-            f"this model's maximum context length is {model.max_length} tokens; the "
-            f"{param} use {len(prompt)} and {limit or 1} more were requested",
+            f"This model's maximum context length is {model.max_length} tokens. However, you "
+            f"requested {len(prompt) + wanted} tokens ({len(prompt)} in the {param}, {wanted} "
+            f"in the completion). Please reduce the length of the {param} or completion.",
             param=param,
         )
     bias = {int(token): value for token, value in (request.logit_bias or {}).items()}

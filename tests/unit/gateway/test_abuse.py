@@ -24,6 +24,7 @@ from gateway.app import create_app
 from gateway.prepare import RequestLimits, ServedModel, generation_request
 from gateway.settings import GatewaySettings
 from gateway.templating import PromptBuilder
+from protocol.errors import ContextLengthExceeded
 from protocol.openai import ChatCompletionRequest
 from tests.fakes import LocalSwarmClient
 
@@ -223,6 +224,40 @@ def test_the_default_is_cut_to_the_context_instead_of_refused() -> None:
         model, [1] * 90, request, session_key=None, param="messages", limits=limits
     )
     assert prepared.max_new_tokens == 10
+
+
+@pytest.mark.parametrize(
+    ("param", "prompt", "max_tokens", "message"),
+    [
+        (
+            "prompt",
+            [1] * 90,
+            20,
+            "This model's maximum context length is 100 tokens. However, you requested 110 "
+            "tokens (90 in the prompt, 20 in the completion). Please reduce the length of "
+            "the prompt or completion.",
+        ),
+        (
+            "messages",
+            [1] * 100,
+            None,
+            "This model's maximum context length is 100 tokens. However, you requested 101 "
+            "tokens (100 in the messages, 1 in the completion). Please reduce the length of "
+            "the messages or completion.",
+        ),
+    ],
+)
+def test_a_context_overflow_is_worded_as_openai_words_it(
+    param: str, prompt: list[int], max_tokens: int | None, message: str
+) -> None:
+    # Clients and frameworks match this text ("maximum context length", "you requested").
+    model = ServedModel(MODEL_ID, max_length=100, vocab_size=1000, created=0)
+    request = ChatCompletionRequest.model_validate(CHAT | {"max_tokens": max_tokens})
+    with pytest.raises(ContextLengthExceeded) as raised:
+        generation_request(
+            model, prompt, request, session_key=None, param=param, limits=RequestLimits()
+        )
+    assert (raised.value.message, raised.value.param) == (message, param)
 
 
 def test_a_generation_past_its_deadline_ends_with_length(tiny_model: Path) -> None:
