@@ -14,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -197,12 +198,6 @@ class SamplingRequest(OpenAIModel):
             valid_unicode(stop)
         return value
 
-    @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self) -> Self:
-        if getattr(self, "top_logprobs", None) and not getattr(self, "logprobs", None):
-            raise ValueError("top_logprobs requires logprobs to be true")
-        return self
-
     @field_validator("logit_bias")
     @classmethod
     def _bias_in_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
@@ -238,6 +233,15 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: ToolChoice | None = None
     tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        # A field validator (logprobs is declared, so validated, before) so that the error
+        # names its parameter, `top_logprobs`, as OpenAI does.
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return value
 
     def token_limit(self) -> int | None:
         if self.max_completion_tokens is not None:

@@ -124,6 +124,16 @@ SURROGATE = "Value error, contains a lone surrogate (\\ud800-\\udfff), which is 
             {"model": MODEL_ID, "prompt": "Hi", "stop": "\ud800"},
             _invalid("stop", SURROGATE),
         ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "top_logprobs": 3},
+            _invalid("top_logprobs", "Value error, top_logprobs requires logprobs to be true"),
+        ),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "logprobs": False, "top_logprobs": 3},
+            _invalid("top_logprobs", "Value error, top_logprobs requires logprobs to be true"),
+        ),
     ],
     ids=[
         "seed-above-int64",
@@ -135,6 +145,8 @@ SURROGATE = "Value error, contains a lone surrogate (\\ud800-\\udfff), which is 
         "surrogate-in-prompt",
         "surrogate-in-prompt-list",
         "surrogate-in-completion-stop",
+        "top-logprobs-without-logprobs",
+        "top-logprobs-with-logprobs-false",
     ],
 )
 def test_bad_input_is_a_400_naming_the_parameter_before_any_session_opens(
