@@ -28,6 +28,16 @@ class OpenAIModel(BaseModel):
 
 # ---- requests ----
 
+
+def null_is_default(cls: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A ``mode="before"`` field validator: JSON ``null`` means the field's default. OpenAI
+    documents these fields as nullable, and clients that serialise unset options as
+    ``null`` (``"n": null``, ``"stream": null``) must not get a 400 for it."""
+    if value is None and info.field_name is not None:
+        return cls.model_fields[info.field_name].default
+    return value
+
+
 # JSON's \ud800-style escapes can carry a lone UTF-16 surrogate, which is no character:
 # the tokenizer, Redis and our own responses cannot encode it.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -112,6 +122,8 @@ class ChatMessage(OpenAIModel):
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
+    _null_include_usage = field_validator("include_usage", mode="before")(null_is_default)
+
 
 # OpenAI's limits on function names; the name also appears in prompts and grammars.
 FUNCTION_NAME = r"^[a-zA-Z0-9_-]{1,64}$"
@@ -187,6 +199,8 @@ class SamplingRequest(OpenAIModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = Field(default=None, max_length=1024)
 
+    _null_n_stream = field_validator("n", "stream", mode="before")(null_is_default)
+
     @field_validator("stop")
     @classmethod
     def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
@@ -259,6 +273,8 @@ class CompletionRequest(SamplingRequest):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     suffix: str | None = None
+
+    _null_echo = field_validator("n", "echo", mode="before")(null_is_default)
 
     @field_validator("prompt")
     @classmethod

@@ -13,7 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
-from protocol.openai import FUNCTION_NAME, MAX_MESSAGES, MAX_TOOLS, OpenAIModel, valid_unicode
+from protocol.openai import (
+    FUNCTION_NAME,
+    MAX_MESSAGES,
+    MAX_TOOLS,
+    OpenAIModel,
+    null_is_default,
+    valid_unicode,
+)
 
 
 class Loose(OpenAIModel):
@@ -235,6 +242,8 @@ class ResponsesRequest(OpenAIModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     truncation: Literal["auto", "disabled"] | None = None
     user: str | None = Field(default=None, max_length=1024)
+
+    _null_stream = field_validator("stream", mode="before")(null_is_default)
 
     @field_validator("input")
     @classmethod

@@ -191,6 +191,26 @@ def test_content_that_is_not_text_is_refused_naming_the_message(
     assert swarm.opened == 0
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {**CHAT, "n": None, "stream": None}),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "stream": True, "stream_options": {"include_usage": None}},
+        ),
+        ("/v1/completions", {"model": MODEL_ID, "prompt": "Hi", "n": None, "echo": None}),
+        ("/v1/responses", {"model": MODEL_ID, "input": "Hi", "stream": None}),
+    ],
+    ids=["chat", "chat-stream-options", "completions", "responses"],
+)
+def test_null_means_the_default_for_fields_openai_documents_as_nullable(
+    client: TestClient, path: str, body: dict[str, Any]
+) -> None:
+    r = post_raw(client, path, {**body, "max_tokens": 2} if "messages" in body else body)
+    assert r.status_code == 200, r.text
+
+
 def test_a_seed_at_the_int64_edges_works_for_every_choice(client: TestClient) -> None:
     for seed in (2**63 - 1, -(2**63)):
         r = client.post("/v1/chat/completions", json={**CHAT, "seed": seed, "n": 8})
