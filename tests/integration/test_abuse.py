@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -83,12 +83,24 @@ def send_raw(url: str, path: str, body: dict) -> socket.socket:
     return sock
 
 
+@contextmanager
+def leaving(sock: socket.socket) -> Iterator[socket.socket]:
+    """The client leaves at the end of the block: its connection ends (FIN both ways), not
+    merely this descriptor, so a copy of it held anywhere cannot keep the request alive."""
+    try:
+        yield sock
+    finally:
+        with suppress(OSError):  # the server already closed it
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+
 def test_a_stream_nobody_reads_is_cancelled_after_the_send_timeout(
     swarm: Swarm, gateway: str
 ) -> None:
     before = metrics(gateway)
     body = {"model": swarm.model_id, "stream": True, **LONG}
-    with closing(send_raw(gateway, "/v1/chat/completions", body)):
+    with leaving(send_raw(gateway, "/v1/chat/completions", body)):
         wait_for(lambda: active(gateway) == 1, 60, "the unread stream to start generating")
         # The gateway serves others meanwhile, on its other slot.
         short = {"model": swarm.model_id, "messages": LONG["messages"], "max_tokens": 3}
@@ -106,7 +118,7 @@ def test_a_stream_nobody_reads_is_cancelled_after_the_send_timeout(
 def test_a_client_that_leaves_a_json_request_frees_its_slot(swarm: Swarm, gateway: str) -> None:
     before = metrics(gateway)
     body = {"model": swarm.model_id, "n": 8, **LONG}  # 8 x 900 tokens, one after another
-    with closing(send_raw(gateway, "/v1/chat/completions", body)):
+    with leaving(send_raw(gateway, "/v1/chat/completions", body)):
         wait_for(lambda: active(gateway) == 1, 60, "the request to start generating")
     # Not "until nothing is active": choices run one after another, so there are moments
     # between two of them with nothing active and the request still going.
