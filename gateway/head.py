@@ -49,7 +49,6 @@ class _Logits:
 class _NextToken:
     hidden: torch.Tensor  # [1, n, hidden_size]
     sampler: StreamSampler
-    embed: bool = False  # also the chosen token's embedding
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class Decoded:
 T = TypeVar("T")
 
 _Call = _Embed | _Logits | _NextToken
-_Outcome = torch.Tensor | TokenChoice | Decoded
+_Outcome = torch.Tensor | Decoded
 
 
 class HeadRunner:
@@ -103,16 +102,11 @@ class HeadRunner:
         assert isinstance(out, torch.Tensor)
         return out
 
-    async def next_token(self, hidden: torch.Tensor, sampler: StreamSampler) -> TokenChoice:
-        """hidden: [1, n, hidden_size], the swarm's output (n > 1 after a prefill) → the token
-        ``sampler`` chooses from the last position's logits, with its logprobs if asked."""
-        out = await self._batcher.submit(_NextToken(self._checked(hidden), sampler))
-        assert isinstance(out, TokenChoice)
-        return out
-
     async def decode(self, hidden: torch.Tensor, sampler: StreamSampler) -> Decoded:
-        """``next_token`` and that token's embedding, in one trip to the thread."""
-        out = await self._batcher.submit(_NextToken(self._checked(hidden), sampler, embed=True))
+        """hidden: [1, n, hidden_size], the swarm's output (n > 1 after a prefill) → the token
+        ``sampler`` chooses from the last position's logits (with its logprobs if asked)
+        and that token's embedding, the next step's input: one trip to the thread."""
+        out = await self._batcher.submit(_NextToken(self._checked(hidden), sampler))
         assert isinstance(out, Decoded)
         return out
 
@@ -190,9 +184,9 @@ def _run_rows(head: Head, calls: Sequence[_Logits | _NextToken]) -> list[_Outcom
     ]
 
 
-def _choose(head: Head, call: _NextToken, row: torch.Tensor) -> TokenChoice | Decoded:
+def _choose(head: Head, call: _NextToken, row: torch.Tensor) -> Decoded:
     choice = call.sampler.choose(row)
-    return Decoded(choice, embed_ids(head, [choice.token])) if call.embed else choice
+    return Decoded(choice, embed_ids(head, [choice.token]))
 
 
 def _attempt(fn: Callable[..., T], *args: object) -> T | Exception:

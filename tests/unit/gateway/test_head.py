@@ -146,15 +146,13 @@ def test_concurrent_callers_end_up_in_one_batch(runner: HeadRunner, gated: Gated
     inputs = [hidden(seed) for seed in range(6)]
 
     async def scenario() -> tuple[list[int], list[int]]:
-        alone = [(await runner.next_token(h, StreamSampler.of(greedy))).token for h in inputs]
+        alone = [(await runner.decode(h, StreamSampler.of(greedy))).choice.token for h in inputs]
         gated.rows.clear()
         held = await hold(runner, gated)
-        tasks = await queue(
-            runner, [runner.next_token(h, StreamSampler.of(greedy)) for h in inputs]
-        )
+        tasks = await queue(runner, [runner.decode(h, StreamSampler.of(greedy)) for h in inputs])
         gated.open_gate()
         await held
-        return alone, [choice.token for choice in await asyncio.gather(*tasks)]
+        return alone, [out.choice.token for out in await asyncio.gather(*tasks)]
 
     alone, batched = run(scenario)
     assert gated.rows == [1, len(inputs)]  # the held call, then everything that queued
@@ -216,7 +214,7 @@ def test_prefill_chooses_from_the_last_position(runner: HeadRunner, head: Head) 
     prompt = hidden(7, n=9)
     expected = int(unbatched_logits(head, prompt[:, -1:]).argmax())
     greedy = StreamSampler.of(SamplingParams(temperature=0.0))
-    assert run(lambda: runner.next_token(prompt, greedy)).token == expected
+    assert run(lambda: runner.decode(prompt, greedy)).choice.token == expected
 
 
 def test_decode_also_embeds_the_chosen_token(runner: HeadRunner, head: Head) -> None:
@@ -256,7 +254,7 @@ def test_logprobs_are_the_models_own(runner: HeadRunner, head: Head) -> None:
     h = hidden(3)
     # Temperature and bias change the choice, never the reported distribution.
     params = SamplingParams(temperature=0.5, seed=1, logit_bias={5: 50.0})
-    choice = run(lambda: runner.next_token(h, StreamSampler.of(params, logprobs=3)))
+    choice = run(lambda: runner.decode(h, StreamSampler.of(params, logprobs=3))).choice
     logprobs = torch.log_softmax(unbatched_logits(head, h), dim=-1)
     assert choice.token == 5
     assert choice.logprob == pytest.approx(float(logprobs[5]), abs=1e-5)
@@ -287,7 +285,7 @@ def test_seeded_sampling_is_the_same_batched_and_alone(
         tokens = []
         for params, steps in zip(STREAMS, inputs, strict=True):
             sampler = StreamSampler.of(params)
-            tokens.append([(await runner.next_token(h, sampler)).token for h in steps])
+            tokens.append([(await runner.decode(h, sampler)).choice.token for h in steps])
         return tokens
 
     async def batched() -> list[list[int]]:
@@ -295,12 +293,12 @@ def test_seeded_sampling_is_the_same_batched_and_alone(
         tokens: list[list[int]] = [[] for _ in STREAMS]
         for t in range(STEPS):
             held = await hold(runner, gated)
-            calls = [runner.next_token(inputs[s][t], samplers[s]) for s in range(len(STREAMS))]
+            calls = [runner.decode(inputs[s][t], samplers[s]) for s in range(len(STREAMS))]
             tasks = await queue(runner, calls)
             gated.open_gate()
             await held
-            for stream, choice in zip(tokens, await asyncio.gather(*tasks), strict=True):
-                stream.append(choice.token)
+            for stream, out in zip(tokens, await asyncio.gather(*tasks), strict=True):
+                stream.append(out.choice.token)
         return tokens
 
     expected = run(alone)
@@ -353,7 +351,7 @@ def test_a_caller_cancelled_mid_job_leaves_the_rest_of_it(
         await tasks[1]
         with pytest.raises(asyncio.CancelledError):
             await tasks[0]
-        return (await runner.next_token(hidden(3), StreamSampler.of(greedy))).token
+        return (await runner.decode(hidden(3), StreamSampler.of(greedy))).choice.token
 
     assert isinstance(run(scenario), int)  # and the thread goes on serving
     assert gated.rows == [1, 2, 1]
@@ -369,7 +367,7 @@ def test_an_lm_head_failure_reaches_every_caller_of_its_batch(
         held = await hold(runner, gated)
         calls: list[Awaitable[object]] = [
             runner.logits(hidden(1)),
-            runner.next_token(hidden(2), sampler),
+            runner.decode(hidden(2), sampler),
             runner.embed([1, 2, 3]),  # no row of the LM head: not part of its failure
             runner.logits(hidden(3)),
         ]
@@ -393,7 +391,7 @@ def test_a_streams_own_sampling_error_is_its_alone(runner: HeadRunner, gated: Ga
 
     async def scenario() -> list[object]:
         held = await hold(runner, gated)
-        calls = [runner.next_token(hidden(1), broken), runner.next_token(hidden(2), fine)]
+        calls = [runner.decode(hidden(1), broken), runner.decode(hidden(2), fine)]
         tasks = await queue(runner, calls)
         gated.open_gate()
         await held
@@ -421,7 +419,7 @@ def test_a_streams_grammar_failure_is_its_alone(runner: HeadRunner, gated: Gated
 
     async def scenario() -> list[object]:
         held = await hold(runner, gated)
-        calls = [runner.next_token(hidden(1), broken), runner.next_token(hidden(2), fine)]
+        calls = [runner.decode(hidden(1), broken), runner.decode(hidden(2), fine)]
         tasks = await queue(runner, calls)
         gated.open_gate()
         await held
