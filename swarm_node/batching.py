@@ -180,7 +180,7 @@ class StepScheduler:
         A lone stream never waits, nor does a forward for streams busy elsewhere: a stream
         with no rhythm (between turns, still in its prompt) is waited for only as part of a
         burst. On `swarmgate up` (2 cores) with 16 streams, this took aggregate tokens/s
-        from ~57 to ~74; with 4, from ~25 to ~35.
+        from ~57 to ~70 (median of warm rounds); with 4, from ~25 to ~33.
         """
         forward_s = self._forward_s
         if forward_s <= 0 or len(self._waiting) >= self._open_streams():
