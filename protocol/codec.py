@@ -36,7 +36,16 @@ def make_response(message: RpcMessage, *tensors: torch.Tensor) -> runtime_pb2.Ex
 def read_tensors(
     message: runtime_pb2.ExpertRequest | runtime_pb2.ExpertResponse,
 ) -> list[torch.Tensor]:
-    return [deserialize_torch_tensor(t) for t in message.tensors]
+    return [read_tensor(t) for t in message.tensors]
+
+
+def read_tensor(proto: runtime_pb2.Tensor) -> torch.Tensor:
+    """One tensor as a peer sent it; one that cannot be read is a ``ProtocolMismatch``."""
+    try:
+        tensor: torch.Tensor = deserialize_torch_tensor(proto)
+    except Exception as e:  # a buffer shorter than its header says, an unknown dtype, ...
+        raise ProtocolMismatch(f"a malformed tensor: {e}") from None
+    return tensor
 
 
 def tensor_pieces(

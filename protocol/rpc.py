@@ -20,7 +20,7 @@ from the gateway as a ``Relay`` on this stream, whichever arrives first. A ``Ste
 tensor once the push was accepted; a failed push answers with the output as usual:
 
     gateway → hop k: Step(push_to=hop k+1) + hidden   gateway → hop k+1: Step(input_tokens=n)
-    hop k → hop k+1: Push(token) + hidden [1,n,H]     hop k+1 → hop k: PushAccepted
+    hop k → hop k+1: Push([token]) + [hidden [1,n,H]]  hop k+1 → hop k: PushAccepted
     hop k → gateway: StepDone(pushed=True)            hop k+1 → gateway: StepDone + hidden
 
 Training (``rpc_train_forward``, ``rpc_train_backward``) is stateless, one stream per call,
@@ -76,6 +76,9 @@ MESSAGE_BUDGET_BYTES = 3 * 1024 * 1024
 # Histogram buckets of one step, in seconds, for the gateway's per-hop latency and each
 # node's own step time alike: the same edges let a dashboard set one against the other.
 STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# Steps one push call may carry: a forward's worth (swarm_node.batching.MAX_BATCH_SEGMENTS).
+MAX_PUSH_ITEMS = 256
 
 # How long a hop tries to push a step's output before it answers the gateway with it
 # instead (network time excluded); the gateway's deadline for that answer includes it.
@@ -174,18 +177,22 @@ class Relay(RpcMessage):
     position: int = Field(ge=0)
 
 
-class Push(RpcMessage):
-    """A hop's output for the next hop's step at ``position`` (tensor attached)."""
+class PushItem(RpcMessage):
+    """One step's input: the step at ``position`` of the stream opened with ``token``."""
 
-    version: int = PROTOCOL_VERSION
-    member_pass: MemberPass = ""  # the pushing server's own pass
     token: PushToken
     position: int = Field(ge=0)
     digest: HistoryDigest = ""  # of the history once these tokens are in, as in its Step
 
 
-class PushAccepted(RpcMessage):
-    position: int = Field(ge=0)
+class Push(RpcMessage):
+    """A hop's outputs for steps of the next hop's streams, one tensor per item, in order.
+    A forward's steps that go to the same next hop travel in one call: sixteen unary calls
+    through the daemons cost several times one call of sixteen."""
+
+    version: int = PROTOCOL_VERSION
+    member_pass: MemberPass = ""  # the pushing server's own pass
+    items: list[PushItem] = Field(min_length=1, max_length=MAX_PUSH_ITEMS)
 
 
 class InfoRequest(RpcMessage):
@@ -288,6 +295,13 @@ class RpcError(RpcMessage):
         if self.error is ErrorCode.FORBIDDEN:
             return NotAMember(message, peer_id)
         return PeerUnavailable(message, peer_id)
+
+
+class PushAccepted(RpcMessage):
+    """Each item's fate, in order: None once its step took it, else why it was refused
+    (its pusher answers the gateway with that output instead)."""
+
+    refused: list[RpcError | None] = Field(max_length=MAX_PUSH_ITEMS)
 
 
 M = TypeVar("M", bound=RpcMessage)

@@ -22,7 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-PROTOCOL_VERSION = 2  # 2: members' passes, session secrets, owner-bound records
+# 2: members' passes, session secrets, owner-bound records; 3: a push carries many steps
+PROTOCOL_VERSION = 3
 LOOPBACK_MADDRS = ["/ip4/127.0.0.1/tcp/0"]  # default listen address: this machine only
 MAX_THROUGHPUT = 1e6  # decode steps/s; anything above is a lie meant to win every route
 MAX_NAME_CHARS = 128  # dtype, quant and adapter names

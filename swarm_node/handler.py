@@ -24,7 +24,13 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from models.loading import Span, block_linears
-from protocol.codec import make_response, read_pieces, read_tensors, response_pieces
+from protocol.codec import (
+    make_response,
+    read_pieces,
+    read_tensor,
+    read_tensors,
+    response_pieces,
+)
 from protocol.errors import (
     CapacityExceeded,
     InvalidRequest,
@@ -46,6 +52,7 @@ from protocol.rpc import (
     OpenSession,
     Push,
     PushAccepted,
+    PushItem,
     Relay,
     RpcError,
     ServerInfo,
@@ -335,8 +342,9 @@ class BlockHandler:
     async def rpc_push(
         self, request: runtime_pb2.ExpertRequest, context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
-        """Another server's output, the input of a step of one of our streams: accepted
-        once that step took it. Members only; checked against the step before compute."""
+        """Another server's outputs, each the input of a step of one of our streams: each
+        accepted once its step took it, or refused on its own. Members only; every input
+        is checked against its step before compute."""
         try:
             push = decode(Push, request.metadata)
             if push.version != PROTOCOL_VERSION:
@@ -344,11 +352,28 @@ class BlockHandler:
                     f"protocol version {push.version}, this server speaks {PROTOCOL_VERSION}"
                 )
             self._check_member(push.member_pass, str(context.remote_id))
-            hidden = self._one_tensor(request)
-            await self.pushes.deliver(push.token, push.position, push.digest, hidden)
+            if len(request.tensors) != len(push.items):
+                raise ProtocolMismatch(
+                    f"{len(push.items)} pushed steps came with {len(request.tensors)} tensors"
+                )
         except (SwarmError, RequestError) as e:
             return make_response(RpcError.of(e))
-        return make_response(PushAccepted(position=push.position))
+        refused = await asyncio.gather(
+            *(
+                self._take_push(item, tensor)
+                for item, tensor in zip(push.items, request.tensors, strict=True)
+            )
+        )
+        return make_response(PushAccepted(refused=refused))
+
+    async def _take_push(self, item: PushItem, tensor: runtime_pb2.Tensor) -> RpcError | None:
+        """Why the step of ``item`` refused its input, None once it took it."""
+        try:
+            hidden = self._hidden_of(read_tensor(tensor))
+            await self.pushes.deliver(item.token, item.position, item.digest, hidden)
+        except (SwarmError, RequestError) as e:
+            return RpcError.of(e)
+        return None
 
     async def _read_opening(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], caller: str
@@ -583,7 +608,9 @@ class BlockHandler:
         tensors = read_tensors(request)
         if len(tensors) != 1:
             raise ProtocolMismatch(f"expected 1 tensor, got {len(tensors)}")
-        hidden = tensors[0]
+        return self._hidden_of(tensors[0])
+
+    def _hidden_of(self, hidden: torch.Tensor) -> torch.Tensor:
         hidden_size = self.span.config.hidden_size
         if (
             hidden.ndim != 3

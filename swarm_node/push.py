@@ -14,7 +14,8 @@ to this one): it waits for the step, at most ``EARLY_WAIT_S``, and at most
 
 Sending. ``Pusher.push`` sends an output to the next hop and says whether it was accepted;
 a push that fails in any way (unreachable, refused, too slow) is answered with the output
-to the gateway instead, which relays it.
+to the gateway instead, which relays it. The outputs of one forward for the same next hop
+share one call, each accepted or refused on its own.
 """
 
 from __future__ import annotations
@@ -28,9 +29,18 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from protocol.codec import make_request
-from protocol.errors import CapacityExceeded, InvalidRequest
+from protocol.errors import CapacityExceeded, InvalidRequest, ProtocolMismatch
 from protocol.latency import SimulatedLink
-from protocol.rpc import PUSH_TIMEOUT_S, Push, PushAccepted, PushTarget, decode_reply
+from protocol.rpc import (
+    MAX_PUSH_ITEMS,
+    MESSAGE_BUDGET_BYTES,
+    PUSH_TIMEOUT_S,
+    Push,
+    PushAccepted,
+    PushItem,
+    PushTarget,
+    decode_reply,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -220,10 +230,27 @@ class PushBoard:
         await inbox.push(position, digest, hidden)
 
 
-class Pusher:
-    """Sends a step's output to the next hop, over ``call`` (rpc_push on that peer).
+@dataclass(eq=False)
+class _Outgoing:
+    item: PushItem
+    output: torch.Tensor
+    accepted: asyncio.Future[bool]
 
-    ``link``: the simulated network (benchmarks only); a push crosses one link, so it waits
+    @property
+    def size(self) -> int:
+        return self.output.numel() * self.output.element_size()
+
+
+class Pusher:
+    """Sends steps' outputs to their next hops, over ``call`` (rpc_push on that peer).
+
+    Pushes to one peer made in the same turn of the event loop travel in one call. The
+    steps of a batched forward finish together and their streams push one after another
+    without waiting in between, so one forward's outputs for the next hop become one
+    message: on loopback, sixteen unary calls through the daemons took ~4 ms, one call
+    carrying sixteen ~1.6 ms, and the next hop starts its forward once the last arrives.
+
+    ``link``: the simulated network (benchmarks only); a call crosses one link, so it waits
     half a round trip each way, as the gateway's messages do.
     """
 
@@ -238,29 +265,71 @@ class Pusher:
         self._member_pass = member_pass
         self._link = link
         self._timeout_s = timeout_s
+        self._outboxes: dict[str, list[_Outgoing]] = {}  # peer id → pushes not yet sent
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def push(self, target: PushTarget, position: int, digest: str, out: torch.Tensor) -> bool:
         """Whether the hop at ``target`` accepted ``out`` [1, n, H] as the input of its
-        step at ``position``."""
-        push = Push(
-            member_pass=self._member_pass(), token=target.token, position=position, digest=digest
-        )
-        request = make_request(push, out)
-        try:
-            reply = await asyncio.wait_for(
-                self._send(target.peer_id, request), self._timeout_s + self._link.rtt_s
-            )
-            decode_reply(PushAccepted, reply.metadata, target.peer_id)
-        except Exception as e:  # unreachable, refused, too slow: the gateway relays it
-            logger.warning(
-                "push to %s failed (%s); answering the gateway instead",
-                target.peer_id,
-                str(e) or type(e).__name__,
-            )
-            return False
-        return True
+        step at ``position``. Never raises: a push that fails in any way (unreachable,
+        refused, too slow) is False, and its stream answers the gateway with ``out``."""
+        loop = asyncio.get_running_loop()
+        item = PushItem(token=target.token, position=position, digest=digest)
+        outgoing = _Outgoing(item, out, loop.create_future())
+        outbox = self._outboxes.get(target.peer_id)
+        if outbox is None:
+            outbox = self._outboxes[target.peer_id] = []
+            loop.call_soon(self._flush, target.peer_id)
+        outbox.append(outgoing)
+        return await outgoing.accepted
 
-    async def _send(
+    def _flush(self, peer_id: str) -> None:
+        """Send what waits for ``peer_id``, in as few calls as the message budget allows."""
+        waiting = [o for o in self._outboxes.pop(peer_id, []) if not o.accepted.done()]
+        calls: list[list[_Outgoing]] = []
+        size = 0
+        for outgoing in waiting:
+            full = len(calls[-1]) >= MAX_PUSH_ITEMS if calls else True
+            if full or size + outgoing.size > MESSAGE_BUDGET_BYTES:
+                calls.append([])
+                size = 0
+            calls[-1].append(outgoing)
+            size += outgoing.size
+        for pushes in calls:
+            task = asyncio.get_running_loop().create_task(self._send(peer_id, pushes))
+            self._sending.add(task)  # held: the loop keeps only weak references to tasks
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, peer_id: str, pushes: list[_Outgoing]) -> None:
+        refused: list[str | None] = ["the push was cancelled"] * len(pushes)
+        try:
+            push = Push(member_pass=self._member_pass(), items=[o.item for o in pushes])
+            request = make_request(push, *(o.output for o in pushes))
+            reply = await asyncio.wait_for(
+                self._exchange(peer_id, request), self._timeout_s + self._link.rtt_s
+            )
+            answer = decode_reply(PushAccepted, reply.metadata, peer_id)
+            if len(answer.refused) != len(pushes):
+                raise ProtocolMismatch(
+                    f"{peer_id} answered {len(answer.refused)} of {len(pushes)} pushes", peer_id
+                )
+            refused = [None if r is None else r.message or r.error.value for r in answer.refused]
+        except Exception as e:  # unreachable, refused, too slow: the gateway relays them
+            refused = [str(e) or type(e).__name__] * len(pushes)
+        finally:
+            failed = [reason for reason in refused if reason is not None]
+            if failed:
+                logger.warning(
+                    "%d of %d pushes to %s failed (%s); answering the gateway instead",
+                    len(failed),
+                    len(pushes),
+                    peer_id,
+                    failed[0],
+                )
+            for outgoing, reason in zip(pushes, refused, strict=True):
+                if not outgoing.accepted.done():  # else its stream was cancelled meanwhile
+                    outgoing.accepted.set_result(reason is None)
+
+    async def _exchange(
         self, peer_id: str, request: runtime_pb2.ExpertRequest
     ) -> runtime_pb2.ExpertResponse:
         await self._link.outbound()

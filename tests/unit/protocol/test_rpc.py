@@ -13,12 +13,16 @@ from protocol.errors import ProtocolMismatch, SwarmError
 from protocol.prefix import MAX_BLOCKS
 from protocol.rpc import (
     MAX_MESSAGE_BYTES,
+    MAX_PUSH_ITEMS,
     MESSAGE_BUDGET_BYTES,
+    ErrorCode,
     OpenSession,
     Push,
     PushAccepted,
+    PushItem,
     PushTarget,
     Relay,
+    RpcError,
     RpcMessage,
     ServerInfo,
     SessionOpened,
@@ -52,8 +56,14 @@ MESSAGES: list[RpcMessage] = [
     Step(position=4, input_tokens=2, push_to=PushTarget(peer_id="12D3KooWAbc", token="7a" * 16)),
     StepDone(position=6, pushed=True),
     Relay(relay=True, position=4),
-    Push(member_pass="pass", token="7a" * 16, position=4, digest="d1" * 16),
-    PushAccepted(position=4),
+    Push(
+        member_pass="pass",
+        items=[
+            PushItem(token="7a" * 16, position=4, digest="d1" * 16),
+            PushItem(token="b3" * 16, position=9),
+        ],
+    ),
+    PushAccepted(refused=[None, RpcError(error=ErrorCode.INVALID_REQUEST, message="passed")]),
     ServerInfo(
         start=0,
         end=12,
@@ -144,7 +154,9 @@ def test_garbage_bytes_are_a_protocol_mismatch(garbage: bytes) -> None:
                 "push_token": "7A" * 16,
             },
         ),
-        (Push, {"token": "7a" * 16}),
+        (Push, {"items": [{"token": "7a" * 16}]}),
+        (Push, {"items": []}),  # a call pushes something
+        (Push, {"items": [{"token": "7a" * 16, "position": 0}] * (MAX_PUSH_ITEMS + 1)}),
         (Relay, {"position": 3}),
     ],
 )
@@ -255,6 +267,17 @@ def test_read_tensors_returns_independent_tensors() -> None:
     [back] = read_tensors(message)
     tensor.add_(1.0)  # the message holds a copy, not a view of the sender's tensor
     assert torch.equal(back, torch.ones(1, 2, 4))
+
+
+@pytest.mark.parametrize("damage", ["short buffer", "unknown dtype"])
+def test_a_tensor_that_cannot_be_read_is_a_protocol_mismatch(damage: str) -> None:
+    message = make_request(Step(position=0), torch.ones(1, 2, 4))
+    if damage == "short buffer":
+        message.tensors[0].buffer = message.tensors[0].buffer[:-4]
+    else:
+        message.tensors[0].dtype = "float99"
+    with pytest.raises(ProtocolMismatch, match="malformed tensor"):
+        read_tensors(message)
 
 
 def test_pieces_round_trip_under_the_message_cap() -> None:

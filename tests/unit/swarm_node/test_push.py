@@ -4,6 +4,7 @@ relay, checked against what the gateway announced, and nothing waits forever or 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +23,7 @@ from protocol.rpc import (
     OpenSession,
     Push,
     PushAccepted,
+    PushItem,
     PushTarget,
     Relay,
     RpcError,
@@ -31,6 +33,7 @@ from protocol.rpc import (
     decode,
     decode_reply,
 )
+from swarm_node import push as push_module
 from swarm_node.handler import BlockHandler
 from swarm_node.kv_cache import SessionStore
 from swarm_node.push import MAX_EARLY_PUSHES, Inbox, PushBoard, Pusher
@@ -227,27 +230,104 @@ def test_the_board_finds_inboxes_by_token_only() -> None:
 # ---- Pusher: any failure means "answer the gateway instead" ----
 
 
-def test_a_push_is_sent_with_this_servers_pass_and_counts_once_accepted() -> None:
-    sent: list[tuple[str, Push]] = []
-
+def accept_all(sent: list[tuple[str, Push]]) -> Any:
     async def call(peer: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         push = decode(Push, request.metadata)
+        assert len(request.tensors) == len(push.items)
         sent.append((peer, push))
-        return make_response(PushAccepted(position=push.position))
+        return make_response(PushAccepted(refused=[None] * len(push.items)))
 
-    pusher = Pusher(call, member_pass=lambda: "my-pass")
+    return call
+
+
+def test_a_push_is_sent_with_this_servers_pass_and_counts_once_accepted() -> None:
+    sent: list[tuple[str, Push]] = []
+    pusher = Pusher(accept_all(sent), member_pass=lambda: "my-pass")
     target = PushTarget(peer_id="QmNext", token=TOKEN)
     assert run(pusher.push(target, 4, DIGEST, inputs(1, 1)))
-    assert sent == [("QmNext", Push(member_pass="my-pass", token=TOKEN, position=4, digest=DIGEST))]
+    item = PushItem(token=TOKEN, position=4, digest=DIGEST)
+    assert sent == [("QmNext", Push(member_pass="my-pass", items=[item]))]
 
 
-@pytest.mark.parametrize("failure", ["refused", "unreachable", "silent"])
+def test_the_pushes_of_one_forward_to_one_hop_share_one_call() -> None:
+    """Streams that push in the same turn of the loop (a batched forward's steps) send
+    one call per next hop, each output with its own step, and each hears its own fate."""
+    sent: list[tuple[str, Push]] = []
+    tokens = [f"{i:02x}" * 16 for i in range(5)]
+    targets = [PushTarget(peer_id="QmB" if i < 3 else "QmC", token=t) for i, t in enumerate(tokens)]
+
+    async def scenario() -> list[bool]:
+        pusher = Pusher(accept_all(sent))
+        return await asyncio.gather(
+            *(pusher.push(t, 7, DIGEST, inputs(1, i)) for i, t in enumerate(targets))
+        )
+
+    assert run(scenario()) == [True] * 5
+    assert [(peer, [item.token for item in push.items]) for peer, push in sent] == [
+        ("QmB", tokens[:3]),
+        ("QmC", tokens[3:]),
+    ]
+
+
+def test_each_push_of_a_call_is_accepted_or_refused_on_its_own() -> None:
+    async def call(peer: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        push = decode(Push, request.metadata)
+        no = RpcError(error=ErrorCode.INVALID_REQUEST, message="the step at 3 has passed")
+        return make_response(
+            PushAccepted(refused=[None if i.position != 3 else no for i in push.items])
+        )
+
+    async def scenario() -> list[bool]:
+        pusher = Pusher(call)
+        target = PushTarget(peer_id="QmNext", token=TOKEN)
+        return await asyncio.gather(
+            *(pusher.push(target, p, DIGEST, inputs(1, p)) for p in (2, 3, 4))
+        )
+
+    assert run(scenario()) == [True, False, True]
+
+
+def test_pushes_beyond_one_messages_budget_go_in_several_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    one = inputs(1, 1)
+    monkeypatch.setattr(push_module, "MESSAGE_BUDGET_BYTES", 2 * one.numel() * 4)
+    sent: list[tuple[str, Push]] = []
+
+    async def scenario() -> list[bool]:
+        pusher = Pusher(accept_all(sent))
+        target = PushTarget(peer_id="QmNext", token=TOKEN)
+        return await asyncio.gather(*(pusher.push(target, p, DIGEST, one) for p in range(5)))
+
+    assert run(scenario()) == [True] * 5
+    assert [[item.position for item in push.items] for _, push in sent] == [[0, 1], [2, 3], [4]]
+
+
+def test_a_cancelled_push_is_dropped_before_its_call_and_the_rest_go_on() -> None:
+    sent: list[tuple[str, Push]] = []
+
+    async def scenario() -> bool:
+        pusher = Pusher(accept_all(sent))
+        target = PushTarget(peer_id="QmNext", token=TOKEN)
+        dropped = asyncio.ensure_future(pusher.push(target, 1, DIGEST, inputs(1, 1)))
+        kept = asyncio.ensure_future(pusher.push(target, 2, DIGEST, inputs(1, 2)))
+        await asyncio.sleep(0)  # both queued, their call not yet made
+        dropped.cancel()
+        return await kept
+
+    assert run(scenario())
+    assert [[item.position for item in push.items] for _, push in sent] == [[2]]
+
+
+@pytest.mark.parametrize("failure", ["refused", "unreachable", "silent", "miscounted"])
 def test_a_push_that_fails_in_any_way_is_reported_not_raised(failure: str) -> None:
     async def call(peer: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
         if failure == "refused":
             return make_response(RpcError(error=ErrorCode.INVALID_REQUEST, message="no"))
         if failure == "unreachable":
             raise ConnectionError("dial failed")
+        if failure == "miscounted":  # a peer's answer must match what it was sent
+            return make_response(PushAccepted(refused=[None, None]))
         await asyncio.sleep(10)
         raise AssertionError("not reached")
 
@@ -262,10 +342,7 @@ def test_a_push_crosses_one_simulated_link() -> None:
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
 
-    async def call(peer: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-        return make_response(PushAccepted(position=0))
-
-    pusher = Pusher(call, link=SimulatedLink(0.1, sleep))
+    pusher = Pusher(accept_all([]), link=SimulatedLink(0.1, sleep))
     assert run(pusher.push(PushTarget(peer_id="QmNext", token=TOKEN), 0, DIGEST, inputs(1, 1)))
     assert slept == [0.05, 0.05]
 
@@ -289,11 +366,12 @@ async def open_hop(
     token: str | None,
     caller: str = "",
     member_pass: str = "",
+    session_id: str = "conv",
 ) -> FakeStream:
     stream = FakeStream(handler, caller)
     opening = OpenSession(
         member_pass=member_pass,
-        session_id="conv",
+        session_id=session_id,
         secret=SECRET,
         start=blocks[0],
         end=blocks[1],
@@ -306,7 +384,21 @@ async def open_hop(
 
 
 def push_request(position: int, hidden: torch.Tensor, token: str = TOKEN, **kw: Any) -> Any:
-    return make_request(Push(token=token, position=position, digest=DIGEST, **kw), hidden)
+    item = PushItem(token=token, position=position, digest=DIGEST)
+    return make_request(Push(items=[item], **kw), hidden)
+
+
+def refusal(reply: runtime_pb2.ExpertResponse) -> RpcError:
+    """Why a push of one step was refused: the whole call's refusal, or its item's."""
+    if "error" in json.loads(reply.metadata):
+        return decode(RpcError, reply.metadata)
+    [refused] = decode_reply(PushAccepted, reply.metadata, "node").refused
+    assert refused is not None, "the push was accepted"
+    return refused
+
+
+def accepted(reply: runtime_pb2.ExpertResponse) -> bool:
+    return decode_reply(PushAccepted, reply.metadata, "node").refused == [None]
 
 
 def caller(peer: str) -> Any:
@@ -328,8 +420,8 @@ def test_a_step_computes_on_the_pushed_input_as_on_its_own(span: Span) -> None:
         for position, hidden in ((0, prompt), (5, turn)):
             stream.send(expect_step(position, hidden.shape[1]))
             reply = asyncio.ensure_future(anext(stream.replies))
-            accepted = await handler.rpc_push(push_request(position, hidden), caller("QmPrev"))
-            assert decode_reply(PushAccepted, accepted.metadata, "node").position == position
+            reply_to_push = await handler.rpc_push(push_request(position, hidden), caller("QmPrev"))
+            assert accepted(reply_to_push)
             done = await reply
             finished = decode_reply(StepDone, done.metadata, "node")
             assert finished.position == position + hidden.shape[1] and not finished.pushed
@@ -354,7 +446,7 @@ def test_a_push_before_its_step_and_a_relay_instead_of_a_push_both_work(span: Sp
         await until(lambda: sum(i.early for i in handler.pushes._inboxes.values()) == 1)
         first = await stream.exchange(expect_step(0, 4))
         torch.testing.assert_close(read_tensors(first)[0], expected[0])
-        decode_reply(PushAccepted, (await pushing).metadata, "node")
+        assert accepted(await pushing)
         # Relayed: the previous hop could not push, the gateway sends the input itself.
         stream.send(expect_step(4, 1))
         relayed = await stream.exchange(make_request(Relay(relay=True, position=4), turn))
@@ -378,17 +470,17 @@ def test_pushes_with_a_wrong_token_or_from_a_stranger_are_refused_before_any_wor
         stream.send(expect_step(0, 1))
         reply = asyncio.ensure_future(anext(stream.replies))
         stranger = await handler.rpc_push(push_request(0, inputs(1, 1)), caller("QmStranger"))
-        assert decode(RpcError, stranger.metadata).error is ErrorCode.FORBIDDEN
+        assert refusal(stranger).error is ErrorCode.FORBIDDEN
         member = PassIssuer(key, "QmPrev").current()
         wrong = push_request(0, inputs(1, 1), token=OTHER_TOKEN, member_pass=member)
         refused = await handler.rpc_push(wrong, caller("QmPrev"))
-        assert decode(RpcError, refused.metadata).error is ErrorCode.INVALID_REQUEST
+        assert refusal(refused).error is ErrorCode.INVALID_REQUEST
         stolen_pass = push_request(0, inputs(1, 1), member_pass=member)  # QmPrev's, not ours
         refused = await handler.rpc_push(stolen_pass, caller("QmOther"))
-        assert decode(RpcError, refused.metadata).error is ErrorCode.FORBIDDEN
-        accepted = await handler.rpc_push(push_request(0, inputs(1, 1), member_pass=member),
-                                          caller("QmPrev"))  # fmt: skip
-        decode_reply(PushAccepted, accepted.metadata, "node")
+        assert refusal(refused).error is ErrorCode.FORBIDDEN
+        ok = await handler.rpc_push(push_request(0, inputs(1, 1), member_pass=member),
+                                    caller("QmPrev"))  # fmt: skip
+        assert accepted(ok)
         decode_reply(StepDone, (await reply).metadata, "node")
         await stream.close()
 
@@ -423,7 +515,7 @@ def test_a_stream_closed_while_its_step_waits_frees_everything(span: Span) -> No
         with pytest.raises(StopAsyncIteration):
             await waiting
         refused = await early
-        assert decode(RpcError, refused.metadata).error is ErrorCode.INVALID_REQUEST
+        assert refusal(refused).error is ErrorCode.INVALID_REQUEST
         assert len(handler.pushes) == 0 and handler.active_streams == 0
         assert not any(store.in_use(k) for k in store.session_ids())
 
@@ -482,3 +574,41 @@ def test_a_hop_pushes_its_output_into_the_next_hops_step(span: Span) -> None:
 
     run(scenario(fail=False))
     run(scenario(fail=True))
+
+
+def test_one_call_pushing_several_steps_answers_each_on_its_own(span: Span) -> None:
+    """Two streams' steps in one push, plus one for a token nobody holds and one whose
+    tensor cannot be read: the two are taken, the others refused, and a call whose
+    tensors do not match its items is refused whole, before anything is taken."""
+    a, b = inputs(1, 1), inputs(1, 2)
+    want_a, want_b = reference(span, [a])[0], reference(span, [b])[0]
+
+    async def scenario() -> None:
+        handler, _ = handler_of(span)
+        first = await open_hop(handler, (0, TINY_BLOCKS), TOKEN, session_id="one")
+        second = await open_hop(handler, (0, TINY_BLOCKS), OTHER_TOKEN, session_id="two")
+        for stream in (first, second):
+            stream.send(expect_step(0, 1))
+        replies = [asyncio.ensure_future(anext(s.replies)) for s in (first, second)]
+        items = [
+            PushItem(token=t, position=0, digest=DIGEST)
+            for t in (TOKEN, "ee" * 16, OTHER_TOKEN, TOKEN)
+        ]
+        mismatched = make_request(Push(items=items), a, a, b)
+        assert refusal(await handler.rpc_push(mismatched, caller("Qm"))).error is (
+            ErrorCode.PROTOCOL_MISMATCH
+        )
+        request = make_request(Push(items=items), a, a, b, a)
+        request.tensors[3].dtype = "float99"
+        reply = await handler.rpc_push(request, caller("Qm"))
+        refused = decode_reply(PushAccepted, reply.metadata, "node").refused
+        assert refused[0] is None and refused[2] is None
+        assert refused[1] is not None and refused[1].error is ErrorCode.INVALID_REQUEST
+        assert refused[3] is not None and refused[3].error is ErrorCode.PROTOCOL_MISMATCH
+        outs = [read_tensors(await reply) for reply in replies]
+        torch.testing.assert_close(outs[0][0], want_a)
+        torch.testing.assert_close(outs[1][0], want_b)
+        await first.close()
+        await second.close()
+
+    run(scenario())
