@@ -99,7 +99,7 @@ class CompletionService:
                 ids, text = prompt, str(self._tokenizer.decode(prompt))
             generation = generation_request(
                 self.model,
-                ids,
+                ids or self._start(),
                 request,
                 session_key=session_key,
                 param="prompt",
@@ -111,6 +111,17 @@ class CompletionService:
                 generation = replace(generation, logprobs=request.logprobs)
             prepared.append(PreparedPrompt(generation, text))
         return prepared
+
+    def _start(self) -> list[int]:
+        """What an empty prompt generates from: the BOS token, as `transformers` `generate`
+        starts without input ids. Its text stays out of `echo`, its token stays in usage."""
+        bos = self._tokenizer.bos_token_id
+        if bos is None:
+            raise InvalidRequest(
+                "the prompt is empty, and this model's tokenizer has no BOS token to start from",
+                param="prompt",
+            )
+        return [int(bos)]
 
     async def open(self, prepared: PreparedPrompt) -> Generation:
         return await self._generator.open(prepared.generation)
