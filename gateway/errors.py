@@ -116,7 +116,9 @@ def _validation_error(exc: RequestValidationError) -> HTTPError:
     if first.get("type") == "json_invalid":
         return _error(400, "the request body is not valid JSON", "invalid_request_error")
     param = ".".join(location) or None
-    message = first.get("msg", "invalid request")
+    message = str(first.get("msg", "invalid request"))
+    if first.get("type") == "value_error":  # pydantic's prefix; OpenAI's messages have none
+        message = message.removeprefix("Value error, ")
     if param:
         message = f"{param}: {message}"
     code = UNSUPPORTED if first.get("type") == UNSUPPORTED else None

@@ -197,6 +197,20 @@ def test_validation_error_reports_the_first_error() -> None:
     assert body_of(to_http_error(exc))["param"] == "model"
 
 
+def test_a_validators_message_loses_pydantics_prefix() -> None:
+    exc = validation_error(
+        {
+            "type": "value_error",
+            "loc": ("body", "stop"),
+            "msg": "Value error, a stop sequence may have at most 256 characters",
+            "input": "x" * 257,
+        }
+    )
+    body = body_of(to_http_error(exc))
+    assert body["message"] == "stop: a stop sequence may have at most 256 characters"
+    assert body["param"] == "stop"
+
+
 def test_invalid_json_body() -> None:
     exc = validation_error(
         {
