@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -112,9 +114,10 @@ def _validation_error(exc: RequestValidationError) -> HTTPError:
     loc = tuple(first.get("loc", ()))
     if loc[:1] == ("query",):  # a query parameter goes by its own name, as a body's field
         loc = loc[1:]
+    body_message = _body_message(first)
+    if body_message is not None:
+        return _error(400, body_message, "invalid_request_error")
     location = [str(part) for part in loc if part != "body"]
-    if first.get("type") == "json_invalid":
-        return _error(400, "the request body is not valid JSON", "invalid_request_error")
     param = ".".join(location) or None
     message = str(first.get("msg", "invalid request"))
     if first.get("type") == "value_error":  # pydantic's prefix; OpenAI's messages have none
@@ -123,3 +126,38 @@ def _validation_error(exc: RequestValidationError) -> HTTPError:
         message = f"{param}: {message}"
     code = UNSUPPORTED if first.get("type") == UNSUPPORTED else None
     return _error(400, message, "invalid_request_error", param=param, code=code)
+
+
+# What a JSON body that is not an object is, by the Python type `json.loads` gives it.
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+def _body_message(error: Mapping[str, Any]) -> str | None:
+    """The message for a body that is no JSON object at all (not JSON, empty, another JSON
+    value, not sent as JSON), or None for an error inside one. Pydantic's own words there,
+    "Input should be a valid dictionary", name neither a parameter nor the fix."""
+    if error.get("type") == "json_invalid":  # OpenAI's wording, plus where it went wrong
+        reason, at = error.get("ctx", {}).get("error"), tuple(error.get("loc", ()))[1:]
+        where = f" ({reason} at character {at[0]})" if reason and at else ""
+        return (
+            "We could not parse the JSON body of your request. The API expects a JSON object, "
+            f"but what was sent was not valid JSON{where}."
+        )
+    if tuple(error.get("loc", ())) != ("body",):
+        return None
+    if error.get("type") == "missing":
+        return "The request body is empty; it must be a JSON object."
+    if error.get("type") not in ("model_attributes_type", "model_type", "dict_type"):
+        return None  # a validator of the whole body: its own message says what is wrong
+    given = error.get("input")
+    if isinstance(given, bytes):  # FastAPI reads a body as JSON only with a JSON content type
+        return "The request body must be a JSON object, sent with Content-Type: application/json."
+    kind = _JSON_KINDS.get(type(given))
+    return f"The request body must be a JSON object, not {kind}." if kind else None

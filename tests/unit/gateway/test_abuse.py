@@ -162,6 +162,58 @@ def test_bad_input_is_a_400_naming_the_parameter_before_any_session_opens(
     assert client.post("/v1/chat/completions", json=CHAT).status_code == 200
 
 
+_NOT_AN_OBJECT = "The request body must be a JSON object"
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "content", "message"),
+    [
+        (
+            "/v1/chat/completions",
+            "text/plain",
+            b"Hello",
+            f"{_NOT_AN_OBJECT}, sent with Content-Type: application/json.",
+        ),
+        (  # JSON, but not said to be: FastAPI reads only JSON content types as JSON
+            "/v1/chat/completions",
+            "text/plain",
+            json.dumps(CHAT).encode(),
+            f"{_NOT_AN_OBJECT}, sent with Content-Type: application/json.",
+        ),
+        ("/v1/chat/completions", "application/json", b"[1, 2]", f"{_NOT_AN_OBJECT}, not an array."),
+        ("/v1/completions", "application/json", b"[]", f"{_NOT_AN_OBJECT}, not an array."),
+        ("/v1/responses", "application/json", b'"Hello"', f"{_NOT_AN_OBJECT}, not a string."),
+        (
+            "/v1/chat/completions",
+            "application/json",
+            b'{"model": "tiny",',
+            "We could not parse the JSON body of your request. The API expects a JSON object, "
+            "but what was sent was not valid JSON (Expecting property name enclosed in double "
+            "quotes at character 17).",
+        ),
+        (
+            "/v1/chat/completions",
+            "application/json",
+            b"",
+            "The request body is empty; it must be a JSON object.",
+        ),
+    ],
+    ids=["text", "json-as-text", "array", "empty-array", "string", "invalid-json", "empty"],
+)
+def test_a_body_that_is_not_a_json_object_is_refused_saying_so(
+    client: TestClient,
+    swarm: LocalSwarmClient,
+    path: str,
+    content_type: str,
+    content: bytes,
+    message: str,
+) -> None:
+    r = client.post(path, content=content, headers={"Content-Type": content_type})
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": None}
+    assert (r.status_code, r.json()) == (400, {"error": error})
+    assert swarm.opened == 0
+
+
 @pytest.mark.parametrize(
     ("content", "message", "code"),
     [

@@ -224,20 +224,61 @@ def test_invalid_json_body() -> None:
     error = to_http_error(exc)
     assert error.status == 400
     body = body_of(error)
-    assert "not valid JSON" in body["message"]
+    assert body["message"] == (
+        "We could not parse the JSON body of your request. The API expects a JSON object, "
+        "but what was sent was not valid JSON (Expecting value at character 12)."
+    )
     assert body["type"] == "invalid_request_error"
     assert body["param"] is None
 
 
-def test_validation_error_on_the_whole_body() -> None:
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ([1, 2], "The request body must be a JSON object, not an array."),
+        ("hi", "The request body must be a JSON object, not a string."),
+        (3.5, "The request body must be a JSON object, not a number."),
+        (True, "The request body must be a JSON object, not a boolean."),
+        (None, "The request body must be a JSON object, not null."),
+        (
+            b"Once upon a time",  # what FastAPI passes on when the body was not sent as JSON
+            "The request body must be a JSON object, sent with Content-Type: application/json.",
+        ),
+    ],
+    ids=["array", "string", "number", "boolean", "null", "not-sent-as-json"],
+)
+def test_a_body_that_is_not_an_object_is_named_as_such(given: object, message: str) -> None:
     exc = validation_error(
-        {"type": "model_attributes_type", "loc": ("body",), "msg": "Input should be an object"}
+        {
+            "type": "model_attributes_type",
+            "loc": ("body",),
+            "msg": "Input should be a valid dictionary or object to extract fields from",
+            "input": given,
+        }
     )
     error = to_http_error(exc)
     assert error.status == 400
-    body = body_of(error)
+    assert body_of(error) == {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+
+
+def test_a_missing_body_is_named_as_such() -> None:
+    exc = validation_error({"type": "missing", "loc": ("body",), "msg": "Field required"})
+    body = body_of(to_http_error(exc))
+    assert body["message"] == "The request body is empty; it must be a JSON object."
     assert body["param"] is None
-    assert body["message"] == "Input should be an object"
+
+
+def test_a_validator_of_the_whole_body_keeps_its_message() -> None:
+    exc = validation_error(
+        {"type": "value_error", "loc": ("body",), "msg": "Value error, give a or b", "input": {}}
+    )
+    body = body_of(to_http_error(exc))
+    assert (body["message"], body["param"]) == ("give a or b", None)
 
 
 def test_validation_error_without_details() -> None:
