@@ -77,12 +77,16 @@ class ChatService:
         *,
         received_at: float | None = None,
         tenant: str = "",
+        prompt_param: str = "messages",
     ) -> list[GenerationRequest]:
         """A checked request as one generation per choice. The chat template and tokenizer
         run on a thread: megabytes of messages take a while, and other requests go on; so
-        does the response format's grammar, on the compiler's threads."""
+        does the response format's grammar, on the compiler's threads. ``prompt_param``
+        names the prompt in a context overflow's message as the client sent it."""
         grammar = await response_grammar(request, self._grammars, self._prompts.tool_format)
-        prepared = await asyncio.to_thread(self._prepare, request, session_key, received_at, tenant)
+        prepared = await asyncio.to_thread(
+            self._prepare, request, session_key, received_at, tenant, prompt_param
+        )
         return [replace(p, grammar=grammar) for p in prepared] if grammar else prepared
 
     def _prepare(
@@ -91,6 +95,7 @@ class ChatService:
         session_key: str | None,
         received_at: float | None,
         tenant: str,
+        prompt_param: str,
     ) -> list[GenerationRequest]:
         tools = tool_plan(request)
         prompt = self._prompts.chat_prompt(request.messages, tools.offered if tools else ())
@@ -100,7 +105,7 @@ class ChatService:
             prompt,
             request,
             session_key=key,
-            param="messages",
+            param=prompt_param,
             limits=self._limits,
             received_at=received_at,
             tenant=tenant,

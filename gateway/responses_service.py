@@ -131,8 +131,13 @@ class ResponsesService:
         tenant: str = "",
     ) -> list[GenerationRequest]:
         with _responses_params():
+            # A context overflow names the prompt in its text too; _PARAMS renames its param.
             return await self._chat.prepare(
-                turn.chat, turn.session_key, received_at=received_at, tenant=turn.tenant
+                turn.chat,
+                turn.session_key,
+                received_at=received_at,
+                tenant=turn.tenant,
+                prompt_param="input",
             )
 
     async def open(self, prepared: GenerationRequest) -> Generation:

@@ -195,8 +195,15 @@ def test_a_conversation_with_function_calls_reaches_the_template(
 def test_a_conversation_too_long_for_the_model_names_the_input(client: TestClient) -> None:
     r = client.post("/v1/responses", json={**BASE, "input": "river " * 2000})
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["code"] == "context_length_exceeded"
-    assert r.json()["error"]["param"] == "input"
+    error = r.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "input")
+    assert "in the input" in error["message"] and "messages" not in error["message"]
+
+    # Chat keeps the word of its own parameter.
+    chat = {"model": MODEL_ID, "messages": [{"role": "user", "content": "river " * 2000}]}
+    error = client.post("/v1/chat/completions", json=chat).json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", "messages")
+    assert "in the messages" in error["message"]
 
 
 def test_a_streamed_turn_is_stored_once_completed(client: TestClient) -> None:
