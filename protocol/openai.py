@@ -266,7 +266,8 @@ class ChatCompletionRequest(SamplingRequest):
 class CompletionRequest(SamplingRequest):
     """`POST /v1/completions`: raw text (or token ids) in, text out."""
 
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    # Required, but may be empty ("", [], [""]): it then starts from the BOS token.
+    prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = Field(default=None, ge=1, le=1)
     n: int = Field(default=1, ge=1, le=1)  # several choices: send several prompts
     echo: bool = False

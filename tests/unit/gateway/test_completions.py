@@ -91,19 +91,12 @@ def test_bad_completion_requests_are_refused(client: TestClient, body: dict, par
     assert (r.json()["error"]["param"] or "").startswith(param)
 
 
-# protocol/openai.py gives `prompt` min_length=1, so pydantic refuses "" and [] before the
-# service sees them; [""] and [[]] reach it.
-_REFUSED_BY_PROTOCOL = pytest.mark.xfail(
-    reason="CompletionRequest.prompt has min_length=1 in protocol/openai.py", strict=True
-)
-
-
 @pytest.mark.parametrize(
     "prompt",
     [
-        pytest.param("", marks=_REFUSED_BY_PROTOCOL, id="empty-text"),
+        pytest.param("", id="empty-text"),
         pytest.param([""], id="list-of-empty-text"),
-        pytest.param([], marks=_REFUSED_BY_PROTOCOL, id="no-token-ids"),
+        pytest.param([], id="no-token-ids"),
         pytest.param([[]], id="list-of-no-token-ids"),
     ],
 )
