@@ -15,6 +15,7 @@ from gateway.generation import (
     Generation,
     GenerationRequest,
     Generator,
+    PromptLogprobs,
     TextDelta,
     TokenLogprob,
 )
@@ -175,13 +176,16 @@ class ChatService:
         async with aclosing(self._generator.generate(choice, generation)) as events:
             if tools is None:
                 async for event in events:
-                    yield event
+                    if not isinstance(event, PromptLogprobs):  # chat never asks for them
+                        yield event
                 return
             reader = ToolCallStream(
                 self._prompts.tool_format, tools.offered, parallel=tools.parallel
             )
             held: list[TokenLogprob] = []  # of text not yet known to be content
             async for event in events:
+                if isinstance(event, PromptLogprobs):
+                    continue
                 if isinstance(event, TextDelta):
                     pieces = reader.push(event.text)
                     held += event.logprobs

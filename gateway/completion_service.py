@@ -17,6 +17,7 @@ from gateway.generation import (
     Generation,
     GenerationRequest,
     Generator,
+    PromptLogprobs,
     TextDelta,
     TokenLogprob,
 )
@@ -109,6 +110,8 @@ class CompletionService:
             )
             if request.logprobs is not None:
                 generation = replace(generation, logprobs=request.logprobs)
+                if request.echo and ids:  # the BOS start of an empty prompt is not echoed
+                    generation = replace(generation, prompt_logprobs=request.logprobs)
             prepared.append(PreparedPrompt(generation, text))
         return prepared
 
@@ -122,6 +125,11 @@ class CompletionService:
                 param="prompt",
             )
         return [int(bos)]
+
+    def _first_token(self, prompt: PreparedPrompt) -> str:
+        """The prompt's first token as text: the one token that gets no logprob."""
+        first = prompt.generation.prompt_ids[0]
+        return str(self._tokenizer.decode([first], skip_special_tokens=False))
 
     async def open(self, prepared: PreparedPrompt) -> Generation:
         return await self._generator.open(prepared.generation)
@@ -141,7 +149,9 @@ class CompletionService:
             parts = [prompt.text] if request.echo else []
             offsets = _Offsets(len(prompt.text) if request.echo else 0)
             async for event in self._generator.generate(prompt.generation, generation):
-                if isinstance(event, TextDelta):
+                if isinstance(event, PromptLogprobs):
+                    offsets.add_prompt(self._first_token(prompt), event.logprobs, prompt.text)
+                elif isinstance(event, TextDelta):
                     parts.append(event.text)
                     offsets.add(event.logprobs)
                 else:
@@ -198,13 +208,17 @@ class CompletionService:
             for index, prompt in enumerate(prepared):
                 generation = generation or await self.open(prompt)
                 offsets = _Offsets(len(prompt.text) if request.echo else 0)
-                if request.echo:
+                if request.echo and prompt.generation.prompt_logprobs is None:
                     yield chunk(index, prompt.text)
                 # Closed with the stream, even when its reader stops at a `yield`.
                 events = self._generator.generate(prompt.generation, generation)
                 async with aclosing(events):
                     async for event in events:
-                        if isinstance(event, TextDelta):
+                        if isinstance(event, PromptLogprobs):  # the echo, with its logprobs
+                            first_token = self._first_token(prompt)
+                            scored = offsets.add_prompt(first_token, event.logprobs, prompt.text)
+                            yield chunk(index, prompt.text, logprobs=scored)
+                        elif isinstance(event, TextDelta):
                             logprobs = offsets.add(event.logprobs)
                             yield chunk(
                                 index,
@@ -235,6 +249,23 @@ class _Offsets:
     def __init__(self, start: int) -> None:
         self._offset = start
         self.all = CompletionLogprobs()
+
+    def add_prompt(
+        self, first: str, scored: Sequence[TokenLogprob], text: str
+    ) -> CompletionLogprobs:
+        """The echoed prompt's tokens, from the start of the text: ``first`` has no logprob
+        (nothing comes before it), as at OpenAI; ``scored`` are the rest. The generated
+        tokens then start after ``text``, whatever the prompt tokens' own texts add up to
+        (a tokenizer may add a BOS token that the text does not have)."""
+        self._offset = 0
+        part = self.add([TokenLogprob(first, 0.0), *scored])
+        first_at = len(self.all.tokens) - len(part.tokens)
+        for logprobs, at in ((part, 0), (self.all, first_at)):
+            logprobs.token_logprobs[at] = None
+            assert logprobs.top_logprobs is not None  # add() fills them
+            logprobs.top_logprobs[at] = None
+        self._offset = len(text)
+        return part
 
     def add(self, tokens: Sequence[TokenLogprob]) -> CompletionLogprobs:
         """Appends ``tokens`` and returns just their part, for one stream chunk."""

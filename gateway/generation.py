@@ -37,6 +37,10 @@ class GenerationRequest:
     # hit nor probe (through cached_tokens) another's cached prompts.
     tenant: str = ""
     logprobs: int | None = None  # None: off; k: each token's logprob and the top k
+    # None: off; k: the logprob of each prompt token after the first, given those before
+    # it, and the top k at its position (`echo` with `logprobs`). The prompt is then
+    # computed whole: no cached token has the hidden states that score it.
+    prompt_logprobs: int | None = None
     received_at: float = field(default_factory=time.monotonic)  # for time-to-first-token
     deadline: float = math.inf  # time.monotonic() past which the generation ends ("length")
     # What the text must match (structured outputs); the generation stops ("stop") once
@@ -58,6 +62,14 @@ class TokenLogprob:
 class TextDelta:
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens whose text this delta completes
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens as the model scores them (``prompt_logprobs``), before any text:
+    one per prompt token after the first."""
+
+    logprobs: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -134,9 +146,10 @@ class Generator:
 
     async def generate(
         self, request: GenerationRequest, generation: Generation
-    ) -> AsyncGenerator[TextDelta | Finished, None]:
+    ) -> AsyncGenerator[TextDelta | PromptLogprobs | Finished, None]:
         """Text as it is decoded, then one ``Finished``; always closes the session. Past
-        ``request.deadline`` it finishes with "length", as if out of tokens."""
+        ``request.deadline`` it finishes with "length", as if out of tokens. With
+        ``request.prompt_logprobs``, a ``PromptLogprobs`` comes first."""
         session, history = generation.session, generation.history
         prompt = request.prompt_ids
         metrics = self._metrics
@@ -145,6 +158,8 @@ class Generator:
         outcome = "error"
         # One prompt token is always sent again: its logits start the answer.
         reused = min(session.cached_tokens, len(prompt) - 1)
+        if request.prompt_logprobs is not None:
+            reused = 0
         try:
             async with self._affinity.held(generation.claim):
                 session.reuse(reused)
@@ -155,6 +170,9 @@ class Generator:
                 detokenizer = IncrementalDetokenizer(self._tokenizer)
                 stops = StopMatcher(request.stop)
                 hidden = await session.step(await self._head.embed(prompt[reused:]), history)
+                if request.prompt_logprobs is not None:
+                    scored = await self._head.score(hidden, prompt, request.prompt_logprobs)
+                    yield PromptLogprobs(tuple(self._logprob(choice) for choice in scored))
                 generated = 0
                 finish: FinishReason = "length"
                 last = request.received_at

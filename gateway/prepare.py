@@ -92,7 +92,7 @@ def generation_request(
     received_at = time.monotonic() if received_at is None else received_at
     return GenerationRequest(
         prompt,
-        limit or min(limits.default_max_tokens, room),
+        min(limits.default_max_tokens, room) if limit is None else limit,
         sampling,
         request.stop_sequences(),
         session_key=session_key,

@@ -272,7 +272,8 @@ class CompletionRequest(SamplingRequest):
     n: int = Field(default=1, ge=1, le=1)  # several choices: send several prompts
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    # OpenAI's default for completions; 0 with echo and logprobs scores a prompt.
+    max_tokens: int | None = Field(default=16, ge=0)
     suffix: str | None = None
 
     _null_echo = field_validator("n", "echo", mode="before")(null_is_default)
@@ -414,7 +415,8 @@ class CompletionLogprobs(OpenAIModel):
 
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] | None = Field(default_factory=list)
+    # An echoed prompt's first token has neither (nothing comes before it): None, as OpenAI.
+    top_logprobs: list[dict[str, float] | None] | None = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 

@@ -28,6 +28,15 @@ def greedy_ids(
     return [t for t in out[0, len(prompt) :].tolist() if t != eos]
 
 
+def prompt_logprobs(model: Path, prompt: list[int]) -> torch.Tensor:
+    """[len(prompt) - 1, vocab]: the log-probabilities the whole model gives after each
+    prefix of ``prompt`` (row i: what comes after token i)."""
+    runner = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = runner(input_ids=torch.tensor([prompt])).logits[0, :-1]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
 def token_texts(model: Path, ids: list[int]) -> list[str]:
     """Each token's own text, as the API's logprobs name tokens."""
     return [tokenizer(model).decode([t]) for t in ids]

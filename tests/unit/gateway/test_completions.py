@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import openai.types
 import pytest
@@ -12,6 +13,7 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from tests import reference
 from tests.fakes import LocalSwarmClient
 
 MODEL_ID = "tiny"
@@ -118,13 +120,12 @@ def test_an_empty_prompt_without_a_bos_token_is_refused(client: TestClient) -> N
 
 
 def test_completion_logprobs_line_up_with_the_text(client: TestClient) -> None:
-    c = complete(client, prompt="Once upon a time", logprobs=2, echo=True)
+    c = complete(client, prompt="Once upon a time", logprobs=2)
     logprobs = c.choices[0].logprobs
     assert logprobs is not None and c.usage is not None
     assert len(logprobs.tokens) == c.usage.completion_tokens
-    generated = c.choices[0].text[len("Once upon a time") :]
-    assert "".join(logprobs.tokens) == generated
-    assert logprobs.text_offset[0] == len("Once upon a time")
+    assert "".join(logprobs.tokens) == c.choices[0].text
+    assert logprobs.text_offset[0] == 0
     for token, offset in zip(logprobs.tokens, logprobs.text_offset, strict=True):
         assert c.choices[0].text[offset : offset + len(token)] == token
     assert all(
@@ -144,3 +145,62 @@ def test_completion_logprobs_line_up_with_the_text(client: TestClient) -> None:
         for t in (json.loads(e[6:])["choices"][0]["logprobs"] or {}).get("tokens", [])
     ]
     assert streamed == logprobs.tokens
+
+
+def complete_json(client: TestClient, **body: object) -> dict[str, Any]:
+    """The raw body: an echoed prompt's first token has null logprobs, as OpenAI sends,
+    which the SDK's types (parsed without validation by the SDK itself) do not allow."""
+    r = client.post("/v1/completions", json={**BASE, **body})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert isinstance(body, dict)
+    return body
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_transformers_does(
+    client: TestClient, tiny_model: Path
+) -> None:
+    """`max_tokens: 0, echo: true, logprobs: k` is how evaluation harnesses score text:
+    every prompt token after the first gets the whole model's logprob given those before
+    it, the first gets none, as at OpenAI. Computed whole even when a cache holds it."""
+    tokenizer = reference.tokenizer(tiny_model)
+    ids = tokenizer("Once upon a time there was a lighthouse")["input_ids"]
+    want = reference.prompt_logprobs(tiny_model, ids)
+    texts = reference.token_texts(tiny_model, ids)
+    for _ in range(2):  # the second time, the swarm holds the prompt's cache
+        c = complete_json(client, prompt=ids, max_tokens=0, echo=True, logprobs=3)
+        choice, lp = c["choices"][0], c["choices"][0]["logprobs"]
+        assert choice["text"] == tokenizer.decode(ids)
+        assert choice["finish_reason"] == "length"
+        assert c["usage"]["completion_tokens"] == 0
+        assert lp["tokens"] == texts
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["text_offset"] == [sum(len(t) for t in texts[:i]) for i in range(len(ids))]
+        for i, (token, got, top) in enumerate(
+            zip(ids[1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:], strict=True)
+        ):
+            assert got == pytest.approx(float(want[i, token]), abs=1e-4)
+            assert max(top.values()) == pytest.approx(float(want[i].max()), abs=1e-4)
+
+
+def test_echoed_prompt_logprobs_come_before_the_generated_ones(client: TestClient) -> None:
+    prompt = "Once upon a time"
+    plain = complete_json(client, prompt=prompt, logprobs=1)["choices"][0]
+    c = complete_json(client, prompt=prompt, logprobs=1, echo=True)
+    lp, generated = c["choices"][0]["logprobs"], plain["logprobs"]
+    assert c["choices"][0]["text"] == prompt + plain["text"]
+    prompt_tokens = c["usage"]["prompt_tokens"]
+    assert lp["tokens"][prompt_tokens:] == generated["tokens"]
+    assert lp["token_logprobs"][prompt_tokens:] == pytest.approx(generated["token_logprobs"])
+    assert lp["text_offset"][prompt_tokens] == len(prompt)
+    assert all(x is not None for x in lp["token_logprobs"][1:])
+
+    body = {**BASE, "prompt": prompt, "logprobs": 1, "echo": True, "stream": True}
+    events = client.post("/v1/completions", json=body).text.split("\n\n")
+    chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+    first = chunks[0]["choices"][0]
+    assert first["text"] == prompt  # the echo comes with the prompt's logprobs
+    assert first["logprobs"]["tokens"] == lp["tokens"][:prompt_tokens]
+    assert first["logprobs"]["token_logprobs"][0] is None
+    streamed = [t for c in chunks for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    assert streamed == lp["tokens"]

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import torch
 
+from gateway import head as head_module
 from gateway.app import create_app
 from gateway.batching import BatcherClosed
 from gateway.grammar import GrammarError
@@ -495,3 +496,38 @@ def test_concurrent_requests_answer_as_they_would_alone(tiny_model: Path) -> Non
     alone, together = run(scenario)
     assert together == alone
     assert all(tokens for _, tokens in alone)
+
+
+# ---- scoring a prompt ----
+
+
+def test_a_prompt_is_scored_in_jobs_that_let_other_rows_through(
+    head: Head, gated: GatedLinear, runner: HeadRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Position i scores token i + 1 from the logits of its row; a long prompt goes in
+    jobs of SCORE_ROWS positions, and a decode row queued meanwhile runs between them."""
+    monkeypatch.setattr(head_module, "SCORE_ROWS", 3)
+    h, ids = hidden(5, 8), [int(t) for t in torch.randint(0, 100, (8,)).tolist()]
+    with torch.inference_mode():
+        want = torch.log_softmax(head.lm_head(head.norm(h[0, :-1])), dim=-1)
+
+    async def scenario() -> list[Any]:
+        held = await hold(runner, gated)
+        scoring = asyncio.ensure_future(runner.score(h, ids, 2))
+        [row] = await queue(runner, [runner.logits(hidden(6))])
+        await queue(runner, [])  # nothing else queued yet: the score's first job waits
+        gated.open_gate()
+        await held
+        await row
+        return await scoring
+
+    scored = run(scenario)
+    assert [choice.token for choice in scored] == ids[1:]
+    for i, choice in enumerate(scored):
+        assert choice.logprob == pytest.approx(float(want[i, ids[i + 1]]), abs=1e-5)
+        assert [t for t, _ in choice.top] == want[i].topk(2).indices.tolist()
+    # LM head calls after the held one: 3 scored positions, the decode row, then the
+    # score's other 3 + 1 positions: the row did not wait for the whole prompt
+    assert gated.rows[1:] == [3, 1, 3, 1]
+    with pytest.raises(ValueError, match="positions"):
+        run(lambda: runner.score(h, ids[:-1], 2))
