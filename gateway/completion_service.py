@@ -140,38 +140,57 @@ class CompletionService:
     async def complete(
         self, request: CompletionRequest, prepared: list[PreparedPrompt]
     ) -> tuple[Completion, tuple[Hop, ...]]:
-        """The whole completion, and the route its first prompt was generated on."""
-        choices, finished = [], []
-        route: tuple[Hop, ...] = ()
-        for index, prompt in enumerate(prepared):
-            generation = await self.open(prompt)
-            route = route or generation.route
+        """The whole completion, and the route its first prompt was generated on.
+
+        Its prompts generate at once, each in its own session: a list of prompts is how
+        evaluation harnesses batch, and the swarm runs concurrent streams' steps together
+        (one at a time, sixteen prompts cost sixteen times one). If one fails, the others
+        are cancelled and their sessions closed, and its error is the request's."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._choice(request, index, prompt))
+                    for index, prompt in enumerate(prepared)
+                ]
+        except BaseExceptionGroup as failed:  # the first failure, as the caller expects it
+            raise failed.exceptions[0] from None
+        outcomes = [task.result() for task in tasks]
+        completion = Completion(
+            id=_completion_id(),
+            model=request.model,
+            choices=[choice for choice, _, _ in outcomes],
+            system_fingerprint=SYSTEM_FINGERPRINT,
+            usage=_total_usage([finished for _, finished, _ in outcomes]),
+        )
+        return completion, outcomes[0][2] if outcomes else ()
+
+    async def _choice(
+        self, request: CompletionRequest, index: int, prompt: PreparedPrompt
+    ) -> tuple[CompletionChoice, Finished, tuple[Hop, ...]]:
+        generation = await self.open(prompt)
+        try:
             parts = [prompt.text] if request.echo else []
             offsets = _Offsets(len(prompt.text) if request.echo else 0)
-            async for event in self._generator.generate(prompt.generation, generation):
-                if isinstance(event, PromptLogprobs):
-                    offsets.add_prompt(self._first_token(prompt), event.logprobs, prompt.text)
-                elif isinstance(event, TextDelta):
-                    parts.append(event.text)
-                    offsets.add(event.logprobs)
-                else:
-                    finished.append(event)
-                    choices.append(
-                        CompletionChoice(
+            events = self._generator.generate(prompt.generation, generation)
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, PromptLogprobs):
+                        first = self._first_token(prompt)
+                        offsets.add_prompt(first, event.logprobs, prompt.text)
+                    elif isinstance(event, TextDelta):
+                        parts.append(event.text)
+                        offsets.add(event.logprobs)
+                    else:
+                        choice = CompletionChoice(
                             index=index,
                             text="".join(parts),
                             finish_reason=event.finish_reason,
                             logprobs=offsets.all if request.logprobs is not None else None,
                         )
-                    )
-        completion = Completion(
-            id=_completion_id(),
-            model=request.model,
-            choices=choices,
-            system_fingerprint=SYSTEM_FINGERPRINT,
-            usage=_total_usage(finished),
-        )
-        return completion, route
+                        return choice, event, generation.route
+        finally:  # also when cancelled before its generation began
+            await self._generator.close(generation)
+        raise RuntimeError("the generation ended without finishing")  # never: it always does
 
     async def stream(
         self,

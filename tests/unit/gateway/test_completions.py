@@ -13,6 +13,7 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from protocol.errors import NoRouteError
 from tests import reference
 from tests.fakes import LocalSwarmClient
 
@@ -204,3 +205,40 @@ def test_echoed_prompt_logprobs_come_before_the_generated_ones(client: TestClien
     assert first["logprobs"]["token_logprobs"][0] is None
     streamed = [t for c in chunks for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
     assert streamed == lp["tokens"]
+
+
+def test_a_requests_prompts_generate_at_once_and_fail_together(tiny_model: Path) -> None:
+    """A list of prompts (an evaluation harness's batch) runs as concurrent streams, whose
+    steps the swarm batches; each choice is what its prompt alone gives, and a prompt that
+    fails fails the request, with every other session closed."""
+    swarm = LocalSwarmClient(tiny_model, MODEL_ID)
+    open_at_once: list[int] = []
+    opener = swarm.open_session
+
+    fail_open: list[int] = []  # which opens (by number) find no route
+
+    async def open_session(*args: Any, **kwargs: Any) -> Any:
+        if swarm.opened + 1 in fail_open:
+            swarm.opened += 1  # counted as opened and closed, as a real failed open
+            swarm.closed += 1
+            raise NoRouteError("the servers of blocks 1:2 just left")
+        session = await opener(*args, **kwargs)
+        open_at_once.append(swarm.opened - swarm.closed)
+        return session
+
+    swarm.open_session = open_session  # type: ignore[method-assign]
+    settings = GatewaySettings(model_id=MODEL_ID, model_path=tiny_model)
+    with TestClient(create_app(settings, swarm)) as client:
+        prompts = ["Once upon a time", "The sea", "A lighthouse keeper"]
+        alone = [complete(client, prompt=p).choices[0].text for p in prompts]
+        open_at_once.clear()
+        together = complete(client, prompt=prompts)
+        assert [c.text for c in together.choices] == alone
+        assert [c.index for c in together.choices] == [0, 1, 2]
+        assert max(open_at_once) == 3  # one after another, each would be the only one open
+
+        fail_open.append(swarm.opened + 2)  # the second prompt's session
+        r = client.post("/v1/completions", json={**BASE, "prompt": prompts})
+        assert r.status_code == 503, r.text  # the failure itself, not a group of them
+        assert r.json()["error"]["code"] == "no_route"
+        assert swarm.opened == swarm.closed  # the others were closed
