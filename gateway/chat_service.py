@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
 
+from gateway.fanout import fan_out
 from gateway.generation import (
     Finished,
     Generation,
@@ -124,56 +125,85 @@ class ChatService:
     async def complete(
         self, request: ChatCompletionRequest, prepared: list[GenerationRequest]
     ) -> tuple[ChatCompletion, tuple[Hop, ...]]:
-        """The whole completion, and the route its first choice was generated on."""
-        choices, finished = [], []
-        route: tuple[Hop, ...] = ()
+        """The whole completion, and the route its first choice was generated on.
+
+        Choices generate at once (gateway/fanout.py): the first leads, the others start
+        once its prompt is on the servers, from a copy of that cache, and decode alongside
+        it, batched."""
         tools = tool_plan(request)
-        # Choices run one after another: each reuses the prompt the previous one cached.
-        for index, choice in enumerate(prepared):
-            generation = await self._generator.open(choice)
-            route = route or generation.route
-            parts: list[str] = []
-            calls: list[ToolCall] = []
-            logprobs: list[TokenLogprob] = []
-            async with aclosing(self._events(choice, generation, tools)) as events:
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        parts.append(event.text)
-                        logprobs += event.logprobs
-                    elif isinstance(event, CallFound):
-                        calls.append(_tool_call(event))
-                    else:
-                        finished.append(event)
-                        content = "".join(parts)
-                        message = ChatCompletionMessage(
-                            # With calls, OpenAI's content is null unless the model also
-                            # wrote text.
-                            content=(content.strip() or None) if calls else content,
-                            tool_calls=calls or None,
-                        )
-                        choices.append(
-                            Choice(
-                                index=index,
-                                message=message,
-                                finish_reason=event.finish_reason,
-                                logprobs=_logprobs(logprobs) if request.logprobs else None,
-                            )
-                        )
+        lead: list[tuple[Hop, ...]] = []  # the first choice's route, once open
+
+        async def run(index: int, prompt_done: Callable[[], None]) -> tuple[Choice, Finished]:
+            choice = prepared[index]
+            generation = await self._generator.open(choice, near=lead[0] if lead else ())
+            if index == 0:
+                lead.append(generation.route)
+            try:
+                return await self._choice(request, index, choice, generation, tools, prompt_done)
+            finally:  # also when cancelled before its generation began
+                await self._generator.close(generation)
+
+        outcomes = await fan_out(run, len(prepared), lead=True)
         completion = ChatCompletion(
             id=_completion_id(),
             model=request.model,
-            choices=choices,
-            usage=usage_of(*finished),
+            choices=[choice for choice, _ in outcomes],
+            usage=usage_of(*(finished for _, finished in outcomes)),
             system_fingerprint=SYSTEM_FINGERPRINT,
         )
-        return completion, route
+        return completion, lead[0] if lead else ()
+
+    async def _choice(
+        self,
+        request: ChatCompletionRequest,
+        index: int,
+        choice: GenerationRequest,
+        generation: Generation,
+        tools: ToolPlan | None,
+        prompt_done: Callable[[], None],
+    ) -> tuple[Choice, Finished]:
+        parts: list[str] = []
+        calls: list[ToolCall] = []
+        logprobs: list[TokenLogprob] = []
+        outcome: tuple[Choice, Finished] | None = None
+        events = self._events(choice, generation, tools, prompt_done)
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                    logprobs += event.logprobs
+                elif isinstance(event, CallFound):
+                    calls.append(_tool_call(event))
+                else:
+                    content = "".join(parts)
+                    message = ChatCompletionMessage(
+                        # With calls, OpenAI's content is null unless the model also wrote
+                        # text.
+                        content=(content.strip() or None) if calls else content,
+                        tool_calls=calls or None,
+                    )
+                    made = Choice(
+                        index=index,
+                        message=message,
+                        finish_reason=event.finish_reason,
+                        logprobs=_logprobs(logprobs) if request.logprobs else None,
+                    )
+                    outcome = made, event  # read on to the end: leaving early cancels it
+        if outcome is None:
+            raise RuntimeError("the generation ended without finishing")  # it always does
+        return outcome
 
     async def _events(
-        self, choice: GenerationRequest, generation: Generation, tools: ToolPlan | None
+        self,
+        choice: GenerationRequest,
+        generation: Generation,
+        tools: ToolPlan | None,
+        prompt_done: Callable[[], None] = lambda: None,
     ) -> AsyncGenerator[TextDelta | CallFound | Finished, None]:
         """The generation's events, with the calls found in its text when tools are
         offered (the text around them stays content)."""
-        async with aclosing(self._generator.generate(choice, generation)) as events:
+        generated = self._generator.generate(choice, generation, prompt_done=prompt_done)
+        async with aclosing(generated) as events:
             if tools is None:
                 async for event in events:
                     if not isinstance(event, PromptLogprobs):  # chat never asks for them

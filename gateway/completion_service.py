@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
 from gateway.chat_service import SYSTEM_FINGERPRINT, usage_of
+from gateway.fanout import fan_out
 from gateway.generation import (
     Finished,
     Generation,
@@ -142,36 +143,45 @@ class CompletionService:
     ) -> tuple[Completion, tuple[Hop, ...]]:
         """The whole completion, and the route its first prompt was generated on.
 
-        Its prompts generate at once, each in its own session: a list of prompts is how
-        evaluation harnesses batch, and the swarm runs concurrent streams' steps together
-        (one at a time, sixteen prompts cost sixteen times one). If one fails, the others
-        are cancelled and their sessions closed, and its error is the request's."""
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [
-                    group.create_task(self._choice(request, index, prompt))
-                    for index, prompt in enumerate(prepared)
-                ]
-        except BaseExceptionGroup as failed:  # the first failure, as the caller expects it
-            raise failed.exceptions[0] from None
-        outcomes = [task.result() for task in tasks]
+        Its prompts generate at once (gateway/fanout.py): a list of prompts is how
+        evaluation harnesses batch. The first leads, the others start once its prompt is
+        on the servers, so a few-shot prefix they share is computed once; prompts scored
+        whole (echo with logprobs) reuse nothing and all start at once."""
+        lead: list[tuple[Hop, ...]] = []  # the first prompt's route, once open
+
+        async def run(index: int, prompt_done: Callable[[], None]) -> _Outcome:
+            prompt = prepared[index]
+            generation = await self._generator.open(prompt.generation, near=lead[0] if lead else ())
+            if index == 0:
+                lead.append(generation.route)
+            return await self._choice(request, index, prompt, generation, prompt_done)
+
+        scoring = any(p.generation.prompt_logprobs is not None for p in prepared)
+        outcomes = await fan_out(run, len(prepared), lead=not scoring)
         completion = Completion(
             id=_completion_id(),
             model=request.model,
-            choices=[choice for choice, _, _ in outcomes],
+            choices=[choice for choice, _ in outcomes],
             system_fingerprint=SYSTEM_FINGERPRINT,
-            usage=_total_usage([finished for _, finished, _ in outcomes]),
+            usage=_total_usage([finished for _, finished in outcomes]),
         )
-        return completion, outcomes[0][2] if outcomes else ()
+        return completion, lead[0] if lead else ()
 
     async def _choice(
-        self, request: CompletionRequest, index: int, prompt: PreparedPrompt
-    ) -> tuple[CompletionChoice, Finished, tuple[Hop, ...]]:
-        generation = await self.open(prompt)
+        self,
+        request: CompletionRequest,
+        index: int,
+        prompt: PreparedPrompt,
+        generation: Generation,
+        prompt_done: Callable[[], None],
+    ) -> _Outcome:
+        outcome: _Outcome | None = None
         try:
             parts = [prompt.text] if request.echo else []
             offsets = _Offsets(len(prompt.text) if request.echo else 0)
-            events = self._generator.generate(prompt.generation, generation)
+            events = self._generator.generate(
+                prompt.generation, generation, prompt_done=prompt_done
+            )
             async with aclosing(events):
                 async for event in events:
                     if isinstance(event, PromptLogprobs):
@@ -187,10 +197,12 @@ class CompletionService:
                             finish_reason=event.finish_reason,
                             logprobs=offsets.all if request.logprobs is not None else None,
                         )
-                        return choice, event, generation.route
+                        outcome = choice, event  # read on to the end: leaving early cancels it
         finally:  # also when cancelled before its generation began
             await self._generator.close(generation)
-        raise RuntimeError("the generation ended without finishing")  # never: it always does
+        if outcome is None:
+            raise RuntimeError("the generation ended without finishing")  # it always does
+        return outcome
 
     async def stream(
         self,
@@ -260,6 +272,9 @@ class CompletionService:
         finally:  # also when the client leaves before a generation began
             if generation is not None:
                 await self._generator.close(generation)
+
+
+_Outcome = tuple[CompletionChoice, Finished]
 
 
 class _Offsets:

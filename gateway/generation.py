@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.grammar import Grammar
@@ -115,8 +115,10 @@ class Generator:
         self._reuse = reuse
         self._metrics = metrics or GatewayMetrics()
 
-    async def open(self, request: GenerationRequest) -> Generation:
+    async def open(self, request: GenerationRequest, *, near: Sequence[Hop] = ()) -> Generation:
         """The conversation's session (or a fresh one), with room for the whole generation.
+        A fresh one goes preferably on ``near`` (the servers of a request's first choice,
+        which hold the prompt it shares with this one), unless a pin says where.
 
         Opened before a response starts so that a missing route is an HTTP status, not an
         error in the middle of a stream. The caller holds the request's admission slot.
@@ -133,7 +135,7 @@ class Generator:
                 session_id=claim.session_id,
                 secret=claim.secret,
                 prefix_hashes=history.hashes if self._reuse else [],
-                prefer=claim.prefer,
+                prefer=claim.prefer or tuple(near) or None,
                 resume=claim.resume if self._reuse else (0, ""),
                 adapter=request.adapter,
             )
@@ -145,11 +147,16 @@ class Generator:
         return Generation(session, claim, history, route=tuple(session.route))
 
     async def generate(
-        self, request: GenerationRequest, generation: Generation
+        self,
+        request: GenerationRequest,
+        generation: Generation,
+        *,
+        prompt_done: Callable[[], None] = lambda: None,
     ) -> AsyncGenerator[TextDelta | PromptLogprobs | Finished, None]:
         """Text as it is decoded, then one ``Finished``; always closes the session. Past
         ``request.deadline`` it finishes with "length", as if out of tokens. With
-        ``request.prompt_logprobs``, a ``PromptLogprobs`` comes first."""
+        ``request.prompt_logprobs``, a ``PromptLogprobs`` comes first. ``prompt_done`` is
+        called once the prompt's forward has returned: its cache is on the servers."""
         session, history = generation.session, generation.history
         prompt = request.prompt_ids
         metrics = self._metrics
@@ -170,6 +177,7 @@ class Generator:
                 detokenizer = IncrementalDetokenizer(self._tokenizer)
                 stops = StopMatcher(request.stop)
                 hidden = await session.step(await self._head.embed(prompt[reused:]), history)
+                prompt_done()
                 if request.prompt_logprobs is not None:
                     scored = await self._head.score(hidden, prompt, request.prompt_logprobs)
                     yield PromptLogprobs(tuple(self._logprob(choice) for choice in scored))

@@ -258,3 +258,28 @@ def test_one_api_key_never_reuses_or_sees_another_keys_cached_prefix(
         assert cached("key-a") == 0
         assert cached("key-a") >= BLOCK_TOKENS  # the same key reuses its prompt
         assert cached("key-b") == 0  # another key cannot tell that it was ever sent
+
+
+def test_choices_of_one_request_share_the_first_ones_prompt_and_stay_exact(
+    swarm: Swarm,
+) -> None:
+    """n > 1: the first choice computes the prompt, the others start from a copy of its
+    cache on the servers and decode alongside it; every greedy choice is `generate`'s."""
+    messages = [
+        {"role": "system", "content": "You keep the logbook of a lighthouse. " * 12},
+        user("What did you see tonight?"),
+    ]
+    prompt, expected = hf_greedy(swarm.model_path, messages, MAX_TOKENS)
+    text = _reference(swarm.model_path)[1].decode(expected, skip_special_tokens=True)
+    before = node_infos(swarm.initial_peers)
+    client = openai.OpenAI(base_url=f"{swarm.base_url}/v1", api_key="x", max_retries=0)
+    r = client.chat.completions.create(
+        model=swarm.model_id, messages=messages, max_tokens=MAX_TOKENS, temperature=0, n=3
+    )
+    assert [c.message.content for c in r.choices] == [text] * 3
+    after = node_infos(swarm.initial_peers)
+    computed = {after[p].tokens_computed - before[p].tokens_computed for p in after}
+    assert len(computed) == 1, computed
+    # Each follower computes at most its prompt's last partial block, plus its answer.
+    assert len(prompt) >= 4 * BLOCK_TOKENS
+    assert computed.pop() <= len(prompt) + 2 * BLOCK_TOKENS + 3 * MAX_TOKENS

@@ -536,17 +536,22 @@ def test_a_client_that_leaves_a_json_request_stops_its_generation(
 def test_a_client_that_leaves_between_two_choices_is_counted_as_cancelled(
     tiny_model: Path, swarm: LocalSwarmClient
 ) -> None:
-    """Choices run one after another; leaving while the next one opens ends the request too."""
+    """The second choice opens once the first one's prompt is computed; a client that
+    leaves while it opens ends the request too."""
     app = create_app(settings(tiny_model, max_concurrent=1, max_queue=1), swarm)
+    opener, never = swarm.open_session, asyncio.Event()
+
+    async def open_session(*args: Any, **kwargs: Any) -> Any:
+        if swarm.opened:  # the second choice's open waits
+            await never.wait()
+        return await opener(*args, **kwargs)
+
+    swarm.open_session = open_session  # type: ignore[method-assign]
 
     async def scenario() -> None:
         async with running(app):
             leaving = RawClient({**CHAT, "n": 2, "max_tokens": 3})
-            swarm.open_gate = asyncio.Event()
-            swarm.open_gate.set()
             call = asyncio.create_task(leaving.call(app))
-            await until(lambda: swarm.opened == 1, "the first choice to open")
-            swarm.open_gate.clear()  # the second choice's open waits
             await until(lambda: swarm.closed == 1, "the first choice to end")
             assert metric(app, "swarmgate_active_generations") == 0
             leaving.gone.set()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,18 @@ class ScriptedGenerator:
         self.text, self.finish = text, finish
         self.prompts: list[list[int]] = []
 
-    async def open(self, request: GenerationRequest) -> Generation:
+    async def open(self, request: GenerationRequest, *, near: object = ()) -> Generation:
         self.prompts.append(request.prompt_ids)
         return Generation(session=None, claim=None, history=None)  # type: ignore[arg-type]
 
     async def generate(
-        self, request: GenerationRequest, generation: Generation
+        self,
+        request: GenerationRequest,
+        generation: Generation,
+        *,
+        prompt_done: Callable[[], None] = lambda: None,
     ) -> AsyncGenerator[TextDelta | Finished, None]:
+        prompt_done()
         for at in range(0, len(self.text), 5):
             yield TextDelta(self.text[at : at + 5])
         yield Finished(self.finish, len(request.prompt_ids), len(self.text) // 5)  # type: ignore[arg-type]
