@@ -242,7 +242,8 @@ def chat_request(
         )
     except ValidationError as e:  # limits that only the merged conversation can break
         first = e.errors()[0]
-        raise InvalidRequest(f"input: {first['msg']}", param="input") from e
+        message = str(first["msg"]).removeprefix("Value error, ")  # pydantic's, not OpenAI's
+        raise InvalidRequest(f"input: {message}", param="input") from e
     return chat, conversation
 
 

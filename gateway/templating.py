@@ -51,7 +51,7 @@ class PromptBuilder:
             )
         except Exception as e:  # jinja raises on conversations a template refuses
             raise InvalidRequest(
-                f"the chat template rejected the messages: {e}", param="messages"
+                f"the chat template rejected the conversation: {e}", param="messages"
             ) from e
         # The template already wrote any special tokens (BOS) it wants.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
