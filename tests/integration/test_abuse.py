@@ -117,21 +117,20 @@ def test_a_stream_nobody_reads_is_cancelled_after_the_send_timeout(
 
 def test_a_client_that_leaves_a_json_request_frees_its_slot(swarm: Swarm, gateway: str) -> None:
     before = metrics(gateway)
-    body = {"model": swarm.model_id, "n": 8, **LONG}  # 8 x 900 tokens, one after another
+    body = {"model": swarm.model_id, "n": 8, **LONG}  # 8 x 900 tokens: minutes if let run
     with leaving(send_raw(gateway, "/v1/chat/completions", body)):
-        wait_for(lambda: active(gateway) == 1, 60, "the request to start generating")
-    # Not "until nothing is active": choices run one after another, so there are moments
-    # between two of them with nothing active and the request still going.
-    # Generous for a loaded machine (it took over 30 s once, in CI beside another swarm);
-    # letting the 8 choices run would take minutes.
-    wait_for(
-        lambda: metrics(gateway).get(CANCELLED, 0) > before.get(CANCELLED, 0),
-        90,
-        "the generation to stop once its client left",
-    )
+        wait_for(lambda: active(gateway) >= 1, 60, "the request to start generating")
+
+    def stopped() -> bool:
+        now = metrics(gateway)
+        cancelled = now.get(CANCELLED, 0) > before.get(CANCELLED, 0)
+        return cancelled and now["swarmgate_active_generations"] == 0
+
+    # Generous for a loaded machine (it took over 30 s once, in CI beside another swarm).
+    wait_for(stopped, 90, "the generations to stop once their client left")
     after = metrics(gateway)
-    assert after[CANCELLED] - before.get(CANCELLED, 0) == 1
-    assert after["swarmgate_active_generations"] == 0
+    # The first choice, and those that had started after it: each of them was cancelled.
+    assert 1 <= after[CANCELLED] - before.get(CANCELLED, 0) <= 8
     assert after[GENERATED] - before[GENERATED] < 8 * 900
     short = {"model": swarm.model_id, "messages": LONG["messages"], "max_tokens": 3}
     assert httpx.post(f"{gateway}/v1/chat/completions", json=short, timeout=60).status_code == 200
