@@ -45,7 +45,11 @@ from protocol.rpc import (
 logger = logging.getLogger(__name__)
 
 MAX_EARLY_PUSHES = 2  # pushes per stream that may wait for their steps
-EARLY_WAIT_S = PUSH_TIMEOUT_S  # how long one may wait; its pusher gives up then anyway
+# How long one may wait. Its step is normally milliseconds behind (the gateway announces it
+# as it sends the previous hop its input), and the reply to a push call waits for its
+# slowest item, so one step that never comes must not hold the others' pushers for long:
+# past this, the push is refused and the gateway relays that output instead.
+EARLY_WAIT_S = 2.0
 
 # (peer id, request) → the peer's reply to rpc_push
 PushCall = Callable[[str, runtime_pb2.ExpertRequest], Awaitable[runtime_pb2.ExpertResponse]]

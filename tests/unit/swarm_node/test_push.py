@@ -612,3 +612,35 @@ def test_one_call_pushing_several_steps_answers_each_on_its_own(span: Span) -> N
         await second.close()
 
     run(scenario())
+
+
+def test_a_step_that_never_comes_holds_its_calls_reply_only_briefly(
+    span: Span, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One item of a call may wait for a step the gateway has not announced yet; its
+    call's reply waits for it, so that wait is short, and then it is refused alone."""
+    monkeypatch.setattr(Inbox.__init__, "__defaults__", (0.2,))  # EARLY_WAIT_S, shortened
+
+    async def scenario() -> None:
+        handler, _ = handler_of(span)
+        first = await open_hop(handler, (0, TINY_BLOCKS), TOKEN, session_id="one")
+        second = await open_hop(handler, (0, TINY_BLOCKS), OTHER_TOKEN, session_id="two")
+        first.send(expect_step(0, 1))
+        reply = asyncio.ensure_future(anext(first.replies))
+        items = [
+            PushItem(token=TOKEN, position=0, digest=DIGEST),
+            PushItem(token=OTHER_TOKEN, position=0, digest=DIGEST),  # never announced
+        ]
+        answer = await asyncio.wait_for(
+            handler.rpc_push(
+                make_request(Push(items=items), inputs(1, 1), inputs(1, 2)), caller("Q")
+            ),
+            5,
+        )
+        taken, refused = decode_reply(PushAccepted, answer.metadata, "node").refused
+        assert taken is None and refused is not None and "came within 0.2 s" in refused.message
+        decode_reply(StepDone, (await reply).metadata, "node")
+        await first.close()
+        await second.close()
+
+    run(scenario())
