@@ -292,8 +292,8 @@ class Pusher:
         calls: list[list[_Outgoing]] = []
         size = 0
         for outgoing in waiting:
-            full = len(calls[-1]) >= MAX_PUSH_ITEMS if calls else True
-            if full or size + outgoing.size > MESSAGE_BUDGET_BYTES:
+            full = bool(calls) and len(calls[-1]) >= MAX_PUSH_ITEMS
+            if not calls or full or size + outgoing.size > MESSAGE_BUDGET_BYTES:
                 calls.append([])
                 size = 0
             calls[-1].append(outgoing)
