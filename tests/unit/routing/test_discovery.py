@@ -24,16 +24,21 @@ class Item:
 
 
 class FakeDHT:
-    """``get`` as hivemind answers it: a dictionary of subkey → value with expiration."""
+    """The DHT process as hivemind runs a coroutine there: with a node whose ``get_many``
+    answers each key with a dictionary of subkey → value with expiration (or None)."""
 
     def __init__(self, entries: dict[str, dict[object, Item]]) -> None:
         self.entries = entries
+        self.calls: list[tuple[str, ...]] = []
 
-    def get(self, key: str, latest: bool, return_future: bool) -> Any:
-        future = asyncio.get_running_loop().create_future()
-        found = self.entries.get(key)
-        future.set_result(Item(found) if found is not None else None)
-        return future
+    def run_coroutine(self, coro: Any, return_future: bool) -> Any:
+        assert return_future
+        return asyncio.ensure_future(coro(self, self))
+
+    async def get_many(self, keys: tuple[str, ...], sufficient_expiration_time: float) -> Any:
+        assert sufficient_expiration_time == float("inf")  # the latest values
+        self.calls.append(keys)
+        return {key: Item(self.entries[key]) if key in self.entries else None for key in keys}
 
 
 def peer(n: int) -> str:
@@ -98,3 +103,37 @@ def test_a_model_record_of_another_shape_is_reported(caplog: pytest.LogCaptureFi
 def test_the_digest_ignores_precision_but_not_shape() -> None:
     assert ModelRecord(**{**MODEL.model_dump(), "dtype": "bfloat16"}).digest == MODEL.digest
     assert ModelRecord(**{**MODEL.model_dump(), "hidden_size": 32}).digest != MODEL.digest
+
+
+def test_every_block_is_read_in_one_call_and_each_announcement_parsed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import routing.discovery
+
+    parsed: list[object] = []
+    real = routing.discovery._parse
+
+    def counting(key: str, subkey: object, value: object, model: ModelRecord) -> Any:
+        parsed.append(subkey)
+        return real(key, subkey, value, model)
+
+    monkeypatch.setattr(routing.discovery, "_parse", counting)
+    model = ModelRecord(**{**MODEL.model_dump(), "num_blocks": 6})
+    wide = ServerRecord.model_validate(
+        {"model": model.digest, "state": "online", "start": 0, "end": 6, "throughput": 1.0}
+    )
+    half = wide.model_copy(update={"end": 3})
+    entries = {
+        block_key("m", b): {
+            peer(1) + OWNER: Item(wide.to_wire()),
+            **({peer(2) + OWNER: Item(half.to_wire())} if b < 3 else {}),
+        }
+        for b in range(6)
+    }
+    # A stale copy of peer 1's record (an older announcement) under one block is its own.
+    entries[block_key("m", 5)][peer(1) + OWNER] = Item(wide.to_wire(), expiration_time=40.0)
+    dht = FakeDHT(entries)
+    snapshot = asyncio.run(fetch_snapshot(dht, "m", model))  # type: ignore[arg-type]
+    assert dht.calls == [tuple(block_key("m", b) for b in range(6))]
+    assert set(snapshot.servers) == {peer(1), peer(2)}
+    assert sorted(map(str, parsed)) == sorted([peer(1) + OWNER] * 2 + [peer(2) + OWNER])
