@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.grammar import Grammar
 from gateway.head import HeadRunner
@@ -199,19 +200,29 @@ class Generator:
                         if request.logprobs is not None:
                             pending.append(self._logprob(choice))
                         text = stops.push(detokenizer.push(token))
-                        if text:
-                            yield TextDelta(text, tuple(pending))
-                            pending.clear()
-                        if stops.stopped or (matcher is not None and matcher.stopped):
-                            finish = "stop"
-                            break
+                        stopped = stops.stopped or (matcher is not None and matcher.stopped)
                         if (
-                            generated == request.max_new_tokens
+                            stopped
+                            or generated == request.max_new_tokens
                             or time.monotonic() >= request.deadline
                         ):
-                            break  # "length"; the last token needs no forward pass
+                            if text:
+                                yield TextDelta(text, tuple(pending))
+                                pending.clear()
+                            if stopped:
+                                finish = "stop"
+                            break  # else "length"; the last token needs no forward pass
                         history.extend([token])
-                        hidden = await session.step(decoded.embedding, history)
+                        # The next step leaves before the client hears of this token, so
+                        # the swarm computes while the text is streamed.
+                        stepping = asyncio.ensure_future(session.step(decoded.embedding, history))
+                        try:
+                            if text:
+                                yield TextDelta(text, tuple(pending))
+                                pending.clear()
+                            hidden = await stepping
+                        finally:
+                            await _end(stepping)
                 if not stops.stopped:
                     tail = stops.push(detokenizer.flush()) + stops.flush()
                     if tail or pending:
@@ -259,3 +270,13 @@ class Generator:
         history = generation.history
         await self._affinity.remember(generation.claim, generation.session.route, history)
         await self._affinity.release(generation.claim)
+
+
+async def _end(task: asyncio.Future[Any]) -> None:
+    """``task`` over: cancelled unless it is done (its stream was closed at a yield), and
+    waited for, so nothing it does outlives the generation's own cleanup."""
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()  # raised to the generation already, or nobody's any more

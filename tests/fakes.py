@@ -23,8 +23,9 @@ class LocalSwarmClient:
 
     ``covered=False`` announces no servers (no route); ``fail_after_steps`` makes each
     session fail like a dying server after that many steps; while ``gate`` is set to an
-    unset event, every step waits for it (a swarm that is slow to answer); ``open_gate``
-    does the same for opening sessions.
+    unset event, every step waits for it (a swarm that is slow to answer; ``step_started``
+    is set when a step begins, ``cancelled_steps`` counts those cancelled while waiting);
+    ``open_gate`` does the same for opening sessions.
     """
 
     def __init__(
@@ -47,6 +48,8 @@ class LocalSwarmClient:
         self.closed = 0
         self.steps = 0  # over all sessions
         self.gate: asyncio.Event | None = None
+        self.step_started = asyncio.Event()
+        self.cancelled_steps = 0
         self.open_gate: asyncio.Event | None = None
         servers = (
             {
@@ -110,8 +113,13 @@ class LocalSession:
         assert tokens == 0
 
     async def step(self, hidden: torch.Tensor, history: TokenHistory) -> torch.Tensor:
+        self._client.step_started.set()
         if self._client.gate is not None:
-            await self._client.gate.wait()
+            try:
+                await self._client.gate.wait()
+            except asyncio.CancelledError:
+                self._client.cancelled_steps += 1
+                raise
         self._steps += 1
         self._client.steps += 1
         limit = self._client.fail_after_steps
