@@ -77,6 +77,7 @@ def create_app(
                 dht_prefix(settings.model_id, settings.namespace),
                 ModelRecord.of(settings.model_id, config),
                 refresh_period_s=settings.refresh_period_s,
+                max_refresh_period_s=settings.max_refresh_period_s,
                 embed=head.embed,
                 member_pass=member_pass,
                 metrics=app.state.metrics,

@@ -23,7 +23,10 @@ class GatewaySettings:
     # Servers send hidden states straight to the next hop; False: all through the gateway.
     push: bool = True
     api_keys: tuple[str, ...] = field(default=(), repr=False)
-    refresh_period_s: float = 2.0  # how often the swarm snapshot is re-read from the DHT
+    # How often the swarm snapshot is re-read from the DHT: every refresh_period_s while
+    # the swarm changes, backing off to max_refresh_period_s while it stays the same.
+    refresh_period_s: float = 2.0
+    max_refresh_period_s: float = 10.0
     # A hop's reply to one step may take this long, plus what its announced throughput
     # allows for the step's size; later it counts as failed and the session fails over.
     step_floor_s: float = 10.0

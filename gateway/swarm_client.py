@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import statistics
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence, Set
 from typing import Protocol
@@ -33,7 +34,7 @@ from routing.costs import PREFILL_FACTOR, RouteCosts, step_deadline_s
 from routing.discovery import check_model, fetch_model, fetch_snapshot
 from routing.health import PeerHealth
 from routing.planner import Hop, plan_route
-from routing.snapshot import SwarmSnapshot, carry_over
+from routing.snapshot import SwarmSnapshot, carry_over, next_refresh_s, settled
 
 __all__ = ["InferenceSession", "P2PSwarmClient", "SwarmClient", "detach"]
 
@@ -101,6 +102,7 @@ class P2PSwarmClient:
         embed: Callable[[list[int]], Awaitable[torch.Tensor]],
         member_pass: Callable[[], str] = lambda: "",  # an open swarm shows none
         refresh_period_s: float = 2.0,
+        max_refresh_period_s: float = 10.0,
         prefill_chunk_tokens: int | None = None,
         step_floor_s: float = 10.0,
         health: PeerHealth | None = None,
@@ -114,6 +116,11 @@ class P2PSwarmClient:
         self._member_pass = member_pass  # this gateway's pass, shown to every server it opens
         self._embed = embed
         self._refresh_period_s = refresh_period_s
+        self._max_refresh_period_s = max(max_refresh_period_s, refresh_period_s)
+        self._refresh_wait_s = refresh_period_s
+        self._read_at = -math.inf  # monotonic time the last snapshot was read
+        self._reading: asyncio.Future[SwarmSnapshot] | None = None
+        self._wake = asyncio.Event()  # something suggests the swarm changed: read it soon
         self._prefill_chunk_tokens = prefill_chunk_tokens
         self._step_floor_s = step_floor_s
         self.health = health or PeerHealth()
@@ -131,16 +138,24 @@ class P2PSwarmClient:
         self._refresher = asyncio.create_task(self._refresh_forever())
 
     async def aclose(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        for task in (self._refresher, self._reading):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def snapshot(self) -> SwarmSnapshot:
         return self._snapshot
 
     async def refresh(self) -> SwarmSnapshot:
+        """Read the swarm now (one read shared by everyone who asks while it runs)."""
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._read())
+        return await asyncio.shield(self._reading)
+
+    async def _read(self) -> SwarmSnapshot:
         fresh = await fetch_snapshot(self._dht, self._prefix, self._model)
+        self._read_at = time.monotonic()
         self._snapshot = carry_over(self._snapshot, fresh)
         self._metrics.forget_peers(set(self._snapshot.servers))
         return self._snapshot
@@ -156,14 +171,22 @@ class P2PSwarmClient:
         resume: tuple[int, str] = (0, ""),
         adapter: str | None = None,
     ) -> ChainSession:
-        snapshot = self._snapshot.serving(adapter)
         held = len(prefix_hashes) * BLOCK_TOKENS
         # The pinned route's servers hold the conversation: the planner weighs that against
         # speed and load, keeps the hops that still work and re-plans only what was lost.
         costs = self.costs(
             cached_hops=tuple(prefer or ()), cached_tokens=held, prompt_tokens=held + 1
         )
-        route = plan_route(snapshot, snapshot.num_blocks, costs=costs)
+        try:
+            snapshot = self._snapshot.serving(adapter)
+            route = plan_route(snapshot, snapshot.num_blocks, costs=costs)
+        except NoRouteError:
+            # A settled swarm is read only every few announcement periods: a server that
+            # joined since (one holding this adapter, say) is looked for before a 503.
+            if time.monotonic() - self._read_at < self._refresh_period_s:
+                raise
+            snapshot = (await self.refresh()).serving(adapter)
+            route = plan_route(snapshot, snapshot.num_blocks, costs=costs)
         chain = ChainSession(
             self,
             session_id,
@@ -245,6 +268,7 @@ class P2PSwarmClient:
         return stream, cached
 
     def failed(self, peer_id: str, error: SwarmError) -> None:
+        self._wake.set()  # it may have left the swarm, and others with it
         ban = self.health.on_failure(peer_id)
         self._metrics.server_failures.labels(type(error).__name__).inc()
         logger.warning("server %s failed (%s); avoided for %.0f s", peer_id, error, ban)
@@ -253,9 +277,25 @@ class P2PSwarmClient:
         self.health.on_success(peer_id)
 
     async def _refresh_forever(self) -> None:
+        """Re-read the swarm every ``refresh_period_s`` while it changes (or some block has
+        no server), backing off to ``max_refresh_period_s`` while it stays the same: each
+        read costs the gateway's DHT a traversal, and the servers' own records change only
+        when they announce. A failed server wakes it at once (at most once a period)."""
         while True:
-            await asyncio.sleep(self._refresh_period_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._refresh_wait_s)
+            woken = self._wake.is_set()
+            self._wake.clear()
+            await asyncio.sleep(max(0.0, self._read_at + self._refresh_period_s - time.monotonic()))
+            before = self._snapshot
             try:
-                await self.refresh()
+                after = await self.refresh()
             except Exception as e:  # the last snapshot stays in use until the DHT answers
                 logger.warning("swarm refresh failed: %s", e)
+                after = None
+            self._refresh_wait_s = next_refresh_s(
+                self._refresh_wait_s,
+                settled=after is not None and not woken and settled(before, after),
+                fastest=self._refresh_period_s,
+                slowest=self._max_refresh_period_s,
+            )

@@ -67,6 +67,27 @@ def carry_over(previous: SwarmSnapshot, fresh: SwarmSnapshot) -> SwarmSnapshot:
     return SwarmSnapshot(fresh.model, {**kept, **fresh.servers}, fresh.taken_at, expires)
 
 
+def settled(previous: SwarmSnapshot, fresh: SwarmSnapshot) -> bool:
+    """Whether ``fresh`` shows the swarm as ``previous`` did, with every block online: the
+    same servers, in the same states, on the same blocks, with the same adapters. Load and
+    counters are left out (they change with every announcement)."""
+    if fresh.num_blocks == 0 or fresh.model != previous.model:
+        return False
+    if min(coverage(fresh.online(), fresh.num_blocks)) == 0:
+        return False
+
+    def shape(snapshot: SwarmSnapshot) -> dict[str, tuple[object, ...]]:
+        return {p: (r.state, r.start, r.end, r.adapters) for p, r in snapshot.servers.items()}
+
+    return shape(previous) == shape(fresh)
+
+
+def next_refresh_s(wait_s: float, *, settled: bool, fastest: float, slowest: float) -> float:
+    """How long until the next read of a swarm last read ``wait_s`` after the one before:
+    twice that while the swarm stays ``settled`` (up to ``slowest``), else ``fastest``."""
+    return min(2 * wait_s, slowest) if settled else fastest
+
+
 def coverage(servers: Mapping[str, ServerRecord], num_blocks: int) -> list[int]:
     """How many servers hold each block."""
     counts = [0] * num_blocks
