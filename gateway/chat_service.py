@@ -10,7 +10,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway.fanout import fan_out
+from gateway.fanout import fan_in, fan_out
 from gateway.generation import (
     Finished,
     Generation,
@@ -237,8 +237,9 @@ class ChatService:
         prepared: list[GenerationRequest],
         first: Generation,
     ) -> AsyncGenerator[ChatCompletionChunk, None]:
-        """Each choice in turn (``first`` is already open): its role, text and finish reason;
-        then the usage if asked for."""
+        """Each choice's role, text and finish reason (``first`` is already open), then the
+        usage if asked for. Choices generate at once, as in ``complete``, and their chunks
+        interleave as they come, each with its choice's index."""
         completion_id, created = _completion_id(), int(time.time())
 
         def chunk(
@@ -256,15 +257,20 @@ class ChatService:
                 system_fingerprint=SYSTEM_FINGERPRINT,
             )
 
-        finished: list[Finished] = []
-        generation: Generation | None = first
+        finished: dict[int, Finished] = {}  # by choice: the first's prompt counts
         tools = tool_plan(request)
-        try:
-            for index, choice in enumerate(prepared):
-                generation = generation or await self._generator.open(choice)
+
+        async def chunks(
+            index: int, prompt_done: Callable[[], None]
+        ) -> AsyncGenerator[ChatCompletionChunk, None]:
+            choice = prepared[index]
+            generation = first if index == 0 else None
+            try:
+                generation = generation or await self._generator.open(choice, near=first.route)
                 yield chunk(index, ChoiceDelta(role="assistant", content=""))
                 # Closed with the stream, even when its reader stops at a `yield`.
-                async with aclosing(self._events(choice, generation, tools)) as events:
+                events = self._events(choice, generation, tools, prompt_done)
+                async with aclosing(events):
                     async for event in events:
                         if isinstance(event, TextDelta):
                             logprobs = _logprobs(event.logprobs) if request.logprobs else None
@@ -273,9 +279,16 @@ class ChatService:
                             for delta in _call_deltas(event):
                                 yield chunk(index, ChoiceDelta(tool_calls=[delta]))
                         else:
-                            finished.append(event)
+                            finished[index] = event
                             yield chunk(index, ChoiceDelta(), event.finish_reason)
-                generation = None
+            finally:  # also when the client leaves before its generation began
+                if generation is not None:
+                    await self._generator.close(generation)
+
+        try:
+            async with aclosing(fan_in(chunks, len(prepared), lead=True)) as merged:
+                async for made in merged:
+                    yield made
             if request.include_usage():
                 yield ChatCompletionChunk(
                     id=completion_id,
@@ -283,11 +296,10 @@ class ChatService:
                     model=request.model,
                     choices=[],
                     system_fingerprint=SYSTEM_FINGERPRINT,
-                    usage=usage_of(*finished),
+                    usage=usage_of(*(finished[i] for i in sorted(finished))),
                 )
-        finally:  # also when the client leaves before a generation began
-            if generation is not None:
-                await self._generator.close(generation)
+        finally:  # the first choice's, when the stream ended before it began
+            await self._generator.close(first)
 
 
 def _logprobs(tokens: Sequence[TokenLogprob]) -> ChoiceLogprobs:

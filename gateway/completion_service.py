@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from transformers import PreTrainedTokenizerBase
 
 from gateway.chat_service import SYSTEM_FINGERPRINT, usage_of
-from gateway.fanout import fan_out
+from gateway.fanout import fan_in, fan_out
 from gateway.generation import (
     Finished,
     Generation,
@@ -210,7 +210,9 @@ class CompletionService:
         prepared: list[PreparedPrompt],
         first: Generation,
     ) -> AsyncGenerator[Completion, None]:
-        """Chunks of each prompt's choice in turn (``first`` is already open), then usage."""
+        """Chunks of each prompt's choice (``first`` is already open), then usage. The
+        prompts generate at once, as in ``complete``; their chunks interleave as they come,
+        each with its choice's index."""
         completion_id, created = _completion_id(), int(time.time())
 
         def chunk(
@@ -234,15 +236,23 @@ class CompletionService:
             )
 
         finished: list[Finished] = []
-        generation: Generation | None = first
-        try:
-            for index, prompt in enumerate(prepared):
-                generation = generation or await self.open(prompt)
+
+        async def chunks(
+            index: int, prompt_done: Callable[[], None]
+        ) -> AsyncGenerator[Completion, None]:
+            prompt = prepared[index]
+            generation = first if index == 0 else None
+            try:
+                generation = generation or await self._generator.open(
+                    prompt.generation, near=first.route
+                )
                 offsets = _Offsets(len(prompt.text) if request.echo else 0)
                 if request.echo and prompt.generation.prompt_logprobs is None:
                     yield chunk(index, prompt.text)
                 # Closed with the stream, even when its reader stops at a `yield`.
-                events = self._generator.generate(prompt.generation, generation)
+                events = self._generator.generate(
+                    prompt.generation, generation, prompt_done=prompt_done
+                )
                 async with aclosing(events):
                     async for event in events:
                         if isinstance(event, PromptLogprobs):  # the echo, with its logprobs
@@ -259,7 +269,15 @@ class CompletionService:
                         else:
                             finished.append(event)
                             yield chunk(index, "", event)
-                generation = None
+            finally:  # also when the client leaves before its generation began
+                if generation is not None:
+                    await self._generator.close(generation)
+
+        scoring = any(p.generation.prompt_logprobs is not None for p in prepared)
+        try:
+            async with aclosing(fan_in(chunks, len(prepared), lead=not scoring)) as merged:
+                async for made in merged:
+                    yield made
             if request.include_usage():
                 yield Completion(
                     id=completion_id,
@@ -269,9 +287,8 @@ class CompletionService:
                     system_fingerprint=SYSTEM_FINGERPRINT,
                     usage=_total_usage(finished),
                 )
-        finally:  # also when the client leaves before a generation began
-            if generation is not None:
-                await self._generator.close(generation)
+        finally:  # the first prompt's, when the stream ended before it began
+            await self._generator.close(first)
 
 
 _Outcome = tuple[CompletionChoice, Finished]
