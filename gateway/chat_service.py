@@ -72,6 +72,10 @@ class ChatService:
         _refuse_unsupported(request, structured=self._grammars is not None)
         _check_tools(request)
 
+    def generations(self, request: ChatCompletionRequest) -> int:
+        """How many generations the request runs at once: its choices."""
+        return request.n
+
     async def prepare(
         self,
         request: ChatCompletionRequest,

@@ -73,6 +73,10 @@ class CompletionService:
         if len(request.prompts()) > MAX_PROMPTS:
             raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
 
+    def generations(self, request: CompletionRequest) -> int:
+        """How many generations the request runs at once: one per prompt."""
+        return len(request.prompts())
+
     async def prepare(
         self,
         request: CompletionRequest,

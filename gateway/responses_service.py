@@ -118,6 +118,10 @@ class ResponsesService:
             )
         return found
 
+    def generations(self, turn: Turn) -> int:
+        """How many generations the request runs at once: one."""
+        return 1
+
     def check(self, turn: Turn) -> None:
         with _responses_params():
             self._chat.check(turn.chat)

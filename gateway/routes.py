@@ -161,7 +161,7 @@ async def _serve(
     flood of large bodies queues (or is refused) instead of keeping the CPU busy."""
     admission: Admission = request.app.state.admission
     authorization = request.headers.get("authorization", "")
-    slot = await admission.admit(client_key(authorization))
+    slot = await admission.admit(client_key(authorization), service.generations(body))
     stream: EventStream | None = None
     try:
         prepared: Any = await service.prepare(

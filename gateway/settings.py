@@ -31,9 +31,9 @@ class GatewaySettings:
     # allows for the step's size; later it counts as failed and the session fails over.
     step_floor_s: float = 10.0
     prefill_chunk_tokens: int | None = None  # None: as many as fit one P2P message
-    max_concurrent: int = 16  # requests generating at once
+    max_concurrent: int = 16  # generations at once (n choices or prompts count n)
     max_queue: int = 64  # requests waiting for a slot; beyond, 429 with Retry-After
-    max_concurrent_per_key: int = 4  # requests one API key (or bearer token) has in flight
+    max_concurrent_per_key: int = 4  # generations one API key (or bearer token) has in flight
     max_body_bytes: int = 4 * 1024 * 1024
     send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is cancelled
     default_max_tokens: int = 1024  # for chat requests that set none (completions: 16)

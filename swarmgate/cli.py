@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent",
         type=int,
         default=int(_env("SWARMGATE_MAX_CONCURRENT", "16") or 16),
-        help="generations running at once",
+        help="generations running at once (a request with n choices or several prompts runs "
+        "that many)",
     )
     gateway.add_argument(
         "--max-queue",
@@ -332,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent-per-key",
         type=_positive_int,
         default=_env("SWARMGATE_MAX_CONCURRENT_PER_KEY", "4"),
-        help="requests one API key may have running or waiting; beyond, 429 (without "
-        "configured keys: per bearer token, and all requests without one together)",
+        help="generations one API key may have running or waiting (a request asking for "
+        "more takes them all); beyond, 429 (without configured keys: per bearer token, and "
+        "all requests without one together)",
     )
     gateway.add_argument(
         "--send-timeout",

@@ -398,8 +398,8 @@ def test_one_key_gets_429_beyond_its_share_while_others_get_in(
             assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
             assert refused.json() == {
                 "error": {
-                    "message": "this API key already has 2 requests in flight, the most one "
-                    "key may have; retry when one has finished",
+                    "message": "this API key already has 2 generations in flight, and 2 is "
+                    "the most one key may have; retry when one has finished",
                     "type": "rate_limit_error",
                     "param": None,
                     "code": "rate_limit_exceeded",

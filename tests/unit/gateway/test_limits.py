@@ -152,3 +152,65 @@ def test_a_key_waiting_in_the_queue_counts_against_its_share() -> None:
         running.release()
 
     asyncio.run(scenario())
+
+
+def test_a_request_holds_as_many_slots_as_generations_it_runs() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=4, max_waiting=4)
+        three = await admission.admit("a", generations=3)
+        one = await admission.admit("b")  # the fourth slot
+        waiting = asyncio.create_task(admission.admit("c", generations=2))
+        later = asyncio.create_task(admission.admit("d"))  # fits one slot, but comes second
+        await asyncio.sleep(0)
+        assert admission.waiting == 2
+        one.release()  # one slot free: c needs two, and d may not overtake it
+        await asyncio.sleep(0)
+        assert not waiting.done() and not later.done()
+        three.release()
+        c = await asyncio.wait_for(waiting, 1)
+        d = await asyncio.wait_for(later, 1)
+        # Past the gateway's limit, a request takes all of it (it runs, alone).
+        everything = asyncio.create_task(admission.admit("e", generations=9))
+        await asyncio.sleep(0)
+        assert not everything.done()
+        c.release()
+        d.release()
+        (await asyncio.wait_for(everything, 1)).release()
+
+    asyncio.run(scenario())
+
+
+def test_a_key_s_share_counts_generations() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=16, max_waiting=8, max_per_key=4)
+        three = await admission.admit("k", generations=3)
+        with pytest.raises(TooManyRequests):
+            await admission.admit("k", generations=2)
+        one = await admission.admit("k")
+        three.release()
+        one.release()
+        wide = await admission.admit("k", generations=8)  # more than its share: all of it
+        assert admission.in_flight("k") == 4
+        with pytest.raises(TooManyRequests):
+            await admission.admit("k")
+        wide.release()
+        assert admission.in_flight("k") == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_waiter_cancelled_as_it_got_its_turn_gives_the_slots_back() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=2, max_waiting=4)
+        running = await admission.admit("a", generations=2)
+        first = asyncio.create_task(admission.admit("b", generations=2))
+        second = asyncio.create_task(admission.admit("c", generations=2))
+        await asyncio.sleep(0)
+        running.release()  # b's turn is granted ...
+        first.cancel()  # ... as its request leaves: c gets the slots instead
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        (await asyncio.wait_for(second, 1)).release()
+        assert admission.waiting == 0 and admission.in_flight("b") == 0
+
+    asyncio.run(scenario())
