@@ -177,15 +177,16 @@ class P2PSwarmClient:
         costs = self.costs(
             cached_hops=tuple(prefer or ()), cached_tokens=held, prompt_tokens=held + 1
         )
+        snapshot = self._snapshot.serving(adapter)
         try:
-            snapshot = self._snapshot.serving(adapter)
             route = plan_route(snapshot, snapshot.num_blocks, costs=costs)
         except NoRouteError:
             # A settled swarm is read only every few announcement periods: a server that
             # joined since (one holding this adapter, say) is looked for before a 503.
             if time.monotonic() - self._read_at < self._refresh_period_s:
                 raise
-            snapshot = (await self.refresh()).serving(adapter)
+            with contextlib.suppress(Exception):  # unreadable: the 503 stands
+                snapshot = (await self.refresh()).serving(adapter)
             route = plan_route(snapshot, snapshot.num_blocks, costs=costs)
         chain = ChainSession(
             self,
