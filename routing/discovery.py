@@ -162,12 +162,11 @@ async def announce(
     """
     expiration = get_dht_time() + ttl_s
     subkey = peer_id + dht.owner_tag
-    blocks = range(record.start, record.end)
-    wire = record.to_wire()
+    wire, model_wire = record.to_wire(), model.to_wire()
     stores: list[tuple[str, object, str | None]] = [
-        *((block_key(prefix, b), wire, subkey) for b in blocks),
-        (model_key(prefix), model.to_wire(), None),
-        (models_key(namespace), model.to_wire(), prefix),
+        *((block_key(prefix, b), wire, subkey) for b in range(record.start, record.end)),
+        (model_key(prefix), model_wire, None),
+        (models_key(namespace), model_wire, prefix),
     ]
     keys, values, subkeys = (list(column) for column in zip(*stores, strict=True))
     call = partial(

@@ -38,44 +38,34 @@ def request(tokens: int) -> GenerationRequest:
     return GenerationRequest(prompt_ids=[5, 6, 7, 8], max_new_tokens=tokens, sampling=greedy)
 
 
+async def hold_the_first_token(swarm: LocalSwarmClient, model: Path, *, stall: bool) -> int:
+    """Generate until the first text, then hold it, asking for nothing more, until the
+    next step starts (with ``stall``, the swarm never answers it); then leave, which
+    closes the generation. How many steps had started when the text came."""
+    async with generator_of(swarm, model) as generator:
+        wanted = request(8)
+        generation = await generator.open(wanted)
+        async with aclosing(generator.generate(wanted, generation)) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    steps = swarm.steps
+                    if stall:
+                        swarm.gate = asyncio.Event()
+                    swarm.step_started.clear()
+                    await asyncio.wait_for(swarm.step_started.wait(), PATIENCE_S)
+                    return steps
+    raise AssertionError("no text came")
+
+
 def test_the_next_step_is_under_way_while_a_token_is_being_read(tiny_model: Path) -> None:
     swarm = LocalSwarmClient(tiny_model, "tiny")
-
-    async def scenario() -> tuple[int, int]:
-        async with generator_of(swarm, tiny_model) as generator:
-            wanted = request(8)
-            generation = await generator.open(wanted)
-            async with aclosing(generator.generate(wanted, generation)) as events:
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        # The reader holds this token and asks for nothing more: the step
-                        # for the next one runs all the same.
-                        steps = swarm.steps
-                        swarm.step_started.clear()
-                        await asyncio.wait_for(swarm.step_started.wait(), PATIENCE_S)
-                        return steps, swarm.steps
-        raise AssertionError("no text came")
-
-    before, after = run(scenario)
-    assert after == before + 1
+    before = run(lambda: hold_the_first_token(swarm, tiny_model, stall=False))
+    assert swarm.steps == before + 1
 
 
 def test_a_reader_that_leaves_cancels_the_step_in_flight(tiny_model: Path) -> None:
     swarm = LocalSwarmClient(tiny_model, "tiny")
-
-    async def scenario() -> None:
-        async with generator_of(swarm, tiny_model) as generator:
-            wanted = request(8)
-            generation = await generator.open(wanted)
-            async with aclosing(generator.generate(wanted, generation)) as events:
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        swarm.gate = asyncio.Event()  # the swarm stalls from here
-                        swarm.step_started.clear()
-                        await asyncio.wait_for(swarm.step_started.wait(), PATIENCE_S)
-                        break  # the reader leaves: aclosing closes the generation
-            # Closed: the step waiting on the stalled swarm was cancelled, not left behind.
-            assert swarm.cancelled_steps == 1
-            assert swarm.closed == 1
-
-    run(scenario)
+    run(lambda: hold_the_first_token(swarm, tiny_model, stall=True))
+    # Closed: the step waiting on the stalled swarm was cancelled, not left behind.
+    assert swarm.cancelled_steps == 1
+    assert swarm.closed == 1
