@@ -23,6 +23,7 @@ from typing import TypeVar
 import torch
 
 from gateway.batching import MicroBatcher
+from gateway.greedy_head import GreedyScreen
 from gateway.metrics import GatewayMetrics
 from gateway.sampling import StreamSampler, TokenChoice
 from models.loading import Head
@@ -75,12 +76,16 @@ SCORE_ROWS = 64
 
 
 class HeadRunner:
-    """Embeddings in, next tokens out: the only place the gateway runs its model weights."""
+    """Embeddings in, next tokens out: the only place the gateway runs its model weights.
+
+    ``screen``: greedy rows that need only their argmax find it through it instead of the
+    full fp32 LM head (gateway/greedy_head.py); None: every row through the full head."""
 
     def __init__(
         self,
         head: Head,
         *,
+        screen: GreedyScreen | None = None,
         max_batch: int = MAX_BATCH_ROWS,
         metrics: GatewayMetrics | None = None,
     ) -> None:
@@ -88,7 +93,7 @@ class HeadRunner:
         self._metrics = metrics or GatewayMetrics()
         self._decoding = 0
         self._batcher: MicroBatcher[_Call, _Outcome] = MicroBatcher(
-            lambda calls: run_calls(head, calls),
+            lambda calls: run_calls(head, calls, screen),
             max_batch=max_batch,
             thread_name="head",
             on_batch=self._observe,
@@ -171,7 +176,9 @@ class HeadRunner:
 
 
 @torch.inference_mode()
-def run_calls(head: Head, calls: Sequence[_Call]) -> list[_Outcome | Exception]:
+def run_calls(
+    head: Head, calls: Sequence[_Call], screen: GreedyScreen | None = None
+) -> list[_Outcome | Exception]:
     """One job of the head thread, an outcome per call in order. Embeddings run one by
     one: a lookup takes microseconds, there is nothing to gain by stacking them."""
     outcomes: dict[int, _Outcome | Exception] = {}
@@ -182,7 +189,7 @@ def run_calls(head: Head, calls: Sequence[_Call]) -> list[_Outcome | Exception]:
             outcomes[i] = _attempt(score_rows, head, call)
     rows = [i for i, call in enumerate(calls) if isinstance(call, _Logits | _NextToken)]
     heads = [call for call in calls if isinstance(call, _Logits | _NextToken)]
-    outcomes.update(zip(rows, _run_rows(head, heads), strict=True))
+    outcomes.update(zip(rows, _run_rows(head, heads, screen), strict=True))
     return [outcomes[i] for i in range(len(calls))]
 
 
@@ -192,11 +199,18 @@ def embed_ids(head: Head, ids: list[int]) -> torch.Tensor:
     return hidden
 
 
+def final_rows(head: Head, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+    """hidden: B tensors [1, n_i, hidden_size] → each one's last position through the final
+    norm [B, hidden_size] (fp32): what the LM head multiplies."""
+    last = torch.cat([h[:, -1].float() for h in hidden])  # [B, hidden_size]
+    rows: torch.Tensor = head.norm(last)
+    return rows
+
+
 def batch_logits(head: Head, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
     """hidden: B tensors [1, n_i, hidden_size] → logits of each one's last position
     [B, vocab] (fp32). Rows may differ from one-row calls by float rounding (~1e-6)."""
-    last = torch.cat([h[:, -1].float() for h in hidden])  # [B, hidden_size]
-    logits: torch.Tensor = head.lm_head(head.norm(last))
+    logits: torch.Tensor = head.lm_head(final_rows(head, hidden))
     return logits
 
 
@@ -217,23 +231,47 @@ def score_rows(head: Head, call: _Score) -> list[TokenChoice]:
     ]
 
 
-def _run_rows(head: Head, calls: Sequence[_Logits | _NextToken]) -> list[_Outcome | Exception]:
-    if not calls:
-        return []
-    try:
-        logits = batch_logits(head, [call.hidden for call in calls])  # [B, vocab]
-    except Exception as error:  # the rows were computed together: they fail together
+def _run_rows(
+    head: Head, calls: Sequence[_Logits | _NextToken], screen: GreedyScreen | None
+) -> list[_Outcome | Exception]:
+    outcomes: list[_Outcome | Exception | None] = [None] * len(calls)
+    try:  # the rows are computed together: they fail together
+        rows = final_rows(head, [call.hidden for call in calls])  # [B, hidden_size]
+        if screen is not None:
+            argmax = [
+                i
+                for i, call in enumerate(calls)
+                if isinstance(call, _NextToken) and not call.sampler.needs_logits
+            ]
+            if argmax:
+                for i, token in zip(argmax, screen.argmax(rows[argmax]), strict=True):
+                    call = calls[i]
+                    if token is not None and isinstance(call, _NextToken):
+                        outcomes[i] = _attempt(_take, head, call, token)
+        full = [i for i, outcome in enumerate(outcomes) if outcome is None]
+        logits = head.lm_head(rows[full]) if full else None  # [len(full), vocab]
+    except Exception as error:
         return [error] * len(calls)
-    return [
-        _attempt(_choose, head, call, row)
-        if isinstance(call, _NextToken)
-        else row.clone()  # a view would keep the whole batch's logits alive
-        for call, row in zip(calls, logits, strict=True)
-    ]
+    if logits is not None:
+        for i, row in zip(full, logits, strict=True):
+            call = calls[i]
+            outcomes[i] = (
+                _attempt(_choose, head, call, row)
+                if isinstance(call, _NextToken)
+                else row.clone()  # a view would keep the whole batch's logits alive
+            )
+    done = [outcome for outcome in outcomes if outcome is not None]
+    assert len(done) == len(calls)  # every row was screened or went through the full head
+    return done
 
 
 def _choose(head: Head, call: _NextToken, row: torch.Tensor) -> Decoded:
     choice = call.sampler.choose(row)
+    return Decoded(choice, embed_ids(head, [choice.token]))
+
+
+def _take(head: Head, call: _NextToken, token: int) -> Decoded:
+    choice = call.sampler.take(token)
     return Decoded(choice, embed_ids(head, [choice.token]))
 
 

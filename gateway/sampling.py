@@ -147,6 +147,25 @@ class StreamSampler:
     ) -> StreamSampler:
         return cls(params, make_generator(params.seed), logprobs, constraint=constraint)
 
+    @property
+    def needs_logits(self) -> bool:
+        """False when the argmax of the model's own logits alone decides the token: greedy,
+        no logprobs, nothing adjusting or masking the logits. Then ``take`` may be given
+        that argmax, found without computing every logit (gateway/greedy_head.py)."""
+        return bool(
+            not self.params.greedy
+            or self.logprobs is not None
+            or self.constraint is not None
+            or self.params.adjusts_logits
+        )
+
+    def take(self, token: int) -> TokenChoice:
+        """The argmax ``token``, for a sampler that does not need logits."""
+        if self.needs_logits:
+            raise ValueError("this stream chooses from the logits, not from their argmax")
+        self.generated[token] += 1
+        return TokenChoice(token)
+
     def choose(self, logits: torch.Tensor) -> TokenChoice:
         """logits: [vocab] → the next token (counted for the penalties of later ones, and
         consumed by the constraint). Logprobs stay the model's own, from before the mask."""

@@ -17,13 +17,15 @@ import httpx
 import pytest
 import torch
 
+from gateway import greedy_head
 from gateway import head as head_module
 from gateway.app import create_app
 from gateway.batching import BatcherClosed
 from gateway.grammar import GrammarError
+from gateway.greedy_head import GreedyScreen
 from gateway.head import HeadRunner, batch_logits
 from gateway.metrics import GatewayMetrics
-from gateway.sampling import SamplingParams, StreamSampler
+from gateway.sampling import SamplingParams, StreamSampler, TokenChoice
 from gateway.settings import GatewaySettings
 from models.loading import Head, load_head
 from tests.fakes import LocalSwarmClient
@@ -262,6 +264,77 @@ def test_logprobs_are_the_models_own(runner: HeadRunner, head: Head) -> None:
     values, ids = torch.topk(logprobs, 3)
     assert [token for token, _ in choice.top] == ids.tolist()
     assert [lp for _, lp in choice.top] == pytest.approx(values.tolist(), abs=1e-5)
+
+
+# ---- greedy rows through the screen ----
+
+MIXED = [
+    (SamplingParams(temperature=0.0), None),  # screened
+    (SamplingParams(temperature=0.9, seed=5), None),
+    (SamplingParams(temperature=0.0), 2),  # greedy, but its logprobs need every logit
+    (SamplingParams(temperature=0.0), None),  # screened
+]
+
+
+def screened_runner(head: Head, gated: GatedLinear) -> HeadRunner:
+    screen = GreedyScreen.of(head.lm_head)
+    assert screen is not None
+    return HeadRunner(dataclasses.replace(head, lm_head=gated), screen=screen)
+
+
+def decode_mixed_batch(runner: HeadRunner, gated: GatedLinear) -> list[TokenChoice]:
+    async def scenario() -> list[TokenChoice]:
+        held = await hold(runner, gated)
+        calls = [
+            runner.decode(hidden(40 + i), StreamSampler.of(params, logprobs))
+            for i, (params, logprobs) in enumerate(MIXED)
+        ]
+        tasks = await queue(runner, calls)
+        gated.open_gate()
+        await held
+        return [out.choice for out in await asyncio.gather(*tasks)]
+
+    return run(scenario)
+
+
+def assert_same_choices(got: list[TokenChoice], expected: list[TokenChoice]) -> None:
+    """The same tokens; logprobs to float rounding (a batch of other rows rounds apart)."""
+    assert [c.token for c in got] == [c.token for c in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert (a.logprob is None) == (b.logprob is None)
+        if a.logprob is not None:
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+
+
+def test_greedy_rows_find_their_token_without_the_full_head(
+    runner: HeadRunner, head: Head, gated: GatedLinear
+) -> None:
+    expected = decode_mixed_batch(runner, gated)
+    screened = screened_runner(head, gated)
+    try:
+        gated.rows.clear()
+        assert_same_choices(decode_mixed_batch(screened, gated), expected)
+    finally:
+        gated.open_gate()
+        screened.close()
+    assert gated.rows == [1, 2]  # the held call, then the two rows that need logits
+    assert expected[2].logprob is not None
+
+
+def test_rows_the_screen_cannot_decide_go_through_the_full_head(
+    runner: HeadRunner, head: Head, gated: GatedLinear, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = decode_mixed_batch(runner, gated)
+    monkeypatch.setattr(greedy_head, "MAX_CANDIDATES", 0)
+    screened = screened_runner(head, gated)
+    try:
+        gated.rows.clear()
+        assert_same_choices(decode_mixed_batch(screened, gated), expected)
+    finally:
+        gated.open_gate()
+        screened.close()
+    assert gated.rows == [1, 4]
 
 
 # ---- seeded sampling does not depend on who else is in the batch ----

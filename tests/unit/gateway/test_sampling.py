@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from gateway.sampling import (
+    MIN_TEMPERATURE,
     SamplingParams,
     StreamSampler,
+    TokenChoice,
     adjust_logits,
     logits_to_probs,
     make_generator,
@@ -226,6 +228,38 @@ def test_a_stream_sampler_reports_logprobs_only_when_asked() -> None:
     loud = StreamSampler.of(SamplingParams(temperature=0.0), logprobs=0).choose(logits)
     assert loud.logprob == pytest.approx(float(torch.log_softmax(logits, -1).max()))
     assert loud.top == ()
+
+
+@pytest.mark.parametrize(
+    ("params", "logprobs", "constrained", "needs"),
+    [
+        (SamplingParams(temperature=0.0), None, False, False),
+        (SamplingParams(temperature=MIN_TEMPERATURE / 2), None, False, False),
+        (SamplingParams(temperature=0.7), None, False, True),
+        (SamplingParams(temperature=0.0), 0, False, True),
+        (SamplingParams(temperature=0.0), None, True, True),
+        (SamplingParams(temperature=0.0, logit_bias={3: 1.0}), None, False, True),
+        (SamplingParams(temperature=0.0, presence_penalty=0.5), None, False, True),
+        (SamplingParams(temperature=0.0, frequency_penalty=0.5), None, False, True),
+    ],
+)
+def test_only_plain_greedy_streams_go_without_logits(
+    params: SamplingParams, logprobs: int | None, constrained: bool, needs: bool
+) -> None:
+    constraint = AllowOnly({1}) if constrained else None
+    sampler = StreamSampler.of(params, logprobs, constraint)
+    assert sampler.needs_logits is needs
+    if needs:
+        with pytest.raises(ValueError, match="chooses from the logits"):
+            sampler.take(1)
+        assert not sampler.generated
+
+
+def test_a_taken_argmax_counts_as_a_choice() -> None:
+    sampler = StreamSampler.of(SamplingParams(temperature=0.0))
+    assert sampler.take(7) == TokenChoice(7)
+    assert sampler.take(7) == TokenChoice(7)
+    assert sampler.generated == Counter({7: 2})
 
 
 def test_token_logprobs_are_the_models_own_distribution() -> None:
