@@ -1,9 +1,10 @@
 """Decode speed and time to first token: `transformers` generate vs the swarm, one run.
 
 Prints JSON. The swarm is `swarmgate up` (2 nodes + gateway on loopback) driven through
-the OpenAI SDK with streaming; HF runs `generate` on the same model, prompt and length in
-this process first, before the swarm starts, so that neither competes with the other for
-the CPU. Both are greedy, so both produce the same tokens.
+the OpenAI SDK with streaming; HF runs `generate` on the same model, prompt and length
+first, in a child process that exits before the swarm starts, so that neither competes with
+the other for the CPU and the client measuring the swarm carries none of HF's state (its
+thread pool, its freed weights). Both are greedy, so both produce the same tokens.
 
     python bench/decode.py [--model smollm2] [--tokens 64] [--repeats 3]
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import openai
@@ -67,6 +70,11 @@ def bench_hf(path: Path, tokens: int) -> dict[str, float]:
     return {**_rates(start, clock.times), "prompt_tokens": prompt.shape[1]}
 
 
+def bench_hf_runs(path: Path, tokens: int, repeats: int) -> tuple[list[dict[str, float]], int]:
+    runs = [bench_hf(path, tokens) for _ in range(repeats)]
+    return runs, torch.get_num_threads()
+
+
 def bench_swarm(url: str, model_id: str, tokens: int) -> dict[str, float]:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     client.chat.completions.create(model=model_id, messages=MESSAGES, max_tokens=4, temperature=0)
@@ -102,7 +110,11 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2)
     args = parser.parse_args()
     source = resolve_model(args.model)
-    hf_runs = [bench_hf(source.path, args.tokens) for _ in range(args.repeats)]
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as hf_process:
+        hf_runs, torch_threads = hf_process.submit(
+            bench_hf_runs, source.path, args.tokens, args.repeats
+        ).result()
     port = free_port()
     log_dir = Path(__file__).resolve().parent / "results"
     log_dir.mkdir(exist_ok=True)
@@ -136,7 +148,7 @@ def main() -> None:
                 "swarm": sw,
                 "decode_ratio": sw["decode_tok_s"] / hf["decode_tok_s"],
                 "ttft_ratio": hf["ttft_s"] / sw["ttft_s"],
-                "torch_threads": torch.get_num_threads(),
+                "torch_threads": torch_threads,
             },
             indent=2,
         )
