@@ -42,6 +42,7 @@ TOKEN_TTL_S = 3600.0  # tokens are minted locally, so short lives cost nothing
 REFRESH_BEFORE_S = 600.0  # re-mint a token once it has less than this left
 CLOCK_SKEW_S = 300.0  # members' clocks may differ this much (run NTP)
 MAX_PASS_CHARS = 4096  # a pass is ~600 characters; anything longer is refused unread
+MAX_REMEMBERED_PASSES = 1024  # verified passes a server keeps (one per caller, mostly)
 
 _DHT, _RPC = "dht", "rpc"  # what a token is for: one cannot be replayed as the other
 
@@ -186,13 +187,46 @@ class PassIssuer:
 
 def check_pass(swarm_key: SwarmKey, encoded: str, caller: str) -> bool:
     """Whether ``encoded`` is this swarm's pass for the peer that libp2p says is calling."""
+    return _valid_pass(swarm_key, encoded, caller) is not None
+
+
+def _valid_pass(swarm_key: SwarmKey, encoded: str, caller: str) -> AccessToken | None:
     if not encoded or len(encoded) > MAX_PASS_CHARS:
-        return False
+        return None
     try:
         token = AccessToken.FromString(base64.b64decode(encoded, validate=True))
     except (binascii.Error, DecodeError, ValueError):
-        return False
-    return token.username == caller and swarm_key.is_valid(_RPC, token)
+        return None
+    if token.username != caller or not swarm_key.is_valid(_RPC, token):
+        return None
+    return token
+
+
+class PassChecker:
+    """``check_pass`` for a server, remembering the passes it has verified until they
+    expire. A gateway or a node shows the same pass with every push for up to an hour,
+    and checking its RSA signature again each time cost ~50 us of every token's path.
+    Only valid passes are remembered (a stranger cannot fill the memory), at most
+    ``MAX_REMEMBERED_PASSES`` at once."""
+
+    def __init__(self, swarm_key: SwarmKey) -> None:
+        self._swarm_key = swarm_key
+        self._verified: dict[tuple[str, str], float] = {}  # (pass, caller) → expiration
+
+    def __call__(self, encoded: str, caller: str) -> bool:
+        expiration = self._verified.get((encoded, caller))
+        if expiration is not None:
+            if expiration >= get_dht_time() - CLOCK_SKEW_S:
+                return True
+            del self._verified[(encoded, caller)]
+            return False
+        token = _valid_pass(self._swarm_key, encoded, caller)
+        if token is None:
+            return False
+        if len(self._verified) >= MAX_REMEMBERED_PASSES:
+            self._verified.clear()  # passes are re-verified, never wrongly accepted
+        self._verified[(encoded, caller)] = float(token.expiration_time)
+        return True
 
 
 def _encode(token: AccessToken) -> str:

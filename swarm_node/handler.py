@@ -41,7 +41,7 @@ from protocol.errors import (
 )
 from protocol.latency import SimulatedLink
 from protocol.logs import request_id
-from protocol.membership import SwarmKey, check_pass
+from protocol.membership import PassChecker, SwarmKey
 from protocol.rpc import (
     RPC_INFERENCE,
     RPC_INFO,
@@ -133,7 +133,8 @@ class BlockHandler:
         self._input_wait_s = input_wait_s
         self.pushes = PushBoard(span.config.hidden_size)
         self.pusher: Pusher | None = None  # set by register(): None sends no pushes
-        self._members = members  # None: an open swarm, everyone may call
+        # None: an open swarm, everyone may call
+        self._members = PassChecker(members) if members is not None else None
         self._refused: set[str] = set()
         self._observe_step = observe_step  # (tokens, seconds) of each completed step
         self.sessions = sessions
@@ -587,7 +588,7 @@ class BlockHandler:
 
     def _check_member(self, member_pass: str, caller: str) -> None:
         """In a closed swarm, refuse a caller without a pass for its own peer id."""
-        if self._members is not None and not check_pass(self._members, member_pass, caller):
+        if self._members is not None and not self._members(member_pass, caller):
             if caller not in self._refused:  # once per peer: a stranger may keep trying
                 if len(self._refused) >= 1024:
                     self._refused.clear()

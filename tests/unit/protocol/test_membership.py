@@ -12,6 +12,7 @@ from hivemind.proto.auth_pb2 import AccessToken
 
 from protocol import membership
 from protocol.membership import (
+    PassChecker,
     PassIssuer,
     SwarmAuthorizer,
     SwarmKey,
@@ -78,6 +79,46 @@ def test_a_pass_admits_only_the_peer_it_names_in_its_own_swarm(
     assert not check_pass(key, PassIssuer(other, PEER).current(), PEER)
     for garbage in ("", "not base64!", "aGVsbG8=", "A" * 5000):
         assert not check_pass(key, garbage, PEER)
+
+
+class CountingKey(SwarmKey):
+    """A swarm key that counts the signatures it checks."""
+
+    checks = 0
+
+    def is_valid(self, purpose: str, token: AccessToken) -> bool:
+        type(self).checks += 1
+        return super().is_valid(purpose, token)
+
+
+def test_a_server_checks_a_pass_signature_once_until_it_expires(
+    key: SwarmKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = CountingKey(key.private)
+    CountingKey.checks = 0
+    check = PassChecker(counting)
+    ours = PassIssuer(key, PEER).current()
+    assert all(check(ours, PEER) for _ in range(5))
+    assert CountingKey.checks == 1
+    assert not check(ours, "QmPeerB")  # remembered for A only: B is checked, and refused
+    assert not check("garbage", PEER)
+    later = membership.get_dht_time() + membership.TOKEN_TTL_S + membership.CLOCK_SKEW_S + 1
+    monkeypatch.setattr(membership, "get_dht_time", lambda: later)
+    assert not check(ours, PEER)  # remembered, but expired
+    assert not check(ours, PEER)
+
+
+def test_a_server_remembers_a_bounded_number_of_passes(
+    key: SwarmKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(membership, "MAX_REMEMBERED_PASSES", 2)
+    check = PassChecker(key)
+    peers = [f"QmPeer{i}" for i in range(5)]
+    passes = [PassIssuer(key, peer).current() for peer in peers]
+    for encoded, peer in zip(passes, peers, strict=True):
+        assert check(encoded, peer)
+        assert len(check._verified) <= 2
+    assert all(check(encoded, peer) for encoded, peer in zip(passes, peers, strict=True))
 
 
 def test_a_dht_token_is_no_rpc_pass(key: SwarmKey) -> None:
