@@ -18,7 +18,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load_file
@@ -153,6 +153,7 @@ def attach_adapters(span: Span, adapters: Sequence[Adapter]) -> None:
                 f"for another base model (missing {missing[:3]}, unexpected "
                 f"{list(loaded.unexpected_keys)[:3]})"
             )
+    span.lora = list(lora_layers(span))
     select_adapter(span, None)
 
 
@@ -169,8 +170,10 @@ def lora_layers(span: Span) -> Iterator[LoraLayer]:
 
 def select_adapter(span: Span, name: str | None) -> None:
     """Make the span's next forwards run adapter ``name``, or the base model (None).
-    Call on the thread that runs the forwards, right before them."""
-    for module in lora_layers(span):
+    Call on the thread that runs the forwards, right before them. Switches the layers
+    ``attach_adapters`` made (``span.lora``): walking every module of every block to find
+    them took ~0.1 ms of each forward, on a span with no adapter at all."""
+    for module in cast("list[LoraLayer]", span.lora):
         if name is None:
             module.enable_adapters(False)
         else:

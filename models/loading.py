@@ -9,7 +9,7 @@ Qwen3, Mixtral), Falcon and BLOOM.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,8 @@ class Span:
     """Blocks ``[start, end)``. Each block keeps its model-wide index as ``layer_idx``
     (per-layer settings such as Qwen's sliding layers are looked up by it); a cache slot is
     ``layer_idx`` minus the first block a step runs. ``rotary`` is None for models
-    without rotary embeddings (ALiBi)."""
+    without rotary embeddings (ALiBi). ``lora``: the peft LoRA layers that served adapters
+    were injected as (``models/adapters.py``), the ones a forward switches between."""
 
     config: PretrainedConfig
     start: int
@@ -145,6 +146,7 @@ class Span:
     layers: list[torch.nn.Module]
     rotary: torch.nn.Module | None
     dtype: torch.dtype
+    lora: list[Any] = field(default_factory=list)  # peft LoraLayers (slow to import)
 
     @property
     def family(self) -> Family:

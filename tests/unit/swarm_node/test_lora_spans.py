@@ -12,6 +12,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from models.adapters import (
@@ -81,6 +82,26 @@ def test_the_base_model_on_spans_with_adapters_answers_as_before(
     spans: list[Span], head: Head, tiny_model: Path, prompt: list[int]
 ) -> None:
     assert greedy(spans, head, None, prompt) == greedy_ids(tiny_model, prompt, NEW_TOKENS)
+
+
+def test_switching_adapters_does_not_walk_the_blocks(
+    spans: list[Span], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every forward selects its adapter: that touches the LoRA layers found when the
+    adapters were attached, never the whole module tree."""
+    for span in spans:
+        found = [m for layer in span.layers for m in layer.modules() if isinstance(m, LoraLayer)]
+        assert found and span.lora == found
+
+    def walked(self: torch.nn.Module) -> None:
+        raise AssertionError("select_adapter walked the module tree")
+
+    monkeypatch.setattr(torch.nn.Module, "modules", walked)
+    for span in spans:
+        select_adapter(span, "pirate")
+        assert all(m.active_adapters == ["pirate"] and not m.disable_adapters for m in span.lora)
+        select_adapter(span, None)
+        assert all(m.disable_adapters for m in span.lora)
 
 
 def test_forwards_of_different_adapters_never_share_a_batch(
