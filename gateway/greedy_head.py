@@ -10,7 +10,11 @@ and the normed hidden state ``x``, rounding ``x`` and ``W_j`` to bf16 moves each
 at most ``2u + u**2`` of ``|x_i W_ji|`` (``u = 2**-8``), summing in fp32 (here and in the
 exact matmul) adds at most ``n * 2**-24`` of ``sum |x_i W_ji|`` each, and bf16 output
 rounds once more, by ``u`` of the result. ``sum |x_i W_ji| <= |x| |W_j|`` (Cauchy-Schwarz),
-and the row norms are computed once. So every logit lies within its own bound of its bf16
+and the row norms are computed once. Below fp32's smallest normal number (``2**-126``)
+errors are absolute, not relative (bf16 instructions flush such inputs and products to
+zero), so each logit's bound also has ``2**-126`` times (``n + 1`` and ``sqrt(n)`` times
+``|x| + |W_j|``): nothing for real hidden states, but what keeps the bound true for tiny
+ones. So every logit lies within its own bound of its bf16
 value, and only the tokens whose upper bound reaches the best lower bound can be the
 argmax: usually one to a few hundred of 49152. Those are scored again in fp32, and the
 argmax among them (the first, on ties, as ``torch.argmax``) is the token the full fp32
@@ -34,11 +38,13 @@ import torch
 SCREEN_DTYPE = torch.bfloat16
 UNIT_ROUNDOFF = 2.0**-8  # bf16: 8 significant bits
 FP32_UNIT_ROUNDOFF = 2.0**-24
+SMALLEST_NORMAL = 2.0**-126  # fp32's and bf16's; below it, values may be flushed to zero
 SAFETY = 2.0
 # Past this many candidates a row is scored in full: the screen is not separating them.
 MAX_CANDIDATES = 4096
 # bf16 must beat fp32 by this much on one row to be worth holding a second copy of the head.
 MIN_SPEEDUP = 1.2
+CHECKED_BATCH = 16  # the bound is checked at startup on one row and on a batch this size
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class GreedyScreen:
     row_norms: torch.Tensor  # [vocab] fp32: |W_j|
     product_error: float  # of |x| |W_j|, doubled for safety
     output_error: float  # of |logit|, doubled for safety
+    flush_error: torch.Tensor  # [vocab]: the absolute part that does not depend on x
+    flush_per_norm: float  # the absolute part per unit of |x|
 
     @classmethod
     def of(cls, lm_head: torch.nn.Module) -> GreedyScreen | None:
@@ -61,13 +69,16 @@ class GreedyScreen:
         if weight.dtype != torch.float32 or weight.dim() != 2:
             return None
         hidden = weight.shape[1]
-        u = UNIT_ROUNDOFF
+        u, tiny, root = UNIT_ROUNDOFF, SAFETY * SMALLEST_NORMAL, hidden**0.5
+        row_norms = weight.norm(dim=1)
         return cls(
             weight=weight,
             coarse=weight.to(SCREEN_DTYPE),
-            row_norms=weight.norm(dim=1),
+            row_norms=row_norms,
             product_error=SAFETY * (2 * u + u * u + 2 * hidden * FP32_UNIT_ROUNDOFF),
             output_error=SAFETY * u,
+            flush_error=tiny * (hidden + 1 + root * row_norms),
+            flush_per_norm=tiny * root,
         )
 
     @torch.inference_mode()
@@ -94,31 +105,41 @@ class GreedyScreen:
         approx = torch.nn.functional.linear(x.to(SCREEN_DTYPE), self.coarse).float()
         norms = x.norm(dim=1, keepdim=True)
         bound = self.product_error * norms * self.row_norms + self.output_error * approx.abs()
+        bound += self.flush_error
+        bound += self.flush_per_norm * norms
         return approx, bound
 
     @torch.inference_mode()
-    def pays_off(self, rows: int = 4, repeats: int = 5) -> bool:
+    def pays_off(self, repeats: int = 7) -> bool:
         """Whether the screen holds and is clearly faster than the fp32 head on this
         machine. Both are measured: speed depends on the CPU's instructions, and a matmul
-        that summed in bf16 (no CPU kernel seen does) would break the bound."""
-        x = torch.randn(rows, self.weight.shape[1], generator=torch.Generator().manual_seed(0))
-        approx, bound = self._screen(x)
-        exact = torch.nn.functional.linear(x, self.weight)
-        if not bool(((approx - exact).abs() <= bound / SAFETY).all()):
-            return False
+        that summed in bf16 (no CPU kernel seen does) would break the bound, on one row or
+        on a batch (kernels may differ by batch size). Timed on one thread, alternating:
+        what starts beside a gateway (nodes loading) skews multi-threaded timings most."""
+        generator = torch.Generator().manual_seed(0)
+        for rows in (1, CHECKED_BATCH):
+            x = torch.randn(rows, self.weight.shape[1], generator=generator)
+            approx, bound = self._screen(x)
+            exact = torch.nn.functional.linear(x, self.weight)
+            if not bool(((approx - exact).abs() <= bound / SAFETY).all()):
+                return False
         one = x[:1]
-        fp32 = _fastest(lambda: torch.nn.functional.linear(one, self.weight), repeats)
-        screened = _fastest(lambda: self.argmax(one), repeats)
-        return screened * MIN_SPEEDUP <= fp32
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            fp32, screened = [], []
+            for _ in range(repeats):
+                fp32.append(_timed(lambda: torch.nn.functional.linear(one, self.weight)))
+                screened.append(_timed(lambda: self.argmax(one)))
+        finally:
+            torch.set_num_threads(threads)
+        return min(screened) * MIN_SPEEDUP <= min(fp32)
 
 
-def _fastest(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return min(times)
+def _timed(fn: Callable[[], object]) -> float:
+    began = time.perf_counter()
+    fn()
+    return time.perf_counter() - began
 
 
 def greedy_screen(lm_head: torch.nn.Module) -> GreedyScreen | None:

@@ -234,6 +234,8 @@ def score_rows(head: Head, call: _Score) -> list[TokenChoice]:
 def _run_rows(
     head: Head, calls: Sequence[_Logits | _NextToken], screen: GreedyScreen | None
 ) -> list[_Outcome | Exception]:
+    if not calls:
+        return []
     outcomes: list[_Outcome | Exception | None] = [None] * len(calls)
     try:  # the rows are computed together: they fail together
         rows = final_rows(head, [call.hidden for call in calls])  # [B, hidden_size]

@@ -74,6 +74,27 @@ def test_near_ties_that_bf16_cannot_see_are_decided_in_fp32() -> None:
     assert screen_of(weight).argmax(x) == [999]
 
 
+def test_a_token_behind_in_bf16_but_ahead_in_fp32_wins() -> None:
+    """bf16 rounds row 0's first weight up by ~2**-8, which the cancelling second one
+    leaves as the whole logit (0.0078 instead of 0.0039); row 1 is nearly exact (0.0040).
+    bf16 ranks row 0 first, fp32 row 1: the bound must keep row 1 a candidate."""
+    weight = torch.tensor([[1 + 2**-8 + 2**-20, -1.0], [0.004, 0.0], [-1.0, -1.0], [-1.0, -1.0]])
+    x = torch.tensor([[1.0, 1.0]])
+    coarse = torch.nn.functional.linear(x.bfloat16(), weight.bfloat16()).float()[0]
+    assert float(coarse[0]) > float(coarse[1]) and full_argmax(weight, x) == [1]
+    assert screen_of(weight).argmax(x) == [1]
+
+
+def test_logits_too_small_for_relative_error_are_still_bounded() -> None:
+    """Below 2**-126, bf16 rounding (or flushing to zero) errs by absolute amounts: here
+    bf16 ranks row 2 first, fp32 row 1."""
+    s = 2.0**-133
+    weight = torch.tensor([[-1.0, -1.0], [1.49 * s, 1.49 * s], [2.51 * s, 0.0], [-1.0, -1.0]])
+    x = torch.tensor([[1.0, 1.0]])
+    assert full_argmax(weight, x) == [1]
+    assert screen_of(weight).argmax(x) in ([1], [None])
+
+
 def test_rows_it_cannot_decide_are_left_to_the_full_head(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

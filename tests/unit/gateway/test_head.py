@@ -23,7 +23,7 @@ from gateway.app import create_app
 from gateway.batching import BatcherClosed
 from gateway.grammar import GrammarError
 from gateway.greedy_head import GreedyScreen
-from gateway.head import HeadRunner, batch_logits
+from gateway.head import Decoded, HeadRunner, batch_logits
 from gateway.metrics import GatewayMetrics
 from gateway.sampling import SamplingParams, StreamSampler, TokenChoice
 from gateway.settings import GatewaySettings
@@ -335,6 +335,42 @@ def test_rows_the_screen_cannot_decide_go_through_the_full_head(
         gated.open_gate()
         screened.close()
     assert gated.rows == [1, 4]
+
+
+class BrokenScreen(GreedyScreen):
+    def argmax(self, x: torch.Tensor) -> list[int | None]:
+        raise RuntimeError("screen failed")
+
+
+def test_a_screen_failure_reaches_every_caller_of_its_batch(head: Head, gated: GatedLinear) -> None:
+    screen = GreedyScreen.of(head.lm_head)
+    assert screen is not None
+    broken = HeadRunner(
+        dataclasses.replace(head, lm_head=gated),
+        screen=BrokenScreen(
+            **{f.name: getattr(screen, f.name) for f in dataclasses.fields(screen)}
+        ),
+    )
+
+    async def scenario() -> tuple[list[BaseException | Decoded], torch.Tensor]:
+        held = await hold(broken, gated)
+        calls = [
+            broken.decode(hidden(60 + i), StreamSampler.of(params, logprobs))
+            for i, (params, logprobs) in enumerate(MIXED)
+        ]
+        tasks = await queue(broken, calls)
+        gated.open_gate()
+        await held
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        return outcomes, await broken.embed([1, 2, 3])  # a job of embeddings alone still runs
+
+    try:
+        outcomes, embedded = run(scenario)
+    finally:
+        gated.open_gate()
+        broken.close()
+    assert all(isinstance(o, RuntimeError) and "screen failed" in str(o) for o in outcomes)
+    assert embedded.shape == (1, 3, HIDDEN)
 
 
 # ---- seeded sampling does not depend on who else is in the batch ----
