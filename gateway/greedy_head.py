@@ -12,11 +12,12 @@ exact matmul) adds at most ``n * 2**-24`` of ``sum |x_i W_ji|`` each, and bf16 o
 rounds once more, by ``u`` of the result. ``sum |x_i W_ji| <= |x| |W_j|`` (Cauchy-Schwarz),
 and the row norms are computed once. Below fp32's smallest normal number (``2**-126``)
 errors are absolute, not relative (bf16 instructions flush such inputs and products to
-zero), so each logit's bound also has ``2**-126`` times (``n + 1`` and ``sqrt(n)`` times
-``|x| + |W_j|``): nothing for real hidden states, but what keeps the bound true for tiny
-ones. So every logit lies within its own bound of its bf16
-value, and only the tokens whose upper bound reaches the best lower bound can be the
-argmax: usually one to a few hundred of 49152. Those are scored again in fp32, and the
+zero), so each bound also has ``2**-126`` times ``n + 1 + sqrt(n) (|x| + |W_j|)``: nothing
+for real hidden states, but what keeps the bound true for tiny ones.
+
+So every logit lies within its own bound of its bf16 value, and only the tokens whose
+upper bound reaches the best lower bound can be the argmax: usually one to a few hundred
+of 49152. Those are scored again in fp32, and the
 argmax among them (the first, on ties, as ``torch.argmax``) is the token the full fp32
 head would choose, up to the float rounding by which any two fp32 matmul paths differ
 (~1e-6 here, against the ~1e-5 by which a split model's hidden states already differ

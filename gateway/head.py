@@ -239,17 +239,16 @@ def _run_rows(
     outcomes: list[_Outcome | Exception | None] = [None] * len(calls)
     try:  # the rows are computed together: they fail together
         rows = final_rows(head, [call.hidden for call in calls])  # [B, hidden_size]
-        if screen is not None:
-            argmax = [
-                i
-                for i, call in enumerate(calls)
-                if isinstance(call, _NextToken) and not call.sampler.needs_logits
-            ]
-            if argmax:
-                for i, token in zip(argmax, screen.argmax(rows[argmax]), strict=True):
-                    call = calls[i]
-                    if token is not None and isinstance(call, _NextToken):
-                        outcomes[i] = _attempt(_take, head, call, token)
+        greedy = [
+            (i, call)
+            for i, call in enumerate(calls)
+            if isinstance(call, _NextToken) and not call.sampler.needs_logits
+        ]
+        if screen is not None and greedy:
+            tokens = screen.argmax(rows[[i for i, _ in greedy]])
+            for (i, decoding), token in zip(greedy, tokens, strict=True):
+                if token is not None:
+                    outcomes[i] = _attempt(_take, head, decoding, token)
         full = [i for i, outcome in enumerate(outcomes) if outcome is None]
         logits = head.lm_head(rows[full]) if full else None  # [len(full), vocab]
     except Exception as error:
