@@ -276,25 +276,32 @@ MIXED = [
 ]
 
 
-def screened_runner(head: Head, gated: GatedLinear) -> HeadRunner:
+def screened_runner(
+    head: Head, gated: GatedLinear, kind: type[GreedyScreen] = GreedyScreen
+) -> HeadRunner:
     screen = GreedyScreen.of(head.lm_head)
     assert screen is not None
-    return HeadRunner(dataclasses.replace(head, lm_head=gated), screen=screen)
+    fields = {f.name: getattr(screen, f.name) for f in dataclasses.fields(screen)}
+    return HeadRunner(dataclasses.replace(head, lm_head=gated), screen=kind(**fields))
+
+
+async def mixed_batch(runner: HeadRunner, gated: GatedLinear) -> list[Decoded | BaseException]:
+    """The calls of ``MIXED`` decoded in one job (queued behind a held call)."""
+    held = await hold(runner, gated)
+    calls = [
+        runner.decode(hidden(40 + i), StreamSampler.of(params, logprobs))
+        for i, (params, logprobs) in enumerate(MIXED)
+    ]
+    tasks = await queue(runner, calls)
+    gated.open_gate()
+    await held
+    return await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def decode_mixed_batch(runner: HeadRunner, gated: GatedLinear) -> list[TokenChoice]:
-    async def scenario() -> list[TokenChoice]:
-        held = await hold(runner, gated)
-        calls = [
-            runner.decode(hidden(40 + i), StreamSampler.of(params, logprobs))
-            for i, (params, logprobs) in enumerate(MIXED)
-        ]
-        tasks = await queue(runner, calls)
-        gated.open_gate()
-        await held
-        return [out.choice for out in await asyncio.gather(*tasks)]
-
-    return run(scenario)
+    outcomes = run(lambda: mixed_batch(runner, gated))
+    assert all(isinstance(out, Decoded) for out in outcomes), outcomes
+    return [out.choice for out in outcomes if isinstance(out, Decoded)]
 
 
 def assert_same_choices(got: list[TokenChoice], expected: list[TokenChoice]) -> None:
@@ -343,25 +350,10 @@ class BrokenScreen(GreedyScreen):
 
 
 def test_a_screen_failure_reaches_every_caller_of_its_batch(head: Head, gated: GatedLinear) -> None:
-    screen = GreedyScreen.of(head.lm_head)
-    assert screen is not None
-    broken = HeadRunner(
-        dataclasses.replace(head, lm_head=gated),
-        screen=BrokenScreen(
-            **{f.name: getattr(screen, f.name) for f in dataclasses.fields(screen)}
-        ),
-    )
+    broken = screened_runner(head, gated, BrokenScreen)
 
-    async def scenario() -> tuple[list[BaseException | Decoded], torch.Tensor]:
-        held = await hold(broken, gated)
-        calls = [
-            broken.decode(hidden(60 + i), StreamSampler.of(params, logprobs))
-            for i, (params, logprobs) in enumerate(MIXED)
-        ]
-        tasks = await queue(broken, calls)
-        gated.open_gate()
-        await held
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    async def scenario() -> tuple[list[Decoded | BaseException], torch.Tensor]:
+        outcomes = await mixed_batch(broken, gated)
         return outcomes, await broken.embed([1, 2, 3])  # a job of embeddings alone still runs
 
     try:
