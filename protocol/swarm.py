@@ -104,9 +104,11 @@ class ModelRecord(_Record):
     hidden_size: int = Field(gt=0, le=1 << 20)
     max_length: int = Field(gt=0, le=1 << 24)
     dtype: str = Field(default="float32", max_length=MAX_NAME_CHARS)
+    # The commit sha of a Hugging Face Hub model's revision; "" for a local model.
+    revision: str = Field(default="", max_length=64)
 
     @classmethod
-    def of(cls, name: str, config: Any, dtype: str = "float32") -> ModelRecord:
+    def of(cls, name: str, config: Any, dtype: str = "float32", revision: str = "") -> ModelRecord:
         """The record of a model with this Hugging Face ``config``."""
         return cls(
             name=name,
@@ -115,17 +117,36 @@ class ModelRecord(_Record):
             hidden_size=config.hidden_size,
             max_length=config.max_position_embeddings,
             dtype=dtype,
+            revision=revision,
         )
 
     @property
     def digest(self) -> str:
-        """What servers and gateways must agree on to chain: the shape, not the precision."""
-        shape = [self.name, self.architecture, self.num_blocks, self.hidden_size, self.max_length]
+        """What servers and gateways must agree on to chain: the shape and the revision of
+        Hub weights, not the precision. Without a revision, the shape alone (as before
+        revisions were recorded)."""
+        shape: list[str | int] = [
+            self.name,
+            self.architecture,
+            self.num_blocks,
+            self.hidden_size,
+            self.max_length,
+        ]
+        if self.revision:
+            shape.append(self.revision)
         return hashlib.sha256(json.dumps(shape).encode()).hexdigest()[:16]
 
     def disagreement(self, other: ModelRecord) -> str | None:
-        """How ``other`` differs from this model in shape, or None."""
-        fields = ("name", "architecture", "num_blocks", "hidden_size", "max_length")
+        """How ``other`` differs from this model in shape or revision, or None."""
+        fields: tuple[str, ...] = (
+            "name",
+            "architecture",
+            "num_blocks",
+            "hidden_size",
+            "max_length",
+        )
+        if self.revision or other.revision:
+            fields += ("revision",)
         diffs = [
             f"{f} {getattr(other, f)!r} (here {getattr(self, f)!r})"
             for f in fields

@@ -41,6 +41,7 @@ def summarize(snapshot: SwarmSnapshot) -> dict[str, Any]:
     least, ranges = weakest(counts)
     return {
         "model": snapshot.model.name if snapshot.model else None,
+        "revision": snapshot.model.revision if snapshot.model else "",  # Hub commit; "" local
         "num_blocks": snapshot.num_blocks,
         "health": health(snapshot),
         "coverage": counts,  # online servers per block
@@ -57,7 +58,9 @@ def format_table(snapshots: list[SwarmSnapshot]) -> str:
     lines = []
     for snapshot in snapshots:
         name = snapshot.model.name if snapshot.model else "?"
-        lines.append(f"{name}: {snapshot.num_blocks} blocks, {health(snapshot)}")
+        revision = snapshot.model.revision if snapshot.model else ""
+        at = f", revision {revision}" if revision else ""  # a Hub model's commit
+        lines.append(f"{name}: {snapshot.num_blocks} blocks, {health(snapshot)}{at}")
         counts = coverage(snapshot.online(), snapshot.num_blocks)
         spans = ", ".join(f"{a}:{b} ({n})" for a, b, n in runs(counts))
         lines.append(f"  online servers per block: {spans}")
