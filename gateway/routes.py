@@ -294,6 +294,8 @@ async def swarm(request: Request) -> JSONResponse:
     return JSONResponse(
         {
             "model": _chat(request).model.id,
+            # The commit of a Hub model ("" for a local one): every server listed serves it.
+            "revision": snapshot.model.revision if snapshot.model else "",
             "num_blocks": snapshot.num_blocks,
             "servers": servers,
         }
