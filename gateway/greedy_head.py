@@ -67,7 +67,9 @@ class GreedyScreen:
         if type(lm_head) is not torch.nn.Linear or lm_head.bias is not None:
             return None
         weight = lm_head.weight.detach()
-        if weight.dtype != torch.float32 or weight.dim() != 2:
+        # On a GPU the head is read at its bandwidth and the screen's per-row candidate
+        # checks would synchronize with it every token: the screen is for CPU heads.
+        if weight.dtype != torch.float32 or weight.dim() != 2 or weight.device.type != "cpu":
             return None
         hidden = weight.shape[1]
         u, tiny, root = UNIT_ROUNDOFF, SAFETY * SMALLEST_NORMAL, hidden**0.5

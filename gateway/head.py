@@ -26,6 +26,7 @@ from gateway.batching import MicroBatcher
 from gateway.greedy_head import GreedyScreen
 from gateway.metrics import GatewayMetrics
 from gateway.sampling import StreamSampler, TokenChoice
+from models.devices import to_device, to_host
 from models.loading import Head
 
 # Rows of one job: 64 rows of the default model took ~70 ms on one CPU core, so a call
@@ -194,29 +195,41 @@ def run_calls(
 
 
 def embed_ids(head: Head, ids: list[int]) -> torch.Tensor:
-    """ids: n token ids → hidden [1, n, hidden_size] (fp32)."""
-    hidden: torch.Tensor = head.embed(torch.tensor([ids], dtype=torch.long))
-    return hidden
+    """ids: n token ids → hidden [1, n, hidden_size] (fp32, on the host: for the wire)."""
+    hidden: torch.Tensor = head.embed(torch.tensor([ids], dtype=torch.long, device=head.device))
+    return to_host(hidden.float())
+
+
+def _on_head(head: Head, hidden: torch.Tensor) -> torch.Tensor:
+    """Host hidden states as the head's modules take them: on its device, in its dtype
+    (what a whole model in that dtype hands its final norm)."""
+    return to_device(hidden, head.device).to(head.dtype)
 
 
 def final_rows(head: Head, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
     """hidden: B tensors [1, n_i, hidden_size] → each one's last position through the final
-    norm [B, hidden_size] (fp32): what the LM head multiplies."""
+    norm [B, hidden_size], on the head's device in its dtype: what the LM head multiplies."""
     last = torch.cat([h[:, -1].float() for h in hidden])  # [B, hidden_size]
-    rows: torch.Tensor = head.norm(last)
+    rows: torch.Tensor = head.norm(_on_head(head, last))
     return rows
+
+
+def head_logits(head: Head, rows: torch.Tensor) -> torch.Tensor:
+    """rows: [B, hidden_size] from ``final_rows`` → logits [B, vocab], fp32 on the host,
+    where sampling, grammars and penalties work on them (one copy per batch)."""
+    return to_host(head.lm_head(rows).float())
 
 
 def batch_logits(head: Head, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
     """hidden: B tensors [1, n_i, hidden_size] → logits of each one's last position
     [B, vocab] (fp32). Rows may differ from one-row calls by float rounding (~1e-6)."""
-    logits: torch.Tensor = head.lm_head(final_rows(head, hidden))
-    return logits
+    return head_logits(head, final_rows(head, hidden))
 
 
 def score_rows(head: Head, call: _Score) -> list[TokenChoice]:
     """Each of ``call.tokens`` with its logprob and the top alternatives at its position."""
-    logprobs = torch.log_softmax(head.lm_head(head.norm(call.hidden.float())), dim=-1)
+    logits = head.lm_head(head.norm(_on_head(head, call.hidden.float()))).float()
+    logprobs = to_host(torch.log_softmax(logits, dim=-1))
     chosen = logprobs[torch.arange(len(call.tokens)), torch.tensor(call.tokens)].tolist()
     if not call.top:
         return [
@@ -250,7 +263,7 @@ def _run_rows(
                 if token is not None:
                     outcomes[i] = _attempt(_take, head, decoding, token)
         full = [i for i, outcome in enumerate(outcomes) if outcome is None]
-        logits = head.lm_head(rows[full]) if full else None  # [len(full), vocab]
+        logits = head_logits(head, rows[full]) if full else None  # [len(full), vocab]
     except Exception as error:
         return [error] * len(calls)
     if logits is not None:

@@ -12,8 +12,13 @@ from protocol.membership import SwarmKey
 class GatewaySettings:
     model_id: str  # the id clients send as `model`; also names the DHT prefix
     model_path: Path  # local Hugging Face folder: tokenizer, embedding, norm, LM head
+    model_revision: str = ""  # the commit of a Hub model (servers' records carry it); "" local
     initial_peers: tuple[str, ...] = ()
     swarm_key: SwarmKey | None = field(default=None, repr=False)  # None: an open swarm
+    # Where the embeddings, final norm and LM head compute, and in which dtype
+    # (models/devices.py: auto is CUDA in bfloat16 where there is one, else the CPU in fp32).
+    device: str = "auto"
+    dtype: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
     namespace: str = ""

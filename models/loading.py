@@ -17,8 +17,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from models.devices import CPU, DTYPES
 from models.families import SUPPORTED_MODEL_TYPES, Family, family_of
-from models.quantization import quantize_blocks
+from models.quantization import (
+    QuantizedSpan,
+    check_quantizable,
+    log_quantized,
+    quantize_blocks,
+)
 
 __all__ = [
     "DTYPES",
@@ -29,8 +35,6 @@ __all__ = [
     "load_head",
     "load_span",
 ]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_config(folder: Path) -> PretrainedConfig:
@@ -147,6 +151,7 @@ class Span:
     rotary: torch.nn.Module | None
     dtype: torch.dtype
     lora: list[Any] = field(default_factory=list)  # peft LoraLayers (slow to import)
+    device: torch.device = CPU  # where the blocks, their caches and their adapters live
 
     @property
     def family(self) -> Family:
@@ -154,8 +159,17 @@ class Span:
 
 
 def load_span(
-    folder: Path, start: int, end: int, dtype: torch.dtype = torch.float32, quant: str = "none"
+    folder: Path,
+    start: int,
+    end: int,
+    dtype: torch.dtype = torch.float32,
+    quant: str = "none",
+    device: torch.device = CPU,
 ) -> Span:
+    """Blocks ``[start, end)`` on ``device``, read one block at a time: the host holds at
+    most one block beyond what it serves (nothing, on a GPU). bitsandbytes quantizes a
+    weight as it moves from the host to its device, so quantized blocks are built on the
+    host and moved block by block."""
     config = load_config(folder)
     family = family_of(config)
     if not 0 <= start < end <= config.num_hidden_layers:
@@ -163,42 +177,52 @@ def load_span(
     skeleton = _skeleton(config)
     layer_cls = type(_module(skeleton, family, family.layers)[0])
     weights = _Weights(folder)
+    with torch.device("meta"):  # shapes only: the whole span is checked before it loads
+        skeletons = [layer_cls(config, layer_idx=block) for block in range(start, end)]
+    if quant != "none":
+        check_quantizable(skeletons, quant, device, first_block=start)
     layers = []
-    for block in range(start, end):
-        with torch.device("meta"):
-            layer = layer_cls(config, layer_idx=block)
+    quantized: QuantizedSpan | None = None
+    for block, layer in zip(range(start, end), skeletons, strict=True):
         saved = _read_part(weights, family, f"{family.layers}.{block}", dtype)
-        layers.append(_materialize(layer, family.block_state(saved, config)))
+        layer = _materialize(layer, family.block_state(saved, config))
+        done = quantize_blocks([layer], quant, dtype, first_block=block, device=device, log=False)
+        quantized = done if quantized is None else quantized + done
+        layers.append(layer.to(device))
+    if quantized is not None:
+        log_quantized(quantized, dtype)
     rotary = None
     if family.rotary is not None:
         # Rotary tables are computed, not loaded, and stay fp32: casting them changes outputs.
-        rotary = type(_module(skeleton, family, family.rotary))(config=config).eval()
-    quantize_blocks(layers, quant, dtype, first_block=start)
-    return Span(config, start, end, layers, rotary, dtype)
+        rotary = type(_module(skeleton, family, family.rotary))(config=config).eval().to(device)
+    return Span(config, start, end, layers, rotary, dtype, device=device)
 
 
 @dataclass
 class Head:
     """The gateway's part of the model: token embedding (with any norm the family applies
-    right after it), final norm and LM head (fp32)."""
+    right after it), final norm and LM head, on ``device`` in ``dtype`` (fp32 unless a
+    process asks for less, as a GPU gateway does by default)."""
 
     config: PretrainedConfig
     embed: torch.nn.Module
     norm: torch.nn.Module
     lm_head: torch.nn.Module
+    device: torch.device = CPU
+    dtype: torch.dtype = torch.float32
 
 
-def load_head(folder: Path) -> Head:
+def load_head(folder: Path, device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> Head:
     config = load_config(folder)
     family = family_of(config)
     skeleton = _skeleton(config)
     weights = _Weights(folder)
-    dtype = torch.float32
 
     def part(path: str) -> torch.nn.Module:
-        return _materialize(
+        module = _materialize(
             _module(skeleton, family, path), _read_part(weights, family, path, dtype)
         )
+        return module.to(device)
 
     tokens = part(family.embed)
     embed = (
@@ -212,5 +236,5 @@ def load_head(folder: Path) -> Head:
         head_state = {"weight": tokens.get_parameter("weight")}
         if getattr(skeleton.lm_head, "bias", None) is not None:
             raise ValueError("tied LM head with a bias is not supported")
-    lm_head = _materialize(skeleton.lm_head, head_state)
-    return Head(config, embed, part(family.norm), lm_head)
+    lm_head = _materialize(skeleton.lm_head, head_state).to(device)
+    return Head(config, embed, part(family.norm), lm_head, device, dtype)

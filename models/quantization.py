@@ -81,6 +81,15 @@ class QuantizedSpan:
     quantized_params: int  # elements of the replaced weights
     kept_params: int  # elements of every other parameter (norms, routers, fused experts)
 
+    def __add__(self, other: QuantizedSpan) -> QuantizedSpan:
+        """Both spans' counts: blocks quantized one at a time sum to the span's."""
+        return QuantizedSpan(
+            self.quant,
+            self.linears + other.linears,
+            self.quantized_params + other.quantized_params,
+            self.kept_params + other.kept_params,
+        )
+
 
 def quantize_blocks(
     layers: list[torch.nn.Module],
@@ -88,12 +97,17 @@ def quantize_blocks(
     compute_dtype: torch.dtype,
     *,
     first_block: int = 0,
+    device: torch.device | None = None,
+    log: bool = True,
 ) -> QuantizedSpan:
     """Replace, in place, every ``nn.Linear`` of ``layers`` by its bitsandbytes counterpart.
 
     ``compute_dtype`` is the span's dtype: nf4 dequantizes into it; activations, KV cache and
     everything that is not an ``nn.Linear`` stay in it. ``quant="none"`` changes nothing.
-    ``first_block`` is the model's index of ``layers[0]``, for error messages.
+    ``first_block`` is the model's index of ``layers[0]``, for error messages. ``device``:
+    where the quantized linears go (default: where their weights are); the weights must be
+    on the host then, as bitsandbytes quantizes while moving them. ``log``: say what was
+    done (``log_quantized`` says it once for blocks quantized one by one).
 
     Raises ``QuantizationError``, before changing anything, for nf4 on a CPU whose fused
     kernel cannot take a linear's shape (see the module docstring).
@@ -103,26 +117,45 @@ def quantize_blocks(
     total = sum(p.numel() for layer in layers for p in layer.parameters())
     if quant == "none":
         return QuantizedSpan(quant, 0, 0, total)
-    bnb = _import_bitsandbytes()
     found = list(_linears(layers))
-    if quant == "nf4":
-        if found and _nf4_repacks_for_cpu(bnb, found[0].linear.weight.device):
-            _check_nf4_cpu_shapes(found, first_block)
-        _log_kernels_hint()
+    target = device or (found[0].linear.weight.device if found else torch.device("cpu"))
+    bnb = check_quantizable(layers, quant, target, first_block=first_block)
     quantized = 0
     for site in found:
-        setattr(site.parent, site.attr, _replace(bnb, site.linear, quant, compute_dtype))
+        new = _replace(bnb, site.linear, quant, compute_dtype, device or site.linear.weight.device)
+        setattr(site.parent, site.attr, new)
         quantized += site.linear.weight.numel()
     done = QuantizedSpan(quant, len(found), quantized, total - quantized)
+    if log:
+        log_quantized(done, compute_dtype)
+    return done
+
+
+def check_quantizable(
+    layers: list[torch.nn.Module], quant: str, device: torch.device, *, first_block: int = 0
+) -> Any:
+    """Refuse (``QuantizationError``) blocks that ``quant`` cannot serve on ``device``;
+    ``layers`` may be on the meta device, so a span is checked whole before any of it
+    loads. Returns bitsandbytes, imported."""
+    bnb = _import_bitsandbytes()
+    if quant == "nf4":
+        if _nf4_repacks_for_cpu(bnb, device):
+            _check_nf4_cpu_shapes(list(_linears(layers)), first_block)
+        _log_kernels_hint()
+    return bnb
+
+
+def log_quantized(done: QuantizedSpan, compute_dtype: torch.dtype) -> None:
+    if done.quant == "none":
+        return
     logger.info(
         "%s: quantized %d linear layers; %.1f%% of the blocks' parameters stay %s "
         "(norms, MoE routers, fused MoE experts)",
-        quant,
+        done.quant,
         done.linears,
-        100 * done.kept_params / max(total, 1),
+        100 * done.kept_params / max(done.quantized_params + done.kept_params, 1),
         str(compute_dtype).removeprefix("torch."),
     )
-    return done
 
 
 @dataclass(frozen=True)
@@ -194,7 +227,9 @@ def _statistics(module: torch.nn.Module) -> list[torch.Tensor]:
     return found
 
 
-def _replace(bnb: Any, linear: torch.nn.Linear, quant: str, dtype: torch.dtype) -> Any:
+def _replace(
+    bnb: Any, linear: torch.nn.Linear, quant: str, dtype: torch.dtype, device: torch.device
+) -> Any:
     shape = (linear.in_features, linear.out_features, linear.bias is not None)
     weight = linear.weight.data
     # Built on the meta device so that the constructor's own fp32 weight is never allocated.
@@ -215,7 +250,7 @@ def _replace(bnb: Any, linear: torch.nn.Linear, quant: str, dtype: torch.dtype) 
     if linear.bias is not None:
         new.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
     # Moving to the device is what quantizes (see the module docstring).
-    return new.to(weight.device).eval()
+    return new.to(device).eval()
 
 
 def _import_bitsandbytes() -> Any:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+from models.devices import to_device, to_host
 from models.loading import Span
 from swarm_node.per_segment import run_per_segment
 from swarm_node.session_kv import KVShape, Segment, SessionKV
@@ -39,7 +40,7 @@ class CacheMismatch(RuntimeError):
 
 def new_session_kv(span: Span, start: int, end: int) -> SessionKV:
     """An empty cache for a session over blocks ``[start, end)`` of the span."""
-    return SessionKV(end - start, KVShape.of(span.config, span.dtype))
+    return SessionKV(end - start, KVShape.of(span.config, span.dtype, span.device))
 
 
 class _PackedStep:
@@ -103,8 +104,8 @@ def _attention(
     if n > 1 and offset == 0 and not windowed:
         causal = True  # the same kernel as a prompt through `generate`
     elif n > 1 or windowed:
-        rows = torch.arange(offset, held).unsqueeze(1)
-        cols = torch.arange(held).unsqueeze(0)
+        rows = torch.arange(offset, held, device=q.device).unsqueeze(1)
+        cols = torch.arange(held, device=q.device).unsqueeze(0)
         mask = cols <= rows
         if sliding_window is not None:
             mask &= cols > rows - sliding_window
@@ -135,8 +136,9 @@ AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
 def forward_packed(
     span: Span, hidden: torch.Tensor, segments: Sequence[Segment], *, start: int, end: int
 ) -> torch.Tensor:
-    """``run_span`` without autograd: what serving runs."""
-    return run_span(span, hidden, segments, start=start, end=end)
+    """``run_span`` without autograd: what serving runs. ``hidden`` may be on the host; the
+    result is (fp32, on the host, complete), ready for the wire."""
+    return to_host(run_span(span, hidden, segments, start=start, end=end))
 
 
 def run_span(
@@ -151,7 +153,9 @@ def run_span(
     Not under ``torch.inference_mode`` itself: training runs it with autograd (segments
     without caches), so gradients can flow back through the blocks.
 
-    hidden: [1, total, hidden_size], any float dtype; returns the same shape in fp32.
+    hidden: [1, total, hidden_size], any float dtype, on the host or the span's device;
+    returns the same shape in fp32 on the span's device (a differentiable copy up, so
+    gradients reach a host ``hidden``).
     """
     if hidden.shape[1] != sum(s.length for s in segments):
         raise ValueError("the packed tokens and the segments disagree")
@@ -165,7 +169,7 @@ def run_span(
         segment.kv.crop(segment.position)
         segment.kv.ensure(segment.position + segment.length)
     layers = span.layers[start - span.start : end - span.start]
-    x = hidden.to(span.dtype)
+    x = to_device(hidden, span.device).to(span.dtype)
     if span.family.attention == "packed":
         x = _run_packed(span, layers, x, segments, start)
     else:
@@ -188,6 +192,7 @@ def _run_packed(
     position_ids = torch.cat(
         [torch.arange(s.position, s.position + s.length) for s in segments]
     ).unsqueeze(0)
+    position_ids = to_device(position_ids, x.device)
     if span.rotary is None:  # every packed family has one: this is a mis-described family
         raise ValueError(f"{span.config.model_type} has no rotary table for packed attention")
     cos, sin = span.rotary(x, position_ids)

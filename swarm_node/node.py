@@ -13,9 +13,10 @@ import psutil
 import torch
 
 from models.adapters import Adapter, AdapterError, attach_adapters, read_adapters
-from models.loading import DTYPES, Span, load_config, load_span
+from models.devices import CPU, DeviceError, Placement, dtype_name, free_bytes
+from models.loading import Span, load_config, load_span
 from models.quantization import QuantizationError
-from models.resolve import resolve_model
+from models.resolve import ModelSourceError, resolve_model
 from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
 from protocol.membership import PassIssuer
 from protocol.rpc import ServerInfo
@@ -33,14 +34,22 @@ from swarm_node.throughput import measure_decode_throughput
 logger = logging.getLogger("swarmgate.node")
 
 INFO_PERIOD_S = 1.0  # how stale the metrics endpoint's view may be
+# Of a GPU's memory left free once the blocks are loaded, what the KV caches may take by
+# default: the rest leaves room for activations of a batched forward and the allocator.
+GPU_CACHE_SHARE = 0.9
 
 
 CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
-def default_cache_bytes() -> int:
-    """A quarter of the memory this process may use: free memory, or a container's limit
-    when that is lower (the host's free memory would get a pod killed for overcommitting)."""
+def default_cache_bytes(device: torch.device = CPU) -> int:
+    """The KV budget when none is given. On a GPU, ``GPU_CACHE_SHARE`` of its free memory,
+    read after the blocks are loaded (``torch.cuda.mem_get_info``). On the CPU, a quarter of
+    the memory this process may use: free memory, or a container's limit when that is lower
+    (the host's free memory would get a pod killed for overcommitting)."""
+    on_device = free_bytes(device)
+    if on_device is not None:
+        return int(on_device * GPU_CACHE_SHARE)
     available = int(psutil.virtual_memory().available)
     for path in CGROUP_LIMITS:
         try:
@@ -80,14 +89,27 @@ class BlockServer:
 
     async def run(self) -> None:
         settings = self.settings
-        source = await asyncio.to_thread(resolve_model, settings.model, name=settings.model_name)
+        try:
+            source = await asyncio.to_thread(
+                resolve_model, settings.model, name=settings.model_name, revision=settings.revision
+            )
+        except ModelSourceError as e:
+            raise SystemExit(f"swarmgate node: {e}") from None
+        self.source = source  # a Hub model's blocks are fetched once the span is chosen
         config = load_config(source.path)
         try:  # a bad adapter stops the node before it joins, with the adapter's name
             self.adapters = read_adapters([Path(folder) for folder in settings.adapters], config)
         except AdapterError as e:
             raise SystemExit(f"swarmgate node: {e}") from None
-        dtype = DTYPES[settings.dtype]
-        model = ModelRecord.of(source.name, config, settings.dtype)
+        try:
+            placement = Placement.of(settings.device, settings.dtype)
+        except DeviceError as e:
+            raise SystemExit(f"swarmgate node: {e}") from None
+        logger.info("computing on %s", placement.describe())
+        self.placement = placement
+        model = ModelRecord.of(
+            source.name, config, dtype_name(placement.dtype), revision=source.revision or ""
+        )
         self.prefix = dht_prefix(source.name, settings.namespace)
         dht = SwarmDHT(
             initial_peers=list(settings.initial_peers),
@@ -98,13 +120,13 @@ class BlockServer:
             swarm_key=settings.swarm_key,
         )
         try:
-            await self._serve(dht, source.path, model, dtype)
+            await self._serve(dht, source.path, model, placement)
         finally:
             dht.shutdown()
             logger.info("left the swarm")
 
     async def _serve(
-        self, dht: SwarmDHT, folder: object, model: ModelRecord, dtype: torch.dtype
+        self, dht: SwarmDHT, folder: object, model: ModelRecord, placement: Placement
     ) -> None:
         settings = self.settings
         self.peer_id = dht.peer_id.to_base58()
@@ -132,14 +154,19 @@ class BlockServer:
         if self.adapters:
             logger.info("adapters: %s", ", ".join(a.name for a in self.adapters))
         began = time.monotonic()
+        try:  # a Hub model: download the files holding these blocks (a no-op for local ones)
+            await asyncio.to_thread(self.source.fetch_blocks, start, end)
+        except ModelSourceError as e:
+            raise SystemExit(f"swarmgate node: {e}") from None
         try:
             span: Span = await asyncio.to_thread(
                 load_span,
                 folder,  # type: ignore[arg-type]
                 start,
                 end,
-                dtype,
+                placement.dtype,
                 settings.quant,
+                placement.device,
             )
         except QuantizationError as e:
             raise SystemExit(f"swarmgate node: {e}") from None
@@ -154,10 +181,15 @@ class BlockServer:
             time.monotonic() - began,
             self.throughput,
         )
-        budget = settings.cache_bytes if settings.cache_bytes is not None else default_cache_bytes()
+        budget = (
+            settings.cache_bytes
+            if settings.cache_bytes is not None
+            else default_cache_bytes(span.device)
+        )
+        logger.info("KV cache budget: %.2f GiB on %s", budget / 2**30, span.device)
         self.sessions = SessionStore(
             budget,
-            KVShape.of(span.config, span.dtype).bytes_per_token_per_block,
+            KVShape.of(span.config, span.dtype, span.device).bytes_per_token_per_block,
             idle_ttl_s=settings.cache_ttl_s,
         )
         self.span = span
@@ -222,7 +254,7 @@ class BlockServer:
             cache_bytes_free=stats.free_bytes,
             cached_sessions=stats.sessions,
             evictions=stats.evictions,
-            dtype=self.settings.dtype,
+            dtype=dtype_name(self.span.dtype),  # resolved: never "auto"
             quant=self.settings.quant,
             adapters=tuple(a.name for a in self.adapters),
         )

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from models.devices import to_device
 from models.loading import Span
 from swarm_node.session_kv import Segment, SessionKV
 
@@ -68,9 +69,14 @@ def _run_segment(
         raise ValueError(f"{span.config.model_type} has no per-segment inputs")
     n = segment.length
     held = n if segment.kv is None else segment.position + n
-    inputs = segment_inputs(span.config, n, held, x.dtype)
+    # Built on the host (small: a mask and a bias over the held keys), used on the device.
+    inputs = {
+        name: to_device(value, x.device) if isinstance(value, torch.Tensor) else value
+        for name, value in segment_inputs(span.config, n, held, x.dtype).items()
+    }
     if span.rotary is not None:
         position_ids = torch.arange(segment.position, segment.position + n).unsqueeze(0)
+        position_ids = to_device(position_ids, x.device)
         cos, sin = span.rotary(x, position_ids)
         inputs.update(
             position_ids=position_ids, position_embeddings=(cos.to(x.dtype), sin.to(x.dtype))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.devices import CPU
 from models.families import cache_heads
 
 ALIGN_TOKENS = 64  # capacity grows in multiples of this: few, cheap reallocations
@@ -30,13 +31,14 @@ class KVShape:
     kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    device: torch.device = CPU  # where the buffers live: the blocks' device
 
     @classmethod
-    def of(cls, config: object, dtype: torch.dtype) -> KVShape:
+    def of(cls, config: object, dtype: torch.dtype, device: torch.device = CPU) -> KVShape:
         heads = getattr(config, "num_attention_heads")  # noqa: B009 - configs are untyped
         kv_heads = cache_heads(config)
         head_dim = getattr(config, "head_dim", None) or getattr(config, "hidden_size") // heads  # noqa: B009
-        return cls(int(kv_heads), int(head_dim), dtype)
+        return cls(int(kv_heads), int(head_dim), dtype, device)
 
     @property
     def bytes_per_token_per_block(self) -> int:
@@ -107,7 +109,9 @@ class SessionKV:
     def _empty(self, capacity: int) -> torch.Tensor:
         shape = self.shape
         return torch.empty(
-            (self.blocks, shape.kv_heads, capacity, shape.head_dim), dtype=shape.dtype
+            (self.blocks, shape.kv_heads, capacity, shape.head_dim),
+            dtype=shape.dtype,
+            device=shape.device,
         )
 
 

@@ -14,10 +14,14 @@ class NodeSettings:
     blocks: tuple[int, int] | None = None  # [start, end); None: the least-covered span
     num_blocks: int | None = None  # how many blocks to take when `blocks` is None (None: all)
     model_name: str | None = None  # the model id; default: derived from `model`
-    dtype: str = "float32"
+    revision: str | None = None  # branch, tag or commit of a Hub `model` (None: main)
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps
+    dtype: str = "auto"  # auto: bfloat16 on CUDA (float16 without bf16), float32 on CPU
     quant: str = "none"
     adapters: tuple[str, ...] = ()  # peft LoRA adapter folders, served as BASE:FOLDER_NAME
-    cache_bytes: int | None = None  # KV cache budget; None: a quarter of available memory
+    # KV cache budget; None: on a GPU, 90% of its free memory once the blocks are loaded;
+    # on the CPU, a quarter of available memory
+    cache_bytes: int | None = None
     prefill_per_batch: int | None = None  # prompt tokens per batched forward; None: default
     cache_ttl_s: float = 600.0  # an idle session's cache is dropped after this long
     host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from models.devices import to_device, to_host
 from models.loading import BlockLinear, Span
 from models.lora import lora_shapes
 from swarm_node.backend import run_span
@@ -62,7 +63,7 @@ def train_forward(
 ) -> torch.Tensor:
     """hidden: [B, n, H] → the blocks' output [B, n, H] (fp32) with the LoRA applied."""
     with _adapter(span, call, linears, lora), torch.no_grad():
-        return _run(span, call, hidden)
+        return to_host(_run(span, call, hidden))
 
 
 def train_backward(
@@ -78,11 +79,12 @@ def train_backward(
     """hidden, grad_out: [B, n, H] → (grad of hidden [B, n, H] or None without
     ``input_grad``, grads of the LoRA tensors in wire order), all fp32."""
     with _adapter(span, call, linears, lora) as params, torch.enable_grad():
-        x = hidden.detach().to(span.dtype).requires_grad_(input_grad)
+        x = to_device(hidden.detach(), span.device).to(span.dtype).requires_grad_(input_grad)
         out = _run(span, call, x)
         wrt = [x, *params] if input_grad else list(params)
-        grads = torch.autograd.grad(out, wrt, grad_outputs=grad_out.to(out.dtype))
-    found = [g.float() for g in grads]
+        grad_out = to_device(grad_out, out.device).to(out.dtype)
+        grads = torch.autograd.grad(out, wrt, grad_outputs=grad_out)
+    found = [to_host(g.float()) for g in grads]
     return (found[0], found[1:]) if input_grad else (None, found)
 
 

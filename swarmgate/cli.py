@@ -47,7 +47,14 @@ def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=_env("SWARMGATE_MODEL", "smollm2"),
-        help="`smollm2` (embedded default), a Hugging Face folder or a .gguf file",
+        help="`smollm2` (embedded default), a Hugging Face folder, a .gguf file or a Hugging "
+        "Face Hub id ORG/NAME[@REVISION] (downloaded to the Hugging Face cache, HF_HOME: a "
+        "node fetches only its blocks' files; HF_TOKEN for gated models)",
+    )
+    parser.add_argument(
+        "--revision",
+        default=_env("SWARMGATE_REVISION"),
+        help="branch, tag or commit of a Hub --model (default: main); ignored for local models",
     )
     parser.add_argument(
         "--model-name",
@@ -157,15 +164,38 @@ def _one_of(*choices: str) -> Callable[[str], str]:
     return check
 
 
-def _add_node_options(parser: argparse.ArgumentParser) -> None:
-    dtypes, quants = ("float32", "bfloat16"), ("none", "int8", "nf4")
+def _device(value: str) -> str:
+    """A ``--device`` spelled as torch spells devices; whether this machine has it is
+    checked when the process starts (models/devices.py), with a message saying why not."""
+    spec = value.strip().lower()
+    kind, _, index = spec.partition(":")
+    if spec in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and index.isdigit()):
+        return spec
+    raise argparse.ArgumentTypeError(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+def _add_device(parser: argparse.ArgumentParser, what: str) -> None:
+    dtypes = ("auto", "float32", "bfloat16", "float16")
+    parser.add_argument(
+        "--device",
+        type=_device,
+        default=_env("SWARMGATE_DEVICE", "auto"),
+        help=f"where {what} compute: auto (CUDA, then MPS, then CPU; the log says which), "
+        "cpu, cuda, cuda:N or mps",
+    )
     parser.add_argument(
         "--dtype",
         type=_one_of(*dtypes),
         choices=dtypes,
-        default=_env("SWARMGATE_DTYPE", "float32"),
-        help="the blocks' compute dtype, also of their KV cache",
+        default=_env("SWARMGATE_DTYPE", "auto"),
+        help=f"the compute dtype of {what}: auto is bfloat16 on CUDA (float16 on GPUs "
+        "without bf16, and on MPS), float32 on CPU",
     )
+
+
+def _add_node_options(parser: argparse.ArgumentParser) -> None:
+    quants = ("none", "int8", "nf4")
+    _add_device(parser, "the served blocks (and their KV cache)")
     parser.add_argument(
         "--quant",
         type=_one_of(*quants),
@@ -179,7 +209,8 @@ def _add_node_options(parser: argparse.ArgumentParser) -> None:
         "--cache-bytes",
         type=int,
         default=_env("SWARMGATE_CACHE_BYTES"),
-        help="KV cache budget in bytes (default: a quarter of free memory)",
+        help="KV cache budget in bytes (default: on a GPU, 90%% of its memory left free by the "
+        "blocks; on CPU, a quarter of free memory)",
     )
     parser.add_argument(
         "--cache-ttl",
@@ -242,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--nodes",
         type=int,
         default=int(_env("SWARMGATE_NODES", "2") or 2),
-        help="block servers that split the model's blocks evenly",
+        help="block servers that split the model's blocks evenly (with --device auto or "
+        "cuda on a machine with several GPUs, one per GPU in turn)",
     )
     up.add_argument(
         "--ready-timeout",
@@ -313,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway = commands.add_parser("gateway", help="the OpenAI-compatible HTTP gateway")
     _add_model(gateway)
+    _add_device(gateway, "its embeddings, final norm and LM head")
     _add_peers(gateway, required=True)
     _add_swarm_key(gateway)
     _add_http(gateway)
@@ -389,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", help="train a LoRA adapter through the swarm (servers keep their weights)"
     )
     _add_model(finetune)
+    _add_device(finetune, "the embeddings, final norm, LM head and loss")
     _add_peers(finetune, required=True)
     _add_swarm_key(finetune)
     finetune.add_argument(
@@ -423,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
+    from models.devices import DeviceError
     from routing.dht import SwarmJoinError
     from swarmgate import commands
 
@@ -439,4 +474,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = handler(args)
     except SwarmJoinError as e:
         sys.exit(f"swarmgate {args.command}: could not join the swarm: {e}")
+    except DeviceError as e:
+        sys.exit(f"swarmgate {args.command}: {e}")
     sys.exit(code or 0)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-from models.resolve import resolve_model
+from models.devices import Placement
+from models.resolve import ModelSource, ModelSourceError, resolve_model
 from protocol.membership import SwarmKey, SwarmKeyError
 from routing.dht import SwarmDHT
 from routing.snapshot import SwarmSnapshot
@@ -57,6 +60,22 @@ def initial_peers(args: argparse.Namespace) -> list[str]:
     return resolve_initial_peers(args.initial_peers, args.join_timeout)
 
 
+@contextlib.contextmanager
+def model_errors(role: str) -> Iterator[None]:
+    """A model that cannot be had (Hub refusal, unknown model or revision, not cached
+    offline, no disk) ends the command with its one-line message, not a traceback."""
+    try:
+        yield
+    except ModelSourceError as e:
+        raise SystemExit(f"swarmgate {role}: {e}") from None
+
+
+def model_source(args: argparse.Namespace, role: str) -> ModelSource:
+    """The model ``--model`` (at ``--revision``) names."""
+    with model_errors(role):
+        return resolve_model(args.model, name=args.model_name, revision=args.revision)
+
+
 def dht(args: argparse.Namespace) -> None:
     peer = SwarmDHT(
         initial_peers=initial_peers(args),
@@ -86,9 +105,11 @@ def node(args: argparse.Namespace) -> None:
         NodeSettings(
             model=args.model,
             model_name=args.model_name,
+            revision=args.revision,
             initial_peers=tuple(initial_peers(args)),
             blocks=args.blocks,
             num_blocks=args.num_blocks,
+            device=args.device,
             dtype=args.dtype,
             quant=args.quant,
             adapters=tuple(args.adapters),
@@ -115,12 +136,18 @@ def gateway(args: argparse.Namespace) -> None:
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
 
-    source = resolve_model(args.model, name=args.model_name)
+    source = model_source(args, "gateway")
+    Placement.of(args.device, args.dtype)  # a device this machine lacks: a clear exit now
+    with model_errors("gateway"):
+        source.fetch_head()
     settings = GatewaySettings(
         model_id=source.name,
         model_path=source.path,
+        model_revision=source.revision or "",
         initial_peers=tuple(initial_peers(args)),
         swarm_key=swarm_key(args),
+        device=args.device,
+        dtype=args.dtype,
         host=args.host,
         port=args.port,
         namespace=args.namespace,
@@ -188,7 +215,8 @@ def status(args: argparse.Namespace) -> int:
 def up(args: argparse.Namespace) -> int:
     from swarmgate.local_swarm import LocalSwarm
 
-    source = resolve_model(args.model, name=args.model_name)
+    source = model_source(args, "up")
+    Placement.of(args.device, args.dtype)
     swarm = LocalSwarm(source, args)
     return swarm.run()
 
@@ -199,7 +227,10 @@ def finetune(args: argparse.Namespace) -> int:
     from training import DataError, FinetuneSettings, train_lora
     from training.lora import parse_targets
 
-    source = resolve_model(args.model, name=args.model_name)
+    source = model_source(args, "finetune")
+    Placement.of(args.device, args.dtype)
+    with model_errors("finetune"):
+        source.fetch_head()
     if args.rank > MAX_LORA_RANK:
         raise SystemExit(
             f"swarmgate finetune: --rank {args.rank}: servers take at most {MAX_LORA_RANK}"
@@ -211,6 +242,7 @@ def finetune(args: argparse.Namespace) -> int:
     settings = FinetuneSettings(
         model_name=source.name,
         model_path=source.path,
+        model_revision=source.revision or "",
         initial_peers=tuple(initial_peers(args)),
         data=Path(args.data),
         out=Path(args.out),
@@ -224,6 +256,8 @@ def finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         swarm_key=swarm_key(args),
         namespace=args.namespace,
+        device=args.device,
+        dtype=args.dtype,
     )
     try:
         train_lora(settings)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from models.devices import node_devices
 from models.loading import load_config
 from models.resolve import ModelSource
 from protocol.membership import SwarmKey
@@ -81,13 +82,16 @@ class LocalSwarm:
         dht = SwarmDHT(host_maddrs=LOOPBACK_MADDRS, start=True, swarm_key=key)
         try:
             peers = [str(m) for m in dht.get_visible_maddrs()]
-            for start, end in spans:
+            devices = node_devices(self.args.device, len(spans))
+            for (start, end), device in zip(spans, devices, strict=True):
                 self._spawn(
                     f"node {start}:{end}",
                     [
                         "node",
                         "--blocks",
                         f"{start}:{end}",
+                        "--device",
+                        device,
                         *self._common(peers),
                         *self._node_flags(),
                     ],
@@ -95,7 +99,12 @@ class LocalSwarm:
                 )
             self._spawn(
                 "gateway",
-                ["gateway", *self._common(peers), *self._http_flags()],
+                [
+                    "gateway",
+                    *("--device", self.args.device, "--dtype", self.args.dtype),
+                    *self._common(peers),
+                    *self._http_flags(),
+                ],
                 env=self._child_env(gateway=True),
             )
             if not self._wait_until_healthy():
@@ -112,7 +121,9 @@ class LocalSwarm:
             dht.shutdown()
 
     def _common(self, peers: list[str]) -> list[str]:
-        flags = ["--model", str(self.source.path), "--model-name", self.source.name]
+        # A Hub model goes to the children pinned to the commit resolved here, so that all
+        # serve the same weights even if its branch moves meanwhile.
+        flags = [*self.source.model_flags(), "--model-name", self.source.name]
         if self.args.namespace:
             flags += ["--namespace", self.args.namespace]
         return [*flags, "--initial-peers", *peers]

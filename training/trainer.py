@@ -30,6 +30,7 @@ import torch
 
 from gateway.swarm_client import P2PSwarmClient
 from gateway.templating import load_tokenizer
+from models.devices import Placement, to_host
 from models.families import family_of
 from models.loading import Head, block_linears, load_config, load_head
 from protocol.errors import NoRouteError, SwarmError
@@ -67,6 +68,9 @@ class FinetuneSettings:
     seed: int = 0
     swarm_key: SwarmKey | None = None
     namespace: str = ""
+    model_revision: str = ""  # the commit of a Hub model (servers' records carry it); "" local
+    device: str = "auto"  # where the head and the loss compute (models/devices.py)
+    dtype: str = "auto"
     max_retries: int = MAX_RETRIES
     call_timeout_s: float = CALL_TIMEOUT_S
 
@@ -95,7 +99,9 @@ async def _train(settings: FinetuneSettings, progress: TextIO) -> TrainResult:
     config = load_config(settings.model_path)
     tokenizer = load_tokenizer(settings.model_path)
     examples = read_examples(settings.data, tokenizer, settings.max_length)
-    head = load_head(settings.model_path)
+    placement = Placement.of(settings.device, settings.dtype)
+    logger.info("head and loss on %s", placement.describe())
+    head = load_head(settings.model_path, placement.device, placement.dtype)
     linears = block_linears(config)
     spec = LoraSpec(rank=settings.rank, alpha=settings.alpha, targets=list(settings.targets))
     blocks_path = family_of(config).blocks_path
@@ -114,7 +120,7 @@ async def _train(settings: FinetuneSettings, progress: TextIO) -> TrainResult:
             if settings.swarm_key is not None
             else lambda: ""
         )
-        model = ModelRecord.of(settings.model_name, config)
+        model = ModelRecord.of(settings.model_name, config, revision=settings.model_revision)
         swarm = P2PSwarmClient(
             dht,
             dht_prefix(settings.model_name, settings.namespace),
@@ -219,7 +225,8 @@ class Trainer:
             inputs.append(hidden)
             hidden = await self._client.forward(hop, self._span(hop), hidden)
         final = hidden.detach().requires_grad_(True)
-        total, count = token_loss(self._logits(final), labels)
+        logits = self._logits(final)
+        total, count = token_loss(logits, labels.to(logits.device))
         loss = total / max(count, 1)
         (grad,) = torch.autograd.grad(loss, [final])
         grads: dict[int, torch.Tensor] = {}
@@ -248,7 +255,8 @@ class Trainer:
                 for hop in self._plan():
                     hidden = await self._client.forward(hop, self._span(hop), hidden)
                 with torch.no_grad():
-                    part, _ = token_loss(self._logits(hidden), labels)
+                    logits = self._logits(hidden)
+                    part, _ = token_loss(logits, labels.to(logits.device))
                 return float(part)
 
             total += await self._retrying(forward, settings.max_retries)
@@ -299,8 +307,13 @@ class Trainer:
         return self._lora.span(hop.start, hop.end)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, n] → the blocks' input [B, n, hidden] (fp32, on the host: for the wire)."""
         with torch.no_grad():
-            return self._head.embed(ids).float()  # type: ignore[no-any-return]
+            return to_host(self._head.embed(ids.to(self._head.device)).float())
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._head.lm_head(self._head.norm(hidden))  # type: ignore[no-any-return]
+        """hidden [B, n, hidden] on the host → logits on the head's device; differentiable
+        back to ``hidden`` (the copy up is a plain ``to``, which autograd follows)."""
+        head = self._head
+        rows = hidden.to(head.device, head.dtype)
+        return head.lm_head(head.norm(rows))  # type: ignore[no-any-return]

@@ -256,3 +256,31 @@ def test_a_checkpoint_saved_from_the_bare_decoder_loads_too(
             for head, span in ((load_head(f), load_span(f, 0, BLOCKS)) for f in (folder, tmp_path))
         ]
     torch.testing.assert_close(expected[0], expected[1], atol=1e-5, rtol=1e-5)  # alignment
+
+
+def test_a_span_and_head_on_another_device_keep_every_tensor_there(
+    family: str, folder_of: Callable[[str], Path]
+) -> None:
+    """The meta device stands in for a GPU on this CPU-only machine: like CUDA, it refuses
+    any op that mixes its tensors with host ones. Host hidden states in, a cached prefill
+    and a packed decode of two sessions through the span and the head: every mask,
+    position, rotary table, cache buffer and weight must live on the span's device."""
+    if family == "mixtral":
+        pytest.skip("torch's grouped matmul of MoE experts has no meta kernel for real shapes")
+    meta = torch.device("meta")
+    folder = folder_of(family)
+    span = load_span(folder, 0, BLOCKS, torch.float32, "none", meta)
+    first, second = new_session_kv(span, 0, BLOCKS), new_session_kv(span, 0, BLOCKS)
+    out = run_span(span, torch.randn(1, 5, HIDDEN), [Segment(first, 0, 5)], start=0, end=BLOCKS)
+    assert out.device == meta and out.shape == (1, 5, HIDDEN)
+    # A continued prompt (masked), a new one (causal) and a decode step, packed.
+    third = new_session_kv(span, 0, BLOCKS)
+    run_span(span, torch.randn(1, 2, HIDDEN), [Segment(third, 0, 2)], start=0, end=BLOCKS)
+    step = [Segment(first, 5, 2), Segment(second, 0, 3), Segment(third, 2, 1)]
+    out = run_span(span, torch.randn(1, 6, HIDDEN), step, start=0, end=BLOCKS)
+    assert out.device == meta and out.shape == (1, 6, HIDDEN)
+    head = load_head(folder, meta)
+    from gateway.head import final_rows
+
+    rows = final_rows(head, [torch.randn(1, 2, HIDDEN)])
+    assert head.lm_head(rows).device == meta

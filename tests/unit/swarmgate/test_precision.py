@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from models.resolve import ModelSource
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
@@ -43,10 +44,11 @@ def test_up_passes_dtype_and_quant_to_every_node(tmp_path: Path) -> None:
 
 
 def test_a_node_announces_its_dtype_and_quant() -> None:
-    server = BlockServer(NodeSettings(model="m", dtype="bfloat16", quant="int8"))
+    # --dtype auto: the record names what it resolved to (bf16, on a GPU).
+    server = BlockServer(NodeSettings(model="m", dtype="auto", quant="int8"))
     server.adapters = [SimpleNamespace(name="pirate")]  # type: ignore[list-item]
     server.model_digest, server.throughput = "d", 3.0
-    server.span = SimpleNamespace(start=0, end=2)  # type: ignore[assignment]
+    server.span = SimpleNamespace(start=0, end=2, dtype=torch.bfloat16)  # type: ignore[assignment]
     server.sessions = SessionStore(1 << 20, 1024)
     server.handler = SimpleNamespace(active_streams=0)  # type: ignore[assignment]
     record = ServerRecord.from_wire(server.record().to_wire())
