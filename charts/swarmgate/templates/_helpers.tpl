@@ -72,10 +72,21 @@ app.kubernetes.io/part-of: swarmgate
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{/* The Hub repository of model.id (`ORG/NAME`, without @REVISION), or "" when model.id is
+     `smollm2`, a path or a .gguf file: what `swarmgate` (models/hub.py) reads as a Hub id. */}}
+{{- define "swarmgate.hubRepo" -}}
+{{- $repo := index (splitList "@" .Values.model.id) 0 }}
+{{- if and (regexMatch "^[A-Za-z0-9][-_.A-Za-z0-9]*/[-_.A-Za-z0-9]*[A-Za-z0-9]$" $repo) (not (hasSuffix ".gguf" $repo)) }}
+{{- $repo }}
+{{- end }}
+{{- end }}
+
 {{/* The id clients send: --model-name, else what `swarmgate` derives from --model. */}}
 {{- define "swarmgate.modelId" -}}
 {{- if .Values.model.name }}
 {{- .Values.model.name }}
+{{- else if include "swarmgate.hubRepo" . }}
+{{- include "swarmgate.hubRepo" . }}
 {{- else }}
 {{- base (trimSuffix "/" .Values.model.id) | trimSuffix ".gguf" }}
 {{- end }}
@@ -191,6 +202,52 @@ app.kubernetes.io/part-of: swarmgate
 {{- end }}
 {{- end }}
 
+{{/* What nodes and gateways need to fetch a Hub model: the cache, the revision, the token
+     (from its Secret, never a value). */}}
+{{- define "swarmgate.hubEnv" -}}
+- name: HF_HOME
+  value: {{ .Values.hfCache.mountPath | quote }}
+{{- with .Values.model.revision }}
+- name: SWARMGATE_REVISION
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.model.hfToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.model.hfToken.key }}
+{{- end }}
+{{- end }}
+
+{{/* The Hugging Face cache: "claim" (a volumeClaimTemplate per pod, nodes only),
+     "existing" (persistence.existingClaim) or "emptyDir".
+     dict "root" $ "perPodClaims" true|false */}}
+{{- define "swarmgate.hfCacheKind" -}}
+{{- $p := .root.Values.hfCache.persistence }}
+{{- if and $p.enabled $p.existingClaim }}existing
+{{- else if and $p.enabled .perPodClaims }}claim
+{{- else }}emptyDir
+{{- end }}
+{{- end }}
+
+{{- define "swarmgate.hfCacheVolume" -}}
+{{- $kind := include "swarmgate.hfCacheKind" . }}
+{{- if eq $kind "existing" -}}
+- name: hf-cache
+  persistentVolumeClaim:
+    claimName: {{ .root.Values.hfCache.persistence.existingClaim }}
+{{- else if eq $kind "emptyDir" -}}
+- name: hf-cache
+  emptyDir: {}
+{{- end }}
+{{- end }}
+
+{{- define "swarmgate.hfCacheVolumeMount" -}}
+- name: hf-cache
+  mountPath: {{ .Values.hfCache.mountPath }}
+{{- end }}
+
 {{- define "swarmgate.podIpEnv" -}}
 - name: POD_IP
   valueFrom:
@@ -212,10 +269,13 @@ imagePullSecrets:
 {{- end }}
 {{- end }}
 
-{{/* Scheduling fields of a role's settings ($s). */}}
+{{/* Scheduling fields of a role's settings ($s), and its RuntimeClass (e.g. nvidia). */}}
 {{- define "swarmgate.scheduling" -}}
 {{- with .priorityClassName }}
 priorityClassName: {{ . }}
+{{- end }}
+{{- with .runtimeClassName }}
+runtimeClassName: {{ . }}
 {{- end }}
 {{- with .nodeSelector }}
 nodeSelector:
@@ -235,8 +295,9 @@ topologySpreadConstraints:
 {{- end }}
 {{- end }}
 
-{{/* A volumeClaimTemplate for a peer identity: dict "name" "identity" "persistence" $p */}}
-{{- define "swarmgate.identityClaim" -}}
+{{/* A volumeClaimTemplate (a peer identity, the Hugging Face cache):
+     dict "name" "identity" "persistence" $p */}}
+{{- define "swarmgate.claimTemplate" -}}
 - metadata:
     name: {{ .name }}
   spec:

@@ -3,12 +3,13 @@
 Each value set renders once per module. Every manifest is validated against the bundled
 Kubernetes schemas in strict mode (unknown fields fail), then the objects are checked for
 what the schemas cannot know: ports that agree, probes on every role, secrets referenced but
-never inlined, bootstrap addresses, node spans, drain timing.
+never inlined, bootstrap addresses, node spans, drain timing, GPUs where the values put them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -40,6 +41,17 @@ DHT_IDENTITY = "swarmgate-dht-identity"
 REDIS_AUTH = "swarmgate-redis-auth"
 REDIS_URL_SECRET = "swarmgate-redis-url"
 EXTERNAL_PEER = "/dns4/bootstrap.example.com/tcp/31337/p2p/12D3KooWBootstrapPeerIdForTests"
+HF_TOKEN_SECRET = "hf-token"
+HF_REVISION = "0123456789abcdef0123456789abcdef01234567"
+GPU_EXAMPLE = CHART / "examples" / "gpu-llama-70b.yaml"
+
+
+def gpu_values() -> dict[str, Any]:
+    """The chart's GPU example as shipped, with a commit pinned as its comment advises."""
+    values: dict[str, Any] = yaml.safe_load(GPU_EXAMPLE.read_text())
+    values["model"]["revision"] = HF_REVISION
+    return values
+
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     # The least an install needs: the swarm key's Secret.
@@ -121,6 +133,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "swarmKey": {"open": True},
         "redis": {"enabled": False, "url": "redis://redis.cache.svc.cluster.local:6379/2"},
     },
+    # examples/gpu-llama-70b.yaml: a Hub model on four GPU node groups and a GPU gateway.
+    "gpu": gpu_values(),
 }
 
 # What gateways and nodes export on /metrics; histograms add _bucket, _sum and _count.
@@ -357,6 +371,30 @@ def test_the_swarm_key_is_required_unless_the_swarm_is_open(chart: helm_python.C
         ({"logging": {"format": "yaml"}}, "/logging/format"),
         ({"gateway": {"responseTtlSeconds": 0}}, "/gateway/responseTtlSeconds"),
         ({"gateway": {"responseTtlSeconds": "1d"}}, "/gateway/responseTtlSeconds"),
+        ({"model": {"revison": "main"}}, "/model"),
+        ({"model": {"hfToken": {"secret": "hf-token"}}}, "/model/hfToken"),
+        ({"model": {"hfToken": {"existingSecret": "hf-token", "key": ""}}}, "/model/hfToken/key"),
+        ({"hfCache": {"mountpath": "/hf"}}, "/hfCache"),
+        ({"hfCache": {"mountPath": "hf"}}, "/hfCache/mountPath"),
+        ({"hfCache": {"persistence": {"existingclaim": "hf"}}}, "/hfCache/persistence"),
+        ({"hfCache": {"persistence": {"size": "200GB"}}}, "/hfCache/persistence/size"),
+        ({"nodeDefaults": {"device": "gpu"}}, "/nodeDefaults/device"),
+        ({"nodeDefaults": {"dtype": "fp16"}}, "/nodeDefaults/dtype"),
+        ({"nodes": [{"name": "a", "blocks": "0:30", "device": "cuda0"}]}, "/nodes/0/device"),
+        ({"nodes": [{"name": "a", "blocks": "0:30", "runtimeClass": "nvidia"}]}, "/nodes/0"),
+        (
+            {"nodes": [{"name": "a", "blocks": "0:30", "runtimeClassName": "Nvidia"}]},
+            "/nodes/0/runtimeClassName",
+        ),
+        ({"gateway": {"device": "gpu"}}, "/gateway/device"),
+        ({"gateway": {"dtype": "half"}}, "/gateway/dtype"),
+        ({"gateway": {"runtimeClassname": "nvidia"}}, "/gateway"),
+        ({"gateway": {"startupTimeoutSeconds": "10m"}}, "/gateway/startupTimeoutSeconds"),
+        ({"gateway": {"resources": {"limit": {"nvidia.com/gpu": 1}}}}, "/gateway/resources"),
+        (
+            {"nodeDefaults": {"resources": {"limits": {"nvidia.com/gpu": "one"}}}},
+            "/nodeDefaults/resources/limits",
+        ),
     ],
 )
 def test_the_schema_rejects_typos(
@@ -386,6 +424,9 @@ def test_the_schema_rejects_typos(
         ({"redis": {"enabled": False, "auth": {"existingSecret": "r"}}}, "bundled Redis"),
         ({"dht": {"enabled": False}}, "needs swarm.initialPeers"),
         ({"fullnameOverride": "x" * 50}, "longer than 52 characters"),
+        ({"model": {"id": "org/name@v1", "revision": "v2"}}, "names revision"),
+        ({"model": {"id": "org/name@"}}, "nothing after '@'"),
+        ({"hfCache": {"persistence": {"existingClaim": "hf"}}}, "existingClaim is set"),
     ],
 )
 def test_values_that_cannot_work_together_fail_clearly(
@@ -408,7 +449,9 @@ def test_each_role_runs_its_subcommand_of_the_one_image(
         # The image's ENTRYPOINT is `swarmgate`: no command, args start with the role.
         assert "command" not in ctr
         assert ctr["args"][0] == component(workload)
-        assert ctr["image"] == "swarmgate:0.1.0"  # the tag defaults to appVersion
+        image = VALUE_SETS[name].get("image", {})
+        # The tag defaults to appVersion.
+        assert ctr["image"] == f"{image.get('repository', 'swarmgate')}:{image.get('tag', '0.1.0')}"
         roles.add(ctr["args"][0])
     assert roles == ROLES
 
@@ -461,7 +504,7 @@ def test_node_groups_map_to_their_spans(manifests: dict[str, list[dict[str, Any]
             assert flag(args, "--blocks") == [group["blocks"]]
             assert "--num-blocks" not in args
             assert workload["spec"]["podManagementPolicy"] == "Parallel"
-        assert flag(args, "--dtype") == [group.get("dtype", "float32")]
+        assert flag(args, "--dtype") == [group.get("dtype", "auto")]
         assert flag(args, "--quant") == [group.get("quant", "none")]
         assert flag(args, "--adapters") == group.get("adapters", [])
     head = container(nodes[f"{RELEASE}-swarmgate-node-head"])
@@ -639,7 +682,7 @@ def test_secrets_are_never_rendered(
         args = ctr.get("command", []) + ctr.get("args", [])
         assert not SECRET_FLAGS & {a.split("=")[0] for a in args}, args
         for var in ctr.get("env", []):
-            if var["name"] in ("REDIS_PASSWORD", "SWARMGATE_API_KEY"):
+            if var["name"] in ("REDIS_PASSWORD", "SWARMGATE_API_KEY", "HF_TOKEN"):
                 assert "secretKeyRef" in var["valueFrom"], var
             if var["name"] == "REDIS_URL" and "value" in var:
                 # A literal URL carries no password; one from a Secret is expanded at start.
@@ -845,6 +888,204 @@ def test_a_model_volume_reaches_nodes_and_gateways(
         assert mount["readOnly"] is True
         source = volume(workload, mount["name"])
         assert source["persistentVolumeClaim"] == model["volume"]["persistentVolumeClaim"]
+
+
+# ---- Hub models and GPUs ---------------------------------------------------------------
+
+HF_HOME = "/var/cache/huggingface"
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+
+def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = workload["spec"]["template"]["spec"]
+    return spec
+
+
+def gpus(ctr: dict[str, Any]) -> tuple[Any, Any]:
+    """The container's nvidia.com/gpu (request, limit); None where absent."""
+    resources = ctr.get("resources", {})
+    return (
+        resources.get("requests", {}).get("nvidia.com/gpu"),
+        resources.get("limits", {}).get("nvidia.com/gpu"),
+    )
+
+
+def span(workload: dict[str, Any]) -> tuple[int, int]:
+    (blocks,) = flag(container(workload)["args"], "--blocks")
+    start, end = blocks.split(":")
+    return int(start), int(end)
+
+
+def test_the_gpu_example_puts_every_pod_on_a_gpu(
+    manifests: dict[str, list[dict[str, Any]]],
+) -> None:
+    objects = manifests["gpu"]
+    nodes = members(objects, "node")
+    (gateway,) = members(objects, "gateway")
+    assert len(nodes) == 4
+    for workload in [*nodes, gateway]:
+        where = workload["metadata"]["name"]
+        pod, ctr = pod_spec(workload), container(workload)
+        # One whole GPU each: extended resources are not overcommitted, request == limit.
+        assert gpus(ctr) == (1, 1), where
+        assert pod["runtimeClassName"] == "nvidia", where
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}, where
+        assert GPU_TOLERATION in pod["tolerations"], where
+        assert env(ctr)["SWARMGATE_DEVICE"] == {"name": "SWARMGATE_DEVICE", "value": "cuda"}
+    # The bootstrap peers serve no model: no GPU held idle for them.
+    for workload in members(objects, "dht"):
+        assert gpus(container(workload)) == (None, None)
+        assert "runtimeClassName" not in pod_spec(workload)
+
+
+def test_the_gpu_example_splits_llama_70b_into_four_spans(
+    manifests: dict[str, list[dict[str, Any]]],
+) -> None:
+    nodes = members(manifests["gpu"], "node")
+    spans = sorted(span(n) for n in nodes)
+    assert spans == [(0, 20), (20, 40), (40, 60), (60, 80)]  # Llama-3.1-70B: 80 blocks
+    for workload in nodes:
+        args = container(workload)["args"]
+        assert flag(args, "--dtype") == ["auto"]  # bfloat16 on CUDA
+        # No --cache-bytes: on its own GPU a node sizes its cache from the memory left free.
+        assert "--cache-bytes" not in args
+        assert workload["spec"]["podManagementPolicy"] == "Parallel"
+    (gateway,) = members(manifests["gpu"], "gateway")
+    assert env(container(gateway))["SWARMGATE_DTYPE"]["value"] == "auto"
+
+
+@pytest.mark.parametrize("role", ["node", "gateway"])
+def test_hub_models_reach_nodes_and_gateways(
+    manifests: dict[str, list[dict[str, Any]]], role: str
+) -> None:
+    model = VALUE_SETS["gpu"]["model"]
+    for workload in members(manifests["gpu"], role):
+        ctr = container(workload)
+        assert flag(ctr["args"], "--model") == ["meta-llama/Llama-3.1-70B-Instruct"]
+        assert flag(ctr["args"], "--model-name") == [model["name"]]
+        variables = env(ctr)
+        assert variables["SWARMGATE_REVISION"] == {
+            "name": "SWARMGATE_REVISION",
+            "value": HF_REVISION,
+        }
+        # The token from its Secret, never as a value.
+        token = variables["HF_TOKEN"]
+        assert "value" not in token
+        assert token["valueFrom"]["secretKeyRef"] == {"name": HF_TOKEN_SECRET, "key": "token"}
+        # HF_HOME on a writable volume of its own (the root filesystem is read-only).
+        assert variables["HF_HOME"] == {"name": "HF_HOME", "value": HF_HOME}
+        mount = mount_of(ctr, f"{HF_HOME}/hub/models--meta-llama--Llama-3.1-70B-Instruct")
+        assert mount["mountPath"] == HF_HOME
+        assert not mount.get("readOnly")
+        assert ctr["securityContext"]["readOnlyRootFilesystem"] is True
+        source = volume(workload, mount["name"])
+        if role == "node":
+            # A claim per pod: a restarted pod finds the files of its blocks again.
+            claim = source["claim"]
+            assert claim["spec"]["resources"]["requests"]["storage"] == "100Gi"
+            assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+        else:
+            # A Deployment has no claim per pod: its cache lives as long as the pod.
+            assert source["emptyDir"] == {}
+
+
+def test_hub_downloads_may_take_the_startup_budget(
+    manifests: dict[str, list[dict[str, Any]]],
+) -> None:
+    values = VALUE_SETS["gpu"]
+    join = 120  # swarm.joinTimeout's default
+    for workload in members(manifests["gpu"], "node") + members(manifests["gpu"], "gateway"):
+        probe = container(workload)["startupProbe"]
+        budget = values["nodeDefaults" if component(workload) == "node" else "gateway"][
+            "startupTimeoutSeconds"
+        ]
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= budget + join
+
+
+@pytest.mark.parametrize("role", ["node", "gateway"])
+def test_defaults_hold_no_gpu_and_no_hub_secrets(
+    manifests: dict[str, list[dict[str, Any]]], role: str
+) -> None:
+    for workload in members(manifests["defaults"], role):
+        pod, ctr = pod_spec(workload), container(workload)
+        assert gpus(ctr) == (None, None)
+        assert "runtimeClassName" not in pod
+        assert "nodeSelector" not in pod and "tolerations" not in pod
+        variables = env(ctr)
+        assert variables["SWARMGATE_DEVICE"]["value"] == "auto"
+        assert not {"HF_TOKEN", "SWARMGATE_REVISION"} & set(variables)
+        # Still a writable cache, per pod and gone with it, so that a Hub model works.
+        assert variables["HF_HOME"]["value"] == HF_HOME
+        assert volume(workload, mount_of(ctr, f"{HF_HOME}/hub")["name"])["emptyDir"] == {}
+        claims = workload["spec"].get("volumeClaimTemplates", [])
+        assert "hf-cache" not in [c["metadata"]["name"] for c in claims]
+    if role == "node":
+        (gateway,) = members(manifests["defaults"], "gateway")
+        assert env(container(gateway))["SWARMGATE_DTYPE"]["value"] == "auto"
+
+
+def test_an_existing_claim_is_one_cache_for_every_pod(chart: helm_python.Chart) -> None:
+    values = {
+        "swarmKey": {"existingSecret": SWARM_KEY},
+        "model": {"id": "Qwen/Qwen2.5-7B-Instruct@v1.0"},
+        "hfCache": {
+            "mountPath": "/hf",
+            "persistence": {"enabled": True, "existingClaim": "hf-shared"},
+        },
+    }
+    objects = [
+        doc
+        for path, text in render(chart, values).items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    joiners = members(objects, "node") + members(objects, "gateway")
+    assert len(joiners) == 3
+    for workload in joiners:
+        ctr = container(workload)
+        assert env(ctr)["HF_HOME"]["value"] == "/hf"
+        source = volume(workload, mount_of(ctr, "/hf/hub")["name"])
+        assert source["persistentVolumeClaim"] == {"claimName": "hf-shared"}
+        claims = [c["metadata"]["name"] for c in workload["spec"].get("volumeClaimTemplates", [])]
+        assert "hf-cache" not in claims
+        # The revision stays in the id, where the CLI reads it: no second one in env.
+        assert flag(ctr["args"], "--model") == ["Qwen/Qwen2.5-7B-Instruct@v1.0"]
+        assert "SWARMGATE_REVISION" not in env(ctr)
+    notes = render(chart, values)["swarmgate/templates/NOTES.txt"]
+    # The name `swarmgate` gives a Hub model without --model-name: its repository id.
+    assert '"model": "Qwen/Qwen2.5-7B-Instruct"' in notes
+
+
+@pytest.mark.parametrize("name", ["defaults", "swarm", "edge", "gpu"])
+@pytest.mark.parametrize("role", ["node", "gateway"])
+def test_the_cli_reads_what_the_chart_passes(
+    manifests: dict[str, list[dict[str, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    role: str,
+) -> None:
+    """Args and env as the container gets them parse with `swarmgate` itself: a device,
+    dtype or revision the CLI would refuse (or not read) fails here, not in a pod."""
+    for variable in list(os.environ):
+        if variable.startswith("SWARMGATE_"):
+            monkeypatch.delenv(variable)
+    values = VALUE_SETS[name]
+    for workload in members(manifests[name], role):
+        ctr = container(workload)
+        for variable in ctr.get("env", []):
+            if variable["name"].startswith("SWARMGATE_") and "value" in variable:
+                monkeypatch.setenv(variable["name"], variable["value"])
+        args = build_parser().parse_args(ctr["args"])
+        model = values.get("model", {})
+        assert args.model == model.get("id", "smollm2")
+        assert args.revision == (model.get("revision") or None)
+        settings = (
+            values.get("gateway", {}) if role == "gateway" else values.get("nodeDefaults", {})
+        )
+        assert args.device == settings.get("device", "auto")
+        if role == "gateway":
+            assert args.dtype == settings.get("dtype", "auto")
 
 
 # ---- metrics ---------------------------------------------------------------------------
