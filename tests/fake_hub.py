@@ -96,8 +96,9 @@ class FakeHub:
         return f"http://127.0.0.1:{self._server.server_address[1]}/c/{client}"
 
     def sha(self, repo: str, branch: str = "main") -> str:
-        """The commit sha a branch of ``repo`` points at (from its files)."""
-        digest = hashlib.sha1(f"{repo}\0{branch}".encode())
+        """The commit sha a branch of ``repo`` points at: named by the branch and its files,
+        so that two repos holding the same files share it (as a fork and its origin do)."""
+        digest = hashlib.sha1(branch.encode())
         for path, content in sorted(self.repos[repo][branch].items()):
             digest.update(path.encode() + b"\0" + hashlib.sha256(content).digest())
         return digest.hexdigest()
@@ -217,6 +218,19 @@ def _tree_entry(path: str, content: bytes) -> dict[str, Any]:
 
 
 # --- repos from model folders --------------------------------------------------------
+
+# What resolving a Hub id downloads of a repo of ``tests.tiny_model``'s model, per-block
+# sharded: config, tokenizer files and the safetensors index.
+TINY_META = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "model.safetensors.index.json",
+    }
+)
 
 
 def folder_files(folder: Path) -> Files:

@@ -17,17 +17,17 @@ from transformers import AutoTokenizer, BloomConfig, LlamaConfig
 from models.hub import block_files, head_files
 from models.loading import load_head, load_span
 from models.resolve import ModelSource, ModelSourceError, resolve_model
-from tests.fake_hub import FakeHub, folder_files, shard_name, shard_per_block, use_hub
+from tests.fake_hub import (
+    TINY_META,
+    FakeHub,
+    folder_files,
+    shard_name,
+    shard_per_block,
+    use_hub,
+)
 
 SHARDS = 6  # embedding, 4 blocks, norm + LM head
-META = {
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "chat_template.jinja",
-    "model.safetensors.index.json",
-}
+META = set(TINY_META)
 TOKEN = "hf_granted"
 
 
