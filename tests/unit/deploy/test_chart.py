@@ -954,6 +954,14 @@ def test_the_gpu_example_splits_llama_70b_into_four_spans(
     assert env(container(gateway))["SWARMGATE_DTYPE"]["value"] == "auto"
 
 
+def test_the_readme_shows_the_gpu_example() -> None:
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("### GPU swarm", 1)[1].split("\n### ", 1)[0]
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert yaml.safe_load(block) == yaml.safe_load(GPU_EXAMPLE.read_text())
+    assert "examples/gpu-llama-70b.yaml" in section
+
+
 @pytest.mark.parametrize("role", ["node", "gateway"])
 def test_hub_models_reach_nodes_and_gateways(
     manifests: dict[str, list[dict[str, Any]]], role: str
