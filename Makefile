@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup up test test-unit test-integration test-e2e check format bench redis
+.PHONY: setup up test test-unit test-integration test-e2e test-gpu check format bench redis
 
 setup: $(STAMP)
 
@@ -37,6 +37,12 @@ test-integration: setup redis
 
 test-e2e: setup
 	$(BIN)/python -m pytest tests/e2e
+
+# On a machine with CUDA (skipped, with the reason, elsewhere). The venv's torch is the CPU
+# wheel: install a CUDA build first, e.g. `.venv/bin/pip install torch==2.13.0 --index-url
+# https://download.pytorch.org/whl/cu128`.
+test-gpu: setup
+	$(BIN)/python -m pytest tests/gpu -ra
 
 check: setup
 	$(BIN)/ruff format --check .

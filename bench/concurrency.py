@@ -59,6 +59,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.devices import Placement
 from models.resolve import resolve_model
 from tests.processes import start_up
 
@@ -102,6 +103,7 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], tokens: int) -> 
     """One greedy ``generate`` over ``prompts`` as a left-padded batch, exactly ``tokens``
     new tokens per row."""
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = batch.to(model.device)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
@@ -116,13 +118,13 @@ def hf_generate(model: Any, tokenizer: Any, prompts: list[str], tokens: int) -> 
     return {"batch": len(prompts), "tokens": generated, "wall_s": wall, "tok_s": generated / wall}
 
 
-def bench_hf(path: Path, batch: int, tokens: int) -> dict[str, Any]:
+def bench_hf(path: Path, batch: int, tokens: int, placement: Placement) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=placement.dtype)
+    model.eval().to(placement.device)
     prompts: list[str] = []
     for i in range(batch):
         chat = [{"role": "user", "content": story("0", i)}]
@@ -288,6 +290,8 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="rounds per level; the median round is reported"
     )
+    parser.add_argument("--device", default="auto", help="of HF's baseline and the swarm alike")
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     levels = sorted(set(args.streams))
     if levels[0] < 1 or args.tokens < 1 or args.repeats < 1:
@@ -297,11 +301,13 @@ def main() -> None:
 
     source = resolve_model(args.model)
     top = levels[-1]
-    hf = bench_hf(source.path, top, args.tokens)
+    placement = Placement.of(args.device, args.dtype)
+    hf = bench_hf(source.path, top, args.tokens, placement)
 
     log_dir = Path(__file__).resolve().parent / "results"
     log_dir.mkdir(exist_ok=True)
-    swarm, url = start_up(args.model, NODES, log_dir, "bench-concurrency-up")
+    flags = ["--device", args.device, "--dtype", args.dtype]
+    swarm, url = start_up(args.model, NODES, log_dir, "bench-concurrency-up", flags=flags)
     try:
         levels_out = asyncio.run(
             bench_swarm(url, source.name, levels, args.tokens, args.timeout, args.repeats)
@@ -319,6 +325,7 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d"),
                 "cores": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
+                "device": placement.describe(),
                 "model": source.name,
                 "nodes": NODES,
                 "tokens": args.tokens,

@@ -7,6 +7,10 @@ the other for the CPU and the client measuring the swarm carries none of HF's st
 thread pool, its freed weights). Both are greedy, so both produce the same tokens.
 
     python bench/decode.py [--model smollm2] [--tokens 64] [--repeats 3]
+                           [--device auto|cpu|cuda|cuda:N] [--dtype auto|float32|bfloat16]
+
+With ``--device cuda`` both run on the same GPU in the same dtype (``auto``: bf16 there),
+and the JSON names the card.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.devices import Placement
 from models.resolve import resolve_model
 from tests.processes import Process, free_port, http_ok, wait_for
 
@@ -56,12 +61,14 @@ def _rates(start: float, times: list[float]) -> dict[str, float]:
     return {"ttft_s": ttft, "decode_tok_s": decode, "tokens": len(times)}
 
 
-def bench_hf(path: Path, tokens: int) -> dict[str, float]:
+def bench_hf(path: Path, tokens: int, device: str, dtype: str) -> dict[str, float]:
+    placement = Placement.of(device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=placement.dtype).eval()
+    model.to(placement.device)
     prompt = tokenizer.apply_chat_template(
         MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
+    )["input_ids"].to(placement.device)
     clock = _Clock()
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
@@ -70,9 +77,11 @@ def bench_hf(path: Path, tokens: int) -> dict[str, float]:
     return {**_rates(start, clock.times), "prompt_tokens": prompt.shape[1]}
 
 
-def bench_hf_runs(path: Path, tokens: int, repeats: int) -> tuple[list[dict[str, float]], int]:
-    runs = [bench_hf(path, tokens) for _ in range(repeats)]
-    return runs, torch.get_num_threads()
+def bench_hf_runs(
+    path: Path, tokens: int, repeats: int, device: str, dtype: str
+) -> tuple[list[dict[str, float]], int, str]:
+    runs = [bench_hf(path, tokens, device, dtype) for _ in range(repeats)]
+    return runs, torch.get_num_threads(), Placement.of(device, dtype).describe()
 
 
 def bench_swarm(url: str, model_id: str, tokens: int) -> dict[str, float]:
@@ -108,19 +117,24 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     source = resolve_model(args.model)
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as hf_process:
-        hf_runs, torch_threads = hf_process.submit(
-            bench_hf_runs, source.path, args.tokens, args.repeats
+        hf_runs, torch_threads, placement = hf_process.submit(
+            bench_hf_runs, source.path, args.tokens, args.repeats, args.device, args.dtype
         ).result()
     port = free_port()
     log_dir = Path(__file__).resolve().parent / "results"
     log_dir.mkdir(exist_ok=True)
     swarm = Process(
         "bench-up",
-        ["up", "--model", args.model, "--port", str(port), "--nodes", str(args.nodes)],
+        [
+            *("up", "--model", args.model, "--port", str(port), "--nodes", str(args.nodes)),
+            *("--device", args.device, "--dtype", args.dtype),
+        ],
         log_dir,
     )
     url = f"http://127.0.0.1:{port}"
@@ -141,6 +155,7 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d"),
                 "model": source.name,
                 "nodes": args.nodes,
+                "device": placement,
                 "prompt_tokens": hf_runs[0]["prompt_tokens"],
                 "max_tokens": args.tokens,
                 "repeats": args.repeats,

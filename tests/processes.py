@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -119,12 +119,17 @@ _SERVING = re.compile(r"serving blocks (\d+):(\d+) of \S+ as ([1-9A-HJ-NP-Za-km-
 
 
 def start_up(
-    model: str, nodes: int, log_dir: Path, name: str, env: dict[str, str] | None = None
+    model: str,
+    nodes: int,
+    log_dir: Path,
+    name: str,
+    env: dict[str, str] | None = None,
+    flags: Sequence[str] = (),
 ) -> tuple[Process, str]:
     """`swarmgate up` on a free port once it serves (stopped again if it never does), and
-    its base URL."""
+    its base URL. ``flags``: more of `up`'s flags (``--device cuda``)."""
     port = free_port()
-    argv = ["up", "--model", model, "--port", str(port), "--nodes", str(nodes)]
+    argv = ["up", "--model", model, "--port", str(port), "--nodes", str(nodes), *flags]
     swarm = Process(name, argv, log_dir, env)
     url = f"http://127.0.0.1:{port}"
 
