@@ -442,6 +442,20 @@ def test_every_listen_host_is_reachable_from_outside(
     assert all(value == "0.0.0.0" for value in hosts.values()), hosts
 
 
+@pytest.mark.parametrize("role", ["node", "gateway"])
+def test_roles_pick_device_and_dtype_where_they_run(
+    role: str, image_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One image per kind of machine, no flag per machine: `auto` finds the GPU of the CUDA
+    image (whose env is this one plus NVIDIA's, checked below) and the CPU elsewhere."""
+    monkeypatch.setenv("SWARMGATE_INITIAL_PEERS", "/ip4/10.0.0.1/tcp/31337/p2p/QmPeer")
+    from swarmgate.cli import build_parser
+
+    args = build_parser().parse_args([role])
+    assert (args.device, args.dtype) == ("auto", "auto")
+    assert args.revision is None  # a Hub model's latest `main` unless told
+
+
 def test_python_commands_import_what_exists(stages: list[Stage]) -> None:
     invocations = [
         (instruction, flag, value)
