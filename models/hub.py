@@ -57,7 +57,7 @@ def parse_hub_id(spec: str, revision: str | None = None) -> tuple[str, str | Non
     """``(repo id, revision)`` when ``spec`` reads as a Hub id ``ORG/NAME[@REVISION]``, else
     None. A revision in ``spec`` and another in ``revision`` is an error."""
     from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils._validators import validate_repo_id
 
     repo_id, at, pinned = spec.partition("@")
     if repo_id.count("/") != 1 or repo_id.endswith(".gguf"):
