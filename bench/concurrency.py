@@ -300,6 +300,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     source = resolve_model(args.model)
+    source.fetch_whole()  # a Hub model: `generate` needs all of it
     top = levels[-1]
     placement = Placement.of(args.device, args.dtype)
     hf = bench_hf(source.path, top, args.tokens, placement)

@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
     source = resolve_model(args.model)
+    source.fetch_whole()  # a Hub model: `generate` needs all of it
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as hf_process:
         hf_runs, torch_threads, placement = hf_process.submit(

@@ -60,6 +60,15 @@ class ModelSource:
 
             fetch_head(self)
 
+    def fetch_whole(self) -> None:
+        """Every weight of the model local: what a process running the whole model (a
+        benchmark's `generate` baseline) needs."""
+        if self.repo_id is not None:
+            from models.loading import load_config
+
+            self.fetch_blocks(0, int(load_config(self.path).num_hidden_layers))
+            self.fetch_head()
+
     def model_flags(self) -> list[str]:
         """``--model`` (and ``--revision``) making another process resolve this very model:
         a Hub model pinned to its commit, so that every process serves the same weights."""

@@ -66,6 +66,10 @@ def configure_logging(level: str, fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # huggingface_hub's HTTP client logs every request of a download at INFO: one line per
+    # shard and redirect says nothing the download's own progress does not.
+    for noisy in ("httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     if fmt == "json":  # hivemind formats its own loggers unless told to pass them on
         from hivemind.utils.logging import use_hivemind_log_handler
 

@@ -103,7 +103,9 @@ def _parse(
         _ignore(peer_id, f"protocol version {record.version}, not {PROTOCOL_VERSION}")
         return None
     if record.model != model.digest:
-        _ignore(peer_id, f"it serves another model named {model.name!r} (another shape)")
+        _ignore(
+            peer_id, f"it serves another model named {model.name!r} (another shape or revision)"
+        )
         return None
     return peer_id, record
 

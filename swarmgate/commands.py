@@ -66,7 +66,7 @@ def model_errors(role: str) -> Iterator[None]:
     offline, no disk) ends the command with its one-line message, not a traceback."""
     try:
         yield
-    except ModelSourceError as e:
+    except (ModelSourceError, FileNotFoundError) as e:
         raise SystemExit(f"swarmgate {role}: {e}") from None
 
 

@@ -118,6 +118,14 @@ def test_the_head_downloads_only_the_embedding_norm_and_lm_head_shards(
     )
 
 
+def test_a_whole_model_downloads_every_shard_for_a_benchmarks_generate(
+    hub: FakeHub, client: Client
+) -> None:
+    source = resolve_model("org/tiny")
+    source.fetch_whole()
+    assert hub.downloads(client.name) == META | {shard(i) for i in range(1, SHARDS + 1)}
+
+
 def test_the_cache_serves_other_processes_and_offline_mode(
     hub: FakeHub, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
