@@ -22,9 +22,9 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from hivemind.p2p import P2P, PeerID
@@ -50,6 +50,10 @@ from routing.planner import Hop
 
 OPEN_TIMEOUT_S = 10.0  # dialing a server and hearing its first reply
 CLOSE_TIMEOUT_S = 10.0  # how long a closing stream may take to say goodbye
+# A suspect hop is probed again this often while its step stays unanswered (it answered the
+# last probe: slow, not hung), until the step's hard deadline.
+REPROBE_S = 1.0
+T = TypeVar("T")
 # Read once, when the gateway starts: no delay unless a benchmark sets the variable.
 SIMULATED_LINK = SimulatedLink.from_env()
 if SIMULATED_LINK.enabled:
@@ -85,6 +89,27 @@ def check_hidden(tensor: torch.Tensor, shape: torch.Size, peer_id: str) -> torch
     return tensor
 
 
+class Watch(Protocol):
+    """How a stream tells a slow hop from a hung one (gateway.liveness): a soft deadline
+    from the hop's own step times, and a liveness probe once it passes."""
+
+    def suspect_after_s(self, peer_id: str, tokens: int) -> float:
+        """How long a step of ``tokens`` may stay unanswered before the hop is probed."""
+        ...
+
+    async def alive(self, peer_id: str) -> bool:
+        """Whether the peer answers a probe now (False: it is hung, and banned)."""
+        ...
+
+    def hung(self, peer_id: str) -> bool:
+        """Whether a probe found the peer hung and it has not answered since."""
+        ...
+
+    def stepped(self, peer_id: str, seconds: float, tokens: int) -> None:
+        """A step of ``tokens`` answered in ``seconds``."""
+        ...
+
+
 @dataclass
 class _Pending:
     """A step sent by ``begin`` whose answer has not been read yet."""
@@ -113,6 +138,9 @@ class HopStream:
     tokens before it counts as failed (derived from its advertised throughput).
     ``link``: a simulated network delay on every message of the stream (benchmarks only);
     each timeout is widened by its round trip, so a slow link alone never fails a hop.
+    ``watch``: past a step's soft deadline (``Watch.suspect_after_s``) the hop is probed,
+    and a hop that leaves the probe unanswered fails at once as hung, long before the hard
+    deadline ``deadline_s``; None: the hard deadline alone.
 
     The stream is framed here rather than through hivemind's ``iterate_protobuf_handler``:
     that iterator notices a dead connection only once the caller sends its next request,
@@ -129,9 +157,11 @@ class HopStream:
         on_close: Callable[[], None] = lambda: None,
         on_step: Callable[[float], None] = lambda seconds: None,
         link: SimulatedLink = SIMULATED_LINK,
+        watch: Watch | None = None,
     ) -> None:
         self.hop = hop
         self._link = link
+        self._watch = watch
         self._on_step = on_step  # the seconds each completed step took
         self._p2p = p2p
         self._chunk_tokens = chunk_tokens
@@ -220,7 +250,9 @@ class HopStream:
             new = hashes[self.position // BLOCK_TOKENS : end // BLOCK_TOKENS]
             step = Step(position=self.position, new_hashes=list(new), digest=history.digest(end))
             request = make_request(step, chunk)
-            reply = await self._exchange(request, self._deadline_s(chunk.shape[1]))
+            reply = await self._exchange(
+                request, self._deadline_s(chunk.shape[1]), tokens=chunk.shape[1]
+            )
             done = decode_reply(StepDone, reply.metadata, self.peer_id)
             if done.position != end:
                 raise BadReply(
@@ -228,7 +260,7 @@ class HopStream:
                 )
             outputs.append(self._output(reply, chunk.shape))
             self.position = end
-        self._on_step(time.monotonic() - began)
+        self._observe(time.monotonic() - began, hidden.shape[1])
         return torch.cat(outputs, dim=1)
 
     async def begin(
@@ -279,6 +311,7 @@ class HopStream:
         current = self._current
         if current is None:
             raise RuntimeError(f"no step of {self.peer_id} is pending")
+        self._streams()  # found hung meanwhile (by a probe): fail now, not at a deadline
         # Its deadline runs from now: a step awaiting a push had no input until the hop
         # before it answered, which the chain reads first.
         timeout_s = self._deadline_s(current.shape[1]) + self._link.rtt_s
@@ -291,8 +324,9 @@ class HopStream:
             await self._settle(keep=1)
             return await self._next_reply()
 
+        watched = successor if successor is not None and current.pushes else None
         with self._failures(timeout_s):
-            reply = await asyncio.wait_for(answer(), timeout_s)
+            reply = await self._watched(answer(), timeout_s, current.shape[1], also=watched)
         if reply is None:
             current.done = True
             self._stepped(current)
@@ -321,7 +355,55 @@ class HopStream:
 
     def _stepped(self, pending: _Pending) -> None:
         self.position = pending.end
-        self._on_step(time.monotonic() - pending.began)
+        self._observe(time.monotonic() - pending.began, pending.shape[1])
+
+    def _observe(self, seconds: float, tokens: int) -> None:
+        self._on_step(seconds)
+        if self._watch is not None:
+            self._watch.stepped(self.peer_id, seconds, tokens)
+
+    async def _watched(
+        self, work: Awaitable[T], hard_s: float, tokens: int, also: HopStream | None = None
+    ) -> T:
+        """``work`` (this hop's answer) within ``hard_s``. Once the hop's soft deadline
+        passes, it is probed, and ``also`` with it (the hop it pushes to: while that one
+        hangs, the push and so this answer wait for it); a probed hop that does not answer
+        is marked hung, and this one raises at once. A hop that answers its probe is slow,
+        not hung: it is probed again every ``REPROBE_S`` until the hard deadline."""
+        if self._watch is None:
+            return await asyncio.wait_for(work, hard_s)
+        watch = self._watch
+        task = asyncio.ensure_future(work)
+        deadline = time.monotonic() + hard_s
+        wait_s = min(watch.suspect_after_s(self.peer_id, tokens) + self._link.rtt_s, hard_s)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=wait_s)
+                if done:
+                    return task.result()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                suspects = [self] + ([also] if also is not None and also._failed is None else [])
+                answers = await asyncio.gather(*(watch.alive(h.peer_id) for h in suspects))
+                for hop, answered in zip(suspects, answers, strict=True):
+                    if not answered:
+                        hop._hang()
+                if task.done():  # it answered while being probed after all
+                    return task.result()
+                if self._failed is not None:
+                    raise self._failed
+                wait_s = min(REPROBE_S, max(left, 0.0))
+        finally:
+            task.cancel()
+
+    def _hang(self) -> None:
+        """A probe found the server hung: this stream fails, now and on every later call."""
+        if self._failed is None:
+            self._failed = PeerUnavailable(
+                f"{self.peer_id} is hung: it answers neither its step nor a liveness probe",
+                self.peer_id,
+            )
 
     async def _outrun_by(self, successor: HopStream) -> bool:
         """Wait until our answer or ``successor``'s is there; whether the successor's came
@@ -362,7 +444,7 @@ class HopStream:
             pending = self._unanswered[0]
             timeout_s = self._deadline_s(pending.shape[1]) + PUSH_TIMEOUT_S + self._link.rtt_s
             with self._failures(timeout_s):
-                reply = await asyncio.wait_for(self._next_reply(), timeout_s)
+                reply = await self._watched(self._next_reply(), timeout_s, pending.shape[1])
             self._unanswered.popleft()
             self._answer(pending, reply)
 
@@ -413,6 +495,8 @@ class HopStream:
         return check_hidden(tensors[0], shape, self.peer_id)
 
     def _streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._failed is None and self._watch is not None and self._watch.hung(self.peer_id):
+            self._hang()  # an idle probe found it hung: no step waits for it again
         if self._failed is not None:
             raise self._failed
         if self._reader is None or self._writer is None or self._closed:
@@ -420,8 +504,10 @@ class HopStream:
         return self._reader, self._writer
 
     async def _exchange(
-        self, request: runtime_pb2.ExpertRequest, timeout_s: float
+        self, request: runtime_pb2.ExpertRequest, timeout_s: float, tokens: int | None = None
     ) -> runtime_pb2.ExpertResponse:
+        """One message and its answer within ``timeout_s``; a step (``tokens``) is watched
+        for a hung hop past its soft deadline."""
         reader, writer = self._streams()
 
         async def round_trip() -> runtime_pb2.ExpertResponse:
@@ -435,7 +521,9 @@ class HopStream:
 
         timeout_s += self._link.rtt_s  # the server's time to answer, plus the wire's
         with self._failures(timeout_s):
-            return await asyncio.wait_for(round_trip(), timeout_s)
+            if tokens is None:
+                return await asyncio.wait_for(round_trip(), timeout_s)
+            return await self._watched(round_trip(), timeout_s, tokens)
 
     async def _send(self, request: runtime_pb2.ExpertRequest) -> None:
         """One message to the server, answered later (or never: a relay)."""

@@ -79,6 +79,12 @@ class GatewayMetrics:
             ["via"],
             registry=self.registry,
         )
+        self.hung_servers = Counter(
+            "swarmgate_hung_servers",
+            "Servers found hung: a step past its soft deadline, then a liveness probe left "
+            "unanswered (each avoided until it answers again)",
+            registry=self.registry,
+        )
         self.failovers = Counter(
             "swarmgate_failovers",
             "Servers replaced in the middle of a generation, which then went on",

@@ -23,7 +23,8 @@ from hivemind import DHT
 from hivemind.p2p import P2P
 
 from gateway.chain import ChainSession
-from gateway.hop_stream import HopStream, detach
+from gateway.hop_stream import SIMULATED_LINK, HopStream, detach
+from gateway.liveness import Liveness
 from gateway.metrics import GatewayMetrics
 from protocol.errors import NoRouteError, SwarmError
 from protocol.logs import request_id
@@ -129,16 +130,25 @@ class P2PSwarmClient:
         self._snapshot = SwarmSnapshot(model=model)
         self._p2p: P2P | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self.liveness = Liveness(
+            self.health, self.snapshot, member_pass, self._metrics, SIMULATED_LINK
+        )
+        self.liveness.on_hung = lambda peer_id: self._wake.set()
 
     async def start(self) -> None:
         self._p2p = await self._dht.replicate_p2p()
+        self.liveness.attach(self._p2p)
         with contextlib.suppress(Exception):  # no record yet: the servers will write one
             check_model(await fetch_model(self._dht, self._prefix), self._model)
         await self.refresh()
         self._refresher = asyncio.create_task(self._refresh_forever())
+        self._watcher = asyncio.create_task(
+            self.liveness.watch_forever(lambda: list(self.open_streams))
+        )
 
     async def aclose(self) -> None:
-        for task in (self._refresher, self._reading):
+        for task in (self._refresher, self._watcher, self._reading):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -256,7 +266,15 @@ class P2PSwarmClient:
         def stepped(seconds: float) -> None:
             self._metrics.observe_hop(hop.peer_id, seconds)
 
-        stream = HopStream(self._p2p, hop, chunk, deadline_s, on_close=closed, on_step=stepped)
+        stream = HopStream(
+            self._p2p,
+            hop,
+            chunk,
+            deadline_s,
+            on_close=closed,
+            on_step=stepped,
+            watch=self.liveness,
+        )
         try:
             shown = opening.model_copy(
                 update={"member_pass": self._member_pass(), "request_id": request_id.get()}
@@ -266,13 +284,15 @@ class P2PSwarmClient:
             stream.close()
             raise
         self.health.observe_rtt(hop.peer_id, stream.open_rtt_s)
+        self.liveness.answered(hop.peer_id)
         return stream, cached
 
     def failed(self, peer_id: str, error: SwarmError) -> None:
         self._wake.set()  # it may have left the swarm, and others with it
         ban = self.health.on_failure(peer_id)
         self._metrics.server_failures.labels(type(error).__name__).inc()
-        logger.warning("server %s failed (%s); avoided for %.0f s", peer_id, error, ban)
+        avoided = "until it answers again" if math.isinf(ban) else f"for {ban:.0f} s"
+        logger.warning("server %s failed (%s); avoided %s", peer_id, error, avoided)
 
     def succeeded(self, peer_id: str) -> None:
         self.health.on_success(peer_id)

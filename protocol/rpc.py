@@ -82,7 +82,10 @@ MAX_PUSH_ITEMS = 256
 
 # How long a hop tries to push a step's output before it answers the gateway with it
 # instead (network time excluded); the gateway's deadline for that answer includes it.
-PUSH_TIMEOUT_S = 10.0
+# Short: a push is one small message to a server that expects it, and while the next hop
+# hangs, its predecessor's answer (and so the gateway's failover) waits for this timeout.
+# A push that fails costs a relay through the gateway, never a failover.
+PUSH_TIMEOUT_S = 1.0
 
 
 # A chained block hash (protocol.prefix): 16 bytes of blake2b, hex.

@@ -4,6 +4,11 @@ The planner reads both through ``RouteCosts`` (``banned``, ``rtt_s``): a banned 
 a last resort, and a far one costs a round trip per token. A ban doubles with every
 failure in a row, so a peer that keeps failing is soon left alone for long while one that
 failed once is tried again in seconds; a success forgets the failures.
+
+A *hung* peer (one that left a liveness probe unanswered: a frozen process or a partition
+keeps its connections open, so nothing else says it is gone) stays banned until it answers
+again, however long that takes: its record in the DHT would otherwise keep drawing new
+streams to it, each stalling until its own deadline.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ class _Peer:
     failures: int = 0  # in a row, not reset by a ban's expiry
     banned_until: float = -math.inf
     rtt_s: float | None = None
+    hung: bool = False  # banned until it answers: see the module docstring
 
 
 class PeerHealth:
@@ -60,12 +66,22 @@ class PeerHealth:
         """
         now = self._clock()
         peer = self._touch(peer_id)
+        if peer.hung:
+            return math.inf
         if peer.banned_until > now:
             return self._ban_length(peer.failures)
         peer.failures += 1
         length = self._ban_length(peer.failures)
         peer.banned_until = now + length
         return length
+
+    def on_hung(self, peer_id: str) -> None:
+        """The peer left a probe unanswered: banned until it answers one (``on_success``)."""
+        peer = self._touch(peer_id)
+        if not peer.hung:
+            peer.failures += 1
+        peer.hung = True
+        peer.banned_until = math.inf
 
     def on_success(self, peer_id: str) -> None:
         """The peer answered: it recovered, so its failures and any ban are forgotten."""
@@ -77,7 +93,16 @@ class PeerHealth:
             return
         peer.failures = 0
         peer.banned_until = -math.inf
+        peer.hung = False
         self._touch(peer_id)
+
+    def is_hung(self, peer_id: str) -> bool:
+        peer = self._peers.get(peer_id)
+        return peer is not None and peer.hung
+
+    def hung(self) -> frozenset[str]:
+        """Peers that have not answered since a probe found them hung."""
+        return frozenset(p for p, peer in self._peers.items() if peer.hung)
 
     def is_banned(self, peer_id: str) -> bool:
         peer = self._peers.get(peer_id)

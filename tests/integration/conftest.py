@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +87,11 @@ def running_gateway(swarm: Swarm, log_dir: Path, *flags: str, name: str) -> Iter
 
 @contextmanager
 def run_swarm(
-    model: Path, logs: Path, spans: list[tuple[int, int]], *node_flags: str
+    model: Path,
+    logs: Path,
+    spans: list[tuple[int, int]],
+    *node_flags: str,
+    gateway_flags: Sequence[str] = (),
 ) -> Iterator[Swarm]:
     """A DHT, one node per span and a gateway, started command by command as the README
     tells a user to, and all stopped (with their p2pd daemons) on exit."""
@@ -117,7 +121,12 @@ def run_swarm(
                 )
                 processes.append(Process(name, argv, logs))
             gateway, url = start_gateway(
-                model, peers, logs, "--prefill-chunk-tokens", str(PREFILL_CHUNK_TOKENS)
+                model,
+                peers,
+                logs,
+                "--prefill-chunk-tokens",
+                str(PREFILL_CHUNK_TOKENS),
+                *gateway_flags,
             )
             processes.append(gateway)
 
