@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException
 
 from gateway.affinity import (
@@ -57,6 +58,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with _metrics_server(settings, app.state.metrics):
+            async with _serving(app):
+                yield
+
+    @asynccontextmanager
+    async def _serving(app: FastAPI) -> AsyncIterator[None]:
         config = load_config(settings.model_path)
         tokenizer = load_tokenizer(settings.model_path)
         placement = Placement.of(settings.device, settings.dtype)
@@ -122,9 +129,7 @@ def create_app(
             reuse=settings.affinity,
             metrics=metrics,
         )
-        admission = Admission(
-            settings.max_concurrent, settings.max_queue, settings.max_concurrent_per_key
-        )
+        admission = _admission(settings)
         app.state.admission = admission
         metrics.queued.set_function(lambda: admission.waiting)
         limits = RequestLimits(settings.default_max_tokens, settings.max_generation_s)
@@ -179,6 +184,41 @@ async def _error_response(request: Request, exc: Exception) -> JSONResponse:
     error = to_http_error(exc)
     request.app.state.metrics.requests.labels(str(error.status)).inc()
     return JSONResponse(error.body.model_dump(mode="json"), error.status, headers=error.headers)
+
+
+def _admission(settings: GatewaySettings) -> Admission:
+    """The gateway's admission limits. A key's cap is its own (from the key file), else
+    `--max-concurrent-per-key`, else, with API keys, the gateway's whole concurrency; without
+    keys there is none unless asked for: a bearer token proves nothing there, so a cap per
+    token would only refuse honest clients that send many requests at once."""
+    per_key = settings.max_concurrent_per_key
+    if per_key is None and settings.api_keys:
+        per_key = settings.max_concurrent
+    return Admission(
+        settings.max_concurrent,
+        settings.max_queue,
+        per_key,
+        caps=settings.key_limits if settings.api_keys else None,
+        key_wait_s=settings.queue_timeout_s,
+    )
+
+
+@contextmanager
+def _metrics_server(settings: GatewaySettings, metrics: GatewayMetrics) -> Iterator[None]:
+    """/metrics without an API key on `--metrics-port`, while the app runs."""
+    if settings.metrics_port is None:
+        yield
+        return
+    server, thread = start_http_server(
+        settings.metrics_port, addr=settings.metrics_host, registry=metrics.registry
+    )
+    logger.info("metrics on http://%s:%d/metrics", settings.metrics_host, server.server_port)
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def _affinity_store(settings: GatewaySettings) -> AffinityStore:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter, deque
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -74,90 +76,197 @@ class BodySizeLimit:
 class Admission:
     """At most ``max_active`` generations run: a request counts as many as it runs at once
     (chat's ``n``, a list of completion prompts), up to all of them; ``max_waiting``
-    more requests wait their turn, first come first served; beyond that a request is
-    refused at once (429 with Retry-After) instead of queueing forever. One client (API
-    key) may have at most ``max_per_key`` generations running or waiting (a request asking
-    for more takes them all), so that a few clients cannot take every slot."""
+    more requests wait, first come first served; beyond that a request is refused at once
+    (429 with Retry-After) instead of queueing forever.
 
-    def __init__(self, max_active: int, max_waiting: int, max_per_key: int | None = None) -> None:
+    A client (API key) may also have a cap on the generations it has running or waiting
+    for a slot: ``caps`` by key, else ``max_per_key`` (None: no cap; a request asking for
+    more than its cap takes all of it). A request over its key's cap waits up to
+    ``key_wait_s`` for one of the key's own generations to finish (at most as many
+    requests as the cap wait so, and they count among the ``max_waiting``), then joins the
+    queue; past the wait it is refused (429). With ``key_wait_s`` 0 it is refused at once.
+
+    Every change of state that spans an await is undone when the awaiting request is
+    cancelled (its client left): a cancelled waiter takes nothing and holds up no one.
+    """
+
+    def __init__(
+        self,
+        max_active: int,
+        max_waiting: int,
+        max_per_key: int | None = None,
+        *,
+        caps: Mapping[str, int] | None = None,
+        key_wait_s: float = 0.0,
+    ) -> None:
         self._max_active = max_active
         self._max_waiting = max_waiting
         self._max_per_key = max_per_key
+        self._caps = dict(caps or {})
+        self._key_wait_s = key_wait_s
         self._free = max_active
-        self._queue: deque[tuple[int, asyncio.Future[None]]] = deque()  # (weight, turn)
-        self._per_key: Counter[str] = Counter()  # generations running or waiting, by key
+        self._queue: deque[_Waiter] = deque()  # waiting for slots, in order
+        self._over: dict[str, deque[_Waiter]] = {}  # waiting for room under their key's cap
+        self._per_key: Counter[str] = Counter()  # generations running or queued, by key
+
+    def cap(self, key: str) -> int | None:
+        """The most generations ``key`` may have running or queued (None: no cap)."""
+        return self._caps.get(key, self._max_per_key)
 
     async def admit(self, key: str, generations: int = 1) -> Slot:
         """A running slot for a request of client ``key`` that runs ``generations`` at
         once, once there is room."""
         weight = max(1, min(generations, self._max_active))
-        mine = weight if self._max_per_key is None else min(weight, self._max_per_key)
-        if self._max_per_key is not None and self._per_key[key] + mine > self._max_per_key:
+        cap = self.cap(key)
+        mine = weight if cap is None else min(weight, cap)
+        # Behind any earlier request of the same key that waits for room: none overtakes.
+        over = cap is not None and (key in self._over or self._per_key[key] + mine > cap)
+        if over:
+            assert cap is not None
             held = self._per_key[key]
-            asked = f"; this request's {mine} would make {held + mine}" if mine > 1 else ""
-            raise TooManyRequests(
-                f"this API key already has {held} generations in flight{asked}, and "
-                f"{self._max_per_key} is the most one key may have; retry when one has finished"
-            )
-        if not self._fits(weight) and len(self._queue) >= self._max_waiting:
+            waiting = len(self._over.get(key, ()))
+            if self._key_wait_s <= 0 or waiting >= cap:
+                raise TooManyRequests(self._over_cap(held, mine, cap, waiting))
+        if (over or not self._fits(weight)) and self.waiting >= self._max_waiting:
             raise CapacityExceeded(
                 f"the gateway is busy: {self._max_active - self._free} generations running "
-                f"and {len(self._queue)} requests waiting; retry later"
+                f"and {self.waiting} requests waiting; retry later"
             )
-        self._per_key[key] += mine
+        if not over and self._fits(weight):
+            self._per_key[key] += mine
+            self._free -= weight
+            return Slot(self, key, weight, mine)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(key, weight, mine, loop.create_future(), over)
+        if over:
+            self._over.setdefault(key, deque()).append(waiter)
+            waiter.timer = loop.call_later(self._key_wait_s, self._expire, waiter)
+        else:
+            self._per_key[key] += mine
+            self._queue.append(waiter)
         try:
-            await self._take(weight)
+            await waiter.turn
         except BaseException:
-            self._leave(key, mine)
+            self._abandon(waiter)
             raise
         return Slot(self, key, weight, mine)
 
     @property
     def waiting(self) -> int:
-        """Requests admitted to the queue and waiting for a slot now."""
-        return len(self._queue)
+        """Requests waiting now: for a slot, or for room under their key's cap."""
+        return len(self._queue) + sum(len(q) for q in self._over.values())
 
     def in_flight(self, key: str) -> int:
+        """Generations of ``key`` running or queued for a slot."""
         return self._per_key[key]
 
     def _fits(self, weight: int) -> bool:
         return not self._queue and self._free >= weight
 
-    async def _take(self, weight: int) -> None:
-        if self._fits(weight):
-            self._free -= weight
+    def _over_cap(self, held: int, mine: int, cap: int, waiting: int, waited: float = 0) -> str:
+        asked = f"; this request's {mine} would make {held + mine}" if mine > 1 else ""
+        queued = f" and {waiting} more waiting for room" if waiting else ""
+        after = f" (waited {waited:g} s for one to finish)" if waited else ""
+        return (
+            f"this API key already has {held} generations in flight{queued}{asked}, and "
+            f"{cap} is the most one key may have{after}; retry when one has finished"
+        )
+
+    def _expire(self, waiter: _Waiter) -> None:
+        """The waiter's key had no room for ``key_wait_s``: it is refused (429)."""
+        if not waiter.over or waiter.turn.done():
             return
-        turn = asyncio.get_running_loop().create_future()
-        entry = (weight, turn)
-        self._queue.append(entry)
-        try:
-            await turn
-        except BaseException:
-            if turn.done() and not turn.cancelled():  # given its turn as it was cancelled
-                self._free += weight
-            elif entry in self._queue:
-                self._queue.remove(entry)
+        key = waiter.key
+        self._drop_over(waiter)
+        cap = self.cap(key)
+        assert cap is not None
+        held = self._per_key[key]
+        message = self._over_cap(held, waiter.mine, cap, 0, self._key_wait_s)
+        waiter.turn.set_exception(TooManyRequests(message))
+        self._admit_over(key)  # a lighter request behind it may fit
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """Undo whatever ``waiter`` holds, its request having left (cancelled, or refused
+        after its wait)."""
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        turn = waiter.turn
+        if turn.done() and not turn.cancelled() and turn.exception() is None:
+            # Given its slots as it was cancelled: they go to those behind it.
+            self._release(waiter.key, waiter.weight, waiter.mine)
+        elif waiter.over:
+            self._drop_over(waiter)
+            self._admit_over(waiter.key)  # those of its key behind it may fit now
+        else:
+            if waiter in self._queue:
+                self._queue.remove(waiter)
+            self._leave(waiter.key, waiter.mine)
             self._grant()  # those behind it may fit now
-            raise
+            self._admit_over(waiter.key)
+
+    def _drop_over(self, waiter: _Waiter) -> None:
+        queue = self._over.get(waiter.key)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+        if not queue:
+            self._over.pop(waiter.key, None)
+
+    def _admit_over(self, key: str) -> None:
+        """Move the requests of ``key`` waiting for room under its cap into the queue (or
+        straight into a slot), in order, while the first fits under the cap."""
+        queue = self._over.get(key)
+        cap = self.cap(key)
+        while queue and cap is not None:
+            waiter = queue[0]
+            if waiter.turn.done():  # its request left; it takes nothing
+                queue.popleft()
+                continue
+            if self._per_key[key] + waiter.mine > cap:
+                break
+            queue.popleft()
+            waiter.over = False
+            if waiter.timer is not None:
+                waiter.timer.cancel()
+            self._per_key[key] += waiter.mine
+            if self._fits(waiter.weight):
+                self._free -= waiter.weight
+                waiter.turn.set_result(None)
+            else:
+                self._queue.append(waiter)
+        if not queue:
+            self._over.pop(key, None)
 
     def _grant(self) -> None:
         """Wake waiters in order while the first fits (none overtakes a larger one)."""
-        while self._queue and self._free >= self._queue[0][0]:
-            weight, turn = self._queue.popleft()
-            if turn.cancelled():  # its request left; it takes nothing
+        while self._queue and self._free >= self._queue[0].weight:
+            waiter = self._queue.popleft()
+            if waiter.turn.done():  # its request left; it takes nothing
                 continue
-            self._free -= weight
-            turn.set_result(None)
+            self._free -= waiter.weight
+            waiter.turn.set_result(None)
 
     def _release(self, key: str, weight: int, mine: int) -> None:
         self._free += weight
         self._leave(key, mine)
         self._grant()
+        self._admit_over(key)
 
     def _leave(self, key: str, mine: int) -> None:
         self._per_key[key] -= mine
         if self._per_key[key] <= 0:
             del self._per_key[key]  # keys come and go: keep only those in flight
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A request waiting: for room under its key's cap (``over``), then for slots."""
+
+    key: str
+    weight: int
+    mine: int
+    turn: asyncio.Future[None]
+    over: bool
+    timer: asyncio.TimerHandle | None = None
 
 
 class Slot:

@@ -21,6 +21,10 @@ class GatewaySettings:
     dtype: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
+    # /metrics alone, without an API key, on a port of its own (None: none); for Prometheus
+    # inside a cluster, while the API port needs keys for everything but /health.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
     namespace: str = ""
     # Shared affinity; None: kept in this process. May hold a password: never in a repr.
     redis_url: str | None = field(default=None, repr=False)
@@ -38,7 +42,16 @@ class GatewaySettings:
     prefill_chunk_tokens: int | None = None  # None: as many as fit one P2P message
     max_concurrent: int = 16  # generations at once (n choices or prompts count n)
     max_queue: int = 64  # requests waiting for a slot; beyond, 429 with Retry-After
-    max_concurrent_per_key: int = 4  # generations one API key (or bearer token) has in flight
+    # Generations one API key may have running or queued. None: with API keys, as many as
+    # max_concurrent; without, no cap (anyone can send any bearer token: the global limits
+    # apply). A given value applies to every key (without keys: per bearer token).
+    max_concurrent_per_key: int | None = None
+    # Caps of their own for some keys (from the key file's `max_concurrent=N`), over the one
+    # above. Keys are secrets: never in a repr.
+    key_limits: dict[str, int] = field(default_factory=dict, repr=False)
+    # How long a request over its key's cap waits for one of the key's own generations to
+    # finish before it is refused (429); 0: refused at once.
+    queue_timeout_s: float = 5.0
     max_body_bytes: int = 4 * 1024 * 1024
     send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is cancelled
     default_max_tokens: int = 1024  # for chat requests that set none (completions: 16)

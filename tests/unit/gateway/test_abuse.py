@@ -382,7 +382,8 @@ def bearer(key: str) -> dict[str, str]:
 def test_one_key_gets_429_beyond_its_share_while_others_get_in(
     tiny_model: Path, swarm: LocalSwarmClient
 ) -> None:
-    app = create_app(settings(tiny_model, max_concurrent_per_key=2), swarm)
+    # Without a queue timeout a request over its key's cap is refused at once.
+    app = create_app(settings(tiny_model, max_concurrent_per_key=2, queue_timeout_s=0), swarm)
 
     async def scenario() -> None:
         async with running(app) as client:

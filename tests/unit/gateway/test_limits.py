@@ -214,3 +214,141 @@ def test_a_waiter_cancelled_as_it_got_its_turn_gives_the_slots_back() -> None:
         assert admission.waiting == 0 and admission.in_flight("b") == 0
 
     asyncio.run(scenario())
+
+
+def test_a_request_over_its_keys_cap_waits_for_one_of_its_own_to_finish() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=8, max_waiting=8, max_per_key=1, key_wait_s=5)
+        first = await admission.admit("k")
+        second = asyncio.create_task(admission.admit("k"))
+        await asyncio.sleep(0)
+        assert not second.done() and admission.waiting == 1
+        other = await admission.admit("other")  # another key is not held up
+        first.release()
+        (await asyncio.wait_for(second, 1)).release()  # long before its 5 s wait ends
+        other.release()
+        assert admission.waiting == 0 and admission.in_flight("k") == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_request_over_its_keys_cap_is_refused_after_its_wait() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=8, max_waiting=8, max_per_key=1, key_wait_s=0.2)
+        held = await admission.admit("k")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TooManyRequests, match=r"waited 0\.2 s for one to finish"):
+            await asyncio.wait_for(admission.admit("k"), 5)
+        assert 0.15 <= asyncio.get_running_loop().time() - started < 2
+        assert admission.waiting == 0 and admission.in_flight("k") == 1
+        held.release()
+        (await asyncio.wait_for(admission.admit("k"), 1)).release()
+        assert admission.in_flight("k") == 0
+
+    asyncio.run(scenario())
+
+
+def test_each_key_may_have_a_cap_of_its_own() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=16, max_waiting=8, max_per_key=16, caps={"small": 2})
+        small = [await admission.admit("small") for _ in range(2)]
+        with pytest.raises(TooManyRequests, match="2 is the most"):
+            await admission.admit("small")
+        big = [await admission.admit("big") for _ in range(10)]  # the default cap: 16
+        for slot in small + big:
+            slot.release()
+
+    asyncio.run(scenario())
+
+
+def test_a_keys_waiters_are_bounded_by_its_cap_and_count_as_waiting() -> None:
+    async def scenario() -> None:
+        admission = Admission(
+            max_active=8, max_waiting=3, max_per_key=2, caps={"j": 8}, key_wait_s=5
+        )
+        held = [await admission.admit("k"), await admission.admit("k")]
+        waiters = [asyncio.create_task(admission.admit("k")) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert admission.waiting == 2
+        with pytest.raises(TooManyRequests, match="2 more waiting"):
+            await admission.admit("k")  # as many wait as may run: no more
+        one = await admission.admit("j", generations=2)
+        two = await admission.admit("j", generations=2)
+        three = await admission.admit("j", generations=2)  # 8 running: the gateway is full
+        queued = asyncio.create_task(admission.admit("i"))
+        await asyncio.sleep(0)
+        with pytest.raises(CapacityExceeded):  # 2 of k's and i's wait: --max-queue is 3
+            await admission.admit("h")
+        for slot in [*held, one, two, three]:
+            slot.release()
+        for slot in await asyncio.wait_for(asyncio.gather(*waiters, queued), 1):
+            slot.release()
+        assert admission.waiting == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_key_waiter_frees_its_place() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=8, max_waiting=8, max_per_key=2, key_wait_s=5)
+        held = [await admission.admit("k", generations=2)]
+        leaving = asyncio.create_task(admission.admit("k"))
+        staying = asyncio.create_task(admission.admit("k"))
+        await asyncio.sleep(0)
+        assert admission.waiting == 2
+        with pytest.raises(TooManyRequests):
+            await admission.admit("k")  # as many wait as the key may run
+        leaving.cancel()  # its client disconnected while it waited
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        assert admission.waiting == 1
+        late = asyncio.create_task(admission.admit("k"))  # the place it left is free
+        await asyncio.sleep(0)
+        assert not late.done() and admission.waiting == 2
+        held[0].release()
+        held += await asyncio.wait_for(asyncio.gather(staying, late), 1)
+        for slot in held:
+            slot.release()
+        assert admission.waiting == 0 and admission.in_flight("k") == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_key_waiter_cancelled_as_its_turn_came_gives_the_slot_back() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=2, max_waiting=8, max_per_key=2, key_wait_s=5)
+        held = await admission.admit("k", generations=2)
+        first = asyncio.create_task(admission.admit("k", generations=2))
+        second = asyncio.create_task(admission.admit("k", generations=2))
+        await asyncio.sleep(0)
+        held.release()  # first gets the key's room and the free slot at once ...
+        first.cancel()  # ... as its request leaves: second gets them instead
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        (await asyncio.wait_for(second, 1)).release()
+        assert admission.waiting == 0 and admission.in_flight("k") == 0
+        (await asyncio.wait_for(admission.admit("k"), 1)).release()
+
+    asyncio.run(scenario())
+
+
+def test_a_key_waiter_moves_to_the_queue_and_may_leave_it() -> None:
+    async def scenario() -> None:
+        admission = Admission(max_active=1, max_waiting=8, max_per_key=1, key_wait_s=5)
+        held = await admission.admit("k")
+        waiter = asyncio.create_task(admission.admit("k"))
+        await asyncio.sleep(0)
+        blocker = asyncio.create_task(admission.admit("j"))  # queued for the one slot
+        await asyncio.sleep(0)
+        held.release()  # j takes the slot; k's waiter has room under its cap: it queues
+        j = await asyncio.wait_for(blocker, 1)
+        await asyncio.sleep(0.3)
+        assert not waiter.done() and admission.in_flight("k") == 1  # no longer timed
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert admission.waiting == 0 and admission.in_flight("k") == 0
+        j.release()
+        (await asyncio.wait_for(admission.admit("k"), 1)).release()
+
+    asyncio.run(scenario())

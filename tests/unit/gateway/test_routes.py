@@ -106,7 +106,7 @@ def test_max_tokens_sets_length_and_usage(covered: tuple) -> None:
     )
 
 
-def test_api_keys_guard_the_openai_routes_only(tiny_model: Path) -> None:
+def test_api_keys_guard_all_but_the_health_probes(tiny_model: Path) -> None:
     swarm = LocalSwarmClient(tiny_model, MODEL_ID)
     settings = GatewaySettings(model_id=MODEL_ID, model_path=tiny_model, api_keys=("k1", "k2"))
     with TestClient(create_app(settings, swarm_client=swarm)) as client:
@@ -128,7 +128,9 @@ def test_api_keys_guard_the_openai_routes_only(tiny_model: Path) -> None:
                 == 200
             )
         assert client.get("/health").status_code == 200
-        assert client.get("/swarm").status_code == 200
+        assert client.get("/health/live").status_code == 200
+        assert client.get("/swarm").status_code == 401
+        assert client.get("/swarm", headers={"Authorization": "Bearer k1"}).status_code == 200
 
 
 def test_the_swarm_route_shows_each_servers_precision(covered: tuple) -> None:
