@@ -15,7 +15,11 @@
 #
 #   docker run --no-healthcheck -p 31337:31337 swarmgate dht
 #   docker run --no-healthcheck -p 31337:31337 -e SWARMGATE_INITIAL_PEERS=/ip4/... swarmgate node
-#   docker run -p 8000:8000 -e SWARMGATE_INITIAL_PEERS=/ip4/.../p2p/... swarmgate
+#   docker run -p 8000:8000 -e SWARMGATE_INITIAL_PEERS=/ip4/.../p2p/... \
+#     -e SWARMGATE_API_KEY_FILE=/keys -v $PWD/api-keys.txt:/keys:ro swarmgate
+# The gateway listens on 0.0.0.0 in the container, so it refuses to start without API keys
+# (SWARMGATE_API_KEY_FILE or SWARMGATE_API_KEY); to serve anyone who reaches the port, on
+# purpose, add -e SWARMGATE_ALLOW_OPEN=1 instead.
 #
 # Every flag also reads an environment variable (SWARMGATE_*), so no shell wrapper is needed.
 # The embedded model (`smollm2`) is converted at build time: the image serves it offline.
@@ -75,7 +79,8 @@ RUN groupadd --system --gid 10001 swarmgate \
 COPY --from=builder /opt/venv /opt/venv
 
 # The listen addresses (SWARMGATE_HOST, *_HOST, SWARMGATE_HOST_MADDRS) default to loopback
-# outside a container; in one, loopback is unreachable from the outside.
+# outside a container; in one, loopback is unreachable from the outside. Not on loopback,
+# the gateway starts only with API keys or SWARMGATE_ALLOW_OPEN=1 (see the top).
 # HF_HOME: the Hugging Face cache, writable by the serving user (the home directory may sit
 # on a read-only root filesystem); not offline, so that hub models download at run time.
 ENV PATH=/opt/venv/bin:$PATH \

@@ -33,6 +33,18 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def _flag_env(name: str) -> bool:
+    """A boolean flag's default from the environment: set and not 0/false/no."""
+    return (os.environ.get(name) or "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _blocks(value: str) -> tuple[int, int]:
     try:
         start, end = (int(part) for part in value.split(":"))
@@ -138,7 +150,16 @@ def _add_http(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key-file",
         default=_env("SWARMGATE_API_KEY_FILE"),
-        help="file with one accepted API key per line (readable by its owner only)",
+        help="file with one accepted API key per line, optionally followed by "
+        "`max_concurrent=N` (that key's own cap); # comments (readable by its owner only)",
+    )
+    parser.add_argument(
+        "--allow-open",
+        action="store_true",
+        default=_flag_env("SWARMGATE_ALLOW_OPEN"),
+        help="serve without API keys on an address other than loopback (--host): anyone "
+        "who reaches it may use the model; without keys or this flag such a gateway refuses "
+        "to start",
     )
 
 
@@ -365,10 +386,30 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument(
         "--max-concurrent-per-key",
         type=_positive_int,
-        default=_env("SWARMGATE_MAX_CONCURRENT_PER_KEY", "4"),
-        help="generations one API key may have running or waiting (a request asking for "
-        "more takes them all); beyond, 429 (without configured keys: per bearer token, and "
-        "all requests without one together)",
+        default=_env("SWARMGATE_MAX_CONCURRENT_PER_KEY"),
+        help="generations one API key may have running or queued (a request asking for "
+        "more takes them all), unless the key file gives the key its own max_concurrent "
+        "(default: with API keys, --max-concurrent; without, no cap, or if given, per bearer "
+        "token and all requests without one together)",
+    )
+    gateway.add_argument(
+        "--queue-timeout",
+        type=_non_negative_float,
+        default=_env("SWARMGATE_QUEUE_TIMEOUT", "5"),
+        help="seconds a request over its key's cap waits for one of the key's own "
+        "generations to finish; then 429 with Retry-After (0: at once)",
+    )
+    gateway.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env("SWARMGATE_METRICS_PORT"),
+        help="also serve /metrics on this port, without an API key (with keys, /metrics on "
+        "--port needs one): for Prometheus inside a cluster",
+    )
+    gateway.add_argument(
+        "--metrics-host",
+        default=_env("SWARMGATE_METRICS_HOST", "127.0.0.1"),
+        help="address for --metrics-port (0.0.0.0 in a container)",
     )
     gateway.add_argument(
         "--send-timeout",

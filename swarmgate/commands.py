@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from gateway.auth import ApiKeys, KeyFileError, is_loopback, read_key_lines
 from models.devices import Placement
 from models.resolve import ModelSource, ModelSourceError, resolve_model
 from protocol.membership import SwarmKey, SwarmKeyError
@@ -136,6 +137,8 @@ def gateway(args: argparse.Namespace) -> None:
     from gateway.app import create_app
     from gateway.settings import GatewaySettings
 
+    keys = read_api_keys(args.api_key, args.api_key_file, "gateway")
+    check_exposure("gateway", args.host, keys.keys, args.allow_open)
     source = model_source(args, "gateway")
     Placement.of(args.device, args.dtype)  # a device this machine lacks: a clear exit now
     with model_errors("gateway"):
@@ -150,6 +153,8 @@ def gateway(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         host=args.host,
         port=args.port,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         namespace=args.namespace,
         redis_url=args.redis_url,
         affinity=not args.no_affinity,
@@ -157,11 +162,13 @@ def gateway(args: argparse.Namespace) -> None:
         max_concurrent=args.max_concurrent,
         max_queue=args.max_queue,
         max_concurrent_per_key=args.max_concurrent_per_key,
+        queue_timeout_s=args.queue_timeout,
         send_timeout_s=args.send_timeout,
         default_max_tokens=args.default_max_tokens,
         max_generation_s=args.max_generation_seconds,
         response_ttl_s=args.response_ttl,
-        api_keys=api_keys(args.api_key, args.api_key_file),
+        api_keys=keys.keys,
+        key_limits=keys.limits,
         prefill_chunk_tokens=args.prefill_chunk_tokens,
         step_floor_s=args.step_floor,
     )
@@ -170,9 +177,18 @@ def gateway(args: argparse.Namespace) -> None:
 
 
 def api_keys(keys: list[str], key_file: str | None) -> tuple[str, ...]:
-    """Keys from flags and from a file (one per line; blank lines and # comments skipped)."""
+    """Keys from flags and from a file (see ``read_api_keys``)."""
+    return read_api_keys(keys, key_file).keys
+
+
+def read_api_keys(keys: list[str], key_file: str | None, role: str = "gateway") -> ApiKeys:
+    """Keys from flags and from a file: one per line, optionally with settings of its own
+    (``KEY max_concurrent=8``); blank lines and # comments skipped. A file that cannot be
+    read ends the command with one line, which never shows a key."""
     found = [k.strip() for k in keys if k.strip()]
-    if key_file:
+    if not key_file:
+        return ApiKeys(tuple(found))
+    try:
         mode = Path(key_file).stat().st_mode
         if mode & stat.S_IROTH:
             logger.warning(
@@ -181,9 +197,26 @@ def api_keys(keys: list[str], key_file: str | None) -> tuple[str, ...]:
                 key_file,
                 stat.S_IMODE(mode),
             )
-        lines = Path(key_file).read_text().splitlines()
-        found += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    return tuple(found)
+        from_file = read_key_lines(Path(key_file).read_text().splitlines())
+    except OSError as e:
+        raise SystemExit(f"swarmgate {role}: --api-key-file {key_file}: {e.strerror}") from None
+    except KeyFileError as e:
+        raise SystemExit(f"swarmgate {role}: --api-key-file {key_file}: {e}") from None
+    merged = tuple(dict.fromkeys([*found, *from_file.keys]))
+    return ApiKeys(merged, from_file.limits)
+
+
+def check_exposure(role: str, host: str, keys: tuple[str, ...], allow_open: bool) -> None:
+    """A gateway that anyone on the network could use must be asked for: on an address
+    other than loopback, it needs API keys or ``--allow-open``."""
+    if keys or allow_open or is_loopback(host):
+        return
+    raise SystemExit(
+        f"swarmgate {role}: refusing to serve the API on {host} without API keys: anyone who "
+        "reaches that address could use the model. Set API keys (--api-key-file FILE or "
+        "SWARMGATE_API_KEY), or pass --allow-open (SWARMGATE_ALLOW_OPEN=1) to serve it open "
+        "on purpose"
+    )
 
 
 def status(args: argparse.Namespace) -> int:
@@ -215,6 +248,8 @@ def status(args: argparse.Namespace) -> int:
 def up(args: argparse.Namespace) -> int:
     from swarmgate.local_swarm import LocalSwarm
 
+    keys = read_api_keys(args.api_key, args.api_key_file, "up")
+    check_exposure("up", args.host, keys.keys, args.allow_open)
     source = model_source(args, "up")
     Placement.of(args.device, args.dtype)
     swarm = LocalSwarm(source, args)

@@ -145,6 +145,8 @@ class LocalSwarm:
             flags += ["--api-key-file", self.args.api_key_file]
         if self.args.no_push:
             flags += ["--no-push"]
+        if self.args.allow_open:
+            flags += ["--allow-open"]
         return flags
 
     def _child_env(self, *, gateway: bool = False) -> dict[str, str]:

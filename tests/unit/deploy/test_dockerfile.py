@@ -408,6 +408,31 @@ def test_default_command_is_a_gateway_on_the_exposed_port(
     assert args.model == "smollm2", "by default the image serves the model it embeds"
 
 
+def test_the_images_gateway_needs_api_keys_or_allow_open(
+    final: Stage, image_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It listens on 0.0.0.0: without keys a container refuses to start (one line) unless
+    SWARMGATE_ALLOW_OPEN=1 says to serve anyone; the header shows both ways."""
+    monkeypatch.setenv("SWARMGATE_INITIAL_PEERS", "/ip4/10.0.0.1/tcp/31337/p2p/QmPeer")
+    from swarmgate.cli import build_parser
+    from swarmgate.commands import check_exposure, read_api_keys
+
+    def start() -> None:
+        args = build_parser().parse_args(final.one("CMD").exec_form())
+        keys = read_api_keys(args.api_key, args.api_key_file).keys
+        check_exposure(args.command, args.host, keys, args.allow_open)
+
+    with pytest.raises(SystemExit, match="pass --allow-open \\(SWARMGATE_ALLOW_OPEN=1\\)"):
+        start()
+    monkeypatch.setenv("SWARMGATE_ALLOW_OPEN", "1")
+    start()
+    monkeypatch.delenv("SWARMGATE_ALLOW_OPEN")
+    monkeypatch.setenv("SWARMGATE_API_KEY", "sk-container")
+    start()
+    header = DOCKERFILE.read_text().split("\nARG ")[0]
+    assert "SWARMGATE_API_KEY_FILE" in header and "SWARMGATE_ALLOW_OPEN=1" in header
+
+
 @pytest.mark.parametrize("role", ["dht", "node"])
 def test_p2p_roles_listen_on_the_exposed_port(
     role: str, final: Stage, image_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
