@@ -236,7 +236,7 @@ def test_with_api_keys_everything_but_the_probes_needs_a_key(
 ) -> None:
     app = create_app(settings(tiny_model, api_keys=("sk-a", "sk-b")), swarm)
     with TestClient(app) as client:
-        for path in OPERATOR_PATHS + ["/v1/models", "/no-such-path"]:
+        for path in [*OPERATOR_PATHS, "/v1/models", "/no-such-path"]:
             for headers in ({}, bearer("wrong"), {"Authorization": "sk-a"}):
                 r = client.get(path, headers=headers)
                 assert r.status_code == 401, (path, headers, r.status_code)
@@ -252,7 +252,7 @@ def test_without_api_keys_the_operator_routes_stay_open(
     tiny_model: Path, swarm: LocalSwarmClient
 ) -> None:
     with TestClient(create_app(settings(tiny_model), swarm)) as client:
-        for path in OPERATOR_PATHS + ["/health", "/health/live", "/v1/models"]:
+        for path in [*OPERATOR_PATHS, "/health", "/health/live", "/v1/models"]:
             assert client.get(path).status_code == 200, path
 
 
