@@ -137,7 +137,8 @@ def test_a_client_that_leaves_a_json_request_frees_its_slot(swarm: Swarm, gatewa
 
 
 def test_one_client_cannot_take_every_slot(swarm: Swarm, tmp_path: Path) -> None:
-    """Per key: a second stream of the same key is refused while another key gets in."""
+    """Per key: a second stream of the same key waits --queue-timeout for the first, then is
+    refused, while another key gets in."""
     with running_gateway(
         swarm,
         tmp_path,
@@ -147,6 +148,8 @@ def test_one_client_cannot_take_every_slot(swarm: Swarm, tmp_path: Path) -> None
         "key-b",
         "--max-concurrent-per-key",
         "1",
+        "--queue-timeout",
+        "0.5",
         name="gateway-per-key",
     ) as url:
         body = {"model": swarm.model_id, "stream": True, **LONG}

@@ -292,7 +292,11 @@ def test_api_keys_are_required_when_configured(swarm: Swarm, keyed_gateway: str)
     for key in ("key-a", "key-from-file"):
         assert [m.id for m in sdk(keyed_gateway, key).models.list()] == [swarm.model_id]
     assert httpx.get(f"{keyed_gateway}/health").status_code == 200
-    assert httpx.get(f"{keyed_gateway}/metrics").status_code == 200
+    # Everything but the health probes needs a key too.
+    for path in ("/metrics", "/swarm", "/docs", "/openapi.json"):
+        assert httpx.get(f"{keyed_gateway}{path}").status_code == 401, path
+    key = {"Authorization": "Bearer key-from-file"}
+    assert httpx.get(f"{keyed_gateway}/metrics", headers=key).status_code == 200
 
 
 def test_no_full_chain_is_503_with_retry_after(swarm: Swarm, tmp_path: Path) -> None:

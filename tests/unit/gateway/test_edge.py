@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 from starlette.types import Message
@@ -89,6 +92,59 @@ def test_eight_concurrent_streams_from_one_client_all_run_on_the_defaults(
             assert "error" not in "".join(text for _, text in results)
 
     asyncio.run(scenario())
+
+
+class ThreadGate:
+    """``LocalSwarmClient.gate`` opened from another thread than the server's loop."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+
+    async def wait(self) -> None:
+        while not self.open.is_set():
+            await asyncio.sleep(0.01)
+
+
+def test_eight_concurrent_streams_on_a_real_uvicorn_server(
+    tiny_model: Path, swarm: LocalSwarmClient
+) -> None:
+    """As `swarmgate gateway` serves it: uvicorn on a socket, eight clients' connections."""
+    gate = ThreadGate()
+    swarm.gate = gate  # type: ignore[assignment]
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(settings(tiny_model), swarm), host="127.0.0.1", port=port, log_config=None
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    results: list[tuple[int, str]] = []
+
+    def one_stream() -> None:
+        body = {**CHAT, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}{URL}", json=body, timeout=60) as r:
+            results.append((r.status_code, r.read().decode()))
+
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        clients = [threading.Thread(target=one_stream) for _ in range(8)]
+        for client in clients:
+            client.start()
+        while swarm.opened < 8:  # all eight hold a slot at once, none refused
+            assert time.monotonic() < deadline, f"{swarm.opened} streams opened; {results}"
+            time.sleep(0.05)
+        gate.open.set()
+        for client in clients:
+            client.join(60)
+    finally:
+        gate.open.set()
+        server.should_exit = True
+        thread.join(30)
+    assert [status for status, _ in results] == [200] * 8
+    assert all(text.rstrip().endswith("data: [DONE]") for _, text in results)
 
 
 def test_a_keys_cap_from_the_key_file_makes_its_next_request_wait_for_a_slot(
