@@ -61,7 +61,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.devices import Placement
 from models.resolve import resolve_model
-from tests.processes import start_up
+from tests.processes import alarms, start_up
 
 NODES = 2
 TARGET_SPEEDUP = 5.0
@@ -313,6 +313,7 @@ def main() -> None:
         levels_out = asyncio.run(
             bench_swarm(url, source.name, levels, args.tokens, args.timeout, args.repeats)
         )
+        counters = alarms(url)
     finally:
         swarm.stop(timeout_s=60)
 
@@ -334,6 +335,8 @@ def main() -> None:
                 "hf": hf,
                 "swarm": levels_out,
                 "vs_hf_batch": best["tok_s"] / hf[f"batch_{top}"]["tok_s"],
+                # Servers given up on during the run: under load alone, none should be.
+                "alarms": counters,
                 "target": f"{top} streams >= {TARGET_SPEEDUP:g}x 1 stream, no failures",
                 "target_met": bool(
                     best["speedup_vs_1"] is not None

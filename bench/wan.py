@@ -54,7 +54,7 @@ from openai.types.chat import ChatCompletionMessageParam
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.resolve import resolve_model
 from protocol.latency import SIMULATED_RTT_ENV, parse_rtt_ms
-from tests.processes import start_up
+from tests.processes import alarms, start_up
 
 # Each mode's environment for `swarmgate up` (and so its gateway).
 MODES = {"relay": {"SWARMGATE_NO_PUSH": "1"}, "push": {"SWARMGATE_NO_PUSH": "0"}}
@@ -111,7 +111,7 @@ def run_one(
     name = f"bench-wan-up-{mode}-{rtt_ms:g}ms"
     swarm, url = start_up(args.model, args.nodes, log_dir, name, env)
     try:
-        return measure(url, model_id, args.tokens)
+        return {**measure(url, model_id, args.tokens), "alarms": alarms(url)}
     finally:
         swarm.stop(timeout_s=60)
 

@@ -154,6 +154,21 @@ def node_identity(process: Process) -> tuple[str, tuple[int, int]]:
     return match[3], (int(match[1]), int(match[2]))
 
 
+ALARMS = ("swarmgate_failovers_total", "swarmgate_hung_servers_total")
+
+
+def alarms(base_url: str) -> dict[str, float]:
+    """The gateway's failover and hung-server counters (from /metrics): what a benchmark
+    under load must leave at zero, or its servers were wrongly given up on."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    found = {name: 0.0 for name in ALARMS}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in found:
+            found[name] = float(value)
+    return found
+
+
 def http_ok(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2.0).status_code == 200
