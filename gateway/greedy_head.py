@@ -11,9 +11,28 @@ at most ``2u + u**2`` of ``|x_i W_ji|`` (``u = 2**-8``), summing in fp32 (here a
 exact matmul) adds at most ``n * 2**-24`` of ``sum |x_i W_ji|`` each, and bf16 output
 rounds once more, by ``u`` of the result. ``sum |x_i W_ji| <= |x| |W_j|`` (Cauchy-Schwarz),
 and the row norms are computed once. Below fp32's smallest normal number (``2**-126``)
-errors are absolute, not relative (bf16 instructions flush such inputs and products to
-zero), so each bound also has ``2**-126`` times ``n + 1 + sqrt(n) (|x| + |W_j|)``: nothing
-for real hidden states, but what keeps the bound true for tiny ones.
+errors are absolute, not relative: bf16 instructions flush such inputs, products and sums
+to zero, so each entry of ``x`` or ``W_j`` moves by up to ``2**-126`` (``sqrt(n) (|x| +
+|W_j|)`` of it in all, by Cauchy-Schwarz again), each of the ``n`` products and ``n`` sums
+by up to ``2**-126`` (``2n``), the output by ``2**-126`` and the exact matmul's subnormal
+products by ``2**-150`` each (under one more ``2**-126``): ``2**-126`` times ``2n + 2 +
+sqrt(n) (|x| + |W_j|)``. Nothing for real hidden states, but what keeps the bound true for
+tiny ones.
+
+The norms themselves must not underflow: fp32 squares vanish below ``2**-75``, and a norm
+of 0 would drop the relative part of the bound, which is most of it for a tiny ``x`` (a
+hidden state of ``2**-100 * [1, 1]`` has normal, exact fp32 logits). So ``|x|`` is summed
+in float64 (whose squares of fp32 values neither underflow nor overflow) and rounded to
+fp32; so are the head's rows whose fp32 norm is under ``2**-40`` or not finite (above it,
+squares lost to underflow are at most ``n * 2**-126`` of a square of at least ``2**-80``;
+the others keep their fp32 norm, so a head need not be copied to float64). A norm, or
+the relative part computed from it, may still land below ``2**-126`` in fp32, losing bits
+or becoming 0: only where ``|x|`` or ``|W_j|`` is under ``2**-119``, so that the relative
+part is smaller than the other norm's ``2**-126 sqrt(n)`` term above (or, both tiny, than
+``2**-126 (2n + 2)``). A norm or bound too large for fp32 is infinite: a hidden state whose bound
+overflows falls back (below), a head with such a row norm is not screened. Second-order
+terms (``u`` times the others) and the rounding of the bound's own fp32 arithmetic are
+far inside the doubling below.
 
 So every logit lies within its own bound of its bf16 value, and only the tokens whose
 upper bound reaches the best lower bound can be the argmax: usually one to a few hundred
@@ -24,7 +43,8 @@ head would choose, up to the float rounding by which any two fp32 matmul paths d
 from a whole one's). The bound is doubled for safety; on SmolLM2's hidden states the
 largest error seen was 15% of the undoubled bound.
 
-Anything unusual falls back to the full fp32 head: non-finite values, too many candidates.
+Anything unusual falls back to the full fp32 head: non-finite logits or bounds, too many
+candidates.
 Where bf16 is not faster than fp32 (CPUs without bf16 arithmetic), it is not used at all.
 """
 
@@ -40,6 +60,8 @@ SCREEN_DTYPE = torch.bfloat16
 UNIT_ROUNDOFF = 2.0**-8  # bf16: 8 significant bits
 FP32_UNIT_ROUNDOFF = 2.0**-24
 SMALLEST_NORMAL = 2.0**-126  # fp32's and bf16's; below it, values may be flushed to zero
+# An fp32 row norm at least this large lost nothing that matters to squares' underflow.
+ACCURATE_FP32_NORM = 2.0**-40
 SAFETY = 2.0
 # Past this many candidates a row is scored in full: the screen is not separating them.
 MAX_CANDIDATES = 4096
@@ -54,7 +76,7 @@ class GreedyScreen:
 
     weight: torch.Tensor  # [vocab, hidden] fp32
     coarse: torch.Tensor  # the same in SCREEN_DTYPE
-    row_norms: torch.Tensor  # [vocab] fp32: |W_j|
+    row_norms: torch.Tensor  # [vocab] fp32: |W_j|, without underflow (_row_norms)
     product_error: float  # of |x| |W_j|, doubled for safety
     output_error: float  # of |logit|, doubled for safety
     flush_error: torch.Tensor  # [vocab]: the absolute part that does not depend on x
@@ -73,14 +95,16 @@ class GreedyScreen:
             return None
         hidden = weight.shape[1]
         u, tiny, root = UNIT_ROUNDOFF, SAFETY * SMALLEST_NORMAL, hidden**0.5
-        row_norms = weight.norm(dim=1)
+        row_norms = _row_norms(weight)
+        if not bool(torch.isfinite(row_norms).all()):
+            return None  # every row's bound would be infinite or NaN: nothing to gain
         return cls(
             weight=weight,
             coarse=weight.to(SCREEN_DTYPE),
             row_norms=row_norms,
             product_error=SAFETY * (2 * u + u * u + 2 * hidden * FP32_UNIT_ROUNDOFF),
             output_error=SAFETY * u,
-            flush_error=tiny * (hidden + 1 + root * row_norms),
+            flush_error=tiny * (2 * hidden + 2) + (tiny * root) * row_norms,  # no overflow
             flush_per_norm=tiny * root,
         )
 
@@ -92,10 +116,11 @@ class GreedyScreen:
         tokens: list[int | None] = []
         for row, radius, xs in zip(approx, bound, x, strict=True):
             floor = torch.max(row - radius)
-            if not bool(torch.isfinite(floor)) or not bool(torch.isfinite(row).all()):
+            upper = row + radius  # not finite where a logit or a bound is not
+            if not bool(torch.isfinite(floor)) or not bool(torch.isfinite(upper).all()):
                 tokens.append(None)
                 continue
-            candidates = torch.nonzero(row + radius >= floor).flatten()
+            candidates = torch.nonzero(upper >= floor).flatten()
             if len(candidates) > MAX_CANDIDATES:
                 tokens.append(None)
                 continue
@@ -106,7 +131,7 @@ class GreedyScreen:
     def _screen(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, hidden] → the bf16 logits [B, vocab] (as fp32) and each one's bound."""
         approx = torch.nn.functional.linear(x.to(SCREEN_DTYPE), self.coarse).float()
-        norms = x.norm(dim=1, keepdim=True)
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float64).float()
         bound = self.product_error * norms * self.row_norms + self.output_error * approx.abs()
         bound += self.flush_error
         bound += self.flush_per_norm * norms
@@ -137,6 +162,17 @@ class GreedyScreen:
         finally:
             torch.set_num_threads(threads)
         return min(screened) * MIN_SPEEDUP <= min(fp32)
+
+
+def _row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """Each row's norm in fp32, summed in float64 where fp32's squares could underflow
+    (or overflow): only those rows are copied, usually none."""
+    norms: torch.Tensor = torch.linalg.vector_norm(weight, dim=1)
+    suspect = torch.nonzero(~(torch.isfinite(norms) & (norms >= ACCURATE_FP32_NORM))).flatten()
+    if len(suspect):
+        exact = torch.linalg.vector_norm(weight[suspect], dim=1, dtype=torch.float64)
+        norms[suspect] = exact.float()
+    return norms
 
 
 def _timed(fn: Callable[[], object]) -> float:
