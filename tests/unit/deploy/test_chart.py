@@ -25,6 +25,7 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError
 
 from swarmgate.cli import build_parser
+from swarmgate.commands import check_exposure
 
 CHART = Path(__file__).resolve().parents[3] / "charts" / "swarmgate"
 RELEASE = "demo"
@@ -109,7 +110,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "enabled": True,
                 "className": "nginx",
                 "hosts": [
-                    {"host": "llm.example.com", "paths": [{"path": "/", "pathType": "Prefix"}]}
+                    {"host": "llm.example.com", "paths": [{"path": "/v1", "pathType": "Prefix"}]}
                 ],
                 "tls": [{"hosts": ["llm.example.com"], "secretName": "llm-example-tls"}],
             },
@@ -368,6 +369,23 @@ def test_the_swarm_key_is_required_unless_the_swarm_is_open(chart: helm_python.C
         ({"gateway": {"replicaCount": 2}}, "/gateway"),
         ({"dht": {"identity": {"secret": "x"}}}, "/dht/identity"),
         ({"ingress": {"enabled": True}}, "ingress"),
+        *(
+            (
+                {
+                    "gateway": {
+                        "ingress": {
+                            "hosts": [
+                                {"host": "h", "paths": [{"path": path, "pathType": "Prefix"}]}
+                            ]
+                        }
+                    }
+                },
+                "/gateway/ingress/hosts/0/paths/0/path",
+            )
+            for path in ("/", "/metrics", "/swarm", "/docs", "/v1beta", "v1")
+        ),
+        ({"gateway": {"queueTimeout": -1}}, "/gateway/queueTimeout"),
+        ({"gateway": {"maxConcurrentPerKey": 0}}, "/gateway/maxConcurrentPerKey"),
         ({"logging": {"format": "yaml"}}, "/logging/format"),
         ({"gateway": {"responseTtlSeconds": 0}}, "/gateway/responseTtlSeconds"),
         ({"gateway": {"responseTtlSeconds": "1d"}}, "/gateway/responseTtlSeconds"),
@@ -604,6 +622,8 @@ def test_args_listen_where_the_ports_are_declared(
         ctr = container(workload)
         assert flag(ctr["args"], "--port") == [str(port_named(ctr, "http"))]
         assert flag(ctr["args"], "--host") == ["0.0.0.0"]
+        assert flag(ctr["args"], "--metrics-port") == [str(port_named(ctr, "metrics"))]
+        assert flag(ctr["args"], "--metrics-host") == ["0.0.0.0"]
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -841,6 +861,8 @@ def test_edge_gateway_has_ingress_autoscaler_and_budget(
     ]
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "llm.example.com"
+    # The OpenAI API only: /swarm, /metrics and the API docs are not routed from outside.
+    assert [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] == [("/v1", "Prefix")]
     backend = rule["http"]["paths"][0]["backend"]["service"]
     assert backend["name"] == service["metadata"]["name"]
     assert backend["port"]["name"] in [p["name"] for p in service["spec"]["ports"]]
@@ -1096,6 +1118,58 @@ def test_the_cli_reads_what_the_chart_passes(
             assert args.dtype == settings.get("dtype", "auto")
 
 
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_gateways_serve_open_only_without_an_api_key_secret(
+    manifests: dict[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """On 0.0.0.0 a gateway without keys refuses to start unless told --allow-open: the
+    chart says it exactly when no API-key Secret is configured, and the CLI then starts."""
+    for variable in list(os.environ):
+        if variable.startswith("SWARMGATE_"):
+            monkeypatch.delenv(variable)
+    keyed = bool(VALUE_SETS[name].get("gateway", {}).get("apiKeys", {}).get("existingSecret"))
+    (gateway,) = members(manifests[name], "gateway")
+    ctr = container(gateway)
+    assert ("--allow-open" in ctr["args"]) is not keyed
+    assert ("SWARMGATE_API_KEY_FILE" in env(ctr)) is keyed
+    args = build_parser().parse_args(ctr["args"])
+    keys = ("a key from the Secret",) if keyed else ()
+    check_exposure("gateway", args.host, keys, args.allow_open)  # no SystemExit
+    with pytest.raises(SystemExit, match="--allow-open"):
+        check_exposure("gateway", args.host, (), allow_open=False)
+
+
+def test_the_default_ingress_routes_the_openai_api_only(chart: helm_python.Chart) -> None:
+    values = {"swarmKey": {"existingSecret": SWARM_KEY}, "gateway": {"ingress": {"enabled": True}}}
+    text = render(chart, values)["swarmgate/templates/ingress-gateway.yaml"]
+    (ingress,) = [doc for doc in yaml.safe_load_all(text) if doc]
+    for rule in ingress["spec"]["rules"]:
+        assert [(p["path"], p["pathType"]) for p in rule["http"]["paths"]] == [("/v1", "Prefix")]
+
+
+def test_per_key_caps_and_the_queue_timeout_reach_the_gateway(chart: helm_python.Chart) -> None:
+    def gateway_args(gateway: dict[str, Any]) -> list[str]:
+        values = {"swarmKey": {"existingSecret": SWARM_KEY}, "gateway": gateway}
+        objects = [
+            doc
+            for path, text in render(chart, values).items()
+            if not path.endswith("NOTES.txt")
+            for doc in yaml.safe_load_all(text)
+            if doc
+        ]
+        (workload,) = members(objects, "gateway")
+        return list(container(workload)["args"])
+
+    defaults = gateway_args({})
+    # No cap of the chart's own: the gateway's default (with keys, --max-concurrent).
+    assert "--max-concurrent-per-key" not in defaults
+    assert flag(defaults, "--queue-timeout") == ["5"]
+    assert build_parser().parse_args(defaults).max_concurrent_per_key is None
+    capped = gateway_args({"maxConcurrentPerKey": 3, "queueTimeout": 0.5})
+    assert flag(capped, "--max-concurrent-per-key") == ["3"]
+    assert flag(capped, "--queue-timeout") == ["0.5"]
+
+
 # ---- metrics ---------------------------------------------------------------------------
 
 
@@ -1158,9 +1232,39 @@ def test_service_monitors_scrape_gateways_and_nodes(
         assert services
         (endpoint,) = monitor["spec"]["endpoints"]
         assert endpoint["path"] == "/metrics"
+        assert endpoint["port"] == "metrics"  # never a gateway's API port, which wants a key
+        assert "bearerTokenSecret" not in endpoint
         for service in services:
             assert endpoint["port"] in [p["name"] for p in service["spec"]["ports"]]
+            assert service["spec"]["clusterIP"] == "None"  # inside the cluster only
     assert len([s for s in of_kind(objects, "Service") if "node-" in s["metadata"]["name"]]) == 3
+    gateway_monitor = one(objects, "ServiceMonitor", f"{RELEASE}-swarmgate-gateway")
+    selector = gateway_monitor["spec"]["selector"]["matchLabels"]
+    (scraped,) = [
+        s for s in of_kind(objects, "Service") if selects(selector, s["metadata"]["labels"])
+    ]
+    assert scraped["metadata"]["name"] == f"{RELEASE}-swarmgate-gateway-metrics"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_gateway_metrics_stay_off_the_public_service_and_ingress(
+    manifests: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    objects = manifests[name]
+    (gateway,) = members(objects, "gateway")
+    metrics_port = port_named(container(gateway), "metrics")
+    public = one(objects, "Service", f"{RELEASE}-swarmgate-gateway")
+    assert [p["name"] for p in public["spec"]["ports"]] == ["http"]
+    metrics = one(objects, "Service", f"{RELEASE}-swarmgate-gateway-metrics")
+    assert metrics["spec"]["clusterIP"] == "None" and "type" not in metrics["spec"]
+    assert metrics["spec"]["ports"] == [
+        {"name": "metrics", "port": metrics_port, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    assert pods_selected(objects, metrics["spec"]["selector"]) == [gateway]
+    for ingress in of_kind(objects, "Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                assert path["backend"]["service"]["name"] == public["metadata"]["name"]
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -1170,8 +1274,8 @@ def test_scrape_annotations_name_the_metrics_port(
     for workload in members(manifests[name], "node") + members(manifests[name], "gateway"):
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
-        port = "metrics" if component(workload) == "node" else "http"
-        assert annotations["prometheus.io/port"] == str(port_named(container(workload), port))
+        # Gateways too: their API port wants an API key for /metrics when keys are set.
+        assert annotations["prometheus.io/port"] == str(port_named(container(workload), "metrics"))
 
 
 # ---- NOTES.txt -------------------------------------------------------------------------
@@ -1186,7 +1290,7 @@ def test_notes_show_how_to_call_the_api(rendered: dict[str, dict[str, str]]) -> 
     assert '"stream": true' in notes and '"model": "smollm2"' in notes
     assert 'base_url="http://127.0.0.1:8000/v1"' in notes
     assert "Authorization" not in notes  # no API keys configured: no header to send
-    assert "WARNING: no gateway.apiKeys" in notes
+    assert "WARNING: no gateway.apiKeys.existingSecret: the gateways run with --allow-open" in notes
 
 
 def test_notes_warn_of_gateways_without_shared_redis(chart: helm_python.Chart) -> None:
