@@ -129,7 +129,9 @@ class Generator:
         key = request.session_key
         if key and request.adapter is not None:
             key = f"{key}\0{request.adapter}"  # the same conversation on another adapter
-        claim = await self._affinity.claim(key and f"{request.tenant}\0{key}", history)
+        claim = await self._affinity.claim(
+            key and f"{request.tenant}\0{key}", history, tenant=request.tenant
+        )
         try:
             session = await self._swarm.open_session(
                 len(request.prompt_ids) + request.max_new_tokens,

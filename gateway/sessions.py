@@ -39,6 +39,7 @@ class Claim:
     # (length, digest) of the pinned history this request extends exactly, if it does: the
     # servers then resume all of it, its last partial block included.
     resume: tuple[int, str] = (0, "")
+    tenant: str = ""  # whose pins these are: each tenant's count against its own bound
 
 
 def continues(pin: SessionPin, history: TokenHistory) -> bool:
@@ -57,7 +58,7 @@ class SessionAffinity:
         self._renew_every_s = lease_ttl_s / 3
         self._last_warning = -WARN_EVERY_S
 
-    async def claim(self, key: str | None, history: TokenHistory) -> Claim:
+    async def claim(self, key: str | None, history: TokenHistory, *, tenant: str = "") -> Claim:
         """The session to use; never two requests on one cache.
 
         A session key names a conversation, which the request continues (an edited turn
@@ -68,22 +69,24 @@ class SessionAffinity:
         conversation crops the other's cache.
         """
         pin = await self._guard(
-            self._store.get_key(key) if key else self._store.longest_prefix(history.hashes)
+            self._store.get_key(key, tenant=tenant)
+            if key
+            else self._store.longest_prefix(history.hashes, tenant=tenant)
         )
         if pin is None or not pin.secret:
-            return await self._fresh(key, None)
+            return await self._fresh(key, None, tenant)
         extends = continues(pin, history)
         if key or extends:
             taken, lease = await self._acquire(pin.session_id)
             if not taken:
                 resume = (pin.length, pin.digest) if extends else (0, "")
-                return Claim(pin.session_id, pin.secret, pin.route, lease, key, resume)
-        return await self._fresh(key, pin.route)
+                return Claim(pin.session_id, pin.secret, pin.route, lease, key, resume, tenant)
+        return await self._fresh(key, pin.route, tenant)
 
-    async def _fresh(self, key: str | None, near: tuple[Hop, ...] | None) -> Claim:
+    async def _fresh(self, key: str | None, near: tuple[Hop, ...] | None, tenant: str) -> Claim:
         session_id = uuid.uuid4().hex
         _, lease = await self._acquire(session_id)
-        return Claim(session_id, secrets.token_hex(16), near, lease, key)
+        return Claim(session_id, secrets.token_hex(16), near, lease, key, tenant=tenant)
 
     async def remember(self, claim: Claim, route: Sequence[Hop], history: TokenHistory) -> None:
         """Record where the conversation's caches now live, for its next turn."""
@@ -92,8 +95,8 @@ class SessionAffinity:
             claim.session_id, tuple(route), length, claim.secret, history.digest(length)
         )
         if claim.key:
-            await self._guard(self._store.put_key(claim.key, pin))
-        await self._guard(self._store.put_prefixes(history.hashes, pin))
+            await self._guard(self._store.put_key(claim.key, pin, tenant=claim.tenant))
+        await self._guard(self._store.put_prefixes(history.hashes, pin, tenant=claim.tenant))
 
     async def release(self, claim: Claim) -> None:
         if claim.lease is not None:
