@@ -98,7 +98,7 @@ class ApiKeys:
     """Accepted API keys, and the caps some have of their own."""
 
     keys: tuple[str, ...] = field(default=(), repr=False)
-    limits: dict[str, int] = field(default_factory=dict, repr=False)  # key → max_concurrent
+    limits: dict[str, int] = field(default_factory=dict, repr=False, hash=False)  # key → cap
 
 
 def read_key_lines(lines: Iterable[str]) -> ApiKeys:

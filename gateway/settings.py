@@ -48,7 +48,7 @@ class GatewaySettings:
     max_concurrent_per_key: int | None = None
     # Caps of their own for some keys (from the key file's `max_concurrent=N`), over the one
     # above. Keys are secrets: never in a repr.
-    key_limits: dict[str, int] = field(default_factory=dict, repr=False)
+    key_limits: dict[str, int] = field(default_factory=dict, repr=False, hash=False)
     # How long a request over its key's cap waits for one of the key's own generations to
     # finish before it is refused (429); 0: refused at once.
     queue_timeout_s: float = 5.0

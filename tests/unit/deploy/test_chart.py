@@ -445,6 +445,7 @@ def test_the_schema_rejects_typos(
         ({"model": {"id": "org/name@v1", "revision": "v2"}}, "names revision"),
         ({"model": {"id": "org/name@"}}, "nothing after '@'"),
         ({"hfCache": {"persistence": {"existingClaim": "hf"}}}, "existingClaim is set"),
+        ({"gateway": {"metricsPort": 8000}}, "a port of its own"),
     ],
 )
 def test_values_that_cannot_work_together_fail_clearly(
