@@ -310,8 +310,17 @@ class PushAccepted(RpcMessage):
 M = TypeVar("M", bound=RpcMessage)
 
 
+# A message's JSON metadata: the largest (an opening with MAX_BLOCKS prefix hashes) is
+# about 300 KB. Checked before parsing: JSON decoding costs far more than its bytes.
+MAX_METADATA_BYTES = 1024 * 1024
+
+
 def decode(kind: type[M], metadata: bytes) -> M:
     """Parse a message's metadata as ``kind``; a malformed one is a ``ProtocolMismatch``."""
+    if len(metadata) > MAX_METADATA_BYTES:
+        raise ProtocolMismatch(
+            f"a {kind.__name__} message of {len(metadata)} bytes (at most {MAX_METADATA_BYTES})"
+        )
     try:
         return kind.model_validate_json(metadata)
     except ValidationError as e:
@@ -320,6 +329,8 @@ def decode(kind: type[M], metadata: bytes) -> M:
 
 def decode_stream_message(metadata: bytes) -> Step | Relay:
     """What the gateway sent on an inference stream after its opening: a step or a relay."""
+    if len(metadata) > MAX_METADATA_BYTES:
+        raise ProtocolMismatch(f"a stream message of {len(metadata)} bytes")
     if b'"relay"' in metadata:  # cheap first: steps never carry that key
         try:
             relay = "relay" in json.loads(metadata)

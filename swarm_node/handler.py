@@ -68,6 +68,7 @@ from protocol.rpc import (
 from protocol.swarm import PROTOCOL_VERSION
 from swarm_node.backend import new_session_kv
 from swarm_node.batching import BatchObserver, StepScheduler
+from swarm_node.bounded_streams import BoundedStreams, Caller
 from swarm_node.kv_cache import CachedSession, SessionStore
 from swarm_node.push import Inbox, PushBoard, PushCall, Pusher
 from swarm_node.session_kv import SessionKV
@@ -156,30 +157,27 @@ class BlockHandler:
         self._linears = block_linears(span.config)  # what LoRA may target
         self._training = 0  # training calls in progress
         self._released = asyncio.Condition()
+        self._streams = BoundedStreams()
 
     async def register(self, p2p: P2P) -> None:
+        """Streams are read through ``swarm_node.bounded_streams`` (bounded frames, a
+        deadline for the first, a cap on callers without a pass); the unary calls come
+        through the daemon, which caps them at its message size."""
         Request = runtime_pb2.ExpertRequest
-        await p2p.add_protobuf_handler(
-            RPC_INFERENCE, self.rpc_inference, Request, stream_input=True, stream_output=True
-        )
+        await self._streams.add(p2p, RPC_INFERENCE, self.rpc_inference)
         await p2p.add_protobuf_handler(RPC_INFO, self.rpc_info, Request)
         await p2p.add_protobuf_handler(RPC_PUSH, self.rpc_push, Request)
-        for name, handler in (
-            (RPC_TRAIN_FORWARD, self.rpc_train_forward),
-            (RPC_TRAIN_BACKWARD, self.rpc_train_backward),
-        ):
-            await p2p.add_protobuf_handler(
-                name, handler, Request, stream_input=True, stream_output=True
-            )
+        await self._streams.add(p2p, RPC_TRAIN_FORWARD, self.rpc_train_forward)
+        await self._streams.add(p2p, RPC_TRAIN_BACKWARD, self.rpc_train_backward)
         self.pusher = Pusher(self._push_call(p2p), self._member_pass, self._link)
 
     async def unregister(self, p2p: P2P) -> None:
         self.pusher = None
-        await p2p.remove_protobuf_handler(RPC_INFERENCE, stream_input=True, stream_output=True)
+        await p2p.remove_binary_stream_handler(RPC_INFERENCE)
         await p2p.remove_protobuf_handler(RPC_INFO)
         await p2p.remove_protobuf_handler(RPC_PUSH)
         for name in (RPC_TRAIN_FORWARD, RPC_TRAIN_BACKWARD):
-            await p2p.remove_protobuf_handler(name, stream_input=True, stream_output=True)
+            await p2p.remove_binary_stream_handler(name)
 
     def _push_call(self, p2p: P2P) -> PushCall:
         async def call(
@@ -198,7 +196,7 @@ class BlockHandler:
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     async def rpc_inference(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: Caller | None
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """One session's stream. Refusals and failures are answered with a typed ``RpcError``
         and end the stream; the session's state after any of them is consistent."""
@@ -207,6 +205,8 @@ class BlockHandler:
             if self._streams_of[caller] >= MAX_STREAMS_PER_PEER:
                 raise CapacityExceeded(f"{MAX_STREAMS_PER_PEER} streams from one peer at most")
             opening = await self._read_opening(requests, caller)
+            if context is not None:
+                context.admitted()  # a member: its stream no longer counts as a stranger's
             request_id.set(opening.request_id)  # this stream's task: its log lines carry it
             key = session_key(opening.session_id, opening.secret)
             await self._wait_until_idle(key)
@@ -461,7 +461,7 @@ class BlockHandler:
                 )
 
     async def rpc_train_forward(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: Caller | None
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A ``TrainCall`` and pieces of [hidden [B, n, H], LoRA tensors] → ``TrainDone``
         and pieces of the output [B, n, H]. Stateless: nothing stays here after it."""
@@ -469,7 +469,7 @@ class BlockHandler:
             yield reply
 
     async def rpc_train_backward(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: Caller | None
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A ``TrainCall`` and pieces of [hidden, grad of the output (both [B, n, H]), LoRA
         tensors] → ``TrainDone`` and pieces of [grad of hidden (if ``input_grad``), grads of
@@ -480,11 +480,23 @@ class BlockHandler:
     async def _train(
         self,
         requests: AsyncIterator[runtime_pb2.ExpertRequest],
-        context: P2PContext | None,
+        context: Caller | None,
         *,
         backward: bool,
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         caller = str(context.remote_id) if context is not None else ""
+        try:
+            # The call's header, with the pass, first: a slot is taken by members only.
+            call = await asyncio.wait_for(self._train_header(requests, caller), OPEN_TIMEOUT_S)
+        except (SwarmError, RequestError) as e:
+            yield make_response(RpcError.of(e))
+            return
+        except TimeoutError:
+            error = InvalidRequest(f"no training call within {OPEN_TIMEOUT_S:g} s")
+            yield make_response(RpcError.of(error))
+            return
+        if context is not None:
+            context.admitted()
         if self._training >= MAX_TRAIN_CALLS:
             full = CapacityExceeded(f"{MAX_TRAIN_CALLS} training calls in progress here")
             yield make_response(RpcError.of(full))
@@ -493,7 +505,7 @@ class BlockHandler:
         try:
             try:
                 pending = await asyncio.wait_for(
-                    self._train_call(requests, caller, backward), TRAIN_READ_TIMEOUT_S
+                    self._train_call(requests, call, backward), TRAIN_READ_TIMEOUT_S
                 )
                 # The timeout covers reading; compute waits its turn on the compute thread.
                 outputs = await pending
@@ -514,10 +526,10 @@ class BlockHandler:
         finally:
             self._training -= 1
 
-    async def _train_call(
-        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], caller: str, backward: bool
-    ) -> asyncio.Future[list[torch.Tensor]]:
-        """Read and check a call, then hand it to the compute thread: its result, to await."""
+    async def _train_header(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], caller: str
+    ) -> TrainCall:
+        """A training stream's first message: the call, from a member."""
         first = await anext(requests, None)
         if first is None:
             raise ProtocolMismatch("a training stream without a call")
@@ -528,10 +540,17 @@ class BlockHandler:
             )
         self._check_member(call.member_pass, caller)
         request_id.set(call.request_id)
-        if not self._accepting():
-            raise CapacityExceeded("this server is draining and takes no training calls")
         if first.tensors:
             raise ProtocolMismatch("a training call's header carries no tensors")
+        return call
+
+    async def _train_call(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], call: TrainCall, backward: bool
+    ) -> asyncio.Future[list[torch.Tensor]]:
+        """Check a call and read its tensors, then hand it to the compute thread: its
+        result, to await."""
+        if not self._accepting():
+            raise CapacityExceeded("this server is draining and takes no training calls")
         lora = self._check_train_call(call)
         hidden_shape = (call.batch, call.length, self.span.config.hidden_size)
         shapes = [hidden_shape, *([hidden_shape] if backward else []), *lora.shapes(self._linears)]

@@ -7,7 +7,6 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -32,6 +31,7 @@ from protocol.rpc import (
 )
 from swarm_node import batching as batching_module
 from swarm_node import handler as handler_module
+from swarm_node.bounded_streams import Caller as StreamCaller
 from swarm_node.handler import BlockHandler, session_key
 from swarm_node.kv_cache import SessionStore
 from swarm_node.metrics import InfoBoard, _NodeCollector
@@ -71,7 +71,7 @@ class FakeStream:
     def __init__(self, handler: BlockHandler, caller: str = "") -> None:
         self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         # What hivemind hands a handler: the peer id that libp2p authenticated.
-        context = SimpleNamespace(remote_id=caller) if caller else None
+        context = StreamCaller(caller) if caller else None  # type: ignore[arg-type]
         self.replies = handler.rpc_inference(self._incoming(), context=context)  # type: ignore[arg-type]
 
     async def _incoming(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
@@ -314,11 +314,9 @@ def test_the_metrics_thread_reads_a_snapshot_never_the_store(span: Span) -> None
     asyncio.run(scenario())
 
 
-class Caller:
-    """What hivemind tells a handler about who calls: the remote peer id."""
-
-    def __init__(self, peer: str) -> None:
-        self.remote_id = peer
+def Caller(peer: str) -> StreamCaller:
+    """What a handler is told about who calls: the remote peer id."""
+    return StreamCaller(peer)  # type: ignore[arg-type]
 
 
 def test_each_bad_input_is_refused_before_any_compute(span: Span) -> None:

@@ -8,7 +8,6 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,6 +21,7 @@ from protocol.codec import make_request, read_pieces, request_pieces
 from protocol.membership import PassIssuer, SwarmKey
 from protocol.rpc import ErrorCode, LoraSpec, RpcError, TrainCall, TrainDone, decode
 from swarm_node.backend import forward_span
+from swarm_node.bounded_streams import Caller as StreamCaller
 from swarm_node.handler import BlockHandler
 from swarm_node.kv_cache import SessionStore
 from swarm_node.training import LoraCall, train_backward, train_forward
@@ -66,7 +66,7 @@ async def call(
     requests: Sequence[runtime_pb2.ExpertRequest] | None = None,
 ) -> list[runtime_pb2.ExpertResponse]:
     sent = requests if requests is not None else [make_request(header), *request_pieces(tensors)]
-    context = SimpleNamespace(remote_id=caller) if caller else None
+    context = StreamCaller(caller) if caller else None  # type: ignore[arg-type]
     rpc = handler.rpc_train_backward if backward else handler.rpc_train_forward
     return [reply async for reply in rpc(_aiter(sent), context)]  # type: ignore[arg-type]
 
