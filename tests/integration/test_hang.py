@@ -9,6 +9,7 @@ group is thawed (SIGCONT) before the swarm stops, and must then be forgiven by t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import Swarm, run_swarm
+from tests.integration.conftest import Swarm, run_swarm, start_gateway
 from tests.integration.test_failover import (
     HALF,
     Streamed,
@@ -29,7 +30,7 @@ from tests.integration.test_failover import (
     peers_of,
     stream_chat,
 )
-from tests.processes import Process, wait_for
+from tests.processes import Process, http_ok, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -51,14 +52,31 @@ def metric(base_url: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-@pytest.fixture(params=["push", "relay"])
-def replicated(request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Path) -> Iterator[Swarm]:
-    """DHT + two servers for each half of the model + a gateway that pushes or relays."""
-    flags = ["--no-push"] if request.param == "relay" else []
+@pytest.fixture(scope="module")
+def replicated(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    """DHT + two servers for each half of the model + a gateway that pushes."""
     spans = [(0, HALF), (0, HALF), (HALF, 4), (HALF, 4)]
-    with run_swarm(tiny_model, tmp_path, spans, gateway_flags=flags) as swarm:
-        wait_for(lambda: len(online(swarm)) == 4, 120, "all four servers online")
+    with run_swarm(tiny_model, tmp_path_factory.mktemp("hang"), spans) as swarm:
         yield swarm
+
+
+@pytest.fixture(params=["push", "relay"])
+def gateway(request: pytest.FixtureRequest, replicated: Swarm, tmp_path: Path) -> Iterator[Swarm]:
+    """The swarm through its own gateway (push), or through a second one with --no-push
+    (relay); every server online (the frozen ones of the test before thawed and back)."""
+    wait_for(lambda: len(online(replicated)) == 4, 120, "all four servers online")
+    if request.param == "push":
+        yield replicated
+        return
+    process, url = start_gateway(
+        replicated.model_path, replicated.initial_peers, tmp_path, "--no-push", name="relaying"
+    )
+    try:
+        wait_for(lambda: http_ok(f"{url}/health") or not process.alive(), 120, "the gateway")
+        assert process.alive(), process.output()[-3000:]
+        yield dataclasses.replace(replicated, base_url=url, gateway=process)
+    finally:
+        process.stop()
 
 
 def hang_mid_stream(swarm: Swarm, hop: int, frozen: list[Process]) -> tuple[Streamed, list[float]]:
@@ -78,8 +96,9 @@ def hang_mid_stream(swarm: Swarm, hop: int, frozen: list[Process]) -> tuple[Stre
 
 
 def test_a_hung_server_stalls_a_stream_for_under_two_seconds_and_stays_exact(
-    replicated: Swarm,
+    gateway: Swarm,
 ) -> None:
+    replicated = gateway
     expected, length = expected_text(replicated.model_path)
     assert length > HANG_AT + 4, "the reference must outlast the hang"
     frozen: list[Process] = []
