@@ -220,6 +220,7 @@ class BlockHandler:
                 keep=opening.keep,
                 resume=(opening.resume_length, opening.resume_digest),
                 adapter=opening.adapter,
+                caller=caller,  # seeded only from what this same peer wrote (see find_prefix)
             )
             session.cache.limit = opening.max_length  # its buffers grow no further
         except (SwarmError, RequestError) as e:
@@ -431,9 +432,10 @@ class BlockHandler:
         return out
 
     async def _seed(self, session: CachedSession, prefix_hashes: list[str]) -> int:
-        """A new session starts from the longest prefix another session here holds (a
-        conversation sharing a system prompt, say): copied, never shared, so neither
-        conversation can crop or overwrite the other. How many tokens it starts with."""
+        """A new session starts from the longest prefix another session of the same caller
+        here holds (a conversation sharing a system prompt, say): copied, never shared, so
+        neither conversation can crop or overwrite the other. How many tokens it starts
+        with. Never another caller's: block hashes are that caller's unchecked word."""
         found = self.sessions.find_prefix(session, prefix_hashes)
         if found is None:
             return 0
@@ -631,21 +633,26 @@ class BlockHandler:
         return self._hidden_of(tensors[0])
 
     def _hidden_of(self, hidden: torch.Tensor) -> torch.Tensor:
+        """An input as every path takes it (a step's own tensor, a relay, a push): float32
+        [1, n, H], all finite. A NaN or inf written into a session's cache would spoil
+        every later step of it, and every session seeded from it."""
         hidden_size = self.span.config.hidden_size
         if (
             hidden.ndim != 3
             or hidden.shape[0] != 1
             or hidden.shape[-1] != hidden_size
-            or not hidden.is_floating_point()
+            or hidden.dtype != torch.float32
         ):
             raise InvalidRequest(
-                f"hidden states must be float [1, n, {hidden_size}], got "
+                f"hidden states must be float32 [1, n, {hidden_size}], got "
                 f"{hidden.dtype} {list(hidden.shape)}"
             )
         if not 0 < hidden.shape[1] <= self._max_tokens:
             raise InvalidRequest(
                 f"{hidden.shape[1]} tokens in one message (max {self._max_tokens})"
             )
+        if not bool(torch.isfinite(hidden).all()):
+            raise InvalidRequest("non-finite hidden states")
         return hidden
 
 

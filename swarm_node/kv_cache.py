@@ -40,6 +40,9 @@ class CachedSession:
     last_used: float = 0.0
     keep: bool = True  # False: dropped when its stream closes (a throwaway replay)
     adapter: str | None = None  # the LoRA adapter its keys and values were computed with
+    # The peer that opened it (its stream's caller, as libp2p authenticated it), who wrote
+    # what it holds: only that peer's new sessions are seeded from it.
+    caller: str = ""
 
     def charge(self) -> int:
         return max(self.size_bytes, self.reserved_bytes) if self.in_use else self.size_bytes
@@ -114,10 +117,15 @@ class SessionStore:
         keep: bool = True,
         resume: tuple[int, str] = (0, ""),
         adapter: str | None = None,
+        caller: str = "",
     ) -> tuple[CachedSession, int]:
         """A session for a new stream and how many of its prefix tokens are cached here:
         whole blocks of ``prefix_hashes``, or all of it when it holds exactly the history
-        ``resume`` (length, digest) names."""
+        ``resume`` (length, digest) names.
+
+        ``caller``: the peer opening it, who writes to it from now on. An existing session
+        is resumed by whoever shows its key (the secret proves the conversation is theirs),
+        and then counts as that caller's."""
         self.expire()
         reserve = max_length * (end - start) * self._per_token_block
         session = self._sessions.get(session_id)
@@ -133,7 +141,9 @@ class SessionStore:
             session = None
         kept = session is not None
         if session is None:
-            session = CachedSession(session_id, start, end, new_cache(), adapter=adapter)
+            session = CachedSession(
+                session_id, start, end, new_cache(), adapter=adapter, caller=caller
+            )
             cached = 0
         else:
             blocks = common_blocks(session.hashes, prefix_hashes)
@@ -148,23 +158,34 @@ class SessionStore:
                 self._insert(session)
             raise
         session.reserved_bytes, session.in_use, session.keep = reserve, True, keep
+        session.caller = caller
         self._insert(session)
         return session, cached
 
     def find_prefix(
         self, session: CachedSession, prefix_hashes: Sequence[str]
     ) -> tuple[CachedSession, int] | None:
-        """Another session over the same blocks and adapter holding the longest prefix of
-        ``prefix_hashes``, and how many tokens of it: a fresh session is seeded from it
-        instead of recomputing what this node already has."""
+        """Another session of the same caller over the same blocks and adapter holding
+        the longest prefix of ``prefix_hashes``, and how many tokens of it: a fresh session
+        is seeded from it instead of recomputing what this node already has.
+
+        Block hashes are the caller's word, not checked against the cache: any member can
+        write hidden states of its choosing under a prompt's hashes. So a session is seeded
+        only from what its own caller wrote, and nobody can poison another's prefixes."""
+        wanted = (session.start, session.end, session.adapter, session.caller)
         for index in range(len(prefix_hashes) - 1, -1, -1):
             tokens = (index + 1) * BLOCK_TOKENS
             for key in self._holders.get(prefix_hashes[index], ()):
                 donor = self._sessions[key]
-                if donor is not session and (donor.start, donor.end, donor.adapter) == (
-                    session.start,
-                    session.end,
-                    session.adapter,
+                if (
+                    donor is not session
+                    and (
+                        donor.start,
+                        donor.end,
+                        donor.adapter,
+                        donor.caller,
+                    )
+                    == wanted
                 ):
                     return donor, tokens
         return None

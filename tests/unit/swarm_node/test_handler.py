@@ -452,3 +452,33 @@ def test_a_new_conversation_starts_from_a_shared_prefix_and_leaves_the_other_int
         await again.close()
 
     asyncio.run(scenario())
+
+
+def test_another_peers_session_under_a_prompts_hashes_seeds_nothing(span: Span) -> None:
+    """A member writes garbage hidden states under the hashes of a prompt's prefix: the
+    gateway's session with that prompt computes it afresh and gets the true output; the
+    gateway's own sessions still seed each other."""
+    shared, n = 2 * BLOCK_TOKENS, 2 * BLOCK_TOKENS + 5
+    prompt = inputs(n, 1)
+    expected = reference(span, [prompt])
+
+    async def scenario() -> None:
+        store = make_store(span)
+        handler = BlockHandler(span, store, lambda: info_of(store))
+        poisoner = FakeStream(handler, "QmPoisoner")
+        assert await poisoner.open("poison", [], secret="77" * 16) == 0
+        await poisoner.step(0, 1e4 * inputs(shared, 9), hashes_for(n)[:2])
+        await poisoner.close()
+
+        victim = FakeStream(handler, "QmGateway")
+        assert await victim.open("conv", hashes_for(n)) == 0, "nothing of the poisoner's"
+        torch.testing.assert_close(await victim.step(0, prompt, hashes_for(n)), expected[0])
+        await victim.close()
+
+        sibling = FakeStream(handler, "QmGateway")  # another conversation, same gateway
+        assert await sibling.open("other", hashes_for(n), secret="66" * 16) == shared
+        out = await sibling.step(shared, prompt[:, shared:], [])
+        torch.testing.assert_close(out, expected[0][:, shared:], atol=1e-4, rtol=1e-4)
+        await sibling.close()
+
+    asyncio.run(scenario())

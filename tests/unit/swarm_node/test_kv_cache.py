@@ -264,3 +264,29 @@ def test_the_prefix_index_follows_every_change_of_its_sessions() -> None:
     probe, _ = s.open("d", 0, 1, 200, wanted, new_cache)
     assert s.find_prefix(probe, wanted) is None
     assert not s._holders
+
+
+def test_a_session_is_seeded_only_from_sessions_of_its_own_caller() -> None:
+    """Block hashes are the caller's word: another peer's session under a prompt's hashes
+    (garbage written there on purpose) is never a donor; the caller's own sessions are."""
+    s = store(1000)
+    shared = list(range(2 * BLOCK_TOKENS))
+    wanted = TokenHistory(shared).hashes
+    poisoned, _ = s.open("poison", 0, 1, 200, [], new_cache, caller="QmPoisoner")
+    run(s, poisoned, shared, TokenHistory())
+    s.release(poisoned)
+
+    fresh, _ = s.open("b", 0, 1, 200, wanted, new_cache, caller="QmGateway")
+    assert s.find_prefix(fresh, wanted) is None
+    assert s.find_prefix(poisoned, wanted) is None  # not itself either
+    own, _ = s.open("a", 0, 1, 200, [], new_cache, caller="QmGateway")
+    run(s, own, shared, TokenHistory())
+    s.release(own)
+    assert s.find_prefix(fresh, wanted) == (own, 2 * BLOCK_TOKENS)
+
+    # Resumed with its key (the secret's holder, even from another peer): it counts as
+    # that caller's from then on, since that caller writes to it now.
+    resumed, cached = s.open("a", 0, 1, 200, wanted, new_cache, caller="QmOtherGateway")
+    assert resumed is own and cached == 2 * BLOCK_TOKENS
+    s.release(resumed)
+    assert s.find_prefix(fresh, wanted) is None

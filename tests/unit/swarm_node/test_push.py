@@ -156,6 +156,25 @@ def test_a_push_of_the_wrong_shape_dtype_length_or_values_is_refused(
     run(scenario())
 
 
+@pytest.mark.parametrize(
+    ("hidden", "match"),
+    [
+        (torch.zeros(1, 2, HIDDEN, dtype=torch.float16), "float32"),
+        (torch.full((1, 2, HIDDEN), float("inf")), "non-finite"),
+        (torch.full((1, 2, HIDDEN), float("nan")), "non-finite"),
+    ],
+)
+def test_a_relay_of_the_wrong_dtype_or_values_is_refused(hidden: torch.Tensor, match: str) -> None:
+    async def scenario() -> None:
+        inbox = Inbox(HIDDEN)
+        arrived = inbox.expect(0, 2, DIGEST)
+        with pytest.raises(InvalidRequest, match=match):
+            inbox.relay(0, hidden)
+        assert not arrived.done()
+
+    run(scenario())
+
+
 def test_a_push_for_another_history_is_refused() -> None:
     async def scenario() -> None:
         inbox = Inbox(HIDDEN)
@@ -642,5 +661,47 @@ def test_a_step_that_never_comes_holds_its_calls_reply_only_briefly(
         decode_reply(StepDone, (await reply).metadata, "node")
         await first.close()
         await second.close()
+
+    run(scenario())
+
+
+def bad_input(kind: str) -> torch.Tensor:
+    hidden = inputs(2, 5)
+    if kind in ("nan", "inf"):
+        hidden[0, 1, 7] = float(kind)
+        return hidden
+    return hidden.to(getattr(torch, kind))
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "bfloat16", "float64"])
+@pytest.mark.parametrize("path", ["step", "relay", "push"])
+def test_an_input_that_is_not_finite_float32_is_refused_on_every_path(
+    span: Span, path: str, kind: str
+) -> None:
+    """Whichever way an input comes (with its step, relayed by the gateway, pushed by the
+    previous hop), NaN, inf or another dtype never reaches compute or the session's cache."""
+    hidden = bad_input(kind)
+
+    async def scenario() -> None:
+        handler, store = handler_of(span, input_wait_s=0.5)
+        stream = await open_hop(handler, (0, TINY_BLOCKS), None if path == "step" else TOKEN)
+        if path == "step":
+            reply = await stream.exchange(make_request(Step(position=0, digest=DIGEST), hidden))
+            error = decode(RpcError, reply.metadata)
+        elif path == "relay":
+            stream.send(expect_step(0, 2))
+            reply = await stream.exchange(make_request(Relay(relay=True, position=0), hidden))
+            error = decode(RpcError, reply.metadata)
+        else:
+            stream.send(expect_step(0, 2))
+            waiting = asyncio.ensure_future(anext(stream.replies))
+            inbox = handler.pushes._inboxes[TOKEN]
+            await until(lambda: inbox._awaited is not None)  # the step awaits its input
+            error = refusal(await handler.rpc_push(push_request(0, hidden), caller("QmPrev")))
+            await waiting  # the step then waits out its input and fails
+        assert error.error is ErrorCode.INVALID_REQUEST
+        assert ("non-finite" if kind in ("nan", "inf") else "float32") in error.message
+        assert store.tokens_computed == 0
+        assert all(store._sessions[k].position == 0 for k in store.session_ids())
 
     run(scenario())

@@ -197,14 +197,22 @@ def test_a_rank_above_the_bound_is_refused(span: Span) -> None:
     assert asyncio.run(scenario()).error is ErrorCode.PROTOCOL_MISMATCH
 
 
-def test_non_finite_values_are_refused(span: Span) -> None:
-    lora = lora_for(span, TINY_BLOCKS)
-    lora[3][0, 0] = float("nan")
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [("lora", "nan"), ("hidden", "nan"), ("hidden", "inf"), ("grad", "nan"), ("grad", "-inf")],
+)
+def test_non_finite_values_are_refused(span: Span, where: str, value: str) -> None:
+    """In the LoRA weights, the hidden states or (backward) the output's grad alike."""
+    lora, x, grad = lora_for(span, TINY_BLOCKS), hidden(2, 5, 1), hidden(2, 5, 2)
+    {"lora": lora[3], "hidden": x, "grad": grad}[where].view(-1)[3] = float(value)
+    backward = where == "grad"
+    tensors = [x, grad, *lora] if backward else [x, *lora]
 
     async def scenario() -> RpcError:
-        return refusal(await call(handler_of(span), header(), [hidden(2, 5, 1), *lora]))
+        return refusal(await call(handler_of(span), header(), tensors, backward=backward))
 
-    assert asyncio.run(scenario()).error is ErrorCode.INVALID_REQUEST
+    error = asyncio.run(scenario())
+    assert error.error is ErrorCode.INVALID_REQUEST and "finite" in error.message
 
 
 def test_draining_and_strangers_are_refused(span: Span) -> None:
