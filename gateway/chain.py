@@ -25,6 +25,8 @@ this session only; one that failed is reported to the host, which bans it proces
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -44,6 +46,18 @@ logger = logging.getLogger(__name__)
 
 MAX_FAILOVERS = 6  # replaced or re-opened hops per session
 FAILOVER_BUDGET_S = 60.0  # one step's recovery, all attempts together
+
+
+def hop_secret(secret: str, peer_id: str, start: int, end: int) -> str:
+    """What the server ``peer_id`` gets as the secret of its hop [start, end) of a session:
+    HMAC-SHA256 of the session's own secret over ``peer_id ‖ start ‖ end`` (hex).
+
+    Each server keys its cache by the session id and the secret it was shown, so one that
+    learns its own hop's secret cannot open, crop or drop the session on any other server,
+    nor on another span of its own; the gateway (and any gateway sharing the conversation's
+    pin) derives the same secret again for the next turn."""
+    message = f"{peer_id}\0{start}\0{end}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
 class ChainHost(Protocol):
@@ -100,7 +114,9 @@ class ChainSession:
         self._resume = resume  # (length, digest) of the conversation's history, if continued
         self._on_failover = on_failover  # a failed hop was replaced mid-generation
         self.session_id = session_id
-        self._secret = secret  # proves to each server that this session is ours to resume
+        # Proves to each server that this session is ours to resume; never sent as is, each
+        # hop gets its own derivation (``hop_secret``).
+        self._secret = secret
         self._max_length = max_length
         self._hops: list[HopStream] = []
         self._position = 0  # tokens every hop holds before the next step
@@ -297,7 +313,7 @@ class ChainSession:
         hop = self._hops[index].hop
         opening = OpenSession(
             session_id=f"{self.session_id}/replay-{uuid.uuid4().hex[:8]}",
-            secret=self._secret,
+            secret=self._hop_secret(hop),
             start=hop.start,
             end=hop.end,
             max_length=hidden.shape[1],
@@ -376,7 +392,7 @@ class ChainSession:
     def _opening(self, hop: Hop, prefix_hashes: Sequence[str]) -> OpenSession:
         return OpenSession(
             session_id=self.session_id,
-            secret=self._secret,
+            secret=self._hop_secret(hop),
             start=hop.start,
             end=hop.end,
             max_length=self._max_length,
@@ -386,6 +402,9 @@ class ChainSession:
             push_token=secrets.token_hex(16) if self._push else None,
             adapter=self.adapter,
         )
+
+    def _hop_secret(self, hop: Hop) -> str:
+        return hop_secret(self._secret, hop.peer_id, hop.start, hop.end)
 
     def _note_failure(self, hop: Hop, error: SwarmError, began: float) -> None:
         self.failovers += 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import hmac
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence, Set
 from dataclasses import dataclass
@@ -570,6 +572,42 @@ def test_the_last_hops_replacement_is_rebuilt_from_a_throwaway_replay(tiny_model
     (own,) = swarm["a"].kept()  # the chain's own session on a never moved back
     assert own.steps == [(0, PROMPT), *((p, 1) for p in range(PROMPT, FED))]
     assert swarm.embedded == [held]  # rebuilt once, from the token history
+
+
+def derived(peer_id: str, start: int, end: int) -> str:
+    """HMAC-SHA256(the session's secret, peer id ‖ start ‖ end), in hex."""
+    message = f"{peer_id}\0{start}\0{end}".encode()
+    return hmac.new(SECRET.encode(), message, hashlib.sha256).hexdigest()
+
+
+def test_each_hop_is_shown_its_own_secret_derived_from_its_peer_and_span(
+    tiny_model: Path,
+) -> None:
+    """No server learns a secret that opens the session on another server: every opening,
+    replacements and throwaway replays included, shows its own hop's derivation; and the
+    derivation is the same on the next turn, so the conversation still resumes."""
+    swarm = FakeSwarm(tiny_model, {"a": (0, 2), "b": (2, 4), "c": (2, 4)})
+    swarm["b"].fail_at(4)  # c replaces b, and a replays b's inputs for it
+
+    run_chain(swarm)
+
+    for stream in swarm.streams:
+        hop = stream.hop
+        assert stream.opening.secret == derived(hop.peer_id, hop.start, hop.end)
+    kept = {s.peer_id: s.opening.secret for s in swarm.streams if s.opening.keep}
+    assert sorted(kept) == ["a", "b", "c"] and len(set(kept.values())) == 3
+    assert SECRET not in kept.values()
+    (replay,) = swarm["a"].replays()
+    assert replay.opening.secret == kept["a"]
+
+    async def next_turn() -> None:
+        session = await opened(swarm, [Hop("a", 0, 2), Hop("c", 2, 4)])
+        await session.close()
+
+    asyncio.run(next_turn())
+    assert swarm["a"].openings[-1].secret == kept["a"]
+    assert swarm["c"].openings[-1].secret == kept["c"]
+    assert derived("a", 0, 1) != derived("a", 1, 2) != derived("b", 1, 2)
 
 
 def test_a_first_hop_replacement_needs_no_replay(tiny_model: Path) -> None:
