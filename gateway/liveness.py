@@ -11,6 +11,11 @@ stream suspecting it at once waits for the same call.
 hung (to lift their ban the moment they answer), and servers this gateway holds streams to
 that have not answered anything for ``IDLE_PROBE_S`` (idle sessions), so that a server that
 hung between steps fails its streams before their next step waits for it.
+
+The same call tells the gateway which owner tag each server signs its DHT records with
+(``identify``): the answer comes over a connection libp2p authenticated as that server, so
+it binds the server's records to it, and records another member signed in its name are
+ignored (``routing.discovery.snapshot_of``).
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from gateway.metrics import GatewayMetrics
+from protocol.errors import SwarmError
 from protocol.latency import SimulatedLink
-from protocol.rpc import RPC_INFO, InfoRequest
+from protocol.rpc import RPC_INFO, InfoRequest, ServerInfo, decode_reply
 from routing.costs import step_deadline_s
 from routing.deadlines import SMALL_STEP_TOKENS, StepTimes
 from routing.health import PeerHealth
@@ -41,6 +47,10 @@ PROBE_TIMEOUT_S = 0.75
 WATCH_PERIOD_S = 1.0
 IDLE_PROBE_S = 5.0  # streams whose server said nothing this long are probed
 MAX_BACKGROUND_PROBES = 32  # per period: a gateway facing a thousand servers stays cheap
+RECHECK_S = 5.0  # a server is asked for its owner tag at most this often
+IDENTIFY_CONCURRENCY = 32
+MAX_IDENTIFY_PER_READ = 1024  # a swarm read asks at most this many new servers
+MAX_PEERS = 10_000
 
 
 class Liveness:
@@ -64,6 +74,8 @@ class Liveness:
         self._times = StepTimes()
         self._heard: dict[str, float] = {}  # peer → when it last answered anything
         self._probes: dict[str, asyncio.Future[bool]] = {}
+        self.owners: dict[str, str] = {}  # peer → the owner tag it said it signs with
+        self._asked: dict[str, float] = {}  # peer → when it was last asked for it
         self._p2p: P2P | None = None
         self.on_hung: Callable[[str], None] = lambda peer_id: None
 
@@ -124,29 +136,70 @@ class Liveness:
         return False
 
     async def _call_info(self, peer_id: str) -> bool:
-        """Whether the peer answered ``rpc_info`` in time (any answer: a refusal too)."""
+        """Whether the peer answered ``rpc_info`` in time (any answer: a refusal too); the
+        owner tag it states is remembered (see ``identify``)."""
         if self._p2p is None:
             return True  # not started: nothing to tell
         asked = InfoRequest(member_pass=self._member_pass())
 
-        async def call() -> None:
+        async def call() -> runtime_pb2.ExpertResponse:
             assert self._p2p is not None
             await self._link.outbound()
-            await self._p2p.call_protobuf_handler(
+            reply: runtime_pb2.ExpertResponse = await self._p2p.call_protobuf_handler(
                 PeerID.from_base58(peer_id),
                 RPC_INFO,
                 runtime_pb2.ExpertRequest(metadata=asked.encode()),
                 runtime_pb2.ExpertResponse,
             )
             await self._link.inbound()
+            return reply
 
         try:
-            await asyncio.wait_for(call(), PROBE_TIMEOUT_S + self._link.rtt_s)
+            reply = await asyncio.wait_for(call(), PROBE_TIMEOUT_S + self._link.rtt_s)
         except asyncio.CancelledError:
             raise
         except Exception:  # a timeout, a dial error, a daemon error: no answer
             return False
+        with contextlib.suppress(SwarmError, ValueError):  # a refusal: alive, owner unknown
+            owner = decode_reply(ServerInfo, reply.metadata, peer_id).owner
+            if owner:
+                self._remember_owner(peer_id, owner)
         return True
+
+    # ---- who signs a server's records ----
+
+    @property
+    def verifies(self) -> bool:
+        """Whether records can be checked against their servers (a P2P to ask them)."""
+        return self._p2p is not None
+
+    async def identify(self, peers: Iterable[str]) -> None:
+        """Ask each of ``peers`` (not asked in the last ``RECHECK_S``) which owner tag it
+        signs its records with. libp2p authenticates the connection as that peer, so its
+        answer binds its records to it (``routing.discovery.snapshot_of``): a member that
+        stores records under another server's peer id with its own signature is ignored."""
+        now = self._clock()
+        due = [p for p in dict.fromkeys(peers) if now - self._asked.get(p, -math.inf) >= RECHECK_S]
+        if not due:
+            return
+        for peer_id in due:
+            self._asked[peer_id] = now
+        if len(self._asked) > MAX_PEERS:
+            for stale in sorted(self._asked, key=self._asked.__getitem__)[: MAX_PEERS // 10]:
+                del self._asked[stale]
+        limit = asyncio.Semaphore(IDENTIFY_CONCURRENCY)
+
+        async def ask(peer_id: str) -> None:
+            async with limit:
+                await self._call_info(peer_id)
+
+        await asyncio.gather(*(ask(p) for p in due[:MAX_IDENTIFY_PER_READ]))
+
+    def _remember_owner(self, peer_id: str, owner: str) -> None:
+        self.owners.pop(peer_id, None)
+        self.owners[peer_id] = owner
+        while len(self.owners) > MAX_PEERS:
+            del self.owners[next(iter(self.owners))]
 
     async def watch_forever(self, streams: Callable[[], Iterable[str]]) -> None:
         """Probe hung servers and servers with idle streams, every ``WATCH_PERIOD_S``."""

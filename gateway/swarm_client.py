@@ -32,7 +32,7 @@ from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import OpenSession, max_tokens_per_message
 from protocol.swarm import ModelRecord
 from routing.costs import PREFILL_FACTOR, RouteCosts, step_deadline_s
-from routing.discovery import check_model, fetch_model, fetch_snapshot
+from routing.discovery import check_model, fetch_candidates, fetch_model, snapshot_of
 from routing.health import PeerHealth
 from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot, carry_over, next_refresh_s, settled
@@ -164,7 +164,15 @@ class P2PSwarmClient:
         return await asyncio.shield(self._reading)
 
     async def _read(self) -> SwarmSnapshot:
-        fresh = await fetch_snapshot(self._dht, self._prefix, self._model)
+        candidates = await fetch_candidates(self._dht, self._prefix, self._model)
+        owners = None
+        if self.liveness.verifies:
+            known = self.liveness.owners
+            await self.liveness.identify(
+                c.peer_id for c in candidates if known.get(c.peer_id) != c.owner
+            )
+            owners = self.liveness.owners
+        fresh = snapshot_of(self._model, candidates, owners)
         self._read_at = time.monotonic()
         self._snapshot = carry_over(self._snapshot, fresh)
         self._metrics.forget_peers(set(self._snapshot.servers))

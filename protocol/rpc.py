@@ -214,6 +214,9 @@ class ServerInfo(RpcMessage):
     evictions: int = 0
     tokens_computed: int = 0  # positions run through the span since startup
     tokens_reused: int = 0  # prompt positions served from a cache instead
+    # The owner tag this server signs its DHT records with. Said over a connection libp2p
+    # authenticated as this peer, it binds the records to the peer they name.
+    owner: str = Field(default="", max_length=4096)
 
 
 MAX_LORA_RANK = 64

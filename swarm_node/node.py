@@ -130,6 +130,7 @@ class BlockServer:
     ) -> None:
         settings = self.settings
         self.peer_id = dht.peer_id.to_base58()
+        self.owner_tag = dht.owner_tag
         self.model_digest = model.digest
         with contextlib.suppress(Exception):  # a first node finds none
             check_model(await fetch_model(dht, self.prefix), model)
@@ -274,6 +275,7 @@ class BlockServer:
             evictions=stats.evictions,
             tokens_computed=stats.tokens_computed,
             tokens_reused=stats.tokens_reused,
+            owner=self.owner_tag,
         )
 
     async def _announce(self, dht: SwarmDHT, model: ModelRecord) -> None:

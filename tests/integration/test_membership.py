@@ -269,3 +269,48 @@ def test_records_cannot_be_forged_or_overwritten(swarm: Swarm) -> None:
     finally:
         insider.shutdown()
         stranger.shutdown()
+
+
+def test_an_insider_cannot_speak_for_other_servers(tiny_model: Path, tmp_path: Path) -> None:
+    """A member stores, under every honest server's peer id, records signed with its own key
+    saying "draining" and expiring later than the real ones: the DHT takes them (the subkey
+    differs), but gateways ask each server which key it signs with, and keep routing to it."""
+    from tests.integration.conftest import run_swarm
+    from tests.integration.test_failover import expected_text, online, stream_chat
+
+    expected, _ = expected_text(tiny_model)
+    with run_swarm(
+        tiny_model, tmp_path, [(0, TINY_BLOCKS // 2), (TINY_BLOCKS // 2, TINY_BLOCKS)]
+    ) as swarm:
+        insider = SwarmDHT(
+            initial_peers=swarm.initial_peers,
+            client_mode=True,
+            start=True,
+            swarm_key=session_swarm_key(),
+        )
+        try:
+            expiration = get_dht_time() + 600
+            for node in swarm.nodes:
+                peer, (start, end) = node_identity(node)
+                for block in range(start, end):
+                    found = insider.get(block_key(MODEL_ID, block), latest=True)
+                    [real] = [v.value for s, v in found.value.items() if s.startswith(peer)]
+                    forged = ServerRecord.model_validate(real).model_copy(
+                        update={"state": "draining"}
+                    )
+                    subkey = peer + insider.owner_tag
+                    assert insider.store(
+                        block_key(MODEL_ID, block), forged.to_wire(), expiration, subkey=subkey
+                    )
+            # A gateway that joins now reads the forged records beside the real ones.
+            with running_gateway(swarm, tmp_path, name="later gateway") as url:
+                later = Swarm(
+                    url, MODEL_ID, tiny_model, swarm.initial_peers, swarm.nodes, swarm.gateway
+                )
+                assert len(online(later)) == 2
+                result = stream_chat(url)
+                assert result.text == expected and not result.errors
+                served = {part.rsplit(":", 1)[0] for part in result.route.split(",")}
+                assert served == {node_identity(n)[0] for n in swarm.nodes}
+        finally:
+            insider.shutdown()

@@ -11,7 +11,13 @@ import base58
 import pytest
 
 from protocol.swarm import ModelRecord, NodeState, ServerRecord, block_key
-from routing.discovery import MAX_SERVERS_PER_BLOCK, check_model, fetch_snapshot
+from routing.discovery import (
+    MAX_SERVERS_PER_BLOCK,
+    check_model,
+    fetch_candidates,
+    fetch_snapshot,
+    snapshot_of,
+)
 
 MODEL = ModelRecord(name="m", architecture="llama", num_blocks=2, hidden_size=64, max_length=256)
 OWNER = "[owner:ssh-rsa AAAAfake]"  # hivemind's validator checked it before we see it
@@ -113,9 +119,9 @@ def test_every_block_is_read_in_one_call_and_each_announcement_parsed_once(
     parsed: list[object] = []
     real = routing.discovery._parse
 
-    def counting(key: str, subkey: object, value: object, model: ModelRecord) -> Any:
+    def counting(key: str, subkey: object, *rest: Any) -> Any:
         parsed.append(subkey)
-        return real(key, subkey, value, model)
+        return real(key, subkey, *rest)
 
     monkeypatch.setattr(routing.discovery, "_parse", counting)
     model = ModelRecord(**{**MODEL.model_dump(), "num_blocks": 6})
@@ -137,3 +143,29 @@ def test_every_block_is_read_in_one_call_and_each_announcement_parsed_once(
     assert dht.calls == [tuple(block_key("m", b) for b in range(6))]
     assert set(snapshot.servers) == {peer(1), peer(2)}
     assert sorted(map(str, parsed)) == sorted([peer(1) + OWNER] * 2 + [peer(2) + OWNER])
+
+
+def test_unsigned_records_are_refused() -> None:
+    # hivemind stores a subkey without an owner mark unsigned: anyone could have written it.
+    entries: dict[object, Item] = {peer(1): Item(record()), peer(2) + OWNER: Item(record())}
+    assert set(servers(entries)) == {peer(2)}
+
+
+def test_records_count_only_when_signed_by_the_peer_they_name() -> None:
+    honest, insider = "[owner:honest]", "[owner:insider]"
+    entries: dict[object, Item] = {
+        peer(1) + honest: Item(record(), expiration_time=50.0),
+        # A member speaking for peer 1, later: "draining", so that gateways avoid it.
+        peer(1) + insider: Item(record(state="draining"), expiration_time=90.0),
+        peer(2) + insider: Item(record()),  # its own record: fine
+    }
+    dht = FakeDHT({block_key("m", b): entries for b in range(MODEL.num_blocks)})
+    candidates = asyncio.run(fetch_candidates(dht, "m", MODEL))  # type: ignore[arg-type]
+    trusting = snapshot_of(MODEL, candidates).servers
+    assert trusting[peer(1)].state is NodeState.DRAINING  # the latest, taken at its word
+    # What each peer said it signs with, over its own authenticated connection:
+    owners = {peer(1): honest, peer(2): insider}
+    checked = snapshot_of(MODEL, candidates, owners).servers
+    assert checked[peer(1)].state is NodeState.ONLINE and set(checked) == {peer(1), peer(2)}
+    # A peer not yet asked is left out until it has answered.
+    assert set(snapshot_of(MODEL, candidates, {peer(2): insider}).servers) == {peer(2)}
