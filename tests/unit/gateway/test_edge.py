@@ -9,8 +9,6 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from starlette.types import Message
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from tests.fakes import LocalSwarmClient
+from tests.unit.gateway.test_abuse import bearer, running, until
 
 MODEL_ID = "tiny"
 CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3}
@@ -35,30 +34,9 @@ def settings(tiny_model: Path, **overrides: Any) -> GatewaySettings:
     return GatewaySettings(model_id=MODEL_ID, model_path=tiny_model, **overrides)
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 @pytest.fixture
 def swarm(tiny_model: Path) -> LocalSwarmClient:
     return LocalSwarmClient(tiny_model, MODEL_ID)
-
-
-@asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            yield client
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(BOUND):
-            while not condition():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {BOUND} s waiting for {what}") from None
 
 
 async def stream(client: httpx.AsyncClient, headers: dict[str, str]) -> tuple[int, str]:
