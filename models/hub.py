@@ -23,9 +23,7 @@ import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from models.resolve import ModelSource, ModelSourceError
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -33,6 +31,26 @@ if TYPE_CHECKING:
     from models.families import Family
 
 logger = logging.getLogger("swarmgate.hub")
+
+
+class ModelSourceError(Exception):
+    """A model that cannot be had (refused, unknown, not cached offline, no room): its
+    message is one line naming the model, for ``swarmgate <role>: ...``."""
+
+
+class Pinned(Protocol):
+    """A model folder as resolved (``models.resolve.ModelSource``): for a Hub model, its repo
+    and the commit its folder holds; None for local models."""
+
+    @property
+    def path(self) -> Path: ...
+
+    @property
+    def repo_id(self) -> str | None: ...
+
+    @property
+    def revision(self) -> str | None: ...
+
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"  # the weights of a repo without an index
@@ -75,32 +93,32 @@ def parse_hub_id(spec: str, revision: str | None = None) -> tuple[str, str | Non
     return repo_id, pinned or revision or None
 
 
-def resolve_hub(repo_id: str, revision: str | None, *, name: str | None = None) -> ModelSource:
+def resolve_hub(repo_id: str, revision: str | None) -> tuple[Path, str]:
     """Download the config, tokenizer and index of ``repo_id`` at ``revision`` (default: the
-    main branch) and pin the revision to its commit."""
+    main branch) and pin the revision to its commit: the commit's folder and its sha."""
     wanted = revision or "main"
     with _hub_errors(repo_id, wanted):
         folder = Path(_snapshot(repo_id, wanted, META_PATTERNS))
     sha = folder.name  # the snapshot of a commit is named by its sha
-    source = ModelSource(name or repo_id, folder, repo_id=repo_id, revision=sha)
+    label = f"{repo_id} (revision {sha})"
     if not (folder / "config.json").is_file():
-        raise ModelSourceError(f"{_label(source)} has no config.json: not a transformers model")
+        raise ModelSourceError(f"{label} has no config.json: not a transformers model")
     listed = _listed_sizes(repo_id, sha)
     if not (folder / INDEX).is_file() and listed is not None and SINGLE not in listed:
         raise ModelSourceError(
-            f"{_label(source)} has no safetensors weights ({SINGLE} or {INDEX}); "
+            f"{label} has no safetensors weights ({SINGLE} or {INDEX}); "
             "swarmgate reads safetensors only"
         )
     logger.info("model %s at revision %s (commit %s) in %s", repo_id, wanted, sha, folder)
-    return source
+    return folder, sha
 
 
-def fetch_blocks(source: ModelSource, start: int, end: int) -> None:
+def fetch_blocks(source: Pinned, start: int, end: int) -> None:
     """Download the safetensors files holding blocks ``[start, end)``."""
     fetch_files(source, block_files(source.path, start, end), f"blocks {start}:{end}")
 
 
-def fetch_head(source: ModelSource) -> None:
+def fetch_head(source: Pinned) -> None:
     """Download the safetensors files holding the embedding, its norm if any, the final
     norm and the LM head (the embedding, when tied)."""
     fetch_files(source, head_files(source.path), "the embedding, final norm and LM head")
@@ -159,7 +177,7 @@ def _files_of(weight_map: dict[str, str], base: str, path: str) -> set[str]:
     raise ModelSourceError(f"{INDEX} names no weights for {base}.{path}")
 
 
-def fetch_files(source: ModelSource, files: list[str], what: str) -> None:
+def fetch_files(source: Pinned, files: list[str], what: str) -> None:
     """Download those of ``files`` not yet in ``source``'s snapshot, after checking the
     cache's disk holds them. A no-op for local models."""
     if source.repo_id is None or source.revision is None:
@@ -221,7 +239,7 @@ def _listed_sizes(repo_id: str, sha: str) -> dict[str, int] | None:
         return None
 
 
-def _label(source: ModelSource) -> str:
+def _label(source: Pinned) -> str:
     return f"{source.repo_id} (revision {source.revision})"
 
 

