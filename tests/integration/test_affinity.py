@@ -191,7 +191,11 @@ def test_two_gateways_share_sessions_through_redis(swarm: Swarm, two_gateways: l
     t1 = Conversation(swarm, a).ask([user("Describe a quiet harbour at dawn. " * 4)])
     follow = [*t1.messages, assistant(t1), user("Now at night.")]
     t2 = Conversation(swarm, b).ask(follow)
-    assert t2.cached == reusable(t1.fed, t2.prompt) > 0
+    # The pinned session is resumed if this turn extends its whole history; a fork of it
+    # (the tiny model's answer may not survive re-tokenization) is seeded by prefix only
+    # from the sessions of the gateway that asks, so b computes it afresh (issue 24 §4).
+    extends = t2.prompt[: len(t1.fed)] == t1.fed
+    assert t2.cached == (len(t1.fed) if extends else 0)
 
     keyed = Conversation(swarm, a, key="conversation-42")
     k1 = keyed.ask([user("Plan a walk in the hills. " * 4)])
