@@ -11,8 +11,9 @@ swarmgate itself, so that:
   frame, which carries the pass and never a tensor, has a far smaller limit than the rest;
 - the first frame must arrive within ``FIRST_FRAME_S``;
 - streams whose caller has not shown a valid pass yet are capped per remote peer and in
-  total: past the caps a new stream is closed at once, so a stranger holds at most
-  ``MAX_UNPROVEN`` first frames' worth of memory, however many streams it opens;
+  total: past the caps a new stream is closed at once, so strangers hold at most
+  ``MAX_UNPROVEN`` first frames' worth of memory, however many streams they open (a caller
+  that has shown a valid pass lately is not counted: a member's burst is never refused);
 - a handler admits its caller (``Caller.admitted``) once the pass checks out, which frees
   the stream's place among the unproven, and takes any slot (a session, a training call)
   only after that;
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -46,8 +48,14 @@ MAX_FRAME_BYTES = MAX_MESSAGE_BYTES + 64 * 1024  # hivemind's cap, plus framing 
 # The first frame is an opening or a training call: metadata only (prefix hashes included).
 MAX_FIRST_FRAME_BYTES = 1024 * 1024
 FIRST_FRAME_S = 5.0
-MAX_UNPROVEN = 32  # streams, all callers together, that have not shown a valid pass yet
-MAX_UNPROVEN_PER_PEER = 4
+# Streams that have not shown a valid pass yet, all callers together and per caller. A
+# gateway opening a request's choices at once opens as many streams to one server (8 with
+# n=8), all before any has shown its pass: the cap per peer leaves room for that. A caller
+# that has shown a valid pass is known for PROVEN_S and its streams are not counted.
+MAX_UNPROVEN = 64
+MAX_UNPROVEN_PER_PEER = 16
+PROVEN_S = 600.0
+MAX_PROVEN_PEERS = 4096
 PREFETCH = 5  # requests read ahead of the handler (hivemind's default)
 
 Handler = Callable[
@@ -69,22 +77,44 @@ class Caller:
 
 
 class Unproven:
-    """Streams not yet admitted, per remote peer and in total."""
+    """Streams not yet admitted, per remote peer and in total; and the peers that showed a
+    valid pass lately, whose streams are not counted (a member's burst is never refused)."""
 
-    def __init__(self, total: int = MAX_UNPROVEN, per_peer: int = MAX_UNPROVEN_PER_PEER) -> None:
+    def __init__(
+        self,
+        total: int = MAX_UNPROVEN,
+        per_peer: int = MAX_UNPROVEN_PER_PEER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._total = total
         self._per_peer = per_peer
+        self._clock = clock
         self._of: Counter[str] = Counter()
+        self._proven: dict[str, float] = {}  # peer → until when it counts as a member
 
     @property
     def count(self) -> int:
         return sum(self._of.values())
 
-    def enter(self, peer: str) -> bool:
+    def enter(self, peer: str) -> bool | None:
+        """Room for a stream of ``peer``: True (counted until it leaves), None (a peer
+        proven lately: not counted), False (no room: refuse it)."""
+        until = self._proven.get(peer)
+        if until is not None:
+            if until > self._clock():
+                return None
+            del self._proven[peer]
         if self.count >= self._total or self._of[peer] >= self._per_peer:
             return False
         self._of[peer] += 1
         return True
+
+    def prove(self, peer: str) -> None:
+        """``peer`` showed a valid pass: its next streams are a member's."""
+        self._proven.pop(peer, None)
+        self._proven[peer] = self._clock() + PROVEN_S
+        while len(self._proven) > MAX_PROVEN_PEERS:
+            del self._proven[next(iter(self._proven))]
 
     def leave(self, peer: str) -> None:
         self._of[peer] -= 1
@@ -145,16 +175,18 @@ class BoundedStreams:
         writer: asyncio.StreamWriter,
     ) -> None:
         caller = peer.to_base58()
-        if not self.unproven.enter(caller):
+        room = self.unproven.enter(caller)
+        if room is False:
             logger.warning(
                 "%s: refused a stream of %s: too many streams without a pass", name, caller
             )
             writer.close()
             return
-        proven = False
+        proven = room is None  # a member seen lately: not counted among strangers
 
         def admitted() -> None:
             nonlocal proven
+            self.unproven.prove(caller)
             if not proven:
                 proven = True
                 self.unproven.leave(caller)

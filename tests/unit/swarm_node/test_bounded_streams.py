@@ -8,7 +8,13 @@ import pytest
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from swarm_node.bounded_streams import FrameRefused, Unproven, parse_request, read_frame
+from swarm_node.bounded_streams import (
+    PROVEN_S,
+    FrameRefused,
+    Unproven,
+    parse_request,
+    read_frame,
+)
 
 
 def header(length: int, marker: bytes = P2P.MESSAGE_MARKER) -> bytes:
@@ -57,3 +63,18 @@ def test_callers_without_a_pass_are_capped_per_peer_and_in_total() -> None:
     for peer in "ABBCD":
         unproven.leave(peer)
     assert unproven.count == 0 and unproven.enter("A")
+
+
+def test_a_caller_that_showed_a_pass_lately_is_not_counted() -> None:
+    now = [0.0]
+    unproven = Unproven(total=2, per_peer=1, clock=lambda: now[0])
+    assert unproven.enter("member") is True
+    unproven.prove("member")  # its pass checked out
+    unproven.leave("member")
+    # A member's burst (a request's eight choices) is never refused...
+    assert all(unproven.enter("member") is None for _ in range(8))
+    assert unproven.count == 0 and unproven.enter("stranger") is True
+    assert unproven.enter("stranger") is False
+    # ... until it has not shown a pass for PROVEN_S.
+    now[0] = PROVEN_S + 1
+    assert unproven.enter("member") is True and unproven.enter("member") is False
