@@ -9,7 +9,6 @@ group is thawed (SIGCONT) before the swarm stops, and must then be forgiven by t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import signal
@@ -21,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import Swarm, run_swarm, start_gateway
+from tests.integration.conftest import Swarm, run_swarm
 from tests.integration.test_failover import (
     HALF,
     Streamed,
@@ -30,7 +29,7 @@ from tests.integration.test_failover import (
     peers_of,
     stream_chat,
 )
-from tests.processes import Process, http_ok, wait_for
+from tests.processes import Process, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,31 +51,15 @@ def metric(base_url: str, name: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-@pytest.fixture(scope="module")
-def replicated(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    """DHT + two servers for each half of the model + a gateway that pushes."""
-    spans = [(0, HALF), (0, HALF), (HALF, 4), (HALF, 4)]
-    with run_swarm(tiny_model, tmp_path_factory.mktemp("hang"), spans) as swarm:
-        yield swarm
-
-
 @pytest.fixture(params=["push", "relay"])
-def gateway(request: pytest.FixtureRequest, replicated: Swarm, tmp_path: Path) -> Iterator[Swarm]:
-    """The swarm through its own gateway (push), or through a second one with --no-push
-    (relay); every server online (the frozen ones of the test before thawed and back)."""
-    wait_for(lambda: len(online(replicated)) == 4, 120, "all four servers online")
-    if request.param == "push":
-        yield replicated
-        return
-    process, url = start_gateway(
-        replicated.model_path, replicated.initial_peers, tmp_path, "--no-push", name="relaying"
-    )
-    try:
-        wait_for(lambda: http_ok(f"{url}/health") or not process.alive(), 120, "the gateway")
-        assert process.alive(), process.output()[-3000:]
-        yield dataclasses.replace(replicated, base_url=url, gateway=process)
-    finally:
-        process.stop()
+def gateway(request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Path) -> Iterator[Swarm]:
+    """DHT + two servers for each half of the model + a gateway that pushes or relays: a
+    swarm of its own per mode (servers frozen and thawed before would be fresh in no DHT)."""
+    flags = ["--no-push"] if request.param == "relay" else []
+    spans = [(0, HALF), (0, HALF), (HALF, 4), (HALF, 4)]
+    with run_swarm(tiny_model, tmp_path, spans, gateway_flags=flags) as swarm:
+        wait_for(lambda: len(online(swarm)) == 4, 120, "all four servers online")
+        yield swarm
 
 
 def hang_mid_stream(swarm: Swarm, hop: int, frozen: list[Process]) -> tuple[Streamed, list[float]]:
@@ -95,46 +78,34 @@ def hang_mid_stream(swarm: Swarm, hop: int, frozen: list[Process]) -> tuple[Stre
     return stream_chat(swarm.base_url, on_token), times
 
 
+@pytest.mark.parametrize("hop", [-1, 0], ids=["last-hop", "first-hop"])
 def test_a_hung_server_stalls_a_stream_for_under_two_seconds_and_stays_exact(
-    gateway: Swarm,
+    gateway: Swarm, hop: int
 ) -> None:
     replicated = gateway
     expected, length = expected_text(replicated.model_path)
     assert length > HANG_AT + 4, "the reference must outlast the hang"
     frozen: list[Process] = []
     try:
-        for hop in (-1, 0):  # the last hop, then (on the servers left) the first
-            result, times = hang_mid_stream(replicated, hop, frozen)
-            assert len(frozen) == (1 if hop == -1 else 2), "the server froze mid-stream"
-            assert not result.errors and result.done
-            assert result.text == expected
-            stall = max(b - a for a, b in pairwise(times))
-            print(f"hop {hop}: longest gap between tokens {stall:.2f} s")
-            assert stall <= MAX_STALL_S
-        assert metric(replicated.base_url, "swarmgate_hung_servers_total") >= 2
-        # New streams keep away from both frozen servers while they stay frozen...
+        result, times = hang_mid_stream(replicated, hop, frozen)
+        assert len(frozen) == 1, "the server froze mid-stream"
+        assert not result.errors and result.done
+        assert result.text == expected
+        stall = max(b - a for a, b in pairwise(times))
+        print(f"hop {hop}: longest gap between tokens {stall:.2f} s")
+        assert stall <= MAX_STALL_S
+        assert metric(replicated.base_url, "swarmgate_hung_servers_total") >= 1
+        # New streams keep away from the frozen server while it stays frozen...
         frozen_ids = {peer for peer, (p, _) in peers_of(replicated.nodes).items() if p in frozen}
-        # Each node here hosts a DHT peer too: with two of them frozen, a swarm read can miss
-        # the live servers' records for a while (a 503 with Retry-After, as a client sees it).
-        answers: list[Streamed] = []
-
-        def answered() -> bool:
-            try:
-                answers.append(stream_chat(replicated.base_url))
-            except AssertionError:  # 503: the swarm read missed the live servers
-                return False
-            return True
-
-        wait_for(answered, 60, "a new stream on the servers left")
-        again = answers[-1]
+        again = stream_chat(replicated.base_url)
         assert again.text == expected and not again.errors
         assert not frozen_ids & {part.rsplit(":", 1)[0] for part in again.route.split(",")}
     finally:
         for process in frozen:
             thaw(process)
-    # ... and are forgiven once they answer again.
+    # ... and it is forgiven once it answers again.
     wait_for(
-        lambda: replicated.gateway.output().count("answers again") >= 2,
+        lambda: "answers again" in replicated.gateway.output(),
         30,
-        "the gateway to see the thawed servers answer",
+        "the gateway to see the thawed server answer",
     )
