@@ -1,4 +1,4 @@
-"""The Dockerfile, checked without a docker engine (there is none here; ARCHITECTURE.md §6).
+"""The Dockerfile, checked without a docker engine (there is none here).
 
 hadolint lints it; the rest replays what `docker build` and `docker run` would rely on: the
 COPY sources make a complete build context, the commands it runs import what exists, the
