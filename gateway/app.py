@@ -41,7 +41,6 @@ from gateway.templating import PromptBuilder, load_tokenizer
 from models.devices import Placement
 from models.loading import load_config, load_head
 from protocol.errors import RequestError, SwarmError
-from protocol.membership import PassIssuer
 from protocol.swarm import ModelRecord, dht_prefix
 from routing.dht import SwarmDHT
 
@@ -85,12 +84,7 @@ def create_app(
                 initial_peers=list(settings.initial_peers),
                 start=True,
                 client_mode=True,
-                swarm_key=settings.swarm_key,
-            )
-            member_pass = (
-                PassIssuer(settings.swarm_key, dht.peer_id.to_base58()).current
-                if settings.swarm_key is not None
-                else lambda: ""
+                membership=settings.membership,
             )
             client = P2PSwarmClient(
                 dht,
@@ -99,7 +93,7 @@ def create_app(
                 refresh_period_s=settings.refresh_period_s,
                 max_refresh_period_s=settings.max_refresh_period_s,
                 embed=head.embed,
-                member_pass=member_pass,
+                membership=settings.membership,
                 metrics=app.state.metrics,
                 step_floor_s=settings.step_floor_s,
                 prefill_chunk_tokens=settings.prefill_chunk_tokens,

@@ -15,7 +15,9 @@ hung between steps fails its streams before their next step waits for it.
 The same call tells the gateway which owner tag each server signs its DHT records with
 (``identify``): the answer comes over a connection libp2p authenticated as that server, so
 it binds the server's records to it, and records another member signed in its name are
-ignored (``routing.discovery.snapshot_of``).
+ignored (``routing.discovery.snapshot_of``). In a closed swarm the answer must also carry a
+server credential for that owner tag: a gateway or a fine-tuner that announces blocks, or a
+server whose credential was revoked, is never routed to.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from hivemind.proto import runtime_pb2
 from gateway.metrics import GatewayMetrics
 from protocol.errors import SwarmError
 from protocol.latency import SimulatedLink
+from protocol.membership import Membership
 from protocol.rpc import RPC_INFO, InfoRequest, ServerInfo, decode_reply
 from routing.costs import step_deadline_s
 from routing.deadlines import SMALL_STEP_TOKENS, StepTimes
@@ -64,7 +67,9 @@ class Liveness:
         metrics: GatewayMetrics,
         link: SimulatedLink,
         clock: Callable[[], float] = time.monotonic,
+        membership: Membership | None = None,
     ) -> None:
+        self._membership = membership
         self._health = health
         self._snapshot = snapshot
         self._member_pass = member_pass
@@ -74,7 +79,8 @@ class Liveness:
         self._times = StepTimes()
         self._heard: dict[str, float] = {}  # peer → when it last answered anything
         self._probes: dict[str, asyncio.Future[bool]] = {}
-        self.owners: dict[str, str] = {}  # peer → the owner tag it said it signs with
+        self._owners: dict[str, tuple[str, str]] = {}  # peer → (owner tag, credential id)
+        self._refused: dict[str, str] = {}  # peer → owner tag refused (said once)
         self._asked: dict[str, float] = {}  # peer → when it was last asked for it
         self._p2p: P2P | None = None
         self.on_hung: Callable[[str], None] = lambda peer_id: None
@@ -161,9 +167,7 @@ class Liveness:
         except Exception:  # a timeout, a dial error, a daemon error: no answer
             return False
         with contextlib.suppress(SwarmError, ValueError):  # a refusal: alive, owner unknown
-            owner = decode_reply(ServerInfo, reply.metadata, peer_id).owner
-            if owner:
-                self._remember_owner(peer_id, owner)
+            self._vouch(peer_id, decode_reply(ServerInfo, reply.metadata, peer_id))
         return True
 
     # ---- who signs a server's records ----
@@ -195,11 +199,36 @@ class Liveness:
 
         await asyncio.gather(*(ask(p) for p in due[:MAX_IDENTIFY_PER_READ]))
 
-    def _remember_owner(self, peer_id: str, owner: str) -> None:
-        self.owners.pop(peer_id, None)
-        self.owners[peer_id] = owner
-        while len(self.owners) > MAX_PEERS:
-            del self.owners[next(iter(self.owners))]
+    @property
+    def owners(self) -> dict[str, str]:
+        """Each server's owner tag, as it said itself, for servers whose credential is good."""
+        revoked = self._membership.revocations if self._membership is not None else ()
+        return {peer: tag for peer, (tag, held) in self._owners.items() if held not in revoked}
+
+    def _vouch(self, peer_id: str, info: ServerInfo) -> None:
+        """Remember the owner tag ``info`` states, if its credential makes it a server's."""
+        if not info.owner:
+            return
+        credential_id = ""
+        if self._membership is not None:
+            credential = self._membership.server(info.owner, info.credential)
+            if credential is None:
+                self._owners.pop(peer_id, None)
+                if self._refused.get(peer_id) != info.owner:
+                    if len(self._refused) >= MAX_PEERS:
+                        self._refused.clear()
+                    self._refused[peer_id] = info.owner
+                    logger.warning(
+                        "ignoring the records of %s: it shows no server credential of this "
+                        "swarm for the key it signs them with",
+                        peer_id,
+                    )
+                return
+            credential_id = credential.id
+        self._owners.pop(peer_id, None)
+        self._owners[peer_id] = (info.owner, credential_id)
+        while len(self._owners) > MAX_PEERS:
+            del self._owners[next(iter(self._owners))]
 
     async def watch_forever(self, streams: Callable[[], Iterable[str]]) -> None:
         """Probe hung servers and servers with idle streams, every ``WATCH_PERIOD_S``."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.membership import SwarmKey
+from protocol.membership import Membership
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,7 @@ class GatewaySettings:
     model_path: Path  # local Hugging Face folder: tokenizer, embedding, norm, LM head
     model_revision: str = ""  # the commit of a Hub model (servers' records carry it); "" local
     initial_peers: tuple[str, ...] = ()
-    swarm_key: SwarmKey | None = field(default=None, repr=False)  # None: an open swarm
+    membership: Membership | None = field(default=None, repr=False)  # None: an open swarm
     # Where the embeddings, final norm and LM head compute, and in which dtype
     # (models/devices.py: auto is CUDA in bfloat16 where there is one, else the CPU in fp32).
     device: str = "auto"

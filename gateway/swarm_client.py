@@ -28,6 +28,7 @@ from gateway.liveness import Liveness
 from gateway.metrics import GatewayMetrics
 from protocol.errors import NoRouteError, SwarmError
 from protocol.logs import request_id
+from protocol.membership import Membership, PassIssuer
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import OpenSession, max_tokens_per_message
 from protocol.swarm import ModelRecord
@@ -35,6 +36,7 @@ from routing.costs import PREFILL_FACTOR, RouteCosts, step_deadline_s
 from routing.discovery import check_model, fetch_candidates, fetch_model, snapshot_of
 from routing.health import PeerHealth
 from routing.planner import Hop, plan_route
+from routing.revocations import learn_revocations, watch_revocations
 from routing.snapshot import SwarmSnapshot, carry_over, next_refresh_s, settled
 
 __all__ = ["InferenceSession", "P2PSwarmClient", "SwarmClient", "detach"]
@@ -101,7 +103,7 @@ class P2PSwarmClient:
         model: ModelRecord,
         *,
         embed: Callable[[list[int]], Awaitable[torch.Tensor]],
-        member_pass: Callable[[], str] = lambda: "",  # an open swarm shows none
+        membership: Membership | None = None,  # None: an open swarm
         refresh_period_s: float = 2.0,
         max_refresh_period_s: float = 10.0,
         prefill_chunk_tokens: int | None = None,
@@ -114,7 +116,7 @@ class P2PSwarmClient:
         self._push = push  # hops push hidden states to each other where servers can
         self._prefix = prefix
         self._model = model  # the local files' model: servers of another shape are ignored
-        self._member_pass = member_pass  # this gateway's pass, shown to every server it opens
+        self._membership = membership
         self._embed = embed
         self._refresh_period_s = refresh_period_s
         self._max_refresh_period_s = max(max_refresh_period_s, refresh_period_s)
@@ -131,14 +133,34 @@ class P2PSwarmClient:
         self._p2p: P2P | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._revocations: asyncio.Task[None] | None = None
+        # This process's pass, shown to every server it opens: it names our peer id.
+        self._member_pass: Callable[[], str] = (
+            PassIssuer(membership, dht.peer_id.to_base58()).current
+            if membership is not None
+            else lambda: ""  # an open swarm shows none
+        )
         self.liveness = Liveness(
-            self.health, self.snapshot, member_pass, self._metrics, SIMULATED_LINK
+            self.health,
+            self.snapshot,
+            self._member_pass,
+            self._metrics,
+            SIMULATED_LINK,
+            membership=membership,
         )
         self.liveness.on_hung = lambda peer_id: self._wake.set()
+
+    def member_pass(self) -> str:
+        """This process's pass to servers' RPCs (empty in an open swarm)."""
+        return self._member_pass()
 
     async def start(self) -> None:
         self._p2p = await self._dht.replicate_p2p()
         self.liveness.attach(self._p2p)
+        if self._membership is not None:
+            with contextlib.suppress(Exception):  # read again by the watch below
+                await learn_revocations(self._dht, self._membership)
+            self._revocations = asyncio.create_task(watch_revocations(self._dht, self._membership))
         with contextlib.suppress(Exception):  # no record yet: the servers will write one
             check_model(await fetch_model(self._dht, self._prefix), self._model)
         await self.refresh()
@@ -148,7 +170,7 @@ class P2PSwarmClient:
         )
 
     async def aclose(self) -> None:
-        for task in (self._refresher, self._watcher, self._reading):
+        for task in (self._refresher, self._watcher, self._revocations, self._reading):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -174,7 +196,7 @@ class P2PSwarmClient:
             owners = self.liveness.owners
         fresh = snapshot_of(self._model, candidates, owners)
         self._read_at = time.monotonic()
-        self._snapshot = carry_over(self._snapshot, fresh)
+        self._snapshot = carry_over(self._snapshot, fresh, owners)
         self._metrics.forget_peers(set(self._snapshot.servers))
         return self._snapshot
 

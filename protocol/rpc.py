@@ -50,6 +50,7 @@ from pydantic import (
     field_validator,
 )
 
+from protocol.credentials import MAX_CREDENTIAL_CHARS
 from protocol.errors import (
     CapacityExceeded,
     NotAMember,
@@ -217,6 +218,9 @@ class ServerInfo(RpcMessage):
     # The owner tag this server signs its DHT records with. Said over a connection libp2p
     # authenticated as this peer, it binds the records to the peer they name.
     owner: str = Field(default="", max_length=4096)
+    # In a closed swarm, the server credential naming the key behind ``owner``: gateways
+    # use the records of servers only, never of a gateway or a fine-tuner that announces.
+    credential: str = Field(default="", max_length=MAX_CREDENTIAL_CHARS)
 
 
 MAX_LORA_RANK = 64

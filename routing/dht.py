@@ -20,9 +20,11 @@ from typing import Any
 import psutil
 from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.crypto import RSAPrivateKey
 
-from protocol.membership import SwarmAuthorizer, SwarmKey
+from protocol.membership import Membership, SwarmAuthorizer
+from routing.revocations import RevocationValidator
 
 logger = logging.getLogger(__name__)
 
@@ -47,31 +49,44 @@ class SwarmJoinError(RuntimeError):
 
 class SwarmDHT(DHT):  # type: ignore[misc]
     """``hivemind.DHT`` whose process stops on SIGTERM and when its parent dies, closed to
-    everyone without ``swarm_key`` when one is given.
+    everyone without a credential of the swarm when ``membership`` is given.
 
     Records whose subkey ends in ``owner_tag`` can be changed only by this process: hivemind's
-    ``RSASignatureValidator`` signs them with a key of its own and every peer checks that.
+    ``RSASignatureValidator`` signs them with its holder key (the one its credential names,
+    so gateways can tell a server's records from anyone else's) and every peer checks that.
     """
 
-    def __init__(self, *args: Any, swarm_key: SwarmKey | None = None, **kwargs: Any) -> None:
-        owner = RSASignatureValidator(RSAPrivateKey())
-        self.owner_tag: str = owner.local_public_key.decode()
-        if swarm_key is None:
+    def __init__(self, *args: Any, membership: Membership | None = None, **kwargs: Any) -> None:
+        validators: list[RecordValidatorBase] = []
+        if membership is None:
             logger.warning(
                 "no swarm key: this is an open swarm that anyone who reaches its peers can "
                 "join (make a key with `swarmgate keygen FILE`, pass it with --swarm-key)"
             )
+            owner = RSASignatureValidator(RSAPrivateKey())
         else:
-            logger.info("closed swarm %s: members only", swarm_key.fingerprint)
-            kwargs["authorizer"] = SwarmAuthorizer(swarm_key)
+            credential = membership.credential()
+            logger.info(
+                "closed swarm %s: members only; this process holds a %s",
+                membership.fingerprint,
+                credential.describe(),
+            )
+            owner = RSASignatureValidator(membership.holder)
+            validators.append(RevocationValidator(membership))
+            kwargs["authorizer"] = SwarmAuthorizer(membership)
+            if not membership.role.announces:
+                # hivemind copies what a read found to the nearest peers; members refuse
+                # stores by anyone but a server, so a gateway must not try.
+                kwargs.setdefault("cache_nearest", 0)
+        self.owner_tag: str = owner.local_public_key.decode()
         try:
-            super().__init__(*args, record_validators=[owner], **kwargs)
+            super().__init__(*args, record_validators=[owner, *validators], **kwargs)
         except RuntimeError as e:
             if "bootstrap failed" not in str(e):
                 raise
             raise SwarmJoinError(
                 "none of the initial peers answered: check their addresses and, if the swarm "
-                "is closed, that this process was given its key (--swarm-key)"
+                "is closed, that this process was given its key or a credential (--swarm-key)"
             ) from None
 
     def run(self) -> None:  # runs in the forked child

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
@@ -49,8 +49,11 @@ class SwarmSnapshot:
         return {name for record in self.online().values() for name in record.adapters}
 
 
-def carry_over(previous: SwarmSnapshot, fresh: SwarmSnapshot) -> SwarmSnapshot:
-    """``fresh`` plus the servers of ``previous`` it lacks whose records have not expired.
+def carry_over(
+    previous: SwarmSnapshot, fresh: SwarmSnapshot, vouched: Container[str] | None = None
+) -> SwarmSnapshot:
+    """``fresh`` plus the servers of ``previous`` it lacks whose records have not expired
+    (and, given ``vouched``, that are still in it: a revoked server goes at once).
 
     A DHT read can miss records that are still valid: the peers storing a key may be the
     ones that just died, or slow to answer. A server must not vanish from routing before
@@ -59,7 +62,9 @@ def carry_over(previous: SwarmSnapshot, fresh: SwarmSnapshot) -> SwarmSnapshot:
     kept = {
         peer: record
         for peer, record in previous.servers.items()
-        if peer not in fresh.servers and previous.expires.get(peer, 0.0) > fresh.taken_at
+        if peer not in fresh.servers
+        and previous.expires.get(peer, 0.0) > fresh.taken_at
+        and (vouched is None or peer in vouched)
     }
     if not kept or fresh.model != previous.model:
         return fresh

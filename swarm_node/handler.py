@@ -41,7 +41,7 @@ from protocol.errors import (
 )
 from protocol.latency import SimulatedLink
 from protocol.logs import request_id
-from protocol.membership import PassChecker, SwarmKey
+from protocol.membership import Membership, PassChecker
 from protocol.rpc import (
     RPC_INFERENCE,
     RPC_INFO,
@@ -118,7 +118,7 @@ class BlockHandler:
         sessions: SessionStore,
         info: Callable[[], ServerInfo],
         accepting: Callable[[], bool] = lambda: True,
-        members: SwarmKey | None = None,
+        members: Membership | None = None,
         observe_step: Callable[[int, float], None] = lambda tokens, seconds: None,
         observe_batch: BatchObserver = lambda segments, tokens: None,
         prefill_chunk: int | None = None,

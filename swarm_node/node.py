@@ -24,6 +24,7 @@ from protocol.swarm import ModelRecord, NodeState, ServerRecord, dht_prefix
 from routing.block_selection import choose_blocks
 from routing.dht import SwarmDHT
 from routing.discovery import announce, check_model, fetch_model, fetch_snapshot
+from routing.revocations import publish_revocations, watch_revocations
 from swarm_node.handler import BlockHandler
 from swarm_node.kv_cache import SessionStore
 from swarm_node.metrics import InfoBoard, NodeMetrics
@@ -117,7 +118,7 @@ class BlockServer:
             host_maddrs=list(settings.host_maddrs),
             announce_maddrs=list(settings.announce_maddrs) or None,
             identity_path=settings.identity_path,
-            swarm_key=settings.swarm_key,
+            membership=settings.membership,
         )
         try:
             await self._serve(dht, source.path, model, placement)
@@ -198,8 +199,8 @@ class BlockServer:
         # Scraped only once served, below, when the board exists.
         metrics = NodeMetrics(lambda: board.latest, budget)
         member_pass = (
-            PassIssuer(settings.swarm_key, self.peer_id).current
-            if settings.swarm_key is not None
+            PassIssuer(settings.membership, self.peer_id).current
+            if settings.membership is not None
             else lambda: ""
         )
         self.handler = BlockHandler(
@@ -207,7 +208,7 @@ class BlockServer:
             self.sessions,
             self.info,
             accepting=lambda: self.state is NodeState.ONLINE,
-            members=settings.swarm_key,
+            members=settings.membership,
             observe_step=metrics.observe_step,
             observe_batch=metrics.observe_batch,
             prefill_chunk=settings.prefill_per_batch,
@@ -222,6 +223,11 @@ class BlockServer:
             metrics.serve(settings.metrics_port, settings.metrics_host)
         announcer = asyncio.create_task(self._announce_forever(dht, model))
         publisher = asyncio.create_task(board.run(INFO_PERIOD_S))
+        revocations = (
+            asyncio.create_task(watch_revocations(dht, settings.membership))
+            if settings.membership is not None
+            else None
+        )
         print(
             f"swarmgate node: serving blocks {start}:{end} of {model.name} as {self.peer_id}; "
             "others can join through it with --initial-peers "
@@ -235,6 +241,8 @@ class BlockServer:
             self._set_ready(False)
             announcer.cancel()
             publisher.cancel()
+            if revocations is not None:
+                revocations.cancel()
             await self.handler.unregister(p2p)
             self.handler.shutdown()
 
@@ -276,6 +284,11 @@ class BlockServer:
             tokens_computed=stats.tokens_computed,
             tokens_reused=stats.tokens_reused,
             owner=self.owner_tag,
+            credential=(
+                membership.credential().encode()
+                if (membership := self.settings.membership) is not None
+                else ""
+            ),
         )
 
     async def _announce(self, dht: SwarmDHT, model: ModelRecord) -> None:
@@ -298,6 +311,10 @@ class BlockServer:
                 self._set_ready(self.state is NodeState.ONLINE)
             except Exception as e:  # a missed announcement is retried next period
                 logger.warning("announce failed: %s", e)
+            if (membership := self.settings.membership) is not None:
+                # Stored again by every server, a revocation outlives the peers holding it.
+                with contextlib.suppress(Exception):
+                    await publish_revocations(dht, membership.revocations.all())
             await asyncio.sleep(self.settings.announce_period_s)
 
     def _set_ready(self, ready: bool) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from protocol.membership import SwarmKey
+from protocol.membership import Membership
 
 
 @dataclass(frozen=True)
@@ -33,4 +33,4 @@ class NodeSettings:
     metrics_port: int | None = None  # Prometheus /metrics; None: not served
     metrics_host: str = "127.0.0.1"
     ready_file: str | None = None  # exists while serving and announced (readiness probes)
-    swarm_key: SwarmKey | None = field(default=None, repr=False)  # None: an open swarm
+    membership: Membership | None = field(default=None, repr=False)  # None: an open swarm

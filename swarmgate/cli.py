@@ -126,8 +126,9 @@ def _add_swarm_key(parser: argparse.ArgumentParser) -> None:
         "--swarm-key",
         default=_env("SWARMGATE_SWARM_KEY"),
         metavar="FILE",
-        help="the swarm's key (from `swarmgate keygen`): only processes holding it take "
-        "part; without one the swarm is open to anyone who can reach it",
+        help="a credential for this process's role (from `swarmgate issue`), or the swarm "
+        "key itself (from `swarmgate keygen`): only processes holding one take part; without "
+        "one the swarm is open to anyone who can reach it",
     )
 
 
@@ -278,6 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     keygen = commands.add_parser("keygen", help="write a new swarm key to FILE")
     keygen.add_argument("file", metavar="FILE", help="where to write it (must not exist)")
+
+    issue = commands.add_parser(
+        "issue", help="write a credential for one role, signed by the swarm key, to FILE"
+    )
+    issue.add_argument("--swarm-key", default=_env("SWARMGATE_SWARM_KEY"), metavar="KEY")
+    issue.add_argument("--role", required=True, choices=["server", "gateway", "finetune"])
+    issue.add_argument(
+        "--days", type=_positive_int, default=30, help="how long it is valid (default 30)"
+    )
+    issue.add_argument("--name", default="", help="a label for logs, e.g. gateway-eu-1")
+    issue.add_argument("file", metavar="FILE", help="where to write it (must not exist)")
+
+    revoke = commands.add_parser(
+        "revoke", help="revoke a credential before it expires (members refuse it within 30 s)"
+    )
+    revoke.add_argument("--swarm-key", default=_env("SWARMGATE_SWARM_KEY"), metavar="KEY")
+    _add_peers(revoke, required=True)
+    revoke.add_argument(
+        "credential",
+        nargs="?",  # after --initial-peers, argparse takes it as a peer: found there
+        metavar="ID_OR_FILE",
+        help="the id `issue` printed, or the credential file",
+    )
 
     up = commands.add_parser("up", help="a whole local swarm: DHT, nodes and gateway")
     _add_model(up)
@@ -500,10 +524,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(args.log_level, args.log_format)
     from models.devices import DeviceError
     from routing.dht import SwarmJoinError
-    from swarmgate import commands
+    from swarmgate import commands, credential_commands
 
     handler = {
         "keygen": commands.keygen,
+        "issue": credential_commands.issue,
+        "revoke": credential_commands.revoke,
         "up": commands.up,
         "dht": commands.dht,
         "node": commands.node,

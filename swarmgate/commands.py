@@ -16,7 +16,8 @@ from pathlib import Path
 from gateway.auth import ApiKeys, KeyFileError, is_loopback, read_key_lines
 from models.devices import Placement
 from models.resolve import ModelSource, ModelSourceError, resolve_model
-from protocol.membership import SwarmKey, SwarmKeyError
+from protocol.credentials import Role
+from protocol.membership import Membership, SwarmKey, SwarmKeyError
 from routing.dht import SwarmDHT
 from routing.snapshot import SwarmSnapshot
 from swarmgate.bootstrap import resolve_initial_peers, serve_maddrs
@@ -31,12 +32,13 @@ def _wait_for_signal() -> None:
     stop.wait()
 
 
-def swarm_key(args: argparse.Namespace) -> SwarmKey | None:
-    """The key named by ``--swarm-key``; a bad one ends the command with a clear message."""
+def membership(args: argparse.Namespace, role: Role) -> Membership | None:
+    """What ``--swarm-key`` (the swarm key, or a credential issued from it) makes this
+    process, acting as ``role``; a bad file ends the command with a clear message."""
     if not args.swarm_key:
         return None
     try:
-        return SwarmKey.load(args.swarm_key)
+        return Membership.load(args.swarm_key, role)
     except SwarmKeyError as e:
         raise SystemExit(f"swarmgate: {e}") from None
 
@@ -51,8 +53,10 @@ def keygen(args: argparse.Namespace) -> int:
         raise SystemExit(f"swarmgate: cannot write {args.file}: {e.strerror}") from None
     print(
         f"swarmgate keygen: wrote the swarm key {key.fingerprint} to {args.file} (mode 600).\n"
-        "Give it to every dht, node and gateway of the swarm (--swarm-key FILE or "
-        "SWARMGATE_SWARM_KEY=FILE) and to no one else: whoever holds it is a member."
+        "Keep it offline and issue each process a credential for its role "
+        "(`swarmgate issue --swarm-key FILE --role server|gateway|finetune --days N OUT`), or, "
+        "in a small swarm you run alone, give the key itself to every process (--swarm-key "
+        "FILE or SWARMGATE_SWARM_KEY=FILE): whoever holds it is a member, with every role."
     )
     return 0
 
@@ -84,7 +88,7 @@ def dht(args: argparse.Namespace) -> None:
         announce_maddrs=args.announce_maddrs or None,
         identity_path=args.identity,
         start=True,
-        swarm_key=swarm_key(args),
+        membership=membership(args, Role.SERVER),
     )
     try:
         visible = [str(m) for m in peer.get_visible_maddrs()]
@@ -126,7 +130,7 @@ def node(args: argparse.Namespace) -> None:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             ready_file=args.ready_file,
-            swarm_key=swarm_key(args),
+            membership=membership(args, Role.SERVER),
         )
     )
 
@@ -148,7 +152,7 @@ def gateway(args: argparse.Namespace) -> None:
         model_path=source.path,
         model_revision=source.revision or "",
         initial_peers=tuple(initial_peers(args)),
-        swarm_key=swarm_key(args),
+        membership=membership(args, Role.GATEWAY),
         device=args.device,
         dtype=args.dtype,
         host=args.host,
@@ -227,7 +231,7 @@ def status(args: argparse.Namespace) -> int:
         initial_peers=initial_peers(args),
         client_mode=True,
         start=True,
-        swarm_key=swarm_key(args),
+        membership=membership(args, Role.GATEWAY),
     )
 
     async def read() -> list[SwarmSnapshot]:
@@ -289,7 +293,7 @@ def finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
-        swarm_key=swarm_key(args),
+        membership=membership(args, Role.FINETUNE),
         namespace=args.namespace,
         device=args.device,
         dtype=args.dtype,

@@ -23,7 +23,8 @@ import httpx
 from models.devices import node_devices
 from models.loading import load_config
 from models.resolve import ModelSource
-from protocol.membership import SwarmKey
+from protocol.credentials import Role
+from protocol.membership import Membership, SwarmKey, SwarmKeyError
 from protocol.swarm import LOOPBACK_MADDRS
 from routing.block_selection import split_evenly
 from routing.dht import SwarmDHT, die_with_parent
@@ -78,8 +79,11 @@ class LocalSwarm:
 
     def _run(self, spans: list[tuple[int, int]], key_file: Path) -> int:
         self.key_file = key_file
-        key = SwarmKey.load(key_file)
-        dht = SwarmDHT(host_maddrs=LOOPBACK_MADDRS, start=True, swarm_key=key)
+        try:
+            membership = Membership.load(key_file, Role.SERVER)
+        except SwarmKeyError as e:
+            raise SystemExit(f"swarmgate up: {e}") from None
+        dht = SwarmDHT(host_maddrs=LOOPBACK_MADDRS, start=True, membership=membership)
         try:
             peers = [str(m) for m in dht.get_visible_maddrs()]
             devices = node_devices(self.args.device, len(spans))

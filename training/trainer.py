@@ -34,7 +34,7 @@ from models.devices import Placement, to_host
 from models.families import family_of
 from models.loading import Head, block_linears, load_config, load_head
 from protocol.errors import NoRouteError, SwarmError
-from protocol.membership import PassIssuer, SwarmKey
+from protocol.membership import Membership
 from protocol.rpc import LoraSpec
 from protocol.swarm import ModelRecord, dht_prefix
 from routing.dht import SwarmDHT
@@ -66,7 +66,7 @@ class FinetuneSettings:
     batch_size: int = 4
     max_length: int = 256  # tokens per example; longer ones are cut
     seed: int = 0
-    swarm_key: SwarmKey | None = None
+    membership: Membership | None = None
     namespace: str = ""
     model_revision: str = ""  # the commit of a Hub model (servers' records carry it); "" local
     device: str = "auto"  # where the head and the loss compute (models/devices.py)
@@ -112,21 +112,16 @@ async def _train(settings: FinetuneSettings, progress: TextIO) -> TrainResult:
         initial_peers=list(settings.initial_peers),
         start=True,
         client_mode=True,
-        swarm_key=settings.swarm_key,
+        membership=settings.membership,
     )
     try:
-        member_pass = (
-            PassIssuer(settings.swarm_key, dht.peer_id.to_base58()).current
-            if settings.swarm_key is not None
-            else lambda: ""
-        )
         model = ModelRecord.of(settings.model_name, config, revision=settings.model_revision)
         swarm = P2PSwarmClient(
             dht,
             dht_prefix(settings.model_name, settings.namespace),
             model,
             embed=_no_embed,
-            member_pass=member_pass,
+            membership=settings.membership,
         )
         await swarm.start()
         try:
@@ -135,7 +130,7 @@ async def _train(settings: FinetuneSettings, progress: TextIO) -> TrainResult:
                 config.hidden_size,
                 linears,
                 spec,
-                member_pass=member_pass,
+                member_pass=swarm.member_pass,
                 timeout_s=settings.call_timeout_s,
             )
             pad = tokenizer.pad_token_id

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol.membership import PassIssuer, SwarmKey
+from protocol.credentials import Role
+from protocol.membership import Membership, PassIssuer, SwarmKey
 from protocol.rpc import ServerInfo
 from tests.processes import Process, free_port, http_ok, no_orphans, wait_for
 from tests.tiny_model import TINY_BLOCKS
@@ -36,6 +37,11 @@ def swarm_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def session_swarm_key() -> SwarmKey:
     """The key every process of this test session was started with."""
     return SwarmKey.load(os.environ["SWARMGATE_SWARM_KEY"])
+
+
+def session_member(role: Role = Role.GATEWAY) -> Membership:
+    """A member of this test session's swarm acting as ``role`` (issued by its key)."""
+    return Membership.of(session_swarm_key(), role)
 
 
 @dataclass
@@ -167,7 +173,7 @@ def node_infos(peers: list[str], model_id: str = MODEL_ID) -> dict[str, ServerIn
     from routing.dht import SwarmDHT
     from routing.discovery import fetch_model, fetch_snapshot
 
-    key = session_swarm_key()
+    key = session_member()
 
     async def read(dht: SwarmDHT) -> dict[str, ServerInfo]:
         p2p = await dht.replicate_p2p()
@@ -186,7 +192,7 @@ def node_infos(peers: list[str], model_id: str = MODEL_ID) -> dict[str, ServerIn
             infos[peer] = decode(ServerInfo, reply.metadata)
         return infos
 
-    dht = SwarmDHT(initial_peers=peers, client_mode=True, start=True, swarm_key=key)
+    dht = SwarmDHT(initial_peers=peers, client_mode=True, start=True, membership=key)
     try:
         return asyncio.run(read(dht))
     finally:

@@ -16,7 +16,8 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.integration.conftest import MODEL_ID, Swarm, run_swarm, session_swarm_key
+from protocol.credentials import Role
+from tests.integration.conftest import MODEL_ID, Swarm, run_swarm, session_member
 from tests.processes import wait_for
 from tests.tiny_model import TINY_BLOCKS
 from training import FinetuneSettings, TrainResult, read_examples, train_lora
@@ -60,7 +61,7 @@ def run(swarm: Swarm, data: Path, out: Path) -> tuple[TrainResult, str]:
         batch_size=4,
         max_length=64,
         seed=7,
-        swarm_key=session_swarm_key(),
+        membership=session_member(Role.FINETUNE),
     )
     progress = io.StringIO()
     return train_lora(settings, progress=progress), progress.getvalue()

@@ -1,15 +1,18 @@
 """A closed swarm on real processes: strangers announce, dial and forge, and get nothing.
 
 The session's swarm (a DHT, two nodes and a gateway) holds the test session's key. Next to
-it run a rogue node without a key and one with another swarm's key, both announcing the
-whole model at the highest throughput a record may claim, and kept running although no
-member answers them.
+it run a rogue node without a key, one with another swarm's key and one with a gateway's
+credential of this swarm, all announcing the whole model at the highest throughput a
+record may claim, and kept running although no member answers them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +25,9 @@ from hivemind.utils import get_dht_time
 
 from gateway.hop_stream import HopStream
 from models.loading import load_config
+from protocol.credentials import Role
 from protocol.errors import NotAMember
-from protocol.membership import PassIssuer, SwarmKey
+from protocol.membership import Membership, PassIssuer, SwarmKey
 from protocol.prefix import TokenHistory
 from protocol.rpc import RPC_INFO, InfoRequest, OpenSession, RpcError
 from protocol.swarm import MAX_THROUGHPUT, ServerRecord, block_key
@@ -33,7 +37,7 @@ from tests.integration.conftest import (
     MODEL_ID,
     Swarm,
     running_gateway,
-    session_swarm_key,
+    session_member,
     start_gateway,
     start_node,
 )
@@ -51,6 +55,35 @@ THEIRS = TokenHistory(list(range(100, 132)))  # what a guesser writes under the 
 class Rogues:
     no_key: str  # peer ids
     other_key: str
+    gateway_credential: str
+
+    @property
+    def all(self) -> set[str]:
+        return {self.no_key, self.other_key, self.gateway_credential}
+
+
+def issue(role: str, path: Path) -> Path:
+    """A credential for ``role`` from the session's swarm key, issued as an operator would."""
+    swarm_key = os.environ["SWARMGATE_SWARM_KEY"]
+    argv = ["issue", "--swarm-key", swarm_key, "--role", role, "--days", "1", str(path)]
+    subprocess.run(
+        [sys.executable, "-m", "swarmgate", *argv],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return path
+
+
+def revoke(credential: Path, peers: list[str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "swarmgate", "revoke", "--initial-peers", *peers, str(credential)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +91,15 @@ def rogues(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     logs = tmp_path_factory.mktemp("rogues")
     other = logs / "other.key"
     SwarmKey.generate().save(other)
+    gateway_credential = issue("gateway", logs / "gateway.cred")
     with no_orphans():
         started: list[Process] = []
         try:
-            for name, key in (("rogue-no-key", ""), ("rogue-other-key", str(other))):
+            for name, key in (
+                ("rogue-no-key", ""),
+                ("rogue-other-key", str(other)),
+                ("rogue-gateway-credential", str(gateway_credential)),
+            ):
                 started.append(
                     start_node(
                         swarm.model_path,
@@ -80,7 +118,7 @@ def rogues(swarm: Swarm, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
                     f"{process.name} to announce itself",
                 )
                 assert process.alive(), process.output()[-3000:]
-            yield Rogues(node_identity(started[0])[0], node_identity(started[1])[0])
+            yield Rogues(*(node_identity(process)[0] for process in started))
         finally:
             for process in started:
                 process.stop()
@@ -108,7 +146,7 @@ def test_strangers_are_never_listed_nor_routed_to(
             r = httpx.post(f"{swarm.base_url}/v1/completions", json=body, timeout=60)
             assert r.status_code == 200, r.text
             route = {hop.split(":")[0] for hop in r.headers["x-swarmgate-route"].split(",")}
-            assert route <= members and not route & {rogues.no_key, rogues.other_key}
+            assert route <= members and not route & rogues.all
     finally:
         late.stop()
 
@@ -191,7 +229,7 @@ class Dialer:
 def test_nodes_serve_members_only_and_sessions_only_to_their_owner(swarm: Swarm) -> None:
     node = swarm.nodes[0]
     hidden_size = load_config(swarm.model_path).hidden_size
-    key, other = session_swarm_key(), SwarmKey.generate()
+    key, other = session_member(), Membership.of(SwarmKey.generate(), Role.GATEWAY)
 
     async def scenario() -> None:
         p2p = await P2P.create(initial_peers=_node_address(node))
@@ -231,7 +269,7 @@ def test_nodes_serve_members_only_and_sessions_only_to_their_owner(swarm: Swarm)
     asyncio.run(scenario())
 
 
-def test_records_cannot_be_forged_or_overwritten(swarm: Swarm) -> None:
+def test_records_cannot_be_forged_or_overwritten(swarm: Swarm, tmp_path: Path) -> None:
     member_peer, (start, _) = node_identity(swarm.nodes[0])
     key = block_key(MODEL_ID, start)
 
@@ -246,7 +284,14 @@ def test_records_cannot_be_forged_or_overwritten(swarm: Swarm) -> None:
         initial_peers=swarm.initial_peers,
         client_mode=True,
         start=True,
-        swarm_key=session_swarm_key(),
+        membership=session_member(Role.SERVER),
+    )
+    # ...a gateway, whose credential may read but never store...
+    gateway = SwarmDHT(
+        initial_peers=swarm.initial_peers,
+        client_mode=True,
+        start=True,
+        membership=Membership.load(issue("gateway", tmp_path / "gw.cred"), Role.GATEWAY),
     )
     # ...and a stranger who keeps going although no member answers it.
     stranger = SwarmDHT(
@@ -259,6 +304,10 @@ def test_records_cannot_be_forged_or_overwritten(swarm: Swarm) -> None:
         # Far in the future: if any peer took it, every read would return it.
         expiration = get_dht_time() + 600
         assert not insider.store(key, forged, expiration, subkey=subkey)
+        # Not even a record of its own, signed with its own key: members refuse its stores.
+        own = gateway.peer_id.to_base58() + gateway.owner_tag
+        assert gateway.get(key, latest=True) is not None  # it does read the swarm
+        gateway.store(key, forged, expiration, subkey=own)  # kept in its own storage only
         stranger.store(key, forged, expiration, subkey=subkey)
         stranger.store(key, forged, expiration, subkey=stranger.peer_id.to_base58())
 
@@ -266,8 +315,10 @@ def test_records_cannot_be_forged_or_overwritten(swarm: Swarm) -> None:
         assert now["throughput"] == original["throughput"] < MAX_THROUGHPUT
         peers = {s.split("[")[0] for s in insider.get(key, latest=True).value}
         assert stranger.peer_id.to_base58() not in peers
+        assert gateway.peer_id.to_base58() not in peers
     finally:
         insider.shutdown()
+        gateway.shutdown()
         stranger.shutdown()
 
 
@@ -286,7 +337,7 @@ def test_an_insider_cannot_speak_for_other_servers(tiny_model: Path, tmp_path: P
             initial_peers=swarm.initial_peers,
             client_mode=True,
             start=True,
-            swarm_key=session_swarm_key(),
+            membership=session_member(Role.SERVER),
         )
         try:
             expiration = get_dht_time() + 600
@@ -314,3 +365,59 @@ def test_an_insider_cannot_speak_for_other_servers(tiny_model: Path, tmp_path: P
                 assert served == {node_identity(n)[0] for n in swarm.nodes}
         finally:
             insider.shutdown()
+
+
+def test_revoked_credentials_are_refused_within_seconds(swarm: Swarm, tmp_path: Path) -> None:
+    """A node with a server credential and a caller with a gateway credential, both taken,
+    then revoked with `swarmgate revoke`: the gateway stops listing (and routing to) the
+    node, and the session's nodes refuse the caller, within the revocation refresh."""
+    server_credential = issue("server", tmp_path / "server.cred")
+    gateway_credential = issue("gateway", tmp_path / "gateway.cred")
+    node = swarm.nodes[0]
+    hidden_size = load_config(swarm.model_path).hidden_size
+    late = start_node(
+        swarm.model_path,
+        swarm.initial_peers,
+        tmp_path,
+        (0, TINY_BLOCKS),
+        name="node-with-credential",
+        env={"SWARMGATE_SWARM_KEY": str(server_credential)},
+    )
+    try:
+        wait_for(lambda: "serving blocks" in late.output() or not late.alive(), 120, "the node")
+        peer = node_identity(late)[0]
+        wait_for(lambda: peer in listed(swarm.base_url), 60, "the node in /swarm")
+
+        async def scenario() -> None:
+            p2p = await P2P.create(initial_peers=_node_address(node))
+            try:
+                dialer = Dialer(p2p, node, hidden_size)
+                caller = Membership.load(gateway_credential, Role.GATEWAY)
+                member_pass = PassIssuer(caller, dialer.me).current()
+
+                async def admitted() -> bool:
+                    try:
+                        stream, _ = await dialer.open(member_pass, "revoked", hashes=())
+                    except NotAMember:
+                        return False
+                    stream.close()
+                    return True
+
+                assert await admitted()
+                for credential in (gateway_credential, server_credential):
+                    printed = await asyncio.to_thread(revoke, credential, swarm.initial_peers)
+                    assert "is revoked" in printed
+                deadline = asyncio.get_running_loop().time() + 60
+                while await admitted():
+                    assert asyncio.get_running_loop().time() < deadline, "still admitted"
+                    await asyncio.sleep(1)
+            finally:
+                await p2p.shutdown()
+
+        asyncio.run(scenario())
+        wait_for(lambda: peer not in listed(swarm.base_url), 60, "the revoked node to go")
+        body = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 2}
+        r = httpx.post(f"{swarm.base_url}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and peer not in r.headers["x-swarmgate-route"]
+    finally:
+        late.stop()

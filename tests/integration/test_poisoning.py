@@ -25,7 +25,7 @@ from protocol.membership import PassIssuer
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import OpenSession
 from routing.planner import Hop
-from tests.integration.conftest import MODEL_ID, Swarm, session_swarm_key
+from tests.integration.conftest import MODEL_ID, Swarm, session_member
 from tests.integration.test_membership import Dialer, _node_address
 from tests.integration.test_swarm_chat import _reference, hf_greedy
 from tests.processes import node_identity
@@ -40,7 +40,7 @@ async def member_p2p(swarm: Swarm) -> tuple[P2P, str]:
     """A fresh peer of the swarm (it holds the key) that can dial every node; its pass."""
     addresses = [a for node in swarm.nodes for a in _node_address(node)]
     p2p = await P2P.create(initial_peers=addresses)
-    return p2p, PassIssuer(session_swarm_key(), p2p.peer_id.to_base58()).current()
+    return p2p, PassIssuer(session_member(), p2p.peer_id.to_base58()).current()
 
 
 def test_a_members_garbage_under_a_prompts_hashes_never_reaches_another_callers_session(

@@ -15,8 +15,9 @@ from hivemind.proto import runtime_pb2
 
 from models.loading import Span, load_span
 from protocol.codec import make_request, read_tensors
+from protocol.credentials import Role
 from protocol.errors import CapacityExceeded, NotAMember
-from protocol.membership import PassIssuer, SwarmKey
+from protocol.membership import Membership, PassIssuer, SwarmKey
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import (
     ErrorCode,
@@ -373,14 +374,16 @@ def test_one_peer_cannot_hold_every_stream(span: Span, monkeypatch: pytest.Monke
 def test_a_closed_swarm_node_refuses_callers_without_their_own_pass_before_any_work(
     span: Span,
 ) -> None:
-    key = SwarmKey.generate()
+    key = Membership.of(SwarmKey.generate(), Role.SERVER)
 
     async def scenario() -> None:
         store = make_store(span)
         handler = BlockHandler(span, store, lambda: info_of(store), members=key)
         refused = {
             "no pass": "",
-            "another swarm": PassIssuer(SwarmKey.generate(), "QmCaller").current(),
+            "another swarm": PassIssuer(
+                Membership.of(SwarmKey.generate(), Role.GATEWAY), "QmCaller"
+            ).current(),
             "someone else's": PassIssuer(key, "QmSomeoneElse").current(),
         }
         for why, member_pass in refused.items():

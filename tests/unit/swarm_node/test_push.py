@@ -15,9 +15,10 @@ from hivemind.proto import runtime_pb2
 
 from models.loading import Span, load_span
 from protocol.codec import make_request, make_response, read_tensors
+from protocol.credentials import Role
 from protocol.errors import CapacityExceeded, InvalidRequest
 from protocol.latency import SimulatedLink
-from protocol.membership import PassIssuer, SwarmKey
+from protocol.membership import Membership, PassIssuer, SwarmKey
 from protocol.rpc import (
     ErrorCode,
     OpenSession,
@@ -480,7 +481,7 @@ def test_a_push_before_its_step_and_a_relay_instead_of_a_push_both_work(span: Sp
 def test_pushes_with_a_wrong_token_or_from_a_stranger_are_refused_before_any_work(
     span: Span,
 ) -> None:
-    key = SwarmKey.generate()
+    key = Membership.of(SwarmKey.generate(), Role.SERVER)
 
     async def scenario() -> None:
         handler, _ = handler_of(span, members=key)

@@ -18,7 +18,8 @@ from hivemind.proto import runtime_pb2
 from models.loading import Span, block_linears, load_span
 from models.lora import lora_shapes
 from protocol.codec import make_request, read_pieces, request_pieces
-from protocol.membership import PassIssuer, SwarmKey
+from protocol.credentials import Role
+from protocol.membership import Membership, PassIssuer, SwarmKey
 from protocol.rpc import ErrorCode, LoraSpec, RpcError, TrainCall, TrainDone, decode
 from swarm_node.backend import forward_span
 from swarm_node.bounded_streams import Caller as StreamCaller
@@ -216,7 +217,7 @@ def test_non_finite_values_are_refused(span: Span, where: str, value: str) -> No
 
 
 def test_draining_and_strangers_are_refused(span: Span) -> None:
-    key = SwarmKey.generate()
+    key = Membership.of(SwarmKey.generate(), Role.SERVER)
     lora = lora_for(span, TINY_BLOCKS)
     tensors = [hidden(2, 5, 1), *lora]
 
