@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from functools import partial
 
 from hivemind import DHT
@@ -23,7 +25,7 @@ from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
 from protocol.credentials import CredentialError, Revocation
-from protocol.membership import Membership, SwarmAuthorizer
+from protocol.membership import EXPIRY_WARNING_S, Membership, SwarmAuthorizer
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +119,9 @@ async def learn_revocations(dht: DHT, membership: Membership) -> int:
 
 
 async def watch_revocations(dht: DHT, membership: Membership) -> None:
-    """``learn_revocations`` every ``REFRESH_S``, for as long as the process runs."""
+    """``learn_revocations`` every ``REFRESH_S``, for as long as the process runs; and a
+    daily reminder in the log once this process's own credential nears its expiry."""
+    warned_at = -math.inf
     while True:
         try:
             await learn_revocations(dht, membership)
@@ -125,6 +129,17 @@ async def watch_revocations(dht: DHT, membership: Membership) -> None:
             raise
         except Exception as e:  # the DHT is briefly unreachable: read again next time
             logger.debug("could not read revocations: %r", e)
+        credential = membership.credential()
+        left = credential.not_after - time.time()
+        due = not membership.renews and left < EXPIRY_WARNING_S
+        if due and time.monotonic() - warned_at > 86_400:
+            warned_at = time.monotonic()
+            logger.warning(
+                "this process's %s expires in %.1f days: issue a new one (`swarmgate issue`) "
+                "and restart with it",
+                credential.describe(),
+                max(left, 0.0) / 86_400,
+            )
         await asyncio.sleep(REFRESH_S)
 
 
