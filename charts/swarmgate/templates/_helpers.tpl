@@ -140,49 +140,80 @@ app.kubernetes.io/part-of: swarmgate
 {{/* What every swarm member (dht, node, gateway) shares ------------------------------------- */}}
 
 {{- define "swarmgate.swarmKeyDir" -}}/etc/swarmgate/swarm-key{{- end }}
+{{- define "swarmgate.credentialDir" -}}/etc/swarmgate/credential{{- end }}
 
-{{/* Global options go in env: on the command line they would have to precede the role. */}}
+{{/* Where a role's pods take their swarm membership from, as YAML: a Secret of its own
+     (credentials.<role>: a credential issued for that role) when set, else the swarm key's
+     (swarmKey.existingSecret), else {} (an open swarm; checks.yaml refuses it otherwise).
+     The one place that decides it: a gateway never falls through to the server's Secret.
+     dict "root" $ "role" "server"|"gateway" */}}
+{{- define "swarmgate.membership" -}}
+{{- $credential := get .root.Values.credentials .role }}
+{{- if $credential.existingSecret }}
+kind: credential
+volume: credential
+dir: {{ include "swarmgate.credentialDir" .root }}
+secret: {{ $credential.existingSecret | quote }}
+key: {{ $credential.key | quote }}
+{{- else if .root.Values.swarmKey.existingSecret }}
+kind: swarmKey
+volume: swarm-key
+dir: {{ include "swarmgate.swarmKeyDir" .root }}
+secret: {{ .root.Values.swarmKey.existingSecret | quote }}
+key: {{ .root.Values.swarmKey.key | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Global options go in env: on the command line they would have to precede the role.
+     SWARMGATE_SWARM_KEY names the swarm key or the role's credential: the CLI tells them
+     apart. dict "root" $ "role" "server"|"gateway" */}}
 {{- define "swarmgate.memberEnv" -}}
+{{- $root := .root }}
+{{- $m := fromYaml (include "swarmgate.membership" .) -}}
 - name: SWARMGATE_LOG_LEVEL
-  value: {{ .Values.logging.level | quote }}
+  value: {{ $root.Values.logging.level | quote }}
 - name: SWARMGATE_LOG_FORMAT
-  value: {{ .Values.logging.format | quote }}
+  value: {{ $root.Values.logging.format | quote }}
 - name: SWARMGATE_JOIN_TIMEOUT
-  value: {{ include "swarmgate.num" .Values.swarm.joinTimeout | quote }}
-{{- with .Values.swarm.namespace }}
+  value: {{ include "swarmgate.num" $root.Values.swarm.joinTimeout | quote }}
+{{- with $root.Values.swarm.namespace }}
 - name: SWARMGATE_NAMESPACE
   value: {{ . | quote }}
 {{- end }}
-{{- if .Values.swarmKey.existingSecret }}
+{{- if $m }}
 - name: SWARMGATE_SWARM_KEY
-  value: {{ printf "%s/%s" (include "swarmgate.swarmKeyDir" .) .Values.swarmKey.key | quote }}
+  value: {{ printf "%s/%s" $m.dir $m.key | quote }}
 {{- end }}
 {{- end }}
 
+{{/* dict "root" $ "role" "server"|"gateway" */}}
 {{- define "swarmgate.memberVolumes" -}}
+{{- $m := fromYaml (include "swarmgate.membership" .) -}}
 - name: tmp
   emptyDir: {}
 - name: home-cache
   emptyDir: {}
-{{- if .Values.swarmKey.existingSecret }}
-- name: swarm-key
+{{- if $m }}
+- name: {{ $m.volume }}
   secret:
-    secretName: {{ .Values.swarmKey.existingSecret }}
+    secretName: {{ $m.secret | quote }}
     defaultMode: 0400
     items:
-      - key: {{ .Values.swarmKey.key }}
-        path: {{ .Values.swarmKey.key }}
+      - key: {{ $m.key | quote }}
+        path: {{ $m.key | quote }}
 {{- end }}
 {{- end }}
 
+{{/* dict "root" $ "role" "server"|"gateway" */}}
 {{- define "swarmgate.memberVolumeMounts" -}}
+{{- $m := fromYaml (include "swarmgate.membership" .) -}}
 - name: tmp
   mountPath: /tmp
 - name: home-cache
   mountPath: /home/swarmgate/.cache
-{{- if .Values.swarmKey.existingSecret }}
-- name: swarm-key
-  mountPath: {{ include "swarmgate.swarmKeyDir" . }}
+{{- if $m }}
+- name: {{ $m.volume }}
+  mountPath: {{ $m.dir }}
   readOnly: true
 {{- end }}
 {{- end }}

@@ -37,6 +37,10 @@ CRD_KINDS = {"ServiceMonitor"}
 ROLES = {"dht", "node", "gateway"}
 
 SWARM_KEY = "swarmgate-swarm-key"
+SERVER_CREDENTIAL = "swarmgate-server-credential"
+GATEWAY_CREDENTIAL = "swarmgate-gateway-credential"
+# Which credential each role's pods take (credentials.<role>): node and dht pods the server's.
+CREDENTIAL_ROLE = {"dht": "server", "node": "server", "gateway": "gateway"}
 API_KEYS = "swarmgate-api-keys"
 DHT_IDENTITY = "swarmgate-dht-identity"
 REDIS_AUTH = "swarmgate-redis-auth"
@@ -128,6 +132,14 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "swarmKey": {"existingSecret": SWARM_KEY},
         "gateway": {"replicas": 2},
         "redis": {"enabled": False, "existingSecret": REDIS_URL_SECRET},
+    },
+    # Each role's own credential from its own Secret; the swarm key stays offline.
+    "credentials": {
+        "credentials": {
+            "server": {"existingSecret": SERVER_CREDENTIAL},
+            "gateway": {"existingSecret": GATEWAY_CREDENTIAL, "key": "gateway.cred"},
+        },
+        "dht": {"replicas": 2},
     },
     # An open swarm, chosen explicitly, with a plain Redis URL.
     "open": {
@@ -346,15 +358,113 @@ def test_the_validator_cli_passes_offline(
     assert "ERROR" not in result.stdout
 
 
-def test_the_swarm_key_is_required_unless_the_swarm_is_open(chart: helm_python.Chart) -> None:
-    with pytest.raises(helm_python.HelmRenderError) as missing:
-        render(chart, {})
-    message = str(missing.value)
-    assert "swarmKey.existingSecret is required" in message
-    assert "swarmgate keygen swarm.key" in message
-    assert "kubectl create secret generic swarmgate-swarm-key --from-file=swarm.key" in message
-    with pytest.raises(helm_python.HelmRenderError, match="choose one"):
-        render(chart, {"swarmKey": {"existingSecret": SWARM_KEY, "open": True}})
+@pytest.mark.parametrize(
+    ("values", "missing"),
+    [
+        ({}, ["credentials.server.existingSecret", "credentials.gateway.existingSecret"]),
+        (
+            {"credentials": {"server": {"existingSecret": SERVER_CREDENTIAL}}},
+            ["credentials.gateway.existingSecret (gateway pods)"],
+        ),
+        (
+            {"credentials": {"gateway": {"existingSecret": GATEWAY_CREDENTIAL}}},
+            ["credentials.server.existingSecret (node and dht pods)"],
+        ),
+    ],
+    ids=["neither", "no-gateway", "no-server"],
+)
+def test_every_role_needs_a_membership_unless_the_swarm_is_open(
+    chart: helm_python.Chart, values: dict[str, Any], missing: list[str]
+) -> None:
+    with pytest.raises(helm_python.HelmRenderError) as refused:
+        render(chart, values)
+    message = str(refused.value)
+    assert "swarm membership is required" in message
+    for name in missing:
+        assert name in message
+    for role in ("server", "gateway"):
+        if not any(name.startswith(f"credentials.{role}.") for name in missing):
+            assert f"credentials.{role}.existingSecret (" not in message
+    # The per-role way first, each command as the operator types it; the swarm key second.
+    commands = [
+        "swarmgate keygen swarm.key",
+        "swarmgate issue --swarm-key swarm.key --role server --days 90 server.cred",
+        "swarmgate issue --swarm-key swarm.key --role gateway --days 90 gateway.cred",
+        f"kubectl create secret generic {SERVER_CREDENTIAL} --from-file=credential=server.cred",
+        f"kubectl create secret generic {GATEWAY_CREDENTIAL} --from-file=credential=gateway.cred",
+        f"--set credentials.server.existingSecret={SERVER_CREDENTIAL}",
+        f"--set credentials.gateway.existingSecret={GATEWAY_CREDENTIAL}",
+        f"kubectl create secret generic {SWARM_KEY} --from-file=swarm.key",
+        f"--set swarmKey.existingSecret={SWARM_KEY}",
+        "swarmKey.open=true",
+    ]
+    positions = [message.find(command) for command in commands]
+    assert -1 not in positions, [c for c, i in zip(commands, positions, strict=True) if i < 0]
+    assert positions == sorted(positions)
+    # Either Secret covers a role on its own: the swarm key all, or both credentials.
+    render(chart, {**values, "swarmKey": {"existingSecret": SWARM_KEY}})
+    both = {"server": {"existingSecret": "s"}, "gateway": {"existingSecret": "g"}}
+    render(chart, {"credentials": both})
+
+
+@pytest.mark.parametrize(
+    ("values", "what"),
+    [
+        ({"swarmKey": {"existingSecret": SWARM_KEY}}, "swarmKey.existingSecret is"),
+        (
+            {"credentials": {"server": {"existingSecret": SERVER_CREDENTIAL}}},
+            "credentials.server.existingSecret is",
+        ),
+        (
+            {"credentials": {"gateway": {"existingSecret": GATEWAY_CREDENTIAL}}},
+            "credentials.gateway.existingSecret is",
+        ),
+        (
+            {
+                "swarmKey": {"existingSecret": SWARM_KEY},
+                "credentials": {"gateway": {"existingSecret": GATEWAY_CREDENTIAL}},
+            },
+            "swarmKey.existingSecret and credentials.gateway.existingSecret are",
+        ),
+    ],
+    ids=["swarm-key", "server", "gateway", "two"],
+)
+def test_an_open_swarm_takes_no_secret(
+    chart: helm_python.Chart, values: dict[str, Any], what: str
+) -> None:
+    values = {**values, "swarmKey": {**values.get("swarmKey", {}), "open": True}}
+    with pytest.raises(helm_python.HelmRenderError, match="choose one") as refused:
+        render(chart, values)
+    assert f"swarmKey.open=true while {what} set" in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {
+                "credentials": {
+                    "server": {"existingSecret": SERVER_CREDENTIAL},
+                    "gateway": {"existingSecret": SERVER_CREDENTIAL, "key": "gateway"},
+                }
+            },
+            "gateway pods must never get the server's Secret",
+        ),
+        (
+            {
+                "swarmKey": {"existingSecret": SWARM_KEY},
+                "credentials": {"gateway": {"existingSecret": SWARM_KEY}},
+            },
+            "gateway pods must not get the swarm key when they have a credential",
+        ),
+    ],
+    ids=["server-secret", "swarm-key-secret"],
+)
+def test_a_gateway_credential_needs_a_secret_of_its_own(
+    chart: helm_python.Chart, values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=message):
+        render(chart, values)
 
 
 @pytest.mark.parametrize(
@@ -390,6 +500,14 @@ def test_the_swarm_key_is_required_unless_the_swarm_is_open(chart: helm_python.C
         ({"gateway": {"responseTtlSeconds": 0}}, "/gateway/responseTtlSeconds"),
         ({"gateway": {"responseTtlSeconds": "1d"}}, "/gateway/responseTtlSeconds"),
         ({"model": {"revison": "main"}}, "/model"),
+        ({"credentials": {"servers": {"existingSecret": "s"}}}, "/credentials"),
+        ({"credentials": {"gateway": {"secret": "g"}}}, "/credentials/gateway"),
+        (
+            {"credentials": {"gateway": {"existingSecret": 1}}},
+            "/credentials/gateway/existingSecret",
+        ),
+        ({"credentials": {"server": {"existingSecret": "Server_Cred"}}}, "/credentials/server"),
+        ({"credentials": {"server": {"key": ""}}}, "/credentials/server/key"),
         ({"model": {"hfToken": {"secret": "hf-token"}}}, "/model/hfToken"),
         ({"model": {"hfToken": {"existingSecret": "hf-token", "key": ""}}}, "/model/hfToken/key"),
         ({"hfCache": {"mountpath": "/hf"}}, "/hfCache"),
@@ -710,19 +828,116 @@ def test_secrets_are_never_rendered(
                 assert "@" not in var["value"] or "$(REDIS_PASSWORD)@" in var["value"]
 
 
+def expected_membership(values: dict[str, Any], role: str) -> tuple[str, str]:
+    """The (Secret, key) a role's pods should mount: credentials.<role>, else the swarm key."""
+    credential = values.get("credentials", {}).get(CREDENTIAL_ROLE[role], {})
+    if credential.get("existingSecret"):
+        return credential["existingSecret"], credential.get("key", "credential")
+    swarm_key = values["swarmKey"]
+    return swarm_key["existingSecret"], swarm_key.get("key", "swarm.key")
+
+
+def secrets_of(workload: dict[str, Any]) -> set[str]:
+    """Every Secret a pod can read: volumes (projected too), env and envFrom."""
+    pod = pod_spec(workload)
+    names = set()
+    for vol in pod.get("volumes", []):
+        if "secret" in vol:
+            names.add(vol["secret"]["secretName"])
+        for source in vol.get("projected", {}).get("sources", []):
+            if "secret" in source:
+                names.add(source["secret"]["name"])
+    for ctr in pod["containers"] + pod.get("initContainers", []):
+        for var in ctr.get("env", []):
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                names.add(ref["name"])
+        for source in ctr.get("envFrom", []):
+            if "secretRef" in source:
+                names.add(source["secretRef"]["name"])
+    return names
+
+
+def mounted_membership(workload: dict[str, Any]) -> tuple[str, str]:
+    """The (Secret, key) behind SWARMGATE_SWARM_KEY, checked to be one read-only file."""
+    ctr = container(workload)
+    path = env(ctr)["SWARMGATE_SWARM_KEY"]["value"]
+    mount = mount_of(ctr, path)
+    assert mount["readOnly"] is True
+    secret = volume(workload, mount["name"])["secret"]
+    assert secret["defaultMode"] == 0o400
+    (item,) = secret["items"]
+    assert item["path"] == Path(path).name
+    return secret["secretName"], item["key"]
+
+
 @pytest.mark.parametrize("name", [n for n in VALUE_SETS if n != "open"])
-def test_the_swarm_key_comes_from_its_secret_as_a_file(
+def test_each_role_mounts_its_own_membership(
     manifests: dict[str, list[dict[str, Any]]], name: str
 ) -> None:
+    values = VALUE_SETS[name]
     for workload in members(manifests[name]):
-        ctr = container(workload)
-        path = env(ctr)["SWARMGATE_SWARM_KEY"]["value"]
-        mount = mount_of(ctr, path)
-        assert mount["readOnly"] is True
-        secret = volume(workload, mount["name"])["secret"]
-        assert secret["secretName"] == SWARM_KEY
-        assert secret["items"] == [{"key": "swarm.key", "path": Path(path).name}]
-        assert secret["defaultMode"] == 0o400
+        role = component(workload)
+        assert mounted_membership(workload) == expected_membership(values, role), role
+
+
+@pytest.mark.parametrize("name", [n for n in VALUE_SETS if n != "open"])
+def test_gateway_pods_never_get_the_servers_secret(
+    manifests: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    values = VALUE_SETS[name]
+    server, _ = expected_membership(values, "node")
+    gateway, _ = expected_membership(values, "gateway")
+    for workload in members(manifests[name], "gateway"):
+        readable = secrets_of(workload)
+        assert gateway in readable
+        if server != gateway:  # both the swarm key: the simple path, one Secret for all
+            assert server not in readable
+        if gateway != values.get("swarmKey", {}).get("existingSecret"):
+            assert SWARM_KEY not in readable
+    for workload in members(manifests[name], "node") + members(manifests[name], "dht"):
+        assert server in secrets_of(workload)
+        if server != gateway:
+            assert gateway not in secrets_of(workload)
+
+
+def test_per_role_credentials_leave_the_swarm_key_out_of_the_cluster(
+    manifests: dict[str, list[dict[str, Any]]],
+) -> None:
+    for name in ("credentials", "gpu"):
+        for workload in members(manifests[name]):
+            assert SWARM_KEY not in secrets_of(workload)
+            role = CREDENTIAL_ROLE[component(workload)]
+            secret = {"server": SERVER_CREDENTIAL, "gateway": GATEWAY_CREDENTIAL}[role]
+            assert mounted_membership(workload)[0] == secret
+
+
+@pytest.mark.parametrize("with_credential", ["server", "gateway"])
+def test_a_role_without_a_credential_falls_back_to_the_swarm_key(
+    chart: helm_python.Chart, with_credential: str
+) -> None:
+    own = {"server": SERVER_CREDENTIAL, "gateway": GATEWAY_CREDENTIAL}[with_credential]
+    values = {
+        "swarmKey": {"existingSecret": SWARM_KEY},
+        "credentials": {with_credential: {"existingSecret": own}},
+    }
+    templates = render(chart, values)
+    objects = [
+        doc
+        for path, text in templates.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    for workload in members(objects):
+        role = component(workload)
+        expected = (own, "credential") if CREDENTIAL_ROLE[role] == with_credential else None
+        assert mounted_membership(workload) == (expected or (SWARM_KEY, "swarm.key")), role
+    notes = templates["swarmgate/templates/NOTES.txt"]
+    pods = "node and dht pods" if with_credential == "server" else "gateway pods"
+    assert re.search(rf"{pods}: +a {with_credential} credential, from the Secret {own}", notes)
+    other = "gateway pods" if with_credential == "server" else "node and dht pods"
+    assert re.search(rf"{other}: +the swarm key itself, from the Secret {SWARM_KEY}", notes)
 
 
 def test_an_open_swarm_mounts_no_key(
@@ -983,6 +1198,63 @@ def test_the_readme_shows_the_gpu_example() -> None:
     (block,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
     assert yaml.safe_load(block) == yaml.safe_load(GPU_EXAMPLE.read_text())
     assert "examples/gpu-llama-70b.yaml" in section
+
+
+def selected_by(objects: list[dict[str, Any]], selector: str) -> list[dict[str, Any]]:
+    """Workloads whose pods a kubectl label selector (`k=v` and `k in (a,b)`) picks."""
+    wanted = {
+        key: set(value.strip("()").split(",")) if op == "in" else {value}
+        for key, op, value in re.findall(r"([\w./-]+)\s*(=|in)\s*(\([^)]*\)|[^,]+)", selector)
+    }
+    assert wanted, selector
+    return [
+        w
+        for w in workloads(objects)
+        if all(w["spec"]["template"]["metadata"]["labels"].get(k) in v for k, v in wanted.items())
+    ]
+
+
+def test_the_readme_rotation_steps_name_real_objects(
+    manifests: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The commands of "Rotating and revoking credentials" act on what the chart renders,
+    and never put the swarm key in a Secret."""
+    readme = (CHART / "README.md").read_text()
+    section = readme.split("## Rotating and revoking credentials", 1)[1].split("\n## ", 1)[0]
+    objects = manifests["defaults"]
+    nodes = members(objects, "node")
+    groups = [w["spec"]["template"]["metadata"]["labels"]["swarmgate/node-group"] for w in nodes]
+    kinds = {"statefulset": "StatefulSet", "deployment": "Deployment"}
+    named = set(re.findall(r"\b(statefulset|deployment)/(<release>-[-a-z<>]+)", section))
+    assert {name for _, name in named} == {
+        "<release>-swarmgate-dht",
+        "<release>-swarmgate-node-<group>",
+        "<release>-swarmgate-gateway",
+    }
+    for kind, name in named:
+        for group in groups if "<group>" in name else [""]:
+            one(objects, kinds[kind], name.replace("<release>", RELEASE).replace("<group>", group))
+    selectors = [
+        (quoted or bare).replace("<release>", RELEASE)
+        for quoted, bare in re.findall(r" -l (?:'([^']+)'|(\S+))", section)
+    ]
+    assert len(selectors) == 2
+    for selector in selectors:
+        picked = selected_by(objects, selector)
+        if "in (" in selector:  # restarting the whole swarm: every member, no Redis
+            assert sorted(map(id, picked)) == sorted(map(id, members(objects)))
+        else:  # the node groups
+            assert sorted(map(id, picked)) == sorted(map(id, nodes))
+    dht = one(objects, "Service", f"{RELEASE}-swarmgate-dht")
+    ports = {p["name"]: p["port"] for p in dht["spec"]["ports"]}
+    p2p, http = ports["p2p"], ports["http"]
+    assert f"port-forward pod/<release>-swarmgate-dht-0 {p2p}:{p2p} {http}:{http}" in section
+    assert f"/ip4/127.0.0.1/tcp/{p2p}/p2p/" in section
+    for line in section.splitlines():
+        if "kubectl create secret" in line:
+            assert "swarm.key" not in line and "swarm-2.key" not in line, line
+    assert "swarmgate revoke --swarm-key swarm.key" in section
+    assert "--dry-run=client -o yaml | kubectl apply -f -" in section
 
 
 @pytest.mark.parametrize("role", ["node", "gateway"])
@@ -1292,6 +1564,29 @@ def test_notes_show_how_to_call_the_api(rendered: dict[str, dict[str, str]]) -> 
     assert 'base_url="http://127.0.0.1:8000/v1"' in notes
     assert "Authorization" not in notes  # no API keys configured: no header to send
     assert "WARNING: no gateway.apiKeys.existingSecret: the gateways run with --allow-open" in notes
+
+
+def test_notes_say_which_membership_each_role_got(rendered: dict[str, dict[str, str]]) -> None:
+    notes = rendered["credentials"]["swarmgate/templates/NOTES.txt"]
+    assert re.search(
+        rf"node and dht pods: +a server credential, from the Secret {SERVER_CREDENTIAL} "
+        r"\(key credential\)",
+        notes,
+    )
+    assert re.search(
+        rf"gateway pods: +a gateway credential, from the Secret {GATEWAY_CREDENTIAL} "
+        r"\(key gateway\.cred\)",
+        notes,
+    )
+    assert "swarm key itself" not in notes
+    assert "Rotating and revoking credentials" in notes
+    notes = rendered["defaults"]["swarmgate/templates/NOTES.txt"]
+    for pods in ("node and dht pods", "gateway pods"):
+        assert re.search(rf"{pods}: +the swarm key itself, from the Secret {SWARM_KEY}", notes)
+    assert "set credentials.gateway.existingSecret for a gateway credential" in notes
+    assert (
+        "Swarm membership: none, an open swarm" in rendered["open"]["swarmgate/templates/NOTES.txt"]
+    )
 
 
 def test_notes_warn_of_gateways_without_shared_redis(chart: helm_python.Chart) -> None:
