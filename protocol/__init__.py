@@ -9,7 +9,6 @@ from protocol.errors import (
     PeerUnavailable,
     ProtocolMismatch,
     RequestError,
-    SessionExpired,
     SwarmError,
     Unauthorized,
 )
@@ -27,7 +26,6 @@ __all__ = [
     "ProtocolMismatch",
     "RequestError",
     "ServerRecord",
-    "SessionExpired",
     "SwarmError",
     "Unauthorized",
     "dht_prefix",

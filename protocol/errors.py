@@ -5,7 +5,6 @@
     ├── PeerUnavailable         a server of the chain failed or could not be reached
     │   ├── BadReply            a server answered with something unusable (NaN, wrong shape)
     │   └── NotAMember          a server refused us (or we it): not of the same closed swarm
-    ├── SessionExpired          a server no longer holds the session's cache
     ├── CapacityExceeded        a server or the gateway is full right now
     └── ProtocolMismatch        a peer sent a message we cannot understand
 
@@ -49,10 +48,6 @@ class BadReply(PeerUnavailable):
 
 class NotAMember(PeerUnavailable):
     """A peer without a valid pass of this swarm: a node refuses it before any work."""
-
-
-class SessionExpired(SwarmError):
-    """A server no longer holds the session's cache."""
 
 
 class CapacityExceeded(SwarmError):

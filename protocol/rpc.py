@@ -269,8 +269,7 @@ class TrainDone(RpcMessage):
 
 class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"  # the caller showed no valid pass of this server's swarm
-    CAPACITY = "capacity"  # no room for this session now: try a replica
-    DRAINING = "draining"  # leaving the swarm, takes no new sessions: try a replica
+    CAPACITY = "capacity"  # no room for this session now, or draining: try a replica
     INVALID_REQUEST = "invalid_request"  # the server refuses what was asked (a stale record?)
     PROTOCOL_MISMATCH = "protocol_mismatch"
     INTERNAL = "internal"  # the server failed while computing
@@ -298,7 +297,7 @@ class RpcError(RpcMessage):
     def exception(self, peer_id: str) -> SwarmError:
         """What the gateway raises for this reply from ``peer_id``."""
         message = f"{peer_id}: {self.message or self.error.value}"
-        if self.error in (ErrorCode.CAPACITY, ErrorCode.DRAINING):
+        if self.error is ErrorCode.CAPACITY:
             return CapacityExceeded(message, peer_id)
         if self.error is ErrorCode.PROTOCOL_MISMATCH:
             return ProtocolMismatch(message, peer_id)

@@ -18,7 +18,7 @@ from protocol.errors import (
     NoRouteError,
     PeerUnavailable,
     ProtocolMismatch,
-    SessionExpired,
+    SwarmError,
     Unauthorized,
 )
 from protocol.openai import ErrorResponse
@@ -124,7 +124,7 @@ def test_capacity_exceeded_is_429_with_retry_after() -> None:
     assert body["code"] == "capacity_exceeded"
 
 
-@pytest.mark.parametrize("exc", [ProtocolMismatch("bad"), SessionExpired("gone")])
+@pytest.mark.parametrize("exc", [ProtocolMismatch("bad"), SwarmError("gone")])
 def test_other_swarm_errors_are_502(exc: Exception) -> None:
     error = to_http_error(exc)
     assert error.status == 502
