@@ -26,7 +26,6 @@ from gateway.generation import Generation, GenerationRequest
 from gateway.prepare import ServedModel, check_model
 from gateway.response_store import MAX_RECORD_BYTES, ResponseStore, StoredResponse
 from gateway.responses_translation import (
-    InputItem,
     ResponseEvents,
     chat_request,
     input_items,
@@ -40,7 +39,13 @@ from gateway.responses_translation import (
 )
 from protocol.errors import InvalidRequest, NotFound, RequestError
 from protocol.openai import ChatCompletionRequest, ChatMessage
-from protocol.responses import Response, ResponseEvent, ResponseItemList, ResponsesRequest
+from protocol.responses import (
+    InputItem,
+    Response,
+    ResponseEvent,
+    ResponseItemList,
+    ResponsesRequest,
+)
 from routing.planner import Hop
 
 logger = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from protocol.openai import (
     ChatCompletionTokenLogprob,
     ChatMessage,
     ChatTool,
+    ChatToolChoice,
     ChoiceDeltaToolCall,
     ChoiceLogprobs,
     CompletionUsage,
@@ -33,7 +34,6 @@ from protocol.openai import (
     StreamOptions,
     ToolCall,
     ToolCallFunction,
-    ToolChoice,
 )
 from protocol.responses import (
     ContentPartEvent,
@@ -48,6 +48,7 @@ from protocol.responses import (
     FunctionCallOutputItem,
     FunctionToolChoice,
     IncompleteDetails,
+    InputItem,
     InputMessage,
     InputRefusal,
     InputText,
@@ -56,6 +57,7 @@ from protocol.responses import (
     LogprobTop,
     Loose,
     MessageItem,
+    OutputItem,
     OutputItemEvent,
     OutputMessage,
     OutputText,
@@ -79,9 +81,6 @@ LOGPROBS = "message.output_text.logprobs"
 # `include` values honoured: logprobs; and encrypted reasoning, which a model that does not
 # reason apart from its answer never has (so there is never anything to include).
 SUPPORTED_INCLUDE = frozenset({LOGPROBS, "reasoning.encrypted_content"})
-
-OutputItem = OutputMessage | FunctionCall
-InputItem = InputMessage | FunctionCallItem | FunctionCallOutputItem | Loose
 
 
 def new_id(prefix: str) -> str:
@@ -247,7 +246,7 @@ def chat_request(
     return chat, conversation
 
 
-def _chat_tool_choice(request: ResponsesRequest) -> ToolChoice | None:
+def _chat_tool_choice(request: ResponsesRequest) -> ChatToolChoice | None:
     choice = request.tool_choice
     if isinstance(choice, FunctionToolChoice):
         return NamedToolChoice.model_validate(

@@ -26,6 +26,7 @@ from transformers import PretrainedConfig
 
 from models.families import family_of
 from models.loading import Span
+from models.lora import PEFT_PREFIX
 from protocol.swarm import ADAPTER_PATTERN, MAX_ADAPTERS
 
 if TYPE_CHECKING:  # peft (and the bitsandbytes it loads) takes seconds to import
@@ -33,7 +34,6 @@ if TYPE_CHECKING:  # peft (and the bitsandbytes it loads) takes seconds to impor
     from peft.tuners.lora import LoraLayer
 
 ADAPTER_NAME = re.compile(ADAPTER_PATTERN)  # it becomes part of a model id
-_PEFT_PREFIX = "base_model.model."  # how PeftModel.save_pretrained names the tensors
 
 
 class AdapterError(ValueError):
@@ -81,7 +81,7 @@ def read_adapter(folder: Path, config: PretrainedConfig) -> Adapter:
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise AdapterError(f"adapter {name!r} ({folder}): no adapter_model.safetensors")
-    weights = {key.removeprefix(_PEFT_PREFIX): t for key, t in load_file(weights_file).items()}
+    weights = {key.removeprefix(PEFT_PREFIX): t for key, t in load_file(weights_file).items()}
     blocks: dict[str, int] = {}
     for key in weights:
         match = in_block.match(key)

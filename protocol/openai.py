@@ -172,7 +172,7 @@ class NamedToolChoice(OpenAIModel):
     function: ToolChoiceFunction
 
 
-ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+ChatToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 
 MAX_MESSAGES = 2048  # a request with more is refused before it is tokenized
@@ -244,7 +244,7 @@ class ChatCompletionRequest(SamplingRequest):
     prompt_cache_key: str | None = Field(default=None, max_length=1024)
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    tool_choice: ToolChoice | None = None
+    tool_choice: ChatToolChoice | None = None
     tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS)
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
