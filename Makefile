@@ -44,10 +44,13 @@ test-e2e: setup
 test-gpu: setup
 	$(BIN)/python -m pytest tests/gpu -ra
 
+# The last line holds the packages to their import layers (docs/ARCHITECTURE.md); the test
+# parses the sources and needs no fixtures, hence --noconftest (no torch to import).
 check: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy protocol routing gateway swarm_node models swarmgate training
+	$(BIN)/python -m pytest -q -p no:cacheprovider --noconftest tests/unit/test_layering.py
 
 format: setup
 	$(BIN)/ruff format .
