@@ -30,7 +30,7 @@ from protocol.membership import EXPIRY_WARNING_S, Membership, SwarmAuthorizer
 logger = logging.getLogger(__name__)
 
 REVOKED_KEY = "swarmgate_revoked"
-REFRESH_S = 30.0  # how long a revoked credential may still be taken, at most
+REFRESH_S = 10.0  # how long a revoked credential may still be taken, at most (one DHT read)
 DHT_TIMEOUT_S = 10.0
 MAX_REVOCATION_TTL_S = 366 * 86_400.0  # hivemind keeps nothing forever; stored again yearly
 

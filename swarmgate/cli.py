@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("file", metavar="FILE", help="where to write it (must not exist)")
 
     revoke = commands.add_parser(
-        "revoke", help="revoke a credential before it expires (members refuse it within 30 s)"
+        "revoke", help="revoke a credential before it expires (members refuse it within 10 s)"
     )
     revoke.add_argument("--swarm-key", default=_env("SWARMGATE_SWARM_KEY"), metavar="KEY")
     _add_peers(revoke, required=True)

@@ -105,7 +105,7 @@ def revoke(args: argparse.Namespace) -> int:
         return 1
     print(
         f"swarmgate revoke: credential {credential_id} is revoked. Members refuse it within "
-        "30 s; servers keep the revocation stored until the credential would have expired."
+        "10 s; servers keep the revocation stored until the credential would have expired."
     )
     return 0
 

@@ -57,7 +57,9 @@ def gateway(request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Path) ->
     swarm of its own per mode (servers frozen and thawed before would be fresh in no DHT)."""
     flags = ["--no-push"] if request.param == "relay" else []
     spans = [(0, HALF), (0, HALF), (HALF, 4), (HALF, 4)]
-    with run_swarm(tiny_model, tmp_path, spans, gateway_flags=flags) as swarm:
+    # A thawed server still holds the stream it hung on: it must not drain it at the end.
+    drain = ("--drain-timeout", "1")
+    with run_swarm(tiny_model, tmp_path, spans, *drain, gateway_flags=flags) as swarm:
         wait_for(lambda: len(online(swarm)) == 4, 120, "all four servers online")
         yield swarm
 
