@@ -18,7 +18,7 @@ import pytest
 from protocol.credentials import Role
 from protocol.membership import Membership, PassIssuer, SwarmKey
 from protocol.rpc import ServerInfo
-from tests.processes import Process, free_port, http_ok, no_orphans, wait_for
+from tests.processes import Process, free_port, http_ok, no_orphans, stop_all, wait_for
 from tests.tiny_model import TINY_BLOCKS
 
 MODEL_ID = "tiny-llama"
@@ -144,8 +144,7 @@ def run_swarm(
             wait_for(ready, 180, "the swarm to become healthy")
             yield Swarm(url, MODEL_ID, model, peers, processes[1:-1], gateway)
         finally:
-            for process in reversed(processes):
-                process.stop()
+            stop_all(processes)
 
 
 @pytest.fixture(scope="session")

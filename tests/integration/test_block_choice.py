@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import MODEL_ID, printed_initial_peers, start_gateway
-from tests.processes import Process, http_ok, no_orphans, wait_for
+from tests.processes import Process, http_ok, no_orphans, stop_all, wait_for
 from tests.tiny_model import TINY_BLOCKS
 
 pytestmark = pytest.mark.integration
@@ -54,5 +54,4 @@ def test_nodes_without_blocks_take_the_least_covered_spans(
             )
             assert spans == [(0, TINY_BLOCKS // 2), (TINY_BLOCKS // 2, TINY_BLOCKS)]
         finally:
-            for process in reversed(processes):
-                process.stop()
+            stop_all(processes)

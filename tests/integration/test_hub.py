@@ -33,6 +33,7 @@ from tests.processes import (
     free_port,
     http_ok,
     no_orphans,
+    stop_all,
     wait_for,
 )
 from tests.reference import greedy_ids, token_texts
@@ -141,8 +142,7 @@ def test_a_swarm_from_hub_ids_answers_as_generate_each_process_downloading_its_p
             swarm = httpx.get(f"{url}/swarm", timeout=10).json()
             node_log = processes[2].output()
         finally:
-            for process in reversed(processes):
-                process.stop()
+            stop_all(processes)
 
     assert tokens == token_texts(tiny_model, greedy_ids(tiny_model, PROMPT, NEW_TOKENS))
     assert [m["id"] for m in models["data"]] == ["org/tiny"]

@@ -29,7 +29,7 @@ from tests.integration.conftest import (
     start_gateway,
     start_node,
 )
-from tests.processes import Process, free_port, http_ok, no_orphans, wait_for
+from tests.processes import Process, free_port, http_ok, no_orphans, stop_all, wait_for
 from tests.tiny_model import TINY_BLOCKS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -128,8 +128,7 @@ def life(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                 started,
             )
         finally:
-            for process in reversed(processes + started):
-                process.stop()
+            stop_all(processes + started)
 
 
 def ask(url: str, max_tokens: int, messages: list[dict] = MESSAGES) -> tuple[dict, str]:
