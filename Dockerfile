@@ -51,6 +51,7 @@ RUN python -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb
  && pip install --no-cache-dir -r /tmp/requirements.txt
 
 COPY protocol/ protocol/
+COPY client/ client/
 COPY gateway/ gateway/
 COPY routing/ routing/
 COPY swarm_node/ swarm_node/

@@ -49,7 +49,7 @@ test-gpu: setup
 check: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy protocol routing gateway swarm_node models swarmgate training
+	$(BIN)/mypy protocol routing client gateway swarm_node models swarmgate training
 	$(BIN)/python -m pytest -q -p no:cacheprovider --noconftest tests/unit/test_layering.py
 
 format: setup

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException
 
+from client.swarm_client import P2PSwarmClient, SwarmClient
 from gateway.affinity import (
     AffinityStore,
     InMemoryAffinityStore,
@@ -36,10 +37,9 @@ from gateway.responses_service import ResponsesService
 from gateway.routes import api, ops
 from gateway.sessions import SessionAffinity
 from gateway.settings import GatewaySettings
-from gateway.swarm_client import P2PSwarmClient, SwarmClient
-from gateway.templating import PromptBuilder, load_tokenizer
+from gateway.templating import PromptBuilder
 from models.devices import Placement
-from models.loading import load_config, load_head
+from models.loading import load_config, load_head, load_tokenizer
 from protocol.errors import RequestError, SwarmError
 from protocol.swarm import ModelRecord, dht_prefix
 from routing.dht import SwarmDHT

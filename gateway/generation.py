@@ -14,12 +14,12 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from client.swarm_client import InferenceSession, SwarmClient, detach
 from gateway.grammar import Grammar
 from gateway.head import HeadRunner
 from gateway.metrics import GatewayMetrics
 from gateway.sampling import SamplingParams, StreamSampler, TokenChoice
 from gateway.sessions import Claim, SessionAffinity
-from gateway.swarm_client import InferenceSession, SwarmClient, detach
 from gateway.text import Decoder, IncrementalDetokenizer, StopMatcher
 from protocol.openai import FinishReason
 from protocol.prefix import TokenHistory

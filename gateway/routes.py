@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
 from starlette.requests import ClientDisconnect
 
+from client.swarm_client import SwarmClient
 from gateway import sse
 from gateway.auth import client_key, tenant_of
 from gateway.cancellation import unless_disconnected
@@ -24,7 +25,6 @@ from gateway.generation import Generation
 from gateway.limits import Admission, Slot
 from gateway.responses_service import ResponsesService
 from gateway.streaming import EventStream
-from gateway.swarm_client import SwarmClient
 from protocol.errors import ModelNotFound, NoRouteError
 from protocol.openai import (
     ChatCompletionRequest,

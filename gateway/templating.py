@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from gateway.tool_calls import (
     ToolFormat,
@@ -18,10 +17,6 @@ from gateway.tool_calls import (
 )
 from protocol.errors import InvalidRequest
 from protocol.openai import ChatMessage, ChatTool, ToolCall
-
-
-def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(folder)
 
 
 class PromptBuilder:

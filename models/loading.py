@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from models.devices import CPU, DTYPES
 from models.families import SUPPORTED_MODEL_TYPES, Family, family_of
@@ -238,3 +244,9 @@ def load_head(folder: Path, device: torch.device = CPU, dtype: torch.dtype = tor
             raise ValueError("tied LM head with a bias is not supported")
     lm_head = _materialize(skeleton.lm_head, head_state).to(device)
     return Head(config, embed, part(family.norm), lm_head, device, dtype)
+
+
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of the model in ``folder`` (gateways and fine-tuners need it; servers,
+    which see hidden states only, never do)."""
+    return AutoTokenizer.from_pretrained(folder)

@@ -28,11 +28,10 @@ from typing import TextIO
 
 import torch
 
-from gateway.swarm_client import P2PSwarmClient
-from gateway.templating import load_tokenizer
+from client.swarm_client import P2PSwarmClient
 from models.devices import Placement, to_host
 from models.families import family_of
-from models.loading import Head, block_linears, load_config, load_head
+from models.loading import Head, block_linears, load_config, load_head, load_tokenizer
 from protocol.errors import NoRouteError, SwarmError
 from protocol.membership import Membership
 from protocol.rpc import LoraSpec

@@ -23,7 +23,7 @@ import torch
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 
-from gateway.hop_stream import HopStream
+from client.hop_stream import HopStream
 from models.loading import load_config
 from protocol.credentials import Role
 from protocol.errors import NotAMember

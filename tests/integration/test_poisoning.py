@@ -17,8 +17,8 @@ import pytest
 import torch
 from hivemind.p2p import P2P
 
-from gateway.chain import ChainSession
-from gateway.hop_stream import HopStream
+from client.chain import ChainSession
+from client.hop_stream import HopStream
 from models.loading import load_config
 from protocol.errors import BadReply, NoRouteError, PeerUnavailable, SwarmError
 from protocol.membership import PassIssuer

@@ -25,21 +25,12 @@ ALLOWED: dict[str, frozenset[str]] = {
     "routing": frozenset({"protocol"}),
     "models": frozenset({"protocol"}),
     "swarm_node": frozenset({"protocol", "routing", "models"}),
-    "gateway": frozenset({"protocol", "routing", "models"}),
-    "training": frozenset({"protocol", "routing", "models", "gateway"}),
-    "swarmgate": frozenset({"protocol", "routing", "models", "swarm_node", "gateway", "training"}),
-}
-
-# Edges allowed above that break the layering, each to be removed by a named change, with
-# the only modules they may reach. Each must still exist: the test says when one is gone,
-# so that its allowance goes too.
-KNOWN_EXCEPTIONS: dict[tuple[str, str], frozenset[str]] = {
-    # The fine-tuning client uses the swarm client that lives in the gateway
-    # (gateway/swarm_client.py and what it stands on) and the gateway's load_tokenizer
-    # (gateway/templating.py). Gone once the swarm client moves to a package of its own,
-    # client/, under both, and load_tokenizer moves to models/ (docs/ARCHITECTURE.md,
-    # "Future work").
-    ("training", "gateway"): frozenset({"gateway.swarm_client", "gateway.templating"}),
+    "client": frozenset({"protocol", "routing"}),
+    "gateway": frozenset({"protocol", "routing", "models", "client"}),
+    "training": frozenset({"protocol", "routing", "models", "client"}),
+    "swarmgate": frozenset(
+        {"protocol", "routing", "models", "swarm_node", "client", "gateway", "training"}
+    ),
 }
 
 
@@ -134,26 +125,6 @@ def test_a_package_imports_only_the_layers_below_it(package: str) -> None:
 def test_there_is_no_import_cycle_between_packages() -> None:
     assert cycle({package: set(edges) for package, edges in GRAPH.items()}) is None
     assert cycle({package: set(allowed) for package, allowed in ALLOWED.items()}) is None
-
-
-@pytest.mark.parametrize("edge", sorted(KNOWN_EXCEPTIONS))
-def test_a_known_exception_reaches_no_further_and_still_exists(edge: tuple[str, str]) -> None:
-    """It may not grow; once the change that removes it is made, its allowance goes too."""
-    package, other = edge
-    assert other in ALLOWED[package]
-    assert other in GRAPH[package], (
-        f"{package}/ no longer imports {other}/: remove it from ALLOWED and KNOWN_EXCEPTIONS "
-        "here, and from docs/ARCHITECTURE.md"
-    )
-    further = {
-        f"{name} at {where}"
-        for where, name in GRAPH[package][other]
-        if not any(name == m or name.startswith(f"{m}.") for m in KNOWN_EXCEPTIONS[edge])
-    }
-    assert not further, (
-        f"{package}/ may import only {sorted(KNOWN_EXCEPTIONS[edge])} of {other}/ (a known "
-        f"exception to the layering, not to be widened), but imports {sorted(further)}"
-    )
 
 
 def test_the_cycle_finder_finds_cycles() -> None:

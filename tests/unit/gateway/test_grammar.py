@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from gateway import grammar as grammar_module
 from gateway.grammar import Grammar, GrammarCompiler, GrammarError, lark_json
 from gateway.sampling import SamplingParams, StreamSampler
-from gateway.templating import load_tokenizer
+from models.loading import load_tokenizer
 from protocol.errors import CapacityExceeded, InvalidRequest
 
 PERSON = {

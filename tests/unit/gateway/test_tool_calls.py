@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from gateway.grammar import GrammarCompiler
-from gateway.templating import load_tokenizer
 from gateway.tool_calls import (
     FALLBACK,
     HERMES,
@@ -23,6 +22,7 @@ from gateway.tool_calls import (
     template_knows_tools,
     tool_grammar,
 )
+from models.loading import load_tokenizer
 from protocol.openai import ChatTool
 
 WEATHER = ChatTool.model_validate(

@@ -20,7 +20,8 @@ from gateway.chat_service import ChatService, tool_plan
 from gateway.generation import Finished, Generation, GenerationRequest, TextDelta
 from gateway.prepare import ServedModel
 from gateway.settings import GatewaySettings
-from gateway.templating import PromptBuilder, load_tokenizer
+from gateway.templating import PromptBuilder
+from models.loading import load_tokenizer
 from protocol.openai import ChatCompletionRequest, ChatMessage, ChatTool
 from tests.fakes import LocalSwarmClient
 

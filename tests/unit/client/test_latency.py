@@ -12,7 +12,7 @@ import torch
 from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from gateway.hop_stream import HopStream
+from client.hop_stream import HopStream
 from protocol.codec import make_response, read_tensors
 from protocol.errors import PeerUnavailable
 from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink, parse_rtt_ms

@@ -1,6 +1,6 @@
 """A hop's silence past its soft deadline gets it probed: a hop that answers the probe is
 slow and keeps its step; one that does not is hung and fails at once, long before the hard
-deadline (gateway/hop_stream.py ``Watch``, gateway/liveness.py)."""
+deadline (client/hop_stream.py ``Watch``, client/liveness.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import time
 
 import pytest
 import torch
+from tests.unit.client.test_hop_stream import OPENING, PEER, FakeP2P, FakeServer, doubled
 
-from gateway.hop_stream import HopStream
+from client.hop_stream import HopStream
 from protocol.errors import PeerUnavailable
 from protocol.prefix import TokenHistory
 from protocol.rpc import Step
 from routing.planner import Hop
-from tests.unit.gateway.test_hop_stream import OPENING, PEER, FakeP2P, FakeServer, doubled
 
 HARD_S = 5.0  # the hard deadline: no test here may come near it
 SOFT_S = 0.05

@@ -30,7 +30,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from gateway.frames import ReplyReader, receive_frame, send_frame
+from client.frames import ReplyReader, receive_frame, send_frame
 from protocol.codec import make_request, read_tensors
 from protocol.errors import BadReply, PeerUnavailable, SwarmError
 from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
@@ -90,7 +90,7 @@ def check_hidden(tensor: torch.Tensor, shape: torch.Size, peer_id: str) -> torch
 
 
 class Watch(Protocol):
-    """How a stream tells a slow hop from a hung one (gateway.liveness): a soft deadline
+    """How a stream tells a slow hop from a hung one (client.liveness): a soft deadline
     from the hop's own step times, and a liveness probe once it passes."""
 
     def suspect_after_s(self, peer_id: str, tokens: int) -> float:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 
-from gateway.chain import ChainSession
-from gateway.swarm_client import P2PSwarmClient
+from client.chain import ChainSession
+from client.swarm_client import P2PSwarmClient
 from protocol.errors import NoRouteError, PeerUnavailable
 from protocol.swarm import ModelRecord, NodeState, ServerRecord, block_key
 from routing.planner import Hop

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
-from gateway.metrics import GatewayMetrics
+from client.metrics import ClientMetrics
 from protocol.errors import SwarmError
 from protocol.latency import SimulatedLink
 from protocol.membership import Membership
@@ -57,14 +57,14 @@ MAX_PEERS = 10_000
 
 
 class Liveness:
-    """The gateway's ``Watch`` (gateway.hop_stream) over every hop it opens."""
+    """The gateway's ``Watch`` (client.hop_stream) over every hop it opens."""
 
     def __init__(
         self,
         health: PeerHealth,
         snapshot: Callable[[], SwarmSnapshot],
         member_pass: Callable[[], str],
-        metrics: GatewayMetrics,
+        metrics: ClientMetrics,
         link: SimulatedLink,
         clock: Callable[[], float] = time.monotonic,
         membership: Membership | None = None,

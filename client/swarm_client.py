@@ -22,10 +22,10 @@ import torch
 from hivemind import DHT
 from hivemind.p2p import P2P
 
-from gateway.chain import ChainSession
-from gateway.hop_stream import SIMULATED_LINK, HopStream, detach
-from gateway.liveness import Liveness
-from gateway.metrics import GatewayMetrics
+from client.chain import ChainSession
+from client.hop_stream import SIMULATED_LINK, HopStream, detach
+from client.liveness import Liveness
+from client.metrics import ClientMetrics
 from protocol.errors import NoRouteError, SwarmError
 from protocol.logs import request_id
 from protocol.membership import Membership, PassIssuer
@@ -109,7 +109,7 @@ class P2PSwarmClient:
         prefill_chunk_tokens: int | None = None,
         step_floor_s: float = 10.0,
         health: PeerHealth | None = None,
-        metrics: GatewayMetrics | None = None,
+        metrics: ClientMetrics | None = None,
         push: bool = True,
     ) -> None:
         self._dht = dht
@@ -127,7 +127,7 @@ class P2PSwarmClient:
         self._prefill_chunk_tokens = prefill_chunk_tokens
         self._step_floor_s = step_floor_s
         self.health = health or PeerHealth()
-        self._metrics = metrics or GatewayMetrics()
+        self._metrics = metrics or ClientMetrics()
         self.open_streams: Counter[str] = Counter()  # this gateway's sessions per server
         self._snapshot = SwarmSnapshot(model=model)
         self._p2p: P2P | None = None

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gateway import chain as chain_module
-from gateway.chain import MAX_FAILOVERS, ChainSession
-from gateway.hop_stream import check_cached, check_hidden
+from client.chain import MAX_FAILOVERS, ChainSession
+from client.hop_stream import check_cached, check_hidden
+from client import chain as chain_module
 from models.loading import Span, load_span
 from protocol.errors import (
     BadReply,

@@ -36,7 +36,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from gateway.hop_stream import HopStream
+from client.hop_stream import HopStream
 from protocol.errors import CapacityExceeded, NoRouteError, SwarmError
 from protocol.prefix import TokenHistory
 from protocol.rpc import OpenSession

@@ -11,7 +11,7 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 from hivemind.proto.p2pd_pb2 import RPCError
 
-from gateway.hop_stream import HopStream, check_cached, check_hidden
+from client.hop_stream import HopStream, check_cached, check_hidden
 from protocol.codec import make_response, read_tensors
 from protocol.errors import BadReply, CapacityExceeded, PeerUnavailable
 from protocol.prefix import BLOCK_TOKENS, TokenHistory, block_hashes
