@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from client import chain as chain_module
 from client.chain import MAX_FAILOVERS, ChainSession
 from client.hop_stream import check_cached, check_hidden
-from client import chain as chain_module
 from models.loading import Span, load_span
 from protocol.errors import (
     BadReply,

@@ -9,13 +9,13 @@ import time
 
 import pytest
 import torch
-from tests.unit.client.test_hop_stream import OPENING, PEER, FakeP2P, FakeServer, doubled
 
 from client.hop_stream import HopStream
 from protocol.errors import PeerUnavailable
 from protocol.prefix import TokenHistory
 from protocol.rpc import Step
 from routing.planner import Hop
+from tests.unit.client.test_hop_stream import OPENING, PEER, FakeP2P, FakeServer, doubled
 
 HARD_S = 5.0  # the hard deadline: no test here may come near it
 SOFT_S = 0.05
