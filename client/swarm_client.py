@@ -158,9 +158,12 @@ class P2PSwarmClient:
         self._p2p = await self._dht.replicate_p2p()
         self.liveness.attach(self._p2p)
         if self._membership is not None:
+            handed: set[str] = set()  # revocations the DHT's process has
             with contextlib.suppress(Exception):  # read again by the watch below
-                await learn_revocations(self._dht, self._membership)
-            self._revocations = asyncio.create_task(watch_revocations(self._dht, self._membership))
+                await learn_revocations(self._dht, self._membership, handed)
+            self._revocations = asyncio.create_task(
+                watch_revocations(self._dht, self._membership, handed)
+            )
         with contextlib.suppress(Exception):  # no record yet: the servers will write one
             check_model(await fetch_model(self._dht, self._prefix), self._model)
         await self.refresh()

@@ -103,28 +103,37 @@ async def publish_revocations(dht: DHT, revocations: list[Revocation]) -> bool:
     return bool(stored)
 
 
-async def learn_revocations(dht: DHT, membership: Membership) -> int:
-    """Read the swarm's revocations into this process and its DHT's; how many were news."""
+async def learn_revocations(dht: DHT, membership: Membership, handed: set[str]) -> int:
+    """Read the swarm's revocations into this process and its DHT's; how many were news.
+
+    ``handed``: the ids the DHT's process already has. Whatever this process knows beyond
+    them is handed over, so a hand-over that failed or was cancelled is made next time
+    (the news would not be news again)."""
     news = [r for r in await fetch_revocations(dht) if membership.learn(r)]
-    if news:
+    for revocation in news:
+        logger.warning("credential %s is revoked: refused from now on", revocation.id)
+    due = [r for r in membership.revocations.all() if r.id not in handed]
+    if due:
         await asyncio.wait_for(
             dht.run_coroutine(
-                partial(_learn_here, encoded=[r.encode() for r in news]), return_future=True
+                partial(_learn_here, encoded=[r.encode() for r in due]), return_future=True
             ),
             DHT_TIMEOUT_S,
         )
-        for revocation in news:
-            logger.warning("credential %s is revoked: refused from now on", revocation.id)
+        handed.update(r.id for r in due)
     return len(news)
 
 
-async def watch_revocations(dht: DHT, membership: Membership) -> None:
+async def watch_revocations(
+    dht: DHT, membership: Membership, handed: set[str] | None = None
+) -> None:
     """``learn_revocations`` every ``REFRESH_S``, for as long as the process runs; and a
     daily reminder in the log once this process's own credential nears its expiry."""
+    handed = set() if handed is None else handed
     warned_at = -math.inf
     while True:
         try:
-            await learn_revocations(dht, membership)
+            await learn_revocations(dht, membership, handed)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the DHT is briefly unreachable: read again next time
