@@ -9,10 +9,11 @@ A stream whose connection failed stays failed: every later call raises the same 
 
 A step is either one call (``step``: send the input, read the output) or, when servers push
 to each other, split in two: ``begin`` sends it (with its input, or awaiting it by push),
-``relay`` sends the input later if its push failed, ``finish`` reads the answer. A pushed
-step's acknowledgement need not be read before the next step is sent: once the hop it
-pushed to has answered, the push evidently got through (``finish(successor=...)``), and the
-acknowledgement is checked when the next answer is read.
+``relay`` sends the input later if its push failed, ``finish`` reads the answer. Either way
+it is one protocol: the same message (``_request``) and the same checks of the answer
+(``_check``). A pushed step's acknowledgement need not be read before the next step is sent:
+once the hop it pushed to has answered, the push evidently got through
+(``finish(successor=...)``), and the acknowledgement is checked when the next answer is read.
 """
 
 from __future__ import annotations
@@ -241,24 +242,17 @@ class HopStream:
         if self.pending:
             raise RuntimeError(f"a step of {self.peer_id} is still pending")
         await self._settle()
-        hashes = history.hashes
         began = time.monotonic()
         outputs = []
         for chunk in torch.split(hidden, self._chunk_tokens, dim=1):
-            end = self.position + chunk.shape[1]
-            # The server keeps the hashes of the blocks it holds: send those this chunk completes.
-            new = hashes[self.position // BLOCK_TOKENS : end // BLOCK_TOKENS]
-            step = Step(position=self.position, new_hashes=list(new), digest=history.digest(end))
-            request = make_request(step, chunk)
+            request, end = self._request(chunk.shape, history, chunk)
             reply = await self._exchange(
                 request, self._deadline_s(chunk.shape[1]), tokens=chunk.shape[1]
             )
-            done = decode_reply(StepDone, reply.metadata, self.peer_id)
-            if done.position != end:
-                raise BadReply(
-                    f"{self.peer_id} is at {done.position}, expected {end}", self.peer_id
-                )
-            outputs.append(self._output(reply, chunk.shape))
+            pending = _Pending(chunk.shape, end, has_input=True, pushes=False, began=began)
+            out = self._check(pending, reply)
+            assert out is not None, "a step that does not push answers with its output"
+            outputs.append(out)
             self.position = end
         self._observe(time.monotonic() - began, hidden.shape[1])
         return torch.cat(outputs, dim=1)
@@ -279,15 +273,7 @@ class HopStream:
             raise RuntimeError(f"a step of {self.peer_id} is still pending")
         if hidden is not None and hidden.shape != shape:
             raise ValueError(f"an input of {list(hidden.shape)} for a step of {list(shape)}")
-        end = self.position + shape[1]
-        step = Step(
-            position=self.position,
-            new_hashes=list(history.hashes[self.position // BLOCK_TOKENS : end // BLOCK_TOKENS]),
-            digest=history.digest(end),
-            input_tokens=shape[1] if hidden is None else 0,
-            push_to=push_to,
-        )
-        request = make_request(step) if hidden is None else make_request(step, hidden)
+        request, end = self._request(shape, history, hidden, push_to)
         began = time.monotonic()
         self._read_ahead()
         await self._send(request)
@@ -334,8 +320,38 @@ class HopStream:
         self._unanswered.popleft()
         return self._answer(current, reply)
 
+    def _request(
+        self,
+        shape: torch.Size,
+        history: TokenHistory,
+        hidden: torch.Tensor | None,
+        push_to: PushTarget | None = None,
+    ) -> tuple[runtime_pb2.ExpertRequest, int]:
+        """The message of a step of ``shape`` [1, n, H] at ``position`` (with its input
+        ``hidden``, or None: awaiting it by push), and the position after it. Every step,
+        whether ``step`` or ``begin`` sends it, is built here and checked by ``_check``."""
+        end = self.position + shape[1]
+        step = Step(
+            position=self.position,
+            # The server keeps the hashes of the blocks it holds: those this step completes.
+            new_hashes=list(history.hashes[self.position // BLOCK_TOKENS : end // BLOCK_TOKENS]),
+            digest=history.digest(end),
+            input_tokens=shape[1] if hidden is None else 0,
+            push_to=push_to,
+        )
+        request = make_request(step) if hidden is None else make_request(step, hidden)
+        return request, end
+
     def _answer(self, pending: _Pending, reply: runtime_pb2.ExpertResponse) -> torch.Tensor | None:
         """What a begun step's answer says: its output, or None if it pushed it."""
+        out = self._check(pending, reply)
+        if not pending.done:
+            self._stepped(pending)
+        return out
+
+    def _check(self, pending: _Pending, reply: runtime_pb2.ExpertResponse) -> torch.Tensor | None:
+        """A step's answer, checked against what was sent: its output, or None if it
+        pushed it (only a step told to push may say so, and then with no tensor)."""
         done = decode_reply(StepDone, reply.metadata, self.peer_id)
         if done.position != pending.end:
             raise BadReply(
@@ -349,8 +365,6 @@ class HopStream:
             raise BadReply(f"{self.peer_id} answered a step it had pushed", self.peer_id)
         else:
             out = self._output(reply, pending.shape)
-        if not pending.done:
-            self._stepped(pending)
         return out
 
     def _stepped(self, pending: _Pending) -> None:
