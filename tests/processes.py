@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -21,10 +22,33 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that nothing holds now, for a child process to listen on.
+
+    A child binds it later, so the port must not be one the kernel hands out meanwhile:
+    port 0 binds, p2pd's connections and modules that pick a port at import time all draw
+    from the ephemeral range, and a port drawn from it here could be taken before the child
+    binds it. So the port comes from below that range, where only explicit binds land, and
+    is checked free by binding it (retried while taken)."""
+    low, _ = _ephemeral_range()
+    chooser = random.Random()  # not the tests' seeded global generator
+    for _ in range(100):
+        port = chooser.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 # Every process a test run starts carries this in its environment, and so do the p2pd

@@ -5,10 +5,13 @@ keys, a key for everything but the health probes (/metrics unkeyed on a port of 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +92,14 @@ def test_eight_concurrent_streams_on_a_real_uvicorn_server(
     """As `swarmgate gateway` serves it: uvicorn on a socket, eight clients' connections."""
     gate = ThreadGate()
     swarm.gate = gate  # type: ignore[assignment]
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings(tiny_model), swarm), host="127.0.0.1", port=port, log_config=None
-    )
+    # The socket is bound here and handed over: a port picked, closed and bound again by
+    # uvicorn later could be taken in between (by p2pd's ephemeral ports, say).
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = int(listener.getsockname()[1])
+    config = uvicorn.Config(create_app(settings(tiny_model), swarm), log_config=None)
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     results: list[tuple[int, str]] = []
 
@@ -290,18 +295,37 @@ def test_without_api_keys_the_operator_routes_stay_open(
             assert client.get(path).status_code == 200, path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextmanager
+def started_on_free_port(
+    make_app: Callable[[int], FastAPI], tries: int = 5
+) -> Iterator[tuple[TestClient, int]]:
+    """A TestClient of ``make_app(port)``, whose app binds ``port`` itself when it starts
+    (so no socket can be handed over): a port taken between its choice and the bind, by
+    p2pd's ephemeral ports say, is a retry with another, not a failed test."""
+    for attempt in range(tries):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        client = TestClient(make_app(port))
+        try:
+            client.__enter__()
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or attempt == tries - 1:
+                raise
+            continue
+        try:
+            yield client, port
+        finally:
+            client.__exit__(None, None, None)
+        return
 
 
 def test_metrics_port_serves_metrics_without_a_key(
     tiny_model: Path, swarm: LocalSwarmClient
 ) -> None:
-    port = free_port()
-    app = create_app(settings(tiny_model, api_keys=("sk-a",), metrics_port=port), swarm)
-    with TestClient(app) as client:
+    with started_on_free_port(
+        lambda port: create_app(settings(tiny_model, api_keys=("sk-a",), metrics_port=port), swarm)
+    ) as (client, port):
         assert client.post(URL, json=CHAT, headers=bearer("sk-a")).status_code == 200
         assert client.get("/metrics").status_code == 401  # the API port wants a key
         scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from transformers import AutoTokenizer, MixtralConfig
@@ -32,8 +33,6 @@ from models.loading import Head, Span, load_head, load_span
 from models.quantization import QuantizationError, module_bytes, quantize_blocks
 from swarm_node.backend import forward_span, new_session_kv
 from tests.tiny_model import build_tiny_llama
-
-bnb = pytest.importorskip("bitsandbytes")
 
 # int8 (LLM.int8(), activations quantized per row as well): measured 0.88 at worst.
 INT8_MAX_LOGIT_DIFF = 1.5
