@@ -25,7 +25,8 @@ from routing.block_selection import choose_blocks
 from routing.dht import SwarmDHT
 from routing.discovery import announce, check_model, fetch_model, fetch_snapshot
 from routing.revocations import publish_revocations, watch_revocations
-from swarm_node.handler import BlockHandler
+from swarm_node.admission import AdmissionRules
+from swarm_node.handler import BlockHandler, NodeHooks
 from swarm_node.kv_cache import SessionStore
 from swarm_node.metrics import InfoBoard, NodeMetrics
 from swarm_node.session_kv import KVShape
@@ -203,18 +204,19 @@ class BlockServer:
             if settings.membership is not None
             else lambda: ""
         )
-        self.handler = BlockHandler(
-            span,
-            self.sessions,
-            self.info,
-            accepting=lambda: self.state is NodeState.ONLINE,
+        rules = AdmissionRules(
             members=settings.membership,
+            accepting=lambda: self.state is NodeState.ONLINE,
+            adapters=frozenset(a.name for a in self.adapters),
+        )
+        hooks = NodeHooks(
             observe_step=metrics.observe_step,
             observe_batch=metrics.observe_batch,
-            prefill_chunk=settings.prefill_per_batch,
             member_pass=member_pass,
             link=simulated_link(),
-            adapters=frozenset(a.name for a in self.adapters),
+        )
+        self.handler = BlockHandler(
+            span, self.sessions, self.info, rules, hooks, prefill_chunk=settings.prefill_per_batch
         )
         await self.handler.register(p2p)
         self.state = NodeState.ONLINE

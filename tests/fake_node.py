@@ -12,12 +12,12 @@ import os
 
 import torch
 
-from swarm_node import node as node_module
-from swarm_node.handler import BlockHandler
+from swarm_node import handler as handler_module
+from swarm_node.inference_stream import InferenceStreams
 from swarmgate.cli import main
 
 
-class FaultyHandler(BlockHandler):
+class FaultyStreams(InferenceStreams):
     async def _step(self, *args: object, **kwargs: object) -> torch.Tensor:
         out = await super()._step(*args, **kwargs)  # type: ignore[arg-type]
         if os.environ.get("FAKE_NODE_FAULT", "nan") == "dtype":
@@ -26,5 +26,5 @@ class FaultyHandler(BlockHandler):
 
 
 if __name__ == "__main__":
-    node_module.BlockHandler = FaultyHandler  # type: ignore[misc]
+    handler_module.InferenceStreams = FaultyStreams  # type: ignore[attr-defined]
     main()

@@ -31,9 +31,11 @@ from protocol.rpc import (
     decode_reply,
 )
 from swarm_node import batching as batching_module
-from swarm_node import handler as handler_module
+from swarm_node import inference_stream as inference_stream_module
+from swarm_node.admission import AdmissionRules
 from swarm_node.bounded_streams import Caller as StreamCaller
-from swarm_node.handler import BlockHandler, session_key
+from swarm_node.handler import BlockHandler
+from swarm_node.inference_stream import session_key
 from swarm_node.kv_cache import SessionStore
 from swarm_node.metrics import InfoBoard, _NodeCollector
 from tests.tiny_model import TINY_BLOCKS
@@ -73,7 +75,7 @@ class FakeStream:
         self._requests: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         # What hivemind hands a handler: the peer id that libp2p authenticated.
         context = StreamCaller(caller) if caller else None  # type: ignore[arg-type]
-        self.replies = handler.rpc_inference(self._incoming(), context=context)  # type: ignore[arg-type]
+        self.replies = handler.streams.rpc_inference(self._incoming(), context=context)  # type: ignore[arg-type]
 
     async def _incoming(self) -> AsyncIterator[runtime_pb2.ExpertRequest]:
         while (request := await self._requests.get()) is not None:
@@ -226,7 +228,10 @@ def test_refusals_are_typed_so_the_gateway_knows_whether_to_try_a_replica(
     async def scenario() -> Exception:
         store = make_store(span)
         handler = BlockHandler(
-            span, store, lambda: info_of(store), accepting=lambda: code != "draining"
+            span,
+            store,
+            lambda: info_of(store),
+            AdmissionRules(accepting=lambda: code != "draining"),
         )
         stream = FakeStream(handler)
         reply = await stream.exchange(make_request(opening))
@@ -310,7 +315,7 @@ def test_the_metrics_thread_reads_a_snapshot_never_the_store(span: Span) -> None
             thread.join(10)
         assert not errors and scrapes > 0
         assert store.touched_from == {loop_thread[0]}
-        assert board.latest.sessions == len(store)
+        assert board.latest.cached_sessions == len(store)
 
     asyncio.run(scenario())
 
@@ -348,7 +353,7 @@ def test_each_bad_input_is_refused_before_any_compute(span: Span) -> None:
 
 
 def test_one_peer_cannot_hold_every_stream(span: Span, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(handler_module, "MAX_STREAMS_PER_PEER", 2)
+    monkeypatch.setattr(inference_stream_module, "MAX_STREAMS_PER_PEER", 2)
 
     async def scenario() -> None:
         store = make_store(span)
@@ -356,7 +361,7 @@ def test_one_peer_cannot_hold_every_stream(span: Span, monkeypatch: pytest.Monke
 
         def stream_from(peer: str) -> FakeStream:
             stream = FakeStream(handler)
-            stream.replies = handler.rpc_inference(stream._incoming(), Caller(peer))  # type: ignore[arg-type]
+            stream.replies = handler.streams.rpc_inference(stream._incoming(), Caller(peer))  # type: ignore[arg-type]
             return stream
 
         greedy = [stream_from("greedy") for _ in range(3)]
@@ -378,7 +383,7 @@ def test_a_closed_swarm_node_refuses_callers_without_their_own_pass_before_any_w
 
     async def scenario() -> None:
         store = make_store(span)
-        handler = BlockHandler(span, store, lambda: info_of(store), members=key)
+        handler = BlockHandler(span, store, lambda: info_of(store), AdmissionRules(members=key))
         refused = {
             "no pass": "",
             "another swarm": PassIssuer(

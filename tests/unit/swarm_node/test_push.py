@@ -35,6 +35,7 @@ from protocol.rpc import (
     decode_reply,
 )
 from swarm_node import push as push_module
+from swarm_node.admission import AdmissionRules
 from swarm_node.handler import BlockHandler
 from swarm_node.kv_cache import SessionStore
 from swarm_node.push import MAX_EARLY_PUSHES, Inbox, PushBoard, Pusher
@@ -440,7 +441,9 @@ def test_a_step_computes_on_the_pushed_input_as_on_its_own(span: Span) -> None:
         for position, hidden in ((0, prompt), (5, turn)):
             stream.send(expect_step(position, hidden.shape[1]))
             reply = asyncio.ensure_future(anext(stream.replies))
-            reply_to_push = await handler.rpc_push(push_request(position, hidden), caller("QmPrev"))
+            reply_to_push = await handler.push.rpc_push(
+                push_request(position, hidden), caller("QmPrev")
+            )
             assert accepted(reply_to_push)
             done = await reply
             finished = decode_reply(StepDone, done.metadata, "node")
@@ -462,7 +465,9 @@ def test_a_push_before_its_step_and_a_relay_instead_of_a_push_both_work(span: Sp
         handler, _ = handler_of(span)
         stream = await open_hop(handler, (0, TINY_BLOCKS), TOKEN)
         # Early: the push reaches the node before the gateway's step does.
-        pushing = asyncio.ensure_future(handler.rpc_push(push_request(0, prompt), caller("Qm")))
+        pushing = asyncio.ensure_future(
+            handler.push.rpc_push(push_request(0, prompt), caller("Qm"))
+        )
         await until(lambda: sum(i.early for i in handler.pushes._inboxes.values()) == 1)
         first = await stream.exchange(expect_step(0, 4))
         torch.testing.assert_close(read_tensors(first)[0], expected[0])
@@ -484,21 +489,21 @@ def test_pushes_with_a_wrong_token_or_from_a_stranger_are_refused_before_any_wor
     key = Membership.of(SwarmKey.generate(), Role.SERVER)
 
     async def scenario() -> None:
-        handler, _ = handler_of(span, members=key)
+        handler, _ = handler_of(span, rules=AdmissionRules(members=key))
         gateway_pass = PassIssuer(key, "QmGateway").current()
         stream = await open_hop(handler, (0, TINY_BLOCKS), TOKEN, "QmGateway", gateway_pass)
         stream.send(expect_step(0, 1))
         reply = asyncio.ensure_future(anext(stream.replies))
-        stranger = await handler.rpc_push(push_request(0, inputs(1, 1)), caller("QmStranger"))
+        stranger = await handler.push.rpc_push(push_request(0, inputs(1, 1)), caller("QmStranger"))
         assert refusal(stranger).error is ErrorCode.FORBIDDEN
         member = PassIssuer(key, "QmPrev").current()
         wrong = push_request(0, inputs(1, 1), token=OTHER_TOKEN, member_pass=member)
-        refused = await handler.rpc_push(wrong, caller("QmPrev"))
+        refused = await handler.push.rpc_push(wrong, caller("QmPrev"))
         assert refusal(refused).error is ErrorCode.INVALID_REQUEST
         stolen_pass = push_request(0, inputs(1, 1), member_pass=member)  # QmPrev's, not ours
-        refused = await handler.rpc_push(stolen_pass, caller("QmOther"))
+        refused = await handler.push.rpc_push(stolen_pass, caller("QmOther"))
         assert refusal(refused).error is ErrorCode.FORBIDDEN
-        ok = await handler.rpc_push(push_request(0, inputs(1, 1), member_pass=member),
+        ok = await handler.push.rpc_push(push_request(0, inputs(1, 1), member_pass=member),
                                     caller("QmPrev"))  # fmt: skip
         assert accepted(ok)
         decode_reply(StepDone, (await reply).metadata, "node")
@@ -529,7 +534,9 @@ def test_a_stream_closed_while_its_step_waits_frees_everything(span: Span) -> No
         stream = await open_hop(handler, (0, TINY_BLOCKS), TOKEN)
         stream.send(expect_step(0, 1))
         waiting = asyncio.ensure_future(anext(stream.replies))
-        early = asyncio.ensure_future(handler.rpc_push(push_request(1, inputs(1, 1)), caller("Q")))
+        early = asyncio.ensure_future(
+            handler.push.rpc_push(push_request(1, inputs(1, 1)), caller("Q"))
+        )
         await until(lambda: sum(i.early for i in handler.pushes._inboxes.values()) == 1)
         stream.send(None)  # type: ignore[arg-type]  # the gateway leaves mid-wait
         with pytest.raises(StopAsyncIteration):
@@ -569,9 +576,9 @@ def test_a_hop_pushes_its_output_into_the_next_hops_step(span: Span) -> None:
         async def call(peer: str, request: runtime_pb2.ExpertRequest) -> Any:
             if fail:
                 raise ConnectionError("the next hop is gone")
-            return await second.rpc_push(request, caller("QmFirst"))
+            return await second.push.rpc_push(request, caller("QmFirst"))
 
-        first.pusher = Pusher(call)
+        first.streams.pusher = Pusher(call)
         head = await open_hop(first, (0, HALF), None)
         tail = await open_hop(second, (HALF, TINY_BLOCKS), TOKEN)
         tail.send(expect_step(0, 6))
@@ -615,12 +622,12 @@ def test_one_call_pushing_several_steps_answers_each_on_its_own(span: Span) -> N
             for t in (TOKEN, "ee" * 16, OTHER_TOKEN, TOKEN)
         ]
         mismatched = make_request(Push(items=items), a, a, b)
-        assert refusal(await handler.rpc_push(mismatched, caller("Qm"))).error is (
+        assert refusal(await handler.push.rpc_push(mismatched, caller("Qm"))).error is (
             ErrorCode.PROTOCOL_MISMATCH
         )
         request = make_request(Push(items=items), a, a, b, a)
         request.tensors[3].dtype = "float99"
-        reply = await handler.rpc_push(request, caller("Qm"))
+        reply = await handler.push.rpc_push(request, caller("Qm"))
         refused = decode_reply(PushAccepted, reply.metadata, "node").refused
         assert refused[0] is None and refused[2] is None
         assert refused[1] is not None and refused[1].error is ErrorCode.INVALID_REQUEST
@@ -652,7 +659,7 @@ def test_a_step_that_never_comes_holds_its_calls_reply_only_briefly(
             PushItem(token=OTHER_TOKEN, position=0, digest=DIGEST),  # never announced
         ]
         answer = await asyncio.wait_for(
-            handler.rpc_push(
+            handler.push.rpc_push(
                 make_request(Push(items=items), inputs(1, 1), inputs(1, 2)), caller("Q")
             ),
             5,
@@ -698,7 +705,7 @@ def test_an_input_that_is_not_finite_float32_is_refused_on_every_path(
             waiting = asyncio.ensure_future(anext(stream.replies))
             inbox = handler.pushes._inboxes[TOKEN]
             await until(lambda: inbox._awaited is not None)  # the step awaits its input
-            error = refusal(await handler.rpc_push(push_request(0, hidden), caller("QmPrev")))
+            error = refusal(await handler.push.rpc_push(push_request(0, hidden), caller("QmPrev")))
             await waiting  # the step then waits out its input and fails
         assert error.error is ErrorCode.INVALID_REQUEST
         assert ("non-finite" if kind in ("nan", "inf") else "float32") in error.message

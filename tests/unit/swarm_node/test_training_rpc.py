@@ -21,6 +21,7 @@ from protocol.codec import make_request, read_pieces, request_pieces
 from protocol.credentials import Role
 from protocol.membership import Membership, PassIssuer, SwarmKey
 from protocol.rpc import ErrorCode, LoraSpec, RpcError, TrainCall, TrainDone, decode
+from swarm_node.admission import AdmissionRules
 from swarm_node.backend import forward_span
 from swarm_node.bounded_streams import Caller as StreamCaller
 from swarm_node.handler import BlockHandler
@@ -68,7 +69,7 @@ async def call(
 ) -> list[runtime_pb2.ExpertResponse]:
     sent = requests if requests is not None else [make_request(header), *request_pieces(tensors)]
     context = StreamCaller(caller) if caller else None  # type: ignore[arg-type]
-    rpc = handler.rpc_train_backward if backward else handler.rpc_train_forward
+    rpc = handler.training.rpc_train_backward if backward else handler.training.rpc_train_forward
     return [reply async for reply in rpc(_aiter(sent), context)]  # type: ignore[arg-type]
 
 
@@ -222,8 +223,8 @@ def test_draining_and_strangers_are_refused(span: Span) -> None:
     tensors = [hidden(2, 5, 1), *lora]
 
     async def scenario() -> tuple[RpcError, RpcError, list[runtime_pb2.ExpertResponse]]:
-        draining = handler_of(span, accepting=lambda: False)
-        closed = handler_of(span, members=key)
+        draining = handler_of(span, rules=AdmissionRules(accepting=lambda: False))
+        closed = handler_of(span, rules=AdmissionRules(members=key))
         good = header(member_pass=PassIssuer(key, "peer-a").current())
         return (
             refusal(await call(draining, header(), tensors)),
