@@ -1,4 +1,9 @@
-"""Settings of one gateway process, read once at startup."""
+"""Settings of one gateway process, read once at startup.
+
+A field set from the command line carries its flag in its metadata, as plain data (see
+swarm_node/settings.py). A flag that a node's settings already declare (`--device`,
+`--namespace`, ...) is named here without help: declared once, it fills both.
+"""
 
 from __future__ import annotations
 
@@ -13,51 +18,171 @@ class GatewaySettings:
     model_id: str  # the id clients send as `model`; also names the DHT prefix
     model_path: Path  # local Hugging Face folder: tokenizer, embedding, norm, LM head
     model_revision: str = ""  # the commit of a Hub model (servers' records carry it); "" local
-    initial_peers: tuple[str, ...] = ()
+    initial_peers: tuple[str, ...] = field(default=(), metadata={"flag": "--initial-peers"})
     membership: Membership | None = field(default=None, repr=False)  # None: an open swarm
     # Where the embeddings, final norm and LM head compute, and in which dtype
     # (models/devices.py: auto is CUDA in bfloat16 where there is one, else the CPU in fp32).
-    device: str = "auto"
-    dtype: str = "auto"
-    host: str = "127.0.0.1"
-    port: int = 8000
+    device: str = field(default="auto", metadata={"flag": "--device"})
+    dtype: str = field(default="auto", metadata={"flag": "--dtype"})
+    host: str = field(
+        default="127.0.0.1",
+        metadata={
+            "flag": "--host",
+            "help": "address the API listens on; one other than loopback needs API keys or "
+            "--allow-open",
+        },
+    )
+    port: int = field(default=8000, metadata={"flag": "--port", "help": "port of the API"})
     # /metrics alone, without an API key, on a port of its own (None: none); for Prometheus
     # inside a cluster, while the API port needs keys for everything but /health.
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    namespace: str = ""
+    metrics_port: int | None = field(default=None, metadata={"flag": "--metrics-port"})
+    metrics_host: str = field(default="127.0.0.1", metadata={"flag": "--metrics-host"})
+    namespace: str = field(default="", metadata={"flag": "--namespace"})
     # Shared affinity; None: kept in this process. May hold a password: never in a repr.
-    redis_url: str | None = field(default=None, repr=False)
-    affinity: bool = True  # False: every request on a fresh session (for comparisons)
+    redis_url: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "flag": "--redis-url",
+            "env": "REDIS_URL",
+            "secret": True,
+            "help": "Redis for affinity shared by gateways (better: the REDIS_URL env var, "
+            "which other users of the machine cannot read from the process list)",
+        },
+    )
+    # False: every request on a fresh session (for comparisons)
+    affinity: bool = field(
+        default=True,
+        metadata={
+            "flag": "--no-affinity",
+            "help": "start every request on a fresh session (no KV cache reuse across requests)",
+        },
+    )
     # Servers send hidden states straight to the next hop; False: all through the gateway.
-    push: bool = True
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    push: bool = field(
+        default=True,
+        metadata={
+            "flag": "--no-push",
+            "help": "relay every hop's hidden states through the gateway instead of letting "
+            "servers push them to the next hop (for comparisons)",
+        },
+    )
+    # From --api-key and --api-key-file together (swarmgate/commands.py).
+    api_keys: tuple[str, ...] = field(
+        default=(),
+        repr=False,
+        metadata={
+            "flag": "--api-key",
+            "repeat": True,
+            "secret": True,
+            "help": "require `Authorization: Bearer KEY` (repeat for several keys; better: "
+            "SWARMGATE_API_KEY or --api-key-file, which stay off the process list)",
+        },
+    )
     # How often the swarm snapshot is re-read from the DHT: every refresh_period_s while
     # the swarm changes, backing off to max_refresh_period_s while it stays the same.
     refresh_period_s: float = 2.0
     max_refresh_period_s: float = 10.0
     # A hop's reply to one step may take this long, plus what its announced throughput
     # allows for the step's size; later it counts as failed and the session fails over.
-    step_floor_s: float = 10.0
-    prefill_chunk_tokens: int | None = None  # None: as many as fit one P2P message
-    max_concurrent: int = 16  # generations at once (n choices or prompts count n)
-    max_queue: int = 64  # requests waiting for a slot; beyond, 429 with Retry-After
+    step_floor_s: float = field(
+        default=10.0,
+        metadata={
+            "flag": "--step-floor",
+            "help": "seconds any server may take for one step, plus what its announced "
+            "throughput allows, before it counts as failed and the session moves on without it",
+        },
+    )
+    prefill_chunk_tokens: int | None = field(  # None: as many as fit one P2P message
+        default=None,
+        metadata={
+            "flag": "--prefill-chunk-tokens",
+            "help": "tokens per prefill message (default: as many as fit)",
+        },
+    )
+    max_concurrent: int = field(  # generations at once (n choices or prompts count n)
+        default=16,
+        metadata={
+            "flag": "--max-concurrent",
+            "help": "generations running at once (a request with n choices or several "
+            "prompts runs that many)",
+        },
+    )
+    max_queue: int = field(  # requests waiting for a slot; beyond, 429 with Retry-After
+        default=64,
+        metadata={
+            "flag": "--max-queue",
+            "help": "requests waiting for a slot; beyond this, 429 with Retry-After",
+        },
+    )
     # Generations one API key may have running or queued. None: with API keys, as many as
     # max_concurrent; without, no cap (anyone can send any bearer token: the global limits
     # apply). A given value applies to every key (without keys: per bearer token).
-    max_concurrent_per_key: int | None = None
+    max_concurrent_per_key: int | None = field(
+        default=None,
+        metadata={
+            "flag": "--max-concurrent-per-key",
+            "check": "positive",
+            "help": "generations one API key may have running or queued (a request asking for "
+            "more takes them all), unless the key file gives the key its own max_concurrent "
+            "(default: with API keys, --max-concurrent; without, no cap, or if given, per "
+            "bearer token and all requests without one together)",
+        },
+    )
     # Caps of their own for some keys (from the key file's `max_concurrent=N`), over the one
     # above. Keys are secrets: never in a repr.
     key_limits: dict[str, int] = field(default_factory=dict, repr=False, hash=False)
     # How long a request over its key's cap waits for one of the key's own generations to
     # finish before it is refused (429); 0: refused at once.
-    queue_timeout_s: float = 5.0
+    queue_timeout_s: float = field(
+        default=5.0,
+        metadata={
+            "flag": "--queue-timeout",
+            "check": "non_negative",
+            "help": "seconds a request over its key's cap waits for one of the key's own "
+            "generations to finish; then 429 with Retry-After (0: at once)",
+        },
+    )
     max_body_bytes: int = 4 * 1024 * 1024
-    send_timeout_s: float = 30.0  # a stream whose client reads nothing this long is cancelled
-    default_max_tokens: int = 1024  # for chat requests that set none (completions: 16)
-    max_generation_s: float = 600.0  # then a request's generation ends, finish_reason "length"
+    # A stream whose client reads nothing this long is cancelled.
+    send_timeout_s: float = field(
+        default=30.0,
+        metadata={
+            "flag": "--send-timeout",
+            "check": "positive",
+            "help": "seconds a stream may wait for its client to read; then it is cancelled "
+            "and its slot freed",
+        },
+    )
+    default_max_tokens: int = field(  # for chat requests that set none (completions: 16)
+        default=1024,
+        metadata={
+            "flag": "--default-max-tokens",
+            "check": "positive",
+            "help": "tokens a chat completion may generate when the request sets no "
+            "max_tokens (completions default to 16, as OpenAI's)",
+        },
+    )
+    # Then a request's generation ends, finish_reason "length".
+    max_generation_s: float = field(
+        default=600.0,
+        metadata={
+            "flag": "--max-generation-seconds",
+            "check": "positive",
+            "help": "a request generating this long ends with finish_reason `length`",
+        },
+    )
     # Structured outputs: compiled grammars kept, and how long a request waits for its own
     # (past that, a 400 when its compile had begun: the schema is too complex).
     grammar_cache_size: int = 256
     grammar_compile_timeout_s: float = 5.0
-    response_ttl_s: float = 86400.0  # how long a stored response (`store: true`) is kept
+    # How long a stored response (`store: true`) is kept.
+    response_ttl_s: float = field(
+        default=86400.0,
+        metadata={
+            "flag": "--response-ttl",
+            "check": "positive",
+            "help": "seconds a stored response (/v1/responses with store) is kept, for "
+            "previous_response_id and GET /v1/responses/{id}",
+        },
+    )

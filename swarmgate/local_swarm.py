@@ -28,6 +28,8 @@ from protocol.membership import Membership, SwarmKey, SwarmKeyError
 from protocol.swarm import LOOPBACK_MADDRS
 from routing.block_selection import split_evenly
 from routing.dht import SwarmDHT, die_with_parent
+from swarmgate.flags import command_line
+from swarmgate.options import UP_GATEWAY, UP_NODE
 
 STOP_TIMEOUT_S = 20.0
 # Settings of one process that an environment may hold (a container image sets some): every
@@ -43,6 +45,9 @@ PER_PROCESS = (
     "SWARMGATE_NUM_BLOCKS",
     "SWARMGATE_INITIAL_PEERS",
 )
+# Flags of the children that `up` sets itself: the model as resolved here, the swarm's own
+# DHT, a device per node.
+BY_HAND = ("--model", "--revision", "--model-name", "--namespace", "--initial-peers", "--device")
 
 
 class LocalSwarm:
@@ -105,9 +110,9 @@ class LocalSwarm:
                 "gateway",
                 [
                     "gateway",
-                    *("--device", self.args.device, "--dtype", self.args.dtype),
+                    *("--device", self.args.device),
                     *self._common(peers),
-                    *self._http_flags(),
+                    *self._gateway_flags(),
                 ],
                 env=self._child_env(gateway=True),
             )
@@ -133,24 +138,23 @@ class LocalSwarm:
         return [*flags, "--initial-peers", *peers]
 
     def _node_flags(self) -> list[str]:
-        flags = ["--dtype", self.args.dtype, "--quant", self.args.quant]
-        flags += ["--cache-ttl", str(self.args.cache_ttl)]
-        if self.args.cache_bytes is not None:
-            flags += ["--cache-bytes", str(self.args.cache_bytes)]
-        if self.args.batch_prefill_tokens is not None:
-            flags += ["--batch-prefill-tokens", str(self.args.batch_prefill_tokens)]
-        if self.args.adapters:
-            flags += ["--adapters", *(str(Path(a).resolve()) for a in self.args.adapters)]
+        """Every node flag `up` took, as the nodes' command line (--device goes per node)."""
+        flags: list[str] = []
+        for flag in UP_NODE:
+            value = getattr(self.args, flag.dest)
+            if flag.name == "--adapters":  # the children need not share this directory
+                value = [str(Path(a).resolve()) for a in value]
+            if flag.name not in BY_HAND and not flag.secret:
+                flags += command_line(flag, value)
         return flags
 
-    def _http_flags(self) -> list[str]:
-        flags = ["--host", self.args.host, "--port", str(self.args.port)]
-        if self.args.api_key_file:
-            flags += ["--api-key-file", self.args.api_key_file]
-        if self.args.no_push:
-            flags += ["--no-push"]
-        if self.args.allow_open:
-            flags += ["--allow-open"]
+    def _gateway_flags(self) -> list[str]:
+        """Every gateway flag `up` took, as the gateway's command line; secrets go in its
+        environment (`_child_env`)."""
+        flags: list[str] = []
+        for flag in UP_GATEWAY:
+            if flag.name not in BY_HAND and not flag.secret:
+                flags += command_line(flag, getattr(self.args, flag.dest))
         return flags
 
     def _child_env(self, *, gateway: bool = False) -> dict[str, str]:

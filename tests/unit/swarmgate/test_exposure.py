@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.auth import KeyFileError, is_loopback, read_key_lines
+from gateway.web.auth import KeyFileError, is_loopback, read_key_lines
 from models.resolve import ModelSource
 from swarmgate.cli import build_parser, main
 from swarmgate.commands import check_exposure, read_api_keys
@@ -114,9 +114,9 @@ def test_keys_from_the_environment_or_a_file_let_it_start(
 def test_up_hands_allow_open_to_its_gateway(tmp_path: Path) -> None:
     args = build_parser().parse_args(["up", "--host", "0.0.0.0", "--allow-open"])
     swarm = LocalSwarm(ModelSource(name="m", path=tmp_path), args)
-    assert "--allow-open" in swarm._http_flags()
+    assert "--allow-open" in swarm._gateway_flags()
     quiet = LocalSwarm(ModelSource(name="m", path=tmp_path), build_parser().parse_args(["up"]))
-    assert "--allow-open" not in quiet._http_flags()
+    assert "--allow-open" not in quiet._gateway_flags()
 
 
 def test_a_refused_start_is_one_line_without_a_traceback(tmp_path: Path) -> None:

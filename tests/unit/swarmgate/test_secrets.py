@@ -22,7 +22,7 @@ def test_up_hands_secrets_to_its_gateway_in_the_environment(
     )
     swarm = LocalSwarm(ModelSource(name="m", path=tmp_path), args)
     swarm.key_file = tmp_path / "swarm.key"
-    argv = " ".join(swarm._http_flags() + swarm._node_flags())
+    argv = " ".join(swarm._gateway_flags() + swarm._node_flags())
     env = swarm._child_env(gateway=True)
     assert "sk-one" not in argv and "pw@db" not in argv and "swarm.key" not in argv
     assert api_keys(env["SWARMGATE_API_KEY"].split(), None) == ("sk-one", "sk-two")
