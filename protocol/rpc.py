@@ -61,7 +61,7 @@ from protocol.errors import (
 )
 from protocol.membership import MAX_PASS_CHARS
 from protocol.prefix import MAX_BLOCKS
-from protocol.swarm import PROTOCOL_VERSION, AdapterName
+from protocol.swarm import PROTOCOL_VERSION, AdapterName, ServerStats
 
 # Handler names registered on every server's P2P instance.
 RPC_INFERENCE = "swarmgate.rpc_inference"
@@ -203,16 +203,15 @@ class InfoRequest(RpcMessage):
     member_pass: MemberPass = ""
 
 
-class ServerInfo(RpcMessage):
-    version: int = PROTOCOL_VERSION
-    start: int
-    end: int
-    state: str
-    sessions: int  # cached sessions, in use or idle
-    load: float  # open inference streams
-    cache_bytes_free: int
-    throughput: float
-    evictions: int = 0
+class ServerInfo(ServerStats, RpcMessage):
+    """A server's answer to ``rpc_info``: its stats (as its DHT record has them), its
+    counters, and who signs its records."""
+
+    # Serialized by alias: the wire has always said ``sessions`` here (``cached_sessions``
+    # in the DHT record), and today's peers read and send that name.
+    model_config = ConfigDict(serialize_by_alias=True)
+
+    cached_sessions: int = Field(default=0, ge=0, alias="sessions")  # in use or idle
     tokens_computed: int = 0  # positions run through the span since startup
     tokens_reused: int = 0  # prompt positions served from a cache instead
     # The owner tag this server signs its DHT records with. Said over a connection libp2p

@@ -57,28 +57,27 @@ class _Record(BaseModel):
             raise ValueError(f"malformed {cls.__name__}: {e}") from None
 
 
-class ServerRecord(_Record):
-    """What a block server announces about itself."""
+class ServerStats(BaseModel):
+    """A server's span and load as it states them: what its DHT record (``ServerRecord``)
+    and its answer to ``rpc_info`` (``protocol.rpc.ServerInfo``) share, checked alike and
+    under the same names on the wire in both."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     version: int = PROTOCOL_VERSION
-    # ``ModelRecord.digest`` of the model it serves: a server of another model that happens
-    # to share the name (another depth or width) is never chained with this one.
-    model: str = Field(default="", max_length=64)
     state: NodeState
     start: int = Field(ge=0, lt=MAX_MODEL_BLOCKS)
     end: int = Field(gt=0, le=MAX_MODEL_BLOCKS)
     throughput: float = Field(ge=0.0, le=MAX_THROUGHPUT)  # decode steps/s through the span
     load: float = Field(default=0.0, ge=0.0, le=1e6)  # active inference streams
     cache_bytes_free: int = Field(default=0, ge=0)
-    dtype: str = Field(default="float32", max_length=MAX_NAME_CHARS)
-    quant: str = Field(default="none", max_length=MAX_NAME_CHARS)
-    adapters: tuple[AdapterName, ...] = Field(default=(), max_length=MAX_ADAPTERS)
     # How many sessions it caches. Never which: a session id is its owner's business.
+    # (``rpc_info`` has always called it ``sessions`` on the wire: ``ServerInfo`` says so.)
     cached_sessions: int = Field(default=0, ge=0)
     evictions: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
-    def _span_is_not_empty(self) -> ServerRecord:
+    def _span_is_not_empty(self) -> Self:
         if self.end <= self.start:
             raise ValueError(f"empty span [{self.start}, {self.end})")
         return self
@@ -86,6 +85,18 @@ class ServerRecord(_Record):
     @property
     def length(self) -> int:
         return self.end - self.start
+
+
+class ServerRecord(ServerStats, _Record):
+    """What a block server announces about itself in the DHT: its stats, and what it
+    serves."""
+
+    # ``ModelRecord.digest`` of the model it serves: a server of another model that happens
+    # to share the name (another depth or width) is never chained with this one.
+    model: str = Field(default="", max_length=64)
+    dtype: str = Field(default="float32", max_length=MAX_NAME_CHARS)
+    quant: str = Field(default="none", max_length=MAX_NAME_CHARS)
+    adapters: tuple[AdapterName, ...] = Field(default=(), max_length=MAX_ADAPTERS)
 
     @property
     def precision(self) -> str:

@@ -41,7 +41,9 @@ class _NodeCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         info = self._info()
         yield GaugeMetricFamily(
-            "swarmgate_node_cached_sessions", "Sessions with a KV cache here", value=info.sessions
+            "swarmgate_node_cached_sessions",
+            "Sessions with a KV cache here",
+            value=info.cached_sessions,
         )
         yield GaugeMetricFamily(
             "swarmgate_node_open_streams", "Inference streams open now", value=info.load

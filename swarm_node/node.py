@@ -277,7 +277,7 @@ class BlockServer:
         return ServerInfo(
             start=self.span.start,
             end=self.span.end,
-            state=self.state.value,
+            state=self.state,
             sessions=stats.sessions,
             load=float(self.handler.active_streams),
             cache_bytes_free=stats.free_bytes,
