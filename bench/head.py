@@ -5,7 +5,7 @@ bf16, on one device, beside SmolLM2's (49,152 x 576) for scale.
 Prints JSON: per head, dtype and batch, the median seconds of one call (norm + matmul + the
 logits' copy to the host, as the gateway runs it) and per row, and the weight bytes read
 per second. With ``--screen``, fp32 greedy rows also go through the bf16 screen the gateway
-uses on CPUs (gateway/greedy_head.py).
+uses on CPUs (gateway/engine/greedy_head.py).
 
     python bench/head.py [--device cpu|cuda] [--repeats 5] [--screen]
 """
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gateway.greedy_head import GreedyScreen
+from gateway.engine.greedy_head import GreedyScreen
 from models.devices import Placement, describe_device, synchronize, to_host
 
 HEADS = {"llama-3-70b": (128_256, 8_192), "smollm2": (49_152, 576)}

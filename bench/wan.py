@@ -58,7 +58,7 @@ from tests.processes import alarms, start_up
 
 # Each mode's environment for `swarmgate up` (and so its gateway).
 MODES = {"relay": {"SWARMGATE_NO_PUSH": "1"}, "push": {"SWARMGATE_NO_PUSH": "0"}}
-ROUTE_HEADER = "x-swarmgate-route"  # gateway.routes.ROUTE_HEADER, without importing FastAPI
+ROUTE_HEADER = "x-swarmgate-route"  # gateway.web.routes.ROUTE_HEADER, without importing FastAPI
 WARM_UP: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
 MESSAGES: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}

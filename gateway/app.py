@@ -14,30 +14,30 @@ from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException
 
 from client.swarm_client import P2PSwarmClient, SwarmClient
-from gateway.affinity import (
+from gateway.engine.affinity import (
     AffinityStore,
     InMemoryAffinityStore,
     NoAffinity,
     RedisAffinityStore,
 )
-from gateway.auth import ApiKeyGuard
-from gateway.chat_service import ChatService
-from gateway.completion_service import CompletionService
-from gateway.errors import to_http_error
-from gateway.generation import Generator
-from gateway.grammar import GrammarCompiler
-from gateway.greedy_head import greedy_screen
-from gateway.head import HeadRunner
-from gateway.limits import Admission, BodySizeLimit
+from gateway.engine.generation import Generator
+from gateway.engine.grammar import GrammarCompiler
+from gateway.engine.greedy_head import greedy_screen
+from gateway.engine.head import HeadRunner
+from gateway.engine.sessions import SessionAffinity
 from gateway.metrics import GatewayMetrics
-from gateway.prepare import RequestLimits, ServedModel
-from gateway.request_ids import RequestIdMiddleware
-from gateway.response_store import InMemoryResponseStore, RedisResponseStore, ResponseStore
-from gateway.responses_service import ResponsesService
-from gateway.routes import api, ops
-from gateway.sessions import SessionAffinity
+from gateway.openai.chat_service import ChatService
+from gateway.openai.completion_service import CompletionService
+from gateway.openai.prepare import RequestLimits, ServedModel
+from gateway.openai.templating import PromptBuilder
+from gateway.responses.service import ResponsesService
+from gateway.responses.store import InMemoryResponseStore, RedisResponseStore, ResponseStore
 from gateway.settings import GatewaySettings
-from gateway.templating import PromptBuilder
+from gateway.web.auth import ApiKeyGuard
+from gateway.web.errors import to_http_error
+from gateway.web.limits import Admission, BodySizeLimit
+from gateway.web.request_ids import RequestIdMiddleware
+from gateway.web.routes import api, ops
 from models.devices import Placement
 from models.loading import load_config, load_head, load_tokenizer
 from protocol.errors import RequestError, SwarmError

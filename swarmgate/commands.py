@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway.auth import ApiKeys, KeyFileError, is_loopback, read_key_lines
+from gateway.web.auth import ApiKeys, KeyFileError, is_loopback, read_key_lines
 from models.devices import Placement
 from models.resolve import ModelSource, ModelSourceError, resolve_model
 from protocol.credentials import Role

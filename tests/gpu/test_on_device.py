@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from swarm_node.session_kv import Segment
 from transformers import AutoModelForCausalLM
 
-from gateway.head import batch_logits, embed_ids
+from gateway.engine.head import batch_logits, embed_ids
 from models.adapters import attach_adapters, read_adapters, select_adapter
 from models.loading import Head, Span, load_config, load_head, load_span
 from swarm_node.backend import forward_packed, forward_span, new_session_kv
-from swarm_node.session_kv import Segment
 from swarm_node.throughput import measure_decode_throughput
 from tests.tiny_model import TINY_BLOCKS
 

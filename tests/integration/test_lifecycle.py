@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from gateway.routes import ROUTE_HEADER
+from gateway.web.routes import ROUTE_HEADER
 from tests.integration.conftest import (
     MODEL_ID,
     printed_initial_peers,

@@ -10,10 +10,10 @@ import pytest
 import redis
 import redis.asyncio
 
-from gateway.affinity import RedisAffinityStore, SessionPin
-from gateway.response_store import RedisResponseStore, StoredResponse, record_key
-from protocol.openai import ChatMessage
-from protocol.responses import OutputMessage, OutputText, Response
+from gateway.engine.affinity import RedisAffinityStore, SessionPin
+from gateway.openai.models import ChatMessage
+from gateway.responses.models import OutputMessage, OutputText, Response
+from gateway.responses.store import RedisResponseStore, StoredResponse, record_key
 from routing.planner import Hop
 from tests.processes import RedisServer
 

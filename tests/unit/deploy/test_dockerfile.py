@@ -948,10 +948,10 @@ def test_healthcheck_probes_the_gateway_liveness_route(final: Stage, stub: _Stub
     # Liveness, not readiness: /health is 503 until other machines cover the model, which
     # is no reason to call this container unhealthy.
     assert path == "/health/live"
-    from gateway.routes import ops
+    from gateway.web.routes import ops
 
     paths = {getattr(route, "path", None) for route in ops.routes}
-    # The route the probe depends on must exist in the gateway (gateway/routes.py `ops`).
+    # The route the probe depends on must exist in the gateway (gateway/web/routes.py `ops`).
     assert path in paths, f"the gateway has no {path} route yet (it has {sorted(map(str, paths))})"
 
 

@@ -21,11 +21,11 @@ from starlette.testclient import TestClient
 from starlette.types import Message
 
 from gateway.app import create_app
-from gateway.prepare import RequestLimits, ServedModel, generation_request
+from gateway.openai.models import ChatCompletionRequest
+from gateway.openai.prepare import RequestLimits, ServedModel, generation_request
+from gateway.openai.templating import PromptBuilder
 from gateway.settings import GatewaySettings
-from gateway.templating import PromptBuilder
 from protocol.errors import ContextLengthExceeded
-from protocol.openai import ChatCompletionRequest
 from tests.fakes import LocalSwarmClient
 
 MODEL_ID = "tiny"

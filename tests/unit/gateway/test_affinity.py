@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.affinity import InMemoryAffinityStore, SessionPin
+from gateway.engine.affinity import InMemoryAffinityStore, SessionPin
 from protocol.prefix import BLOCK_TOKENS, TokenHistory, block_hashes, common_blocks
 from routing.planner import Hop
 
@@ -88,8 +88,8 @@ def test_a_digest_covers_the_partial_last_block_too() -> None:
 
 
 def test_only_an_exact_continuation_claims_a_pinned_session_others_fork_near_it() -> None:
+    from gateway.engine.sessions import SessionAffinity
     from gateway.metrics import GatewayMetrics
-    from gateway.sessions import SessionAffinity
 
     system = list(range(2 * BLOCK_TOKENS))  # a shared system prompt, two full blocks
     first = TokenHistory([*system, 1, 2, 3, 4, 5])  # conversation A after its turn

@@ -9,7 +9,8 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from gateway.errors import RETRY_AFTER_S, HTTPError, to_http_error
+from gateway.openai.models import ErrorResponse
+from gateway.web.errors import RETRY_AFTER_S, HTTPError, to_http_error
 from protocol.errors import (
     CapacityExceeded,
     ContextLengthExceeded,
@@ -21,7 +22,6 @@ from protocol.errors import (
     SwarmError,
     Unauthorized,
 )
-from protocol.openai import ErrorResponse
 
 
 def body_of(error: HTTPError) -> dict[str, Any]:
@@ -138,7 +138,7 @@ def test_generic_exception_is_500_without_leaking_details(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     secret = "password=hunter2 at /srv/secret/path.py"
-    with caplog.at_level(logging.ERROR, logger="gateway.errors"):
+    with caplog.at_level(logging.ERROR, logger="gateway.web.errors"):
         error = to_http_error(RuntimeError(secret))
     assert error.status == 500
     body = body_of(error)

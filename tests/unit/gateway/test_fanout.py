@@ -13,7 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.fanout import fan_in, fan_out
+from gateway.openai.fanout import fan_in, fan_out
 from gateway.settings import GatewaySettings
 from protocol.errors import NoRouteError
 from tests.fakes import LocalSwarmClient

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from gateway.app import create_app
-from gateway.generation import GenerationRequest, Generator, TextDelta
-from gateway.sampling import SamplingParams
+from gateway.engine.generation import GenerationRequest, Generator, TextDelta
+from gateway.engine.sampling import SamplingParams
 from gateway.settings import GatewaySettings
 from tests.fakes import LocalSwarmClient
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from gateway import grammar as grammar_module
-from gateway.grammar import Grammar, GrammarCompiler, GrammarError, lark_json
-from gateway.sampling import SamplingParams, StreamSampler
+from gateway.engine import grammar as grammar_module
+from gateway.engine.grammar import Grammar, GrammarCompiler, GrammarError, lark_json
+from gateway.engine.sampling import SamplingParams, StreamSampler
 from models.loading import load_tokenizer
 from protocol.errors import CapacityExceeded, InvalidRequest
 

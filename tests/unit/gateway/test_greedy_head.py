@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gateway import greedy_head
-from gateway.greedy_head import SAFETY, GreedyScreen, greedy_screen
+from gateway.engine import greedy_head
+from gateway.engine.greedy_head import SAFETY, GreedyScreen, greedy_screen
 from models.loading import Head, load_head
 
 

@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from gateway import greedy_head
-from gateway.greedy_head import SAFETY, GreedyScreen
+from gateway.engine import greedy_head
+from gateway.engine.greedy_head import SAFETY, GreedyScreen
 
 
 @pytest.fixture(autouse=True)

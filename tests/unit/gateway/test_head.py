@@ -17,15 +17,15 @@ import httpx
 import pytest
 import torch
 
-from gateway import greedy_head
-from gateway import head as head_module
 from gateway.app import create_app
-from gateway.batching import BatcherClosed
-from gateway.grammar import GrammarError
-from gateway.greedy_head import GreedyScreen
-from gateway.head import Decoded, HeadRunner, batch_logits
+from gateway.engine import greedy_head
+from gateway.engine import head as head_module
+from gateway.engine.batching import BatcherClosed
+from gateway.engine.grammar import GrammarError
+from gateway.engine.greedy_head import GreedyScreen
+from gateway.engine.head import Decoded, HeadRunner, batch_logits
+from gateway.engine.sampling import SamplingParams, StreamSampler, TokenChoice
 from gateway.metrics import GatewayMetrics
-from gateway.sampling import SamplingParams, StreamSampler, TokenChoice
 from gateway.settings import GatewaySettings
 from models.loading import Head, load_head
 from tests.fakes import LocalSwarmClient

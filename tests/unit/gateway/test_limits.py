@@ -12,9 +12,9 @@ import torch
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.limits import Admission
-from gateway.sampling import SamplingParams, adjust_logits
+from gateway.engine.sampling import SamplingParams, adjust_logits
 from gateway.settings import GatewaySettings
+from gateway.web.limits import Admission
 from protocol.errors import CapacityExceeded, TooManyRequests
 from tests.fakes import LocalSwarmClient
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from gateway import batching
-from gateway.batching import MicroBatcher
+from gateway.engine import batching
+from gateway.engine.batching import MicroBatcher
 
 
 class Jobs:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from gateway.response_store import InMemoryResponseStore, StoredResponse
-from protocol.openai import ChatMessage, ToolCall, ToolCallFunction
-from protocol.responses import (
+from gateway.openai.models import ChatMessage, ToolCall, ToolCallFunction
+from gateway.responses.models import (
     FunctionCallOutputItem,
     InputMessage,
     InputText,
@@ -16,6 +15,7 @@ from protocol.responses import (
     OutputText,
     Response,
 )
+from gateway.responses.store import InMemoryResponseStore, StoredResponse
 
 
 class Clock:

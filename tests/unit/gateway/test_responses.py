@@ -15,8 +15,8 @@ from pydantic import TypeAdapter
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
+from gateway.openai.models import ChatMessage
 from gateway.settings import GatewaySettings
-from protocol.openai import ChatMessage
 from tests.fakes import LocalSwarmClient
 
 MODEL_ID = "tiny"

@@ -17,20 +17,7 @@ from openai.types.responses import ResponseItemList as SDKResponseItemList
 from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from gateway.responses_translation import (
-    ResponseEvents,
-    chat_messages,
-    chat_request,
-    input_items,
-    items_page,
-    listed_items,
-    output_items,
-    output_messages,
-    response_from_completion,
-    response_skeleton,
-)
-from protocol.errors import InvalidRequest
-from protocol.openai import (
+from gateway.openai.models import (
     MAX_MESSAGES,
     ChatCompletion,
     ChatCompletionChunk,
@@ -45,8 +32,21 @@ from protocol.openai import (
     ToolCall,
     ToolCallFunction,
 )
-from protocol.openai import Choice as ChatChoice
-from protocol.responses import FunctionCall, MessageItem, OutputMessage, ResponsesRequest
+from gateway.openai.models import Choice as ChatChoice
+from gateway.responses.models import FunctionCall, MessageItem, OutputMessage, ResponsesRequest
+from gateway.responses.translation import (
+    ResponseEvents,
+    chat_messages,
+    chat_request,
+    input_items,
+    items_page,
+    listed_items,
+    output_items,
+    output_messages,
+    response_from_completion,
+    response_skeleton,
+)
+from protocol.errors import InvalidRequest
 
 EVENT = TypeAdapter(ResponseStreamEvent)
 WEATHER = {

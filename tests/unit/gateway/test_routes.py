@@ -12,8 +12,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.routes import ROUTE_HEADER, route_header
 from gateway.settings import GatewaySettings
+from gateway.web.routes import ROUTE_HEADER, route_header
 from routing.planner import Hop
 from tests.fakes import LocalSwarmClient
 

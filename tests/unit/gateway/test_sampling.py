@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from gateway.sampling import (
+from gateway.engine.sampling import (
     MIN_TEMPERATURE,
     SamplingParams,
     StreamSampler,

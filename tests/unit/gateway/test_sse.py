@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from gateway.sse import chunk_event, done_event, error_event
-from protocol.openai import (
+from gateway.openai.models import (
     ChatCompletionChunk,
     ChoiceDelta,
     ChunkChoice,
@@ -15,6 +14,7 @@ from protocol.openai import (
     ErrorDetail,
     ErrorResponse,
 )
+from gateway.web.sse import chunk_event, done_event, error_event
 
 
 def chunk(delta: ChoiceDelta, finish_reason: str | None = None) -> ChatCompletionChunk:

@@ -20,8 +20,8 @@ import pytest
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
-from gateway import grammar as grammar_module
 from gateway.app import create_app
+from gateway.engine import grammar as grammar_module
 from gateway.settings import GatewaySettings
 from tests.fakes import LocalSwarmClient
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from gateway.affinity import InMemoryAffinityStore, SessionPin
 from gateway.app import create_app
-from gateway.auth import tenant_of
-from gateway.response_store import InMemoryResponseStore, StoredResponse
+from gateway.engine.affinity import InMemoryAffinityStore, SessionPin
+from gateway.openai.models import ChatMessage
+from gateway.responses.models import OutputMessage, OutputText, Response
+from gateway.responses.store import InMemoryResponseStore, StoredResponse
 from gateway.settings import GatewaySettings
-from protocol.openai import ChatMessage
+from gateway.web.auth import tenant_of
 from protocol.prefix import block_hashes
-from protocol.responses import OutputMessage, OutputText, Response
 from routing.planner import Hop
 from tests.fakes import LocalSwarmClient
 

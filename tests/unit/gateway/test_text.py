@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gateway.text import IncrementalDetokenizer, StopMatcher
+from gateway.engine.text import IncrementalDetokenizer, StopMatcher
 
 
 class ByteTokenizer:

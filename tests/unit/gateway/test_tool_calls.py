@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.grammar import GrammarCompiler
-from gateway.tool_calls import (
+from gateway.engine.grammar import GrammarCompiler
+from gateway.openai.models import ChatTool
+from gateway.openai.tool_calls import (
     FALLBACK,
     HERMES,
     CallFound,
@@ -23,7 +24,6 @@ from gateway.tool_calls import (
     tool_grammar,
 )
 from models.loading import load_tokenizer
-from protocol.openai import ChatTool
 
 WEATHER = ChatTool.model_validate(
     {

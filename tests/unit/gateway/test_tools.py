@@ -16,13 +16,13 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.chat_service import ChatService, tool_plan
-from gateway.generation import Finished, Generation, GenerationRequest, TextDelta
-from gateway.prepare import ServedModel
+from gateway.engine.generation import Finished, Generation, GenerationRequest, TextDelta
+from gateway.openai.chat_service import ChatService, tool_plan
+from gateway.openai.models import ChatCompletionRequest, ChatMessage, ChatTool
+from gateway.openai.prepare import ServedModel
+from gateway.openai.templating import PromptBuilder
 from gateway.settings import GatewaySettings
-from gateway.templating import PromptBuilder
 from models.loading import load_tokenizer
-from protocol.openai import ChatCompletionRequest, ChatMessage, ChatTool
 from tests.fakes import LocalSwarmClient
 
 WEATHER = {

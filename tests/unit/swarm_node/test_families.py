@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from swarm_node.session_kv import KVShape, Segment
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
@@ -33,11 +34,10 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from gateway.head import batch_logits, embed_ids
+from gateway.engine.head import batch_logits, embed_ids
 from models import loading
 from models.loading import Head, Span, load_config, load_head, load_span
 from swarm_node.backend import forward_packed, forward_span, new_session_kv, run_span
-from swarm_node.session_kv import KVShape, Segment
 from swarm_node.throughput import measure_decode_throughput
 from tests.unit.swarm_node.support import HIDDEN, inputs, reference
 
@@ -280,7 +280,7 @@ def test_a_span_and_head_on_another_device_keep_every_tensor_there(
     out = run_span(span, torch.randn(1, 6, HIDDEN), step, start=0, end=BLOCKS)
     assert out.device == meta and out.shape == (1, 6, HIDDEN)
     head = load_head(folder, meta)
-    from gateway.head import final_rows
+    from gateway.engine.head import final_rows
 
     rows = final_rows(head, [torch.randn(1, 2, HIDDEN)])
     assert head.lm_head(rows).device == meta

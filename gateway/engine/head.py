@@ -6,7 +6,7 @@ read per call): on one CPU core one call of 16 rows took ~27 ms, 16 calls of one
 ~180 ms. So every call that arrives while the thread is busy waits in a queue, and the next
 job runs all of them: one norm + LM head over the stacked rows, then each stream's own
 sampling in its own row. A lone stream never waits; with several streams decoding, an idle
-thread waits a few milliseconds for the rows that arrive together (see gateway/batching.py).
+thread waits a few milliseconds for the rows that arrive together (see gateway/engine/batching.py).
 A decoding stream gets its next token's embedding in the same job, ready for its next step.
 
 Failures: an exception in the shared LM head reaches every caller with a row in it; one in
@@ -22,10 +22,10 @@ from typing import TypeVar
 
 import torch
 
-from gateway.batching import MicroBatcher
-from gateway.greedy_head import GreedyScreen
+from gateway.engine.batching import MicroBatcher
+from gateway.engine.greedy_head import GreedyScreen
+from gateway.engine.sampling import StreamSampler, TokenChoice
 from gateway.metrics import GatewayMetrics
-from gateway.sampling import StreamSampler, TokenChoice
 from models.devices import to_device, to_host
 from models.loading import Head
 
@@ -33,7 +33,7 @@ from models.loading import Head
 # queued behind a full batch is not held long.
 MAX_BATCH_ROWS = 64
 # The last hop answers the streams of one batched forward one by one, ~1 ms apart here: an
-# idle head thread waits this long after each for the next (see gateway/batching.py).
+# idle head thread waits this long after each for the next (see gateway/engine/batching.py).
 GATHER_GAP_S = 0.01
 
 
@@ -80,7 +80,7 @@ class HeadRunner:
     """Embeddings in, next tokens out: the only place the gateway runs its model weights.
 
     ``screen``: greedy rows that need only their argmax find it through it instead of the
-    full fp32 LM head (gateway/greedy_head.py); None: every row through the full head."""
+    full fp32 LM head (gateway/engine/greedy_head.py); None: every row through the full head."""
 
     def __init__(
         self,

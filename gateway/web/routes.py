@@ -15,18 +15,10 @@ from sse_starlette import ServerSentEvent
 from starlette.requests import ClientDisconnect
 
 from client.swarm_client import SwarmClient
-from gateway import sse
-from gateway.auth import client_key, tenant_of
-from gateway.cancellation import unless_disconnected
-from gateway.chat_service import ChatService
-from gateway.completion_service import CompletionService
-from gateway.errors import to_http_error
-from gateway.generation import Generation
-from gateway.limits import Admission, Slot
-from gateway.responses_service import ResponsesService
-from gateway.streaming import EventStream
-from protocol.errors import ModelNotFound, NoRouteError
-from protocol.openai import (
+from gateway.engine.generation import Generation
+from gateway.openai.chat_service import ChatService
+from gateway.openai.completion_service import CompletionService
+from gateway.openai.models import (
     ChatCompletionRequest,
     CompletionRequest,
     ErrorResponse,
@@ -34,10 +26,18 @@ from protocol.openai import (
     ModelList,
     dump,
 )
-from protocol.responses import DeletedResponse, ResponsesRequest
+from gateway.responses.models import DeletedResponse, ResponsesRequest
+from gateway.responses.service import ResponsesService
+from gateway.web import sse
+from gateway.web.auth import client_key, tenant_of
+from gateway.web.cancellation import unless_disconnected
+from gateway.web.errors import to_http_error
+from gateway.web.limits import Admission, Slot
+from gateway.web.streaming import EventStream
+from protocol.errors import ModelNotFound, NoRouteError
 from routing.planner import Hop, plan_route
 
-api = APIRouter()  # the OpenAI surface, behind gateway.auth.ApiKeyGuard
+api = APIRouter()  # the OpenAI surface, behind gateway.web.auth.ApiKeyGuard
 ops = APIRouter()  # health and coverage stay open for probes and operators
 
 _ERRORS: dict[int | str, dict[str, Any]] = {

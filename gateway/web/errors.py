@@ -10,6 +10,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from gateway.openai.models import UNSUPPORTED, ErrorDetail, ErrorResponse
 from protocol.errors import (
     CapacityExceeded,
     ContextLengthExceeded,
@@ -23,7 +24,6 @@ from protocol.errors import (
     TooManyRequests,
     Unauthorized,
 )
-from protocol.openai import UNSUPPORTED, ErrorDetail, ErrorResponse
 
 logger = logging.getLogger(__name__)
 

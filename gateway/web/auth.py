@@ -13,8 +13,8 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.errors import to_http_error
 from gateway.metrics import GatewayMetrics
+from gateway.web.errors import to_http_error
 from protocol.errors import Unauthorized
 
 # What stays open with API keys configured: the probes (Kubernetes sends no key). Everything

@@ -2,7 +2,7 @@
 
 No HTTP here. The gateway holds the model's embedding, final norm and LM head; the swarm
 runs every transformer block in between. Tensor work (embedding, logits, sampling) runs on
-the head thread (gateway/head.py); this loop only awaits it and turns tokens into text.
+the head thread (gateway/engine/head.py); this loop only awaits it and turns tokens into text.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client.swarm_client import InferenceSession, SwarmClient, detach
-from gateway.grammar import Grammar
-from gateway.head import HeadRunner
+from gateway.engine.grammar import Grammar
+from gateway.engine.head import HeadRunner
+from gateway.engine.sampling import SamplingParams, StreamSampler, TokenChoice
+from gateway.engine.sessions import Claim, SessionAffinity
+from gateway.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
 from gateway.metrics import GatewayMetrics
-from gateway.sampling import SamplingParams, StreamSampler, TokenChoice
-from gateway.sessions import Claim, SessionAffinity
-from gateway.text import Decoder, IncrementalDetokenizer, StopMatcher
-from protocol.openai import FinishReason
+from gateway.openai.models import FinishReason
 from protocol.prefix import TokenHistory
 from routing.planner import Hop
 

@@ -3,7 +3,7 @@
 A request is first resolved against the conversation it continues (``previous_response_id``)
 into a ``Turn``: the chat request to run and what to store once it has run. From then on it
 goes the way of a chat completion (admission, template, swarm session), and its result is
-translated back (gateway/responses_translation.py).
+translated back (gateway/responses/translation.py).
 
 Every turn of a stored conversation runs under one session key, so that it finds the KV
 caches of the turn before: the request's ``prompt_cache_key`` (or ``X-Session-ID``) when it
@@ -20,12 +20,19 @@ from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.chat_service import ChatService
-from gateway.errors import to_http_error
-from gateway.generation import Generation, GenerationRequest
-from gateway.prepare import ServedModel, check_model
-from gateway.response_store import MAX_RECORD_BYTES, ResponseStore, StoredResponse
-from gateway.responses_translation import (
+from gateway.engine.generation import Generation, GenerationRequest
+from gateway.openai.chat_service import ChatService
+from gateway.openai.models import ChatCompletionRequest, ChatMessage
+from gateway.openai.prepare import ServedModel, check_model
+from gateway.responses.models import (
+    InputItem,
+    Response,
+    ResponseEvent,
+    ResponseItemList,
+    ResponsesRequest,
+)
+from gateway.responses.store import MAX_RECORD_BYTES, ResponseStore, StoredResponse
+from gateway.responses.translation import (
     ResponseEvents,
     chat_request,
     input_items,
@@ -37,15 +44,8 @@ from gateway.responses_translation import (
     response_from_completion,
     response_skeleton,
 )
+from gateway.web.errors import to_http_error
 from protocol.errors import InvalidRequest, NotFound, RequestError
-from protocol.openai import ChatCompletionRequest, ChatMessage
-from protocol.responses import (
-    InputItem,
-    Response,
-    ResponseEvent,
-    ResponseItemList,
-    ResponsesRequest,
-)
 from routing.planner import Hop
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The Responses API as chat completions: requests in, responses and stream events out.
 
 Pure functions (and one event builder that only counts): no I/O, no HTTP. The service
-(gateway/responses_service.py) runs them around the chat completions service.
+(gateway/responses/service.py) runs them around the chat completions service.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from protocol.errors import InvalidRequest
-from protocol.openai import (
+from gateway.openai.models import (
     MAX_MESSAGES,
     ChatCompletion,
     ChatCompletionChunk,
@@ -35,7 +34,7 @@ from protocol.openai import (
     ToolCall,
     ToolCallFunction,
 )
-from protocol.responses import (
+from gateway.responses.models import (
     ContentPartEvent,
     DeltaLogprob,
     DeltaLogprobTop,
@@ -76,6 +75,7 @@ from protocol.responses import (
     TextFormatJSONSchema,
     part_text,
 )
+from protocol.errors import InvalidRequest
 
 LOGPROBS = "message.output_text.logprobs"
 # `include` values honoured: logprobs; and encrypted reasoning, which a model that does not

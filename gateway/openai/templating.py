@@ -8,7 +8,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from gateway.tool_calls import (
+from gateway.openai.models import ChatMessage, ChatTool, ToolCall
+from gateway.openai.tool_calls import (
     ToolFormat,
     fallback_system,
     format_for_template,
@@ -16,7 +17,6 @@ from gateway.tool_calls import (
     template_knows_tools,
 )
 from protocol.errors import InvalidRequest
-from protocol.openai import ChatMessage, ChatTool, ToolCall
 
 
 class PromptBuilder:
@@ -26,7 +26,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
         # A template that knows tools renders them and the calls in history itself; any
-        # other gets them written in the fallback format (gateway/tool_calls.py).
+        # other gets them written in the fallback format (gateway/openai/tool_calls.py).
         self.native_tools = template_knows_tools(template)
         self.tool_format: ToolFormat = format_for_template(template)
 

@@ -6,7 +6,7 @@ is recognised from the template. A template that knows none (SmolLM2's) gets the
 format, which Qwen2.5 and Hermes use too, through a system prompt (``fallback_system``):
 calls are ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks.
 
-Pure: no tokenizer, no I/O (grammars are text here; gateway/grammar.py compiles them).
+Pure: no tokenizer, no I/O (grammars are text here; gateway/engine/grammar.py compiles them).
 Calls that do not parse, or that name a function the request did not offer, are left as
 text: a client never receives a call it cannot dispatch.
 """
@@ -20,8 +20,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.grammar import lark_json
-from protocol.openai import ChatTool
+from gateway.engine.grammar import lark_json
+from gateway.openai.models import ChatTool
 
 NO_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 

@@ -11,9 +11,7 @@ from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
-from gateway.chat_service import SYSTEM_FINGERPRINT, usage_of
-from gateway.fanout import fan_in, fan_out
-from gateway.generation import (
+from gateway.engine.generation import (
     Finished,
     Generation,
     GenerationRequest,
@@ -22,7 +20,16 @@ from gateway.generation import (
     TextDelta,
     TokenLogprob,
 )
-from gateway.prepare import (
+from gateway.openai.chat_service import SYSTEM_FINGERPRINT, usage_of
+from gateway.openai.fanout import fan_in, fan_out
+from gateway.openai.models import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionUsage,
+)
+from gateway.openai.prepare import (
     RequestLimits,
     ServedModel,
     check_model,
@@ -30,13 +37,6 @@ from gateway.prepare import (
     generation_request,
 )
 from protocol.errors import InvalidRequest
-from protocol.openai import (
-    Completion,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionUsage,
-)
 from routing.planner import Hop
 
 MAX_PROMPTS = 16  # choices one request may ask for
@@ -147,7 +147,7 @@ class CompletionService:
     ) -> tuple[Completion, tuple[Hop, ...]]:
         """The whole completion, and the route its first prompt was generated on.
 
-        Its prompts generate at once (gateway/fanout.py): a list of prompts is how
+        Its prompts generate at once (gateway/openai/fanout.py): a list of prompts is how
         evaluation harnesses batch. The first leads, the others start once its prompt is
         on the servers, so a few-shot prefix they share is computed once; prompts scored
         whole (echo with logprobs) reuse nothing and all start at once."""

@@ -8,7 +8,7 @@ import openai.types.chat as sdk
 import pytest
 from pydantic import ValidationError
 
-from protocol.openai import (
+from gateway.openai.models import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionMessage,
@@ -22,7 +22,7 @@ from protocol.openai import (
     TopLogprob,
     dump,
 )
-from protocol.openai import Choice as ChatChoice
+from gateway.openai.models import Choice as ChatChoice
 
 BASE: dict[str, Any] = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}
 

@@ -1,7 +1,7 @@
 """Choosing the next token from logits: penalties and biases, a grammar's mask, then greedy,
 temperature and nucleus (top-p) sampling; and the model's own log-probabilities of the choice.
 
-Pure tensor code, run by the head thread (gateway/head.py), never on the event loop."""
+Pure tensor code, run by the head thread (gateway/engine/head.py), never on the event loop."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class SamplingParams:
 
 
 class Constraint(Protocol):
-    """What a stream's tokens must match (gateway/grammar.py's Matcher): it masks each
+    """What a stream's tokens must match (gateway/engine/grammar.py's Matcher): it masks each
     step's logits and follows the tokens chosen."""
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
@@ -151,7 +151,7 @@ class StreamSampler:
     def needs_logits(self) -> bool:
         """False when the argmax of the model's own logits alone decides the token: greedy,
         no logprobs, nothing adjusting or masking the logits. Then ``take`` may be given
-        that argmax, found without computing every logit (gateway/greedy_head.py)."""
+        that argmax, found without computing every logit (gateway/engine/greedy_head.py)."""
         return bool(
             not self.params.greedy
             or self.logprobs is not None

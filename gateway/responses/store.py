@@ -26,9 +26,9 @@ from typing import Any, Protocol
 
 from pydantic import TypeAdapter
 
+from gateway.openai.models import ChatMessage
+from gateway.responses.models import InputItem, Response
 from protocol.errors import StoreUnavailable
-from protocol.openai import ChatMessage
-from protocol.responses import InputItem, Response
 
 RECORD_VERSION = 1
 MAX_RECORD_BYTES = 8 * 1024 * 1024  # a longer conversation is not stored (with a warning)

@@ -10,8 +10,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway.fanout import fan_in, fan_out
-from gateway.generation import (
+from gateway.engine.generation import (
     Finished,
     Generation,
     GenerationRequest,
@@ -20,12 +19,9 @@ from gateway.generation import (
     TextDelta,
     TokenLogprob,
 )
-from gateway.grammar import Grammar, GrammarCompiler, lark_json
-from gateway.prepare import RequestLimits, ServedModel, check_model, generation_request
-from gateway.templating import PromptBuilder
-from gateway.tool_calls import CallFound, ToolCallStream, ToolFormat, new_call_id, tool_grammar
-from protocol.errors import InvalidRequest
-from protocol.openai import (
+from gateway.engine.grammar import Grammar, GrammarCompiler, lark_json
+from gateway.openai.fanout import fan_in, fan_out
+from gateway.openai.models import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionMessage,
@@ -46,6 +42,16 @@ from protocol.openai import (
     ToolCallFunction,
     TopLogprob,
 )
+from gateway.openai.prepare import RequestLimits, ServedModel, check_model, generation_request
+from gateway.openai.templating import PromptBuilder
+from gateway.openai.tool_calls import (
+    CallFound,
+    ToolCallStream,
+    ToolFormat,
+    new_call_id,
+    tool_grammar,
+)
+from protocol.errors import InvalidRequest
 from routing.planner import Hop
 
 SYSTEM_FINGERPRINT = "swarmgate-v1"
@@ -131,7 +137,7 @@ class ChatService:
     ) -> tuple[ChatCompletion, tuple[Hop, ...]]:
         """The whole completion, and the route its first choice was generated on.
 
-        Choices generate at once (gateway/fanout.py): the first leads, the others start
+        Choices generate at once (gateway/openai/fanout.py): the first leads, the others start
         once its prompt is on the servers, from a copy of that cache, and decode alongside
         it, batched."""
         tools = tool_plan(request)

@@ -6,10 +6,10 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from gateway.generation import GenerationRequest
-from gateway.sampling import SamplingParams
+from gateway.engine.generation import GenerationRequest
+from gateway.engine.sampling import SamplingParams
+from gateway.openai.models import SamplingRequest
 from protocol.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
-from protocol.openai import SamplingRequest
 
 
 @dataclass(frozen=True)

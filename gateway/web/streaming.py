@@ -9,7 +9,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
-from gateway import sse
+from gateway.web import sse
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Requests ignore unknown fields, as OpenAI does. Fields and item kinds that this gateway
 cannot honour (built-in tools, images, background runs ...) are still parsed, loosely, so
-that the gateway can refuse them by name (gateway/responses_translation.py) instead of
+that the gateway can refuse them by name (gateway/responses/translation.py) instead of
 ignoring what a client asked for.
 """
 
@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
-from protocol.openai import (
+from gateway.openai.models import (
     FUNCTION_NAME,
     MAX_MESSAGES,
     MAX_TOOLS,
