@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup up test test-unit test-integration test-e2e test-gpu check format bench redis
+.PHONY: setup up test test-unit test-integration test-e2e test-gpu check format bench bench-all redis
 
 setup: $(STAMP)
 
@@ -49,7 +49,7 @@ test-gpu: setup
 check: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy protocol routing client gateway swarm_node models swarmgate training
+	$(BIN)/mypy protocol routing swarm_dht client gateway swarm_node models swarmgate training
 	$(BIN)/python -m pytest -q -p no:cacheprovider --noconftest tests/unit/test_layering.py
 
 format: setup
@@ -58,3 +58,8 @@ format: setup
 
 bench: setup
 	$(BIN)/python bench/decode.py
+
+# Re-measures every figure the README quotes, records the runs in bench/results/ and renders
+# the README's tables from them (~30 min; on a quiet machine).
+bench-all: setup
+	bench/run_all.sh

@@ -29,25 +29,38 @@ whole history (system prompt, earlier questions and the answers it got). Per req
   `system_prompt_tokens` rounded down to a multiple of 32 can come back.
   `target_system_prompt_met`: B1 reused at least 0.9 of that rounded-down count.
 
+Every answer is greedy: ``hit_equals_miss`` checks the two gateways' answers are equal, and
+``greedy_equal`` that every answer is `transformers` ``generate``'s on the whole model.
+
     python bench/affinity.py [--model smollm2] [--repeats 3] [--turns 3]
+                             [--urls HIT MISS] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-import openai
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import (
+    add_record_flag,
+    complete,
+    finish,
+    greedy_check,
+    greedy_texts,
+    log_dir,
+    served_model,
+    stream_chat,
+)
 from models.loading import load_config
-from models.resolve import resolve_model
+from models.resolve import ModelSource, resolve_model
 from routing.block_selection import split_evenly
-from tests.processes import Process, free_port, http_ok, wait_for
+from tests.processes import Process, free_port, http_ok, stop_all, wait_for
 
 TOPICS = [
     "rivers",
@@ -81,6 +94,8 @@ def history() -> list[dict]:
     return messages
 
 
+NEXT_TURN_TOKENS = 8  # the measured next turn's answer
+TURN_TOKENS = 20  # each answer of the shared-system-prompt case
 BLOCK_TOKENS = 32  # servers index and share cached prefixes in blocks of this many tokens
 DESKS = ["lending", "reference", "archives", "maps", "music", "newspapers", "children's books"]
 QUESTIONS = {
@@ -118,42 +133,32 @@ def system_prompt() -> str:
     )
 
 
-def streamed_turn(client: openai.OpenAI, model: str, messages: list[dict], max_tokens: int) -> dict:
+def streamed_turn(url: str, model: str, messages: list[dict], max_tokens: int) -> dict:
     """One streamed, greedy request: its text, time to first text and usage."""
-    start = time.perf_counter()
-    stream = client.chat.completions.create(
-        model=model,
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    first, text, usage = None, [], None
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            first = first or time.perf_counter()
-            text.append(chunk.choices[0].delta.content)
-        usage = chunk.usage or usage
-    assert first is not None and usage is not None, "no text or no usage streamed"
+    streamed = stream_chat(url, model, messages, max_tokens)
+    assert streamed.ttft_s is not None and streamed.prompt_tokens is not None, "no text or usage"
     return {
-        "text": "".join(text),
-        "ttft_s": first - start,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "cached_tokens": usage.prompt_tokens_details.cached_tokens,
+        "text": streamed.text,
+        "ttft_s": streamed.ttft_s,
+        "prompt_tokens": streamed.prompt_tokens,
+        "completion_tokens": streamed.completion_tokens,
+        "cached_tokens": streamed.cached_tokens,
     }
 
 
-def shared_system_prompt(client: openai.OpenAI, model: str, turns: int) -> list[dict]:
-    """A and B share the system prompt and interleave turns, each resending its history."""
+def shared_system_prompt(
+    url: str, model: str, turns: int, asked: list[tuple[list[dict], str]]
+) -> list[dict]:
+    """A and B share the system prompt and interleave turns, each resending its history;
+    each request and its answer is added to ``asked``."""
     histories = {name: [{"role": "system", "content": system_prompt()}] for name in "AB"}
     results, previous = [], {}
     for turn in range(turns):
         for name, history in histories.items():
             questions = QUESTIONS[name]
             history.append({"role": "user", "content": questions[turn % len(questions)]})
-            result = streamed_turn(client, model, history, max_tokens=20)
+            result = streamed_turn(url, model, history, TURN_TOKENS)
+            asked.append((list(history), result["text"]))
             history.append({"role": "assistant", "content": result.pop("text")})
             if name in previous:  # what the servers could hold of this conversation
                 own = previous[name]["prompt_tokens"] + previous[name]["completion_tokens"]
@@ -178,122 +183,104 @@ def summarize(turns: list[dict], system_tokens: int) -> dict:
     }
 
 
-def ttft(client: openai.OpenAI, model: str, messages: list[dict]) -> tuple[float, str]:
-    start = time.perf_counter()
-    stream = client.chat.completions.create(
-        model=model,
-        messages=messages,
-        max_tokens=8,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    first, text, cached = None, [], 0
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            first = first or time.perf_counter()
-            text.append(chunk.choices[0].delta.content)
-        if chunk.usage is not None:
-            cached = chunk.usage.prompt_tokens_details.cached_tokens
-    assert first is not None, "no text streamed"
-    return first - start, json.dumps({"text": "".join(text), "cached": cached})
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--turns", type=int, default=3, help="turns of each conversation")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--urls",
+        nargs=2,
+        metavar=("HIT", "MISS"),
+        help="measure these two gateways of one running swarm (with and without affinity) "
+        "instead of starting one",
+    )
+    add_record_flag(parser)
+    args = parser.parse_args(argv)
     if args.turns < 2:
         parser.error("--turns must be at least 2: reuse is measured from each second turn")
     source = resolve_model(args.model)
+    with gateways(args.urls, source) as urls:
+        model = served_model(urls["hit"])
+        runs: dict[str, list[float]] = {"hit": [], "miss": []}
+        cached: list[int] = []
+        asked: list[tuple[list[dict], str]] = []  # every measured request and its answer
+        conversation = history()
+        for i in range(args.repeats):
+            reply = complete(urls["hit"], model, conversation, 8)  # warms the session's caches
+            conversation = [
+                *conversation,
+                {"role": "assistant", "content": reply["choices"][0]["message"]["content"]},
+                {"role": "user", "content": f"Give me one more example, number {i}."},
+            ]
+            hit = streamed_turn(urls["hit"], model, conversation, NEXT_TURN_TOKENS)
+            miss = streamed_turn(urls["miss"], model, conversation, NEXT_TURN_TOKENS)
+            asked += [(conversation, hit["text"]), (conversation, miss["text"])]
+            runs["hit"].append(hit["ttft_s"])
+            runs["miss"].append(miss["ttft_s"])
+            cached.append(hit["cached_tokens"])
+            conversation = conversation[:-2]  # the next repeat branches from the same history
+        turns_asked: list[tuple[list[dict], str]] = []
+        shared = shared_system_prompt(urls["hit"], model, args.turns, turns_asked)
+        # After the case, and without affinity, so that it seeds nothing.
+        system_only = [{"role": "system", "content": system_prompt()}]
+        system_tokens = complete(urls["miss"], model, system_only, 1)["usage"]["prompt_tokens"]
+        prompt_tokens = complete(urls["miss"], model, conversation, 1)["usage"]["prompt_tokens"]
+
+    # Greedy: the swarm's every answer must be `generate`'s on the whole model.
+    reference = greedy_texts(source.path, [c for c, _ in asked], NEXT_TURN_TOKENS)
+    reference += greedy_texts(source.path, [c for c, _ in turns_asked], TURN_TOKENS)
+    hit_s, miss_s = statistics.median(runs["hit"]), statistics.median(runs["miss"])
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "model": model,
+        "nodes": 2,
+        "history_tokens": prompt_tokens,
+        "repeats": args.repeats,
+        "cached_tokens_on_hit": cached,
+        "ttft_hit_s": hit_s,
+        "ttft_miss_s": miss_s,
+        "hit_over_miss": hit_s / miss_s,
+        "hit_equals_miss": all(asked[i][1] == asked[i + 1][1] for i in range(0, len(asked), 2)),
+        "runs": runs,
+        "shared_system_prompt": summarize(shared, system_tokens),
+        **greedy_check([text for _, text in asked + turns_asked], reference),
+    }
+    finish("affinity", result, args)
+    return result
+
+
+@contextlib.contextmanager
+def gateways(urls: list[str] | None, source: ModelSource) -> Iterator[dict[str, str]]:
+    """The two gateways to compare: ``urls`` as given, else a swarm of a DHT and 2 nodes
+    splitting the model (started as the README shows) with one gateway with affinity and
+    one with ``--no-affinity``, all stopped on exit."""
+    if urls is not None:
+        yield {"hit": urls[0], "miss": urls[1]}
+        return
     blocks = load_config(source.path).num_hidden_layers
-    logs = Path(__file__).resolve().parent / "results"
-    logs.mkdir(exist_ok=True)
+    logs = log_dir()
     model = ["--model", str(source.path), "--model-name", source.name]
     processes: list[Process] = []
     try:
-        dht = Process("bench-dht", ["dht"], logs)
+        dht = Process("bench-affinity-dht", ["dht"], logs)
         processes.append(dht)
         wait_for(lambda: "--initial-peers" in dht.output(), 60, "the DHT")
         peers = dht.output().split("--initial-peers", 1)[1].split()
         for start, end in split_evenly(blocks, 2):
             argv = ["node", *model, "--initial-peers", *peers, "--blocks", f"{start}:{end}"]
-            processes.append(Process(f"bench-node-{start}", argv, logs))
-        urls = {}
+            processes.append(Process(f"bench-affinity-node-{start}", argv, logs))
+        started = {}
         for name, flags in (("hit", []), ("miss", ["--no-affinity"])):
             port = free_port()
             argv = ["gateway", *model, "--initial-peers", *peers, "--port", str(port), *flags]
-            processes.append(Process(f"bench-gateway-{name}", argv, logs))
-            urls[name] = f"http://127.0.0.1:{port}"
-        for url in urls.values():
+            processes.append(Process(f"bench-affinity-gateway-{name}", argv, logs))
+            started[name] = f"http://127.0.0.1:{port}"
+        for url in started.values():
             wait_for(lambda u=url: http_ok(f"{u}/health"), 600, "the swarm")
-        clients = {
-            k: openai.OpenAI(base_url=f"{u}/v1", api_key="x", max_retries=0)
-            for k, u in urls.items()
-        }
-
-        runs: dict[str, list[float]] = {"hit": [], "miss": []}
-        cached: list[int] = []
-        conversation = history()
-        for i in range(args.repeats):
-            reply = clients["hit"].chat.completions.create(  # warms the session's caches
-                model=source.name, messages=conversation, max_tokens=8, temperature=0
-            )
-            conversation = [
-                *conversation,
-                {"role": "assistant", "content": reply.choices[0].message.content},
-                {"role": "user", "content": f"Give me one more example, number {i}."},
-            ]
-            hit_s, hit = ttft(clients["hit"], source.name, conversation)
-            miss_s, miss = ttft(clients["miss"], source.name, conversation)
-            assert json.loads(hit)["text"] == json.loads(miss)["text"], (hit, miss)
-            runs["hit"].append(hit_s)
-            runs["miss"].append(miss_s)
-            cached.append(json.loads(hit)["cached"])
-            conversation = conversation[:-2]  # the next repeat branches from the same history
-        shared = shared_system_prompt(clients["hit"], source.name, args.turns)
-        system_tokens = (  # after the case, and without affinity, so that it seeds nothing
-            clients["miss"]
-            .chat.completions.create(
-                model=source.name,
-                messages=[{"role": "system", "content": system_prompt()}],
-                max_tokens=1,
-                temperature=0,
-            )
-            .usage.prompt_tokens
-        )
-        prompt_tokens = (
-            clients["miss"]
-            .chat.completions.create(
-                model=source.name, messages=conversation, max_tokens=1, temperature=0
-            )
-            .usage.prompt_tokens
-        )
+        yield started
     finally:
-        for process in reversed(processes):
-            process.stop()
-
-    hit, miss = statistics.median(runs["hit"]), statistics.median(runs["miss"])
-    print(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "model": source.name,
-                "nodes": 2,
-                "history_tokens": prompt_tokens,
-                "repeats": args.repeats,
-                "cached_tokens_on_hit": cached,
-                "ttft_hit_s": hit,
-                "ttft_miss_s": miss,
-                "hit_over_miss": hit / miss,
-                "runs": runs,
-                "shared_system_prompt": summarize(shared, system_tokens),
-            },
-            indent=2,
-        )
-    )
+        stop_all(processes)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ exactly ``--tokens`` new tokens per row) with batch 1 and with batch N, the larg
 Then `swarmgate up` (a DHT, 2 nodes, the gateway on loopback) is started and warmed up as
 the baseline is (one stream, then N at once, 4 tokens each: the first batch of a size
 allocates what later ones reuse), and for each level ``c`` of ``--streams``, ``c`` greedy
-streams are sent at once through the OpenAI SDK.
+streams are sent at once (streamed chat completions, each over its own connection).
+With ``--url`` the swarm is the one behind that gateway, as it runs.
 
 How to read it:
 
@@ -41,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import signal
@@ -49,19 +49,25 @@ import statistics
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import openai
+import httpx
 import torch
-from openai.types.chat import ChatCompletionMessageParam
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import (
+    Streamed,
+    add_record_flag,
+    astream_chat,
+    finish,
+    running_swarm,
+    served_model,
+)
 from models.devices import Placement
 from models.resolve import resolve_model
-from tests.processes import alarms, start_up
+from tests.processes import alarms
 
 NODES = 2
 TARGET_SPEEDUP = 5.0
@@ -92,7 +98,7 @@ def story(round_: str, index: int) -> str:
     return f"Story {round_}-{index}: write a very long story about {topic}, with many chapters."
 
 
-def messages(round_: str, index: int) -> list[ChatCompletionMessageParam]:
+def messages(round_: str, index: int) -> list[dict[str, Any]]:
     return [{"role": "user", "content": story(round_, index)}]
 
 
@@ -141,64 +147,12 @@ def bench_hf(path: Path, batch: int, tokens: int, placement: Placement) -> dict[
 # --- the swarm ----------------------------------------------------------------------------
 
 
-@dataclass
-class StreamResult:
-    started: float = 0.0
-    ended: float | None = None
-    ttft_s: float | None = None
-    tokens: int = 0
-    finish_reason: str | None = None
-    error: str | None = None
-    usage: bool = False  # whether the stream ended with a usage chunk
-    chunks: int = field(default=0, repr=False)  # content deltas: the count without usage
-
-    @property
-    def failed(self) -> bool:
-        return (
-            self.error is not None
-            or self.ttft_s is None
-            or self.finish_reason not in ("length", "stop")
-        )
-
-
-async def one_stream(
-    client: openai.AsyncOpenAI,
-    model: str,
-    prompt: list[ChatCompletionMessageParam],
-    tokens: int,
-    result: StreamResult,
-) -> None:
-    """Fills ``result`` as the stream goes, so a stream cancelled by the level's timeout
-    still reports what it got."""
-    result.started = time.perf_counter()
-    try:
-        stream = await client.chat.completions.create(
-            model=model,
-            messages=prompt,
-            max_tokens=tokens,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        async with stream:
-            async for chunk in stream:
-                if chunk.choices:
-                    choice = chunk.choices[0]
-                    if choice.delta.content:
-                        if result.ttft_s is None:
-                            result.ttft_s = time.perf_counter() - result.started
-                        result.chunks += 1
-                    if choice.finish_reason is not None:
-                        result.finish_reason = choice.finish_reason
-                if chunk.usage is not None:
-                    result.usage = True
-                    result.tokens = chunk.usage.completion_tokens
-        if not result.usage:
-            result.tokens = result.chunks  # a chunk can hold several tokens: a lower bound
-    except Exception as e:  # a failed stream is a result, not the end of the benchmark
-        result.error = f"{type(e).__name__}: {e}"[:300]
-    finally:
-        result.ended = time.perf_counter()
+def failed(result: Streamed) -> bool:
+    return (
+        result.error is not None
+        or result.ttft_s is None
+        or result.finish_reason not in ("length", "stop")
+    )
 
 
 def nearest_rank(values: list[float], q: float) -> float:
@@ -211,20 +165,22 @@ async def run_level(
 ) -> dict[str, Any]:
     """``level`` streams at once, each with its own prompt (named by ``round_``) and bearer
     token."""
-    clients = [
-        openai.AsyncOpenAI(
-            base_url=f"{url}/v1",
-            api_key=f"bench-concurrency-{level}-{i}",
-            max_retries=0,
-            timeout=timeout_s,
-        )
-        for i in range(level)
-    ]
-    results = [StreamResult() for _ in range(level)]
+    limits = httpx.Limits(max_connections=level)
+    client = httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits)
+    results = [Streamed() for _ in range(level)]
     start = time.perf_counter()
     tasks = [
-        asyncio.create_task(one_stream(c, model, messages(round_, i), tokens, r))
-        for i, (c, r) in enumerate(zip(clients, results, strict=True))
+        asyncio.create_task(
+            astream_chat(
+                client,
+                model,
+                messages(round_, i),
+                tokens,
+                r,
+                api_key=f"bench-concurrency-{level}-{i}",
+            )
+        )
+        for i, r in enumerate(results)
     ]
     try:
         _, pending = await asyncio.wait(tasks, timeout=timeout_s)
@@ -237,8 +193,7 @@ async def run_level(
                 result.error = f"still running when the level's {timeout_s:.0f} s ran out"
                 result.ended = now
     finally:
-        for client in clients:
-            await client.close()
+        await client.aclose()
 
     wall = max(r.ended or start for r in results) - start
     total = sum(r.tokens for r in results)
@@ -250,8 +205,8 @@ async def run_level(
         "tok_s": total / wall if wall > 0 else 0.0,
         "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
         "ttft_p99_s": nearest_rank(ttfts, 0.99) if ttfts else None,
-        "failures": sum(r.failed for r in results),
-        "without_usage": sum(not r.usage for r in results),
+        "failures": sum(failed(r) for r in results),
+        "without_usage": sum(r.completion_tokens is None for r in results),
         "finish_reasons": dict(Counter(str(r.finish_reason) for r in results)),
         "errors": sorted({r.error for r in results if r.error})[:5],
     }
@@ -279,7 +234,7 @@ async def bench_swarm(
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
@@ -292,62 +247,58 @@ def main() -> None:
     )
     parser.add_argument("--device", default="auto", help="of HF's baseline and the swarm alike")
     parser.add_argument("--dtype", default="auto")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--url", help="measure the gateway at URL (its swarm as it runs) instead of starting one"
+    )
+    add_record_flag(parser)
+    args = parser.parse_args(argv)
     levels = sorted(set(args.streams))
     if levels[0] < 1 or args.tokens < 1 or args.repeats < 1:
         parser.error("--streams, --tokens and --repeats must be positive")
-    # SIGTERM unwinds like Ctrl-C, so the `finally` below still stops the swarm.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
     source = resolve_model(args.model)
     source.fetch_whole()  # a Hub model: `generate` needs all of it
     top = levels[-1]
+    flags = ["--device", args.device, "--dtype", args.dtype]
     placement = Placement.of(args.device, args.dtype)
     hf = bench_hf(source.path, top, args.tokens, placement)
 
-    log_dir = Path(__file__).resolve().parent / "results"
-    log_dir.mkdir(exist_ok=True)
-    flags = ["--device", args.device, "--dtype", args.dtype]
-    swarm, url = start_up(args.model, NODES, log_dir, "bench-concurrency-up", flags=flags)
-    try:
+    with running_swarm(args.url, args.model, NODES, "bench-concurrency-up", flags) as url:
+        model_id = served_model(url)
         levels_out = asyncio.run(
-            bench_swarm(url, source.name, levels, args.tokens, args.timeout, args.repeats)
+            bench_swarm(url, model_id, levels, args.tokens, args.timeout, args.repeats)
         )
         counters = alarms(url)
-    finally:
-        swarm.stop(timeout_s=60)
 
     one = levels_out.get("1")
     for result in levels_out.values():
         result["speedup_vs_1"] = result["tok_s"] / one["tok_s"] if one and one["tok_s"] else None
     best = levels_out[str(top)]
-    print(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "cores": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
-                "device": placement.describe(),
-                "model": source.name,
-                "nodes": NODES,
-                "tokens": args.tokens,
-                "streams": levels,
-                "hf": hf,
-                "swarm": levels_out,
-                "vs_hf_batch": best["tok_s"] / hf[f"batch_{top}"]["tok_s"],
-                # Servers given up on during the run: under load alone, none should be.
-                "alarms": counters,
-                "target": f"{top} streams >= {TARGET_SPEEDUP:g}x 1 stream, no failures",
-                "target_met": bool(
-                    best["speedup_vs_1"] is not None
-                    and best["speedup_vs_1"] >= TARGET_SPEEDUP
-                    and not any(r["failures"] for r in levels_out.values())
-                ),
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": placement.describe(),
+        "model": source.name,
+        "nodes": NODES,
+        "tokens": args.tokens,
+        "streams": levels,
+        "hf": hf,
+        "swarm": levels_out,
+        "vs_hf_batch": best["tok_s"] / hf[f"batch_{top}"]["tok_s"],
+        # Servers given up on during the run: under load alone, none should be.
+        "alarms": counters,
+        "target": f"{top} streams >= {TARGET_SPEEDUP:g}x 1 stream, no failures",
+        "target_met": bool(
+            best["speedup_vs_1"] is not None
+            and best["speedup_vs_1"] >= TARGET_SPEEDUP
+            and not any(r["failures"] for r in levels_out.values())
+        ),
+    }
+    finish("concurrency", result, args)
+    return result
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like Ctrl-C, so the swarm is still stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()

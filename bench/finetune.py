@@ -6,7 +6,7 @@ steps on a toy dataset and prints one JSON object: seconds per step (the first s
 which warms up, excluded), bytes sent and received per step (over all hops, forward and
 backward), and the loss of the first and last steps.
 
-    python bench/finetune.py --model smollm2 --batch-size 4 --length 64 --rank 8
+    python bench/finetune.py --model smollm2 --batch-size 4 --length 64 --rank 8 [--record]
 """
 
 from __future__ import annotations
@@ -15,13 +15,19 @@ import argparse
 import io
 import itertools
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import add_record_flag, finish
 from models.loading import load_config
 from models.resolve import resolve_model
+from protocol.credentials import Role
+from protocol.membership import Membership
 from tests.processes import Process, no_orphans, wait_for
 from training import FinetuneSettings, train_lora
 
@@ -37,7 +43,14 @@ def toy_data(folder: Path, length: int) -> Path:
     return path
 
 
-def main() -> None:
+def membership() -> Membership | None:
+    """The nodes inherit ``SWARMGATE_SWARM_KEY`` from this process's environment, if set
+    (then their swarm is closed): the fine-tuner joins it with the same key."""
+    key = os.environ.get("SWARMGATE_SWARM_KEY")
+    return Membership.load(key, Role.FINETUNE) if key else None
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--nodes", type=int, default=2)
@@ -46,7 +59,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
-    args = parser.parse_args()
+    add_record_flag(parser)
+    args = parser.parse_args(argv)
     source = resolve_model(args.model)
     blocks = load_config(source.path).num_hidden_layers
     cuts = [round(i * blocks / args.nodes) for i in range(args.nodes + 1)]
@@ -76,6 +90,7 @@ def main() -> None:
                 steps=args.steps,
                 batch_size=args.batch_size,
                 max_length=args.length,
+                membership=membership(),
             )
             progress = io.StringIO()
             began = time.monotonic()
@@ -87,6 +102,7 @@ def main() -> None:
     lines = [ln for ln in progress.getvalue().splitlines() if ln.startswith("step ")]
     step_seconds = [float(ln.split("  ")[2].split()[0]) for ln in lines]
     report = {
+        "date": time.strftime("%Y-%m-%d"),
         "model": source.name,
         "nodes": args.nodes,
         "batch_size": args.batch_size,
@@ -102,8 +118,8 @@ def main() -> None:
         "loss_last": result.losses[-1],
         "wall_s": wall,
     }
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    finish("finetune", report, args)
+    return report
 
 
 if __name__ == "__main__":

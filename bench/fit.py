@@ -5,13 +5,12 @@ from the block's real modules built on the meta device, and what is left for KV 
 Prints JSON and a Markdown table. The configs are the public ones of Llama-3.1-8B and
 Llama-3.1-70B (their config.json values that set the shapes), or any folder's config.json.
 
-    python bench/fit.py [--gpus 24 48 80] [--kv-share 0.2] [--config FOLDER ...]
+    python bench/fit.py [--gpus 24 48 80] [--kv-share 0.2] [--config FOLDER ...] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import add_record_flag, finish
 from models.families import family_of
 from swarm_node.session_kv import KVShape
 
@@ -88,14 +88,15 @@ def fits(config: PretrainedConfig, gpu_gb: float, quant: str, kv_share: float) -
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--gpus", type=float, nargs="+", default=[24, 48, 80])
     parser.add_argument(
         "--kv-share", type=float, default=0.2, help="of the GPU kept for KV caches (default 0.2)"
     )
     parser.add_argument("--config", nargs="*", default=[], help="model folders to add")
-    args = parser.parse_args()
+    add_record_flag(parser)
+    args = parser.parse_args(argv)
     configs = dict(CONFIGS)
     for folder in args.config:
         configs[Path(folder).name] = AutoConfig.from_pretrained(folder)
@@ -105,7 +106,8 @@ def main() -> None:
         for quant in ("bf16", "nf4")
         for gpu in args.gpus
     ]
-    print(json.dumps({"kv_share": args.kv_share, "context_bytes": CONTEXT_BYTES, "rows": rows}))
+    result = {"kv_share": args.kv_share, "context_bytes": CONTEXT_BYTES, "rows": rows}
+    finish("fit", result, args)
     print("\n| model | weights | block | " + " | ".join(f"{g:g} GB GPU" for g in args.gpus) + " |")
     print("|---|---|---|" + "---|" * len(args.gpus))
     for name in configs:
@@ -117,6 +119,7 @@ def main() -> None:
             print(
                 f"| {name} | {quant} | {mine[0]['block_mb']:.0f} MB | " + " | ".join(cells) + " |"
             )
+    return result
 
 
 if __name__ == "__main__":

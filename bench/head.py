@@ -7,7 +7,7 @@ logits' copy to the host, as the gateway runs it) and per row, and the weight by
 per second. With ``--screen``, fp32 greedy rows also go through the bf16 screen the gateway
 uses on CPUs (gateway/engine/greedy_head.py).
 
-    python bench/head.py [--device cpu|cuda] [--repeats 5] [--screen]
+    python bench/head.py [--device cpu|cuda] [--repeats 5] [--screen] [--record]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import add_record_flag, finish
 from gateway.engine.greedy_head import GreedyScreen
 from models.devices import Placement, describe_device, synchronize, to_host
 
@@ -91,32 +92,30 @@ def bench_head(
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--screen", action="store_true", help="time the fp32 greedy screen too")
     parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
-    args = parser.parse_args()
+    add_record_flag(parser)
+    args = parser.parse_args(argv)
     device = Placement.of(args.device, "float32").device
     results = []
     for name in args.heads:
         for dtype in (torch.float32, torch.bfloat16):
             screen = args.screen and dtype == torch.float32 and device.type == "cpu"
             results += bench_head(name, device, dtype, args.repeats, screen)
-    print(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "device": describe_device(device),
-                "cores": os.cpu_count(),
-                "torch_threads": torch.get_num_threads(),
-                "repeats": args.repeats,
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "device": describe_device(device),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "results": results,
+    }
+    finish("head", result, args)
+    return result
 
 
 if __name__ == "__main__":

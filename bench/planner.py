@@ -9,7 +9,7 @@ Record volume: each server stores its record under every block it holds, so the 
 stores ``sum(record bytes * blocks held)``; the largest key holds every record of one block.
 Bytes are of ``json.dumps(record.to_wire())``: hivemind's msgpack is of the same order.
 
-    python bench/planner.py [--servers 1000] [--blocks 80] [--plans 200] [--seed 0]
+    python bench/planner.py [--servers 1000] [--blocks 80] [--plans 200] [--seed 0] [--record]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import routing.planner as planner
+from bench.common import add_record_flag, finish
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
 from routing.costs import RouteCosts
 from routing.planner import plan_route
@@ -83,13 +84,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", type=int, default=1000)
     parser.add_argument("--blocks", type=int, default=80)
     parser.add_argument("--plans", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    add_record_flag(parser)
+    args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     snapshot = swarm(rng, args.servers, args.blocks)
     peers = sorted(snapshot.servers)
@@ -116,34 +118,31 @@ def main() -> None:
         )
         for b in range(args.blocks)
     ]
-    print(
-        json.dumps(
-            {
-                "servers": args.servers,
-                "blocks": args.blocks,
-                "online": len(snapshot.online()),
-                "plans": args.plans,
-                "plan_ms_median": round(statistics.median(times_ms), 2),
-                "plan_ms_p99": round(percentile(times_ms, 0.99), 2),
-                "plan_ms_max": round(max(times_ms), 2),
-                "plan_cpu_ms_median": round(statistics.median(cpu_ms), 2),  # on a busy machine
-                "plan_cpu_ms_p99": round(percentile(cpu_ms, 0.99), 2),
-                "sweeps_per_plan_max": max(sweeps),
-                "plans_with_revisit_split": sum(1 for s in sweeps if s > 1),
-                "route_hops_median": statistics.median(hops),
-                "route_hops_min": min(hops),
-                "route_hops_max": max(hops),
-                "record_bytes_median": statistics.median(sizes.values()),
-                "dht_bytes_total": sum(sizes[p] * held[p] for p in sizes),
-                "dht_largest_key_bytes": max(keys),
-                "dht_records_per_key_max": max(
-                    sum(1 for r in snapshot.servers.values() if r.start <= b < r.end)
-                    for b in range(args.blocks)
-                ),
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "servers": args.servers,
+        "blocks": args.blocks,
+        "online": len(snapshot.online()),
+        "plans": args.plans,
+        "plan_ms_median": round(statistics.median(times_ms), 2),
+        "plan_ms_p99": round(percentile(times_ms, 0.99), 2),
+        "plan_ms_max": round(max(times_ms), 2),
+        "plan_cpu_ms_median": round(statistics.median(cpu_ms), 2),  # on a busy machine
+        "plan_cpu_ms_p99": round(percentile(cpu_ms, 0.99), 2),
+        "sweeps_per_plan_max": max(sweeps),
+        "plans_with_revisit_split": sum(1 for s in sweeps if s > 1),
+        "route_hops_median": statistics.median(hops),
+        "route_hops_min": min(hops),
+        "route_hops_max": max(hops),
+        "record_bytes_median": statistics.median(sizes.values()),
+        "dht_bytes_total": sum(sizes[p] * held[p] for p in sizes),
+        "dht_largest_key_bytes": max(keys),
+        "dht_records_per_key_max": max(
+            sum(1 for r in snapshot.servers.values() if r.start <= b < r.end)
+            for b in range(args.blocks)
+        ),
+    }
+    finish("planner", result, args)
+    return result
 
 
 if __name__ == "__main__":

@@ -20,22 +20,24 @@ compute), in this process, one after the other:
 Ratios are against the fp32 run of the same process.
 
     python bench/precision.py [--model smollm2] [--blocks 4] [--tokens 64] [--repeats 3]
+                              [--record]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import add_record_flag, finish
 from models.loading import Head, Span, load_config, load_head, load_span
 from models.quantization import module_bytes
 from models.resolve import resolve_model
@@ -129,7 +131,7 @@ def accuracy(got: list[torch.Tensor], want: list[torch.Tensor]) -> dict[str, flo
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--blocks", type=int, default=4)
@@ -138,7 +140,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--greedy-tokens", type=int, default=24)
     parser.add_argument("--no-accuracy", action="store_true")
-    args = parser.parse_args()
+    add_record_flag(parser)
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     source = resolve_model(args.model)
     config = load_config(source.path)
@@ -184,24 +187,21 @@ def main() -> None:
     for row in results.values():
         row["bytes_ratio"] = row["block_bytes"] / base["block_bytes"]
         row["speed_ratio"] = row["decode_tok_s"] / base["decode_tok_s"]
-    print(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "model": source.name,
-                "span_blocks": args.blocks,
-                "prompt_tokens": args.prompt_tokens,
-                "decode_tokens": args.tokens,
-                "repeats": args.repeats,
-                "accuracy_prompts": len(PROMPTS),
-                "greedy_questions": len(QUESTIONS),
-                "greedy_tokens": args.greedy_tokens,
-                "torch_threads": torch.get_num_threads(),
-                "precisions": results,
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "model": source.name,
+        "span_blocks": args.blocks,
+        "prompt_tokens": args.prompt_tokens,
+        "decode_tokens": args.tokens,
+        "repeats": args.repeats,
+        "accuracy_prompts": len(PROMPTS),
+        "greedy_questions": len(QUESTIONS),
+        "greedy_tokens": args.greedy_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "precisions": results,
+    }
+    finish("precision", result, args)
+    return result
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ streams and on the nodes' pushes alike. Modes:
   expect theirs; each hop pushes its output to the next, the last answers the gateway:
   ``(hops + 1) * r / 2`` per token.
 
-After a warm-up request, one greedy streaming chat request goes through the OpenAI SDK;
+After a warm-up request, one greedy streamed chat request is timed;
 the swarm is then stopped (always, errors too) before the next run starts its own.
 
 How to read it, per RTT and mode (``rtt["100"]["push"]``):
@@ -34,13 +34,12 @@ How to read it, per RTT and mode (``rtt["100"]["push"]``):
 And per RTT, ``push_vs_relay``: push's ``decode_tok_s`` and ``ttft_s`` divided by relay's.
 
     python bench/wan.py [--model smollm2] [--rtt-ms 0 20 100] [--modes relay push]
-                        [--tokens 32] [--nodes 2]
+                        [--tokens 32] [--nodes 2] [--record]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -48,72 +47,49 @@ import time
 from pathlib import Path
 from typing import Any
 
-import openai
-from openai.types.chat import ChatCompletionMessageParam
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import (
+    add_record_flag,
+    complete,
+    finish,
+    running_swarm,
+    served_model,
+    stream_chat,
+)
 from models.resolve import resolve_model
 from protocol.latency import SIMULATED_RTT_ENV, parse_rtt_ms
-from tests.processes import alarms, start_up
+from tests.processes import alarms
 
 # Each mode's environment for `swarmgate up` (and so its gateway).
 MODES = {"relay": {"SWARMGATE_NO_PUSH": "1"}, "push": {"SWARMGATE_NO_PUSH": "0"}}
-ROUTE_HEADER = "x-swarmgate-route"  # gateway.web.routes.ROUTE_HEADER, without importing FastAPI
-WARM_UP: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello."}]
-MESSAGES: list[ChatCompletionMessageParam] = [
+WARM_UP = [{"role": "user", "content": "Say hello."}]
+MESSAGES = [
     {"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}
 ]
 
 
 def measure(url: str, model: str, tokens: int) -> dict[str, Any]:
     """One warm-up request, then one greedy stream of ``tokens``: its TTFT and decode rate."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="bench-wan", max_retries=0, timeout=600)
-    client.chat.completions.create(model=model, messages=WARM_UP, max_tokens=4, temperature=0)
-    start = time.perf_counter()
-    raw = client.chat.completions.with_raw_response.create(
-        model=model,
-        messages=MESSAGES,
-        max_tokens=tokens,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    route = raw.headers.get(ROUTE_HEADER, "")
-    times: list[float] = []
-    completion_tokens = 0
-    finish_reason = None
-    for chunk in raw.parse():
-        if chunk.choices:
-            if chunk.choices[0].delta.content:
-                times.append(time.perf_counter())
-            finish_reason = chunk.choices[0].finish_reason or finish_reason
-        if chunk.usage is not None:
-            completion_tokens = chunk.usage.completion_tokens
-    if not times or completion_tokens < 2:
-        raise RuntimeError(f"the stream produced {completion_tokens} tokens; nothing to time")
-    # Text chunks can merge tokens (multi-byte characters): rate by the tokens generated.
-    decode_s = times[-1] - times[0]
+    complete(url, model, WARM_UP, 4)
+    streamed = stream_chat(url, model, MESSAGES, tokens)
+    if streamed.ttft_s is None or streamed.tokens < 2:
+        raise RuntimeError(f"the stream produced {streamed.tokens} tokens; nothing to time")
     return {
-        "ttft_s": times[0] - start,
-        "decode_tok_s": (completion_tokens - 1) / decode_s,
-        "decode_ms_per_token": 1000 * decode_s / (completion_tokens - 1),
-        "completion_tokens": completion_tokens,
-        "finish_reason": finish_reason,
-        "hops": len(route.split(",")) if route else None,
-        "route": route,
+        "ttft_s": streamed.ttft_s,
+        "decode_tok_s": streamed.decode_tok_s,
+        "decode_ms_per_token": 1000 * streamed.decode_s / (streamed.tokens - 1),
+        "completion_tokens": streamed.tokens,
+        "finish_reason": streamed.finish_reason,
+        "hops": streamed.hops,
+        "route": streamed.route,
     }
 
 
-def run_one(
-    args: argparse.Namespace, model_id: str, rtt_ms: float, mode: str, log_dir: Path
-) -> dict[str, Any]:
+def run_one(args: argparse.Namespace, rtt_ms: float, mode: str) -> dict[str, Any]:
     env = {SIMULATED_RTT_ENV: f"{rtt_ms:g}", **MODES[mode]}
     name = f"bench-wan-up-{mode}-{rtt_ms:g}ms"
-    swarm, url = start_up(args.model, args.nodes, log_dir, name, env)
-    try:
-        return {**measure(url, model_id, args.tokens), "alarms": alarms(url)}
-    finally:
-        swarm.stop(timeout_s=60)
+    with running_swarm(None, args.model, args.nodes, name, env=env) as url:
+        return {**measure(url, served_model(url), args.tokens), "alarms": alarms(url)}
 
 
 def crossings(mode: str, hops: int) -> float:
@@ -147,7 +123,7 @@ def push_vs_relay(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0] if __doc__ else None)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument(
@@ -157,41 +133,35 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--nodes", type=int, default=2)
-    args = parser.parse_args()
+    add_record_flag(parser)
+    args = parser.parse_args(argv)
     if args.tokens < 2 or args.nodes < 1:
         parser.error("--tokens must be at least 2 and --nodes at least 1")
     rtts = sorted({0.0, *args.rtt_ms})
-    # SIGTERM unwinds like Ctrl-C, so each run's `finally` still stops its swarm.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
     model_id = resolve_model(args.model).name  # converts the model once, before any swarm
-    log_dir = Path(__file__).resolve().parent / "results"
-    log_dir.mkdir(exist_ok=True)
     results: dict[str, dict[str, Any]] = {
-        f"{r:g}": {mode: run_one(args, model_id, r, mode, log_dir) for mode in args.modes}
-        for r in rtts
+        f"{r:g}": {mode: run_one(args, r, mode) for mode in args.modes} for r in rtts
     }
     for rtt_ms, runs in zip(rtts, results.values(), strict=True):
         for mode in args.modes:
             runs[mode].update(compare(runs[mode], results["0"][mode], rtt_ms, mode))
         if {"push", "relay"} <= set(args.modes):
             runs["push_vs_relay"] = push_vs_relay(runs)
-    print(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%d"),
-                "modes": args.modes,
-                "model": model_id,
-                "nodes": args.nodes,
-                "cores": os.cpu_count(),
-                "max_tokens": args.tokens,
-                "rtt_ms_per_hop": rtts,
-                "rtt": results,
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "modes": args.modes,
+        "model": model_id,
+        "nodes": args.nodes,
+        "cores": os.cpu_count(),
+        "max_tokens": args.tokens,
+        "rtt_ms_per_hop": rtts,
+        "rtt": results,
+    }
+    finish("wan", result, args)
+    return result
 
 
 if __name__ == "__main__":
+    # SIGTERM unwinds like Ctrl-C, so each run's `finally` still stops its swarm.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     main()
