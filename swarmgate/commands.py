@@ -21,6 +21,8 @@ from protocol.membership import Membership, SwarmKey, SwarmKeyError
 from routing.dht import SwarmDHT
 from routing.snapshot import SwarmSnapshot
 from swarmgate.bootstrap import resolve_initial_peers, serve_maddrs
+from swarmgate.flags import settings_values
+from swarmgate.options import FLAGS
 
 logger = logging.getLogger("swarmgate")
 
@@ -106,33 +108,11 @@ def node(args: argparse.Namespace) -> None:
     from swarm_node.node import run_node
     from swarm_node.settings import NodeSettings
 
-    run_node(
-        NodeSettings(
-            model=args.model,
-            model_name=args.model_name,
-            revision=args.revision,
-            initial_peers=tuple(initial_peers(args)),
-            blocks=args.blocks,
-            num_blocks=args.num_blocks,
-            device=args.device,
-            dtype=args.dtype,
-            quant=args.quant,
-            adapters=tuple(args.adapters),
-            cache_bytes=args.cache_bytes,
-            cache_ttl_s=args.cache_ttl,
-            prefill_per_batch=args.batch_prefill_tokens,
-            drain_timeout_s=args.drain_timeout,
-            host_maddrs=tuple(args.host_maddrs),
-            announce_maddrs=tuple(args.announce_maddrs),
-            identity_path=args.identity,
-            namespace=args.namespace,
-            announce_period_s=args.announce_period,
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-            ready_file=args.ready_file,
-            membership=membership(args, Role.SERVER),
-        )
+    values = settings_values(NodeSettings, FLAGS, args)
+    values.update(
+        initial_peers=tuple(initial_peers(args)), membership=membership(args, Role.SERVER)
     )
+    run_node(NodeSettings(**values))
 
 
 def gateway(args: argparse.Namespace) -> None:
@@ -147,35 +127,17 @@ def gateway(args: argparse.Namespace) -> None:
     Placement.of(args.device, args.dtype)  # a device this machine lacks: a clear exit now
     with model_errors("gateway"):
         source.fetch_head()
-    settings = GatewaySettings(
+    values = settings_values(GatewaySettings, FLAGS, args)
+    values.update(
         model_id=source.name,
         model_path=source.path,
         model_revision=source.revision or "",
         initial_peers=tuple(initial_peers(args)),
         membership=membership(args, Role.GATEWAY),
-        device=args.device,
-        dtype=args.dtype,
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        namespace=args.namespace,
-        redis_url=args.redis_url,
-        affinity=not args.no_affinity,
-        push=not args.no_push,
-        max_concurrent=args.max_concurrent,
-        max_queue=args.max_queue,
-        max_concurrent_per_key=args.max_concurrent_per_key,
-        queue_timeout_s=args.queue_timeout,
-        send_timeout_s=args.send_timeout,
-        default_max_tokens=args.default_max_tokens,
-        max_generation_s=args.max_generation_seconds,
-        response_ttl_s=args.response_ttl,
         api_keys=keys.keys,
         key_limits=keys.limits,
-        prefill_chunk_tokens=args.prefill_chunk_tokens,
-        step_floor_s=args.step_floor,
     )
+    settings = GatewaySettings(**values)
     # log_config=None: uvicorn's loggers go through the root handler (--log-format).
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
 

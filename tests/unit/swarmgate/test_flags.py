@@ -16,6 +16,7 @@ import pytest
 from gateway.settings import GatewaySettings
 from models.resolve import ModelSource
 from swarm_node.settings import NodeSettings
+from swarmgate import commands
 from swarmgate.cli import build_parser
 from swarmgate.flags import Flag, flag_fields
 from swarmgate.local_swarm import BY_HAND, LocalSwarm
@@ -248,13 +249,11 @@ def test_up_leaves_unset_flags_to_its_childrens_defaults(tmp_path: Path) -> None
 
 # ---- what the docs and the deployment name ----
 
-ELSEWHERE = {  # flags of docker, kubectl, helm and the bench scripts
+ELSEWHERE = {  # flags of docker, kubectl, helm and ruff
     "--build-arg",
     "--check",
     "--from-file",
     "--no-healthcheck",
-    "--repeats",
-    "--rtt-ms",
     "--set",
     "--target",
 }
@@ -262,8 +261,13 @@ NOT_CLI = {"SWARMGATE_CACHE_DIR", "SWARMGATE_SIMULATED_RTT_MS", "SWARMGATE_TEST_
 
 
 def test_every_flag_the_readme_names_exists() -> None:
-    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", (ROOT / "README.md").read_text()))
-    assert named - ELSEWHERE <= set(FLAGS), sorted(named - ELSEWHERE - set(FLAGS))
+    flag = r"(?<![\w-])--[a-z][a-z0-9-]+"
+    named = set(re.findall(flag, (ROOT / "README.md").read_text()))
+    bench = {
+        f for path in (ROOT / "bench").glob("*.py") for f in re.findall(flag, path.read_text())
+    }
+    unknown = named - ELSEWHERE - bench - set(FLAGS)
+    assert not unknown, sorted(unknown)
 
 
 def test_every_variable_the_docs_and_deployment_name_is_read() -> None:
@@ -272,3 +276,38 @@ def test_every_variable_the_docs_and_deployment_name_is_read() -> None:
     named = set(re.findall(r"SWARMGATE_[A-Z_]+", text))
     variables = {flag.env for flag in FLAGS.values()}
     assert named - NOT_CLI <= variables, sorted(named - NOT_CLI - variables)
+
+
+# ---- the settings the commands build ----
+
+
+def test_a_node_gets_its_settings_from_its_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[NodeSettings] = []
+    monkeypatch.setattr("swarm_node.node.run_node", built.append)
+    monkeypatch.setenv("SWARMGATE_CACHE_TTL", "7")
+    argv = ["node", "--initial-peers", PEER, "--blocks", "2:4", "--batch-prefill-tokens", "9"]
+    commands.node(build_parser().parse_args([*argv, "--identity", "id.key", "--adapters", "a"]))
+    (settings,) = built
+    assert (settings.blocks, settings.prefill_per_batch, settings.cache_ttl_s) == ((2, 4), 9, 7.0)
+    assert (settings.identity_path, settings.adapters) == ("id.key", ("a",))
+    assert settings.initial_peers == (PEER,) and settings.membership is None
+    assert settings.host_maddrs == NodeSettings(model="m").host_maddrs
+
+
+def test_a_gateway_gets_its_settings_from_its_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[GatewaySettings] = []
+    monkeypatch.setattr("gateway.app.create_app", built.append)
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(
+        "swarmgate.commands.model_source", lambda *args: ModelSource(name="m", path=tmp_path)
+    )
+    monkeypatch.setenv("SWARMGATE_API_KEY", "sk-a")
+    argv = ["gateway", "--initial-peers", PEER, "--device", "cpu", "--no-push"]
+    argv += ["--max-concurrent-per-key", "2", "--max-generation-seconds", "5", "--step-floor", "3"]
+    commands.gateway(build_parser().parse_args(argv))
+    (settings,) = built
+    assert (settings.push, settings.affinity, settings.device) == (False, True, "cpu")
+    assert (settings.max_concurrent_per_key, settings.max_generation_s) == (2, 5.0)
+    assert (settings.step_floor_s, settings.api_keys, settings.model_id) == (3.0, ("sk-a",), "m")
