@@ -22,7 +22,7 @@ from transformers import AutoConfig, LlamaConfig, PretrainedConfig
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import add_record_flag, finish
 from models.families import family_of
-from swarm_node.session_kv import KVShape
+from swarm_node.kv_buffers import KVShape
 
 LLAMA_31: dict[str, Any] = dict(
     vocab_size=128_256,

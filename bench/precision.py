@@ -41,7 +41,7 @@ from bench.common import add_record_flag, finish
 from models.loading import Head, Span, load_config, load_head, load_span
 from models.quantization import module_bytes
 from models.resolve import resolve_model
-from swarm_node.backend import forward_span, new_session_kv
+from swarm_node.backend import forward_span, new_kv_buffers
 
 PRECISIONS = [
     ("float32", "none"),
@@ -78,7 +78,7 @@ def precision_name(dtype: str, quant: str) -> str:
 
 @torch.inference_mode()
 def decode_rate(span: Span, prompt: torch.Tensor, tokens: int) -> float:
-    kv = new_session_kv(span, span.start, span.end)
+    kv = new_kv_buffers(span, span.start, span.end)
     forward_span(span, prompt, kv)
     step, position = prompt[:, -1:], prompt.shape[1]
     for _ in range(2):  # warm-up
@@ -99,7 +99,7 @@ def logits(head: Head, span: Span, prompts: list[torch.Tensor]) -> list[torch.Te
 @torch.inference_mode()
 def greedy(head: Head, span: Span, prompt: torch.Tensor, tokens: int) -> list[int]:
     """``tokens`` greedy tokens after ``prompt``, decoded one at a time with a KV cache."""
-    kv = new_session_kv(span, span.start, span.end)
+    kv = new_kv_buffers(span, span.start, span.end)
     out: list[int] = []
     step, position = prompt, 0
     for _ in range(tokens):
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for (dtype, quant), span in spans.items():
         row = {
             "block_bytes": module_bytes(span.layers[0]),
-            "kv_bytes_per_token": new_session_kv(span, 0, 1).shape.bytes_per_token_per_block,
+            "kv_bytes_per_token": new_kv_buffers(span, 0, 1).shape.bytes_per_token_per_block,
             "decode_tok_s": statistics.median(rates[dtype, quant]),
         }
         if not args.no_accuracy:

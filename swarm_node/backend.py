@@ -28,8 +28,8 @@ from transformers import AttentionInterface
 
 from models.devices import to_device, to_host
 from models.loading import Span
+from swarm_node.kv_buffers import KVBuffers, KVShape, Segment
 from swarm_node.per_segment import run_per_segment
-from swarm_node.session_kv import KVShape, Segment, SessionKV
 
 PACKED_ATTENTION = "swarmgate_packed"
 
@@ -38,9 +38,9 @@ class CacheMismatch(RuntimeError):
     """A cache's length disagrees with the position a step claims (a bug, never data)."""
 
 
-def new_session_kv(span: Span, start: int, end: int) -> SessionKV:
+def new_kv_buffers(span: Span, start: int, end: int) -> KVBuffers:
     """An empty cache for a session over blocks ``[start, end)`` of the span."""
-    return SessionKV(end - start, KVShape.of(span.config, span.dtype, span.device))
+    return KVBuffers(end - start, KVShape.of(span.config, span.dtype, span.device))
 
 
 class _PackedStep:
@@ -214,7 +214,7 @@ def _run_packed(
 def forward_span(
     span: Span,
     hidden: torch.Tensor,
-    kv: SessionKV | None,
+    kv: KVBuffers | None,
     *,
     position: int = 0,
     start: int | None = None,

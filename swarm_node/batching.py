@@ -26,7 +26,7 @@ from models.adapters import select_adapter
 from models.loading import Span
 from swarm_node.backend import forward_packed
 from swarm_node.cadence import Cadences
-from swarm_node.session_kv import Segment, SessionKV
+from swarm_node.kv_buffers import KVBuffers, Segment
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ MAX_BATCH_SEGMENTS = 256  # sessions in one forward
 
 @dataclass(eq=False)
 class _Job:
-    kv: SessionKV
+    kv: KVBuffers
     blocks: tuple[int, int]
     position: int  # of the step's first token
     hidden: torch.Tensor  # [1, n, hidden_size]
@@ -107,7 +107,7 @@ class StepScheduler:
 
     async def step(
         self,
-        kv: SessionKV,
+        kv: KVBuffers,
         blocks: tuple[int, int],
         position: int,
         hidden: torch.Tensor,

@@ -36,8 +36,8 @@ from protocol.rpc import (
 from swarm_node.admission import Admission, AdmissionRules
 from swarm_node.batching import BatchObserver, StepScheduler
 from swarm_node.bounded_streams import BoundedStreams
+from swarm_node.cache_store import CacheStore
 from swarm_node.inference_stream import INPUT_WAIT_S, InferenceStreams
-from swarm_node.kv_cache import SessionStore
 from swarm_node.push import PushBoard, Pusher
 from swarm_node.push_rpc import PushReceiver
 from swarm_node.training_rpc import TrainingCalls
@@ -69,7 +69,7 @@ class BlockHandler:
     def __init__(
         self,
         span: Span,
-        sessions: SessionStore,
+        caches: CacheStore,
         info: Callable[[], ServerInfo],
         rules: AdmissionRules = AdmissionRules(),  # noqa: B008 (frozen: shared safely)
         hooks: NodeHooks = NodeHooks(),
@@ -78,7 +78,7 @@ class BlockHandler:
         input_wait_s: float = INPUT_WAIT_S,
     ) -> None:
         self.span = span
-        self.sessions = sessions
+        self.caches = caches
         self._info = info
         self._hooks = hooks
         self.admission = Admission(span, rules)
@@ -93,7 +93,7 @@ class BlockHandler:
         )
         self.pushes = PushBoard(span.config.hidden_size)
         self.streams = InferenceStreams(
-            sessions,
+            caches,
             self.admission,
             self._scheduler,
             self._compute,

@@ -1,6 +1,6 @@
 """``rpc_inference``: one session's stream of steps through the span.
 
-A stream opens a session (its KV cache lives in the ``SessionStore`` and outlives the
+A stream opens a session (its KV cache lives in the ``CacheStore`` and outlives the
 stream), then sends steps: each carries its input hidden states, or says they come by push
 from the previous hop (or by the gateway's relay, whichever first). Every step runs on the
 compute thread through the step scheduler, which batches the steps of every open stream;
@@ -42,12 +42,12 @@ from protocol.rpc import (
     decode_stream_message,
 )
 from swarm_node.admission import OPEN_TIMEOUT_S, Admission
-from swarm_node.backend import new_session_kv
+from swarm_node.backend import new_kv_buffers
 from swarm_node.batching import StepScheduler
 from swarm_node.bounded_streams import Caller
-from swarm_node.kv_cache import CachedSession, SessionStore
+from swarm_node.cache_store import CachedSession, CacheStore
+from swarm_node.kv_buffers import KVBuffers
 from swarm_node.push import Inbox, PushBoard, Pusher
-from swarm_node.session_kv import SessionKV
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +59,13 @@ MAX_STREAMS_PER_PEER = 256  # one gateway's concurrent sessions here, replays in
 BUSY_WAIT_S = 2.0  # how long an open waits for the session's previous stream to end
 
 
-def session_key(session_id: str, secret: str) -> str:
-    """Where a session's cache is kept: neither the id nor the secret alone finds it, and the
-    secret itself is never stored."""
+def cache_key(session_id: str, secret: str) -> str:
+    """The key of a session's cache in the ``CacheStore``: neither the session's id nor its
+    secret alone finds it, and the secret itself is never stored."""
     return hashlib.sha256(f"{session_id}\0{secret}".encode()).hexdigest()
 
 
-def _copy_prefix(donor: SessionKV, version: int, kv: SessionKV, tokens: int) -> bool:
+def _copy_prefix(donor: KVBuffers, version: int, kv: KVBuffers, tokens: int) -> bool:
     """Copy ``donor``'s prefix unless a step queued before the copy rewrote it (run on the
     compute thread, in order with every forward)."""
     if donor.version != version or donor.length < tokens:
@@ -83,7 +83,7 @@ class InferenceStreams:
 
     def __init__(
         self,
-        sessions: SessionStore,
+        caches: CacheStore,
         admission: Admission,
         scheduler: StepScheduler,
         compute: ThreadPoolExecutor,
@@ -92,7 +92,7 @@ class InferenceStreams:
         observe_step: Callable[[int, float], None] = _ignore_step,
         input_wait_s: float = INPUT_WAIT_S,
     ) -> None:
-        self.sessions = sessions
+        self.caches = caches
         self._admission = admission
         self._scheduler = scheduler
         self._compute = compute  # the one thread every forward and cache copy runs on
@@ -117,22 +117,22 @@ class InferenceStreams:
             if context is not None:
                 context.admitted()  # a member: its stream no longer counts as a stranger's
             request_id.set(opening.request_id)  # this stream's task: its log lines carry it
-            key = session_key(opening.session_id, opening.secret)
+            key = cache_key(opening.session_id, opening.secret)
             await self._wait_until_idle(key)
             span = self._admission.span
-            session, cached = self.sessions.open(
+            session, cached = self.caches.open(
                 key,
                 opening.start,
                 opening.end,
                 opening.max_length,
                 opening.prefix_hashes,
-                lambda: new_session_kv(span, opening.start, opening.end),
+                lambda: new_kv_buffers(span, opening.start, opening.end),
                 keep=opening.keep,
                 resume=(opening.resume_length, opening.resume_digest),
                 adapter=opening.adapter,
                 caller=caller,  # seeded only from what this same peer wrote (see find_prefix)
             )
-            session.cache.limit = opening.max_length  # its buffers grow no further
+            session.kv.limit = opening.max_length  # its buffers grow no further
         except (SwarmError, RequestError) as e:
             yield make_response(RpcError.of(e))
             return
@@ -188,7 +188,7 @@ class InferenceStreams:
             self._streams_of[caller] -= 1
             if not self._streams_of[caller]:
                 del self._streams_of[caller]
-            self.sessions.release(session)
+            self.caches.release(session)
             async with self._released:
                 self._released.notify_all()
 
@@ -204,7 +204,7 @@ class InferenceStreams:
         hashes it completes; checked before it waits, so a bad step fails at once."""
         if not step.input_tokens:
             hidden = self._admission.one_tensor(request)
-            return hidden, self.sessions.check_step(
+            return hidden, self.caches.check_step(
                 session, step.position, hidden.shape[1], step.new_hashes
             )
         if inbox is None:
@@ -214,9 +214,7 @@ class InferenceStreams:
         most = self._admission.max_tokens
         if step.input_tokens > most:
             raise InvalidRequest(f"{step.input_tokens} tokens in one step (max {most})")
-        hashes = self.sessions.check_step(
-            session, step.position, step.input_tokens, step.new_hashes
-        )
+        hashes = self.caches.check_step(session, step.position, step.input_tokens, step.new_hashes)
         return await self._receive(step, reader, inbox), hashes
 
     async def _receive(self, step: Step, reader: _Requests, inbox: Inbox) -> torch.Tensor | None:
@@ -283,19 +281,19 @@ class InferenceStreams:
         if position < session.position:
             # An edited or regenerated turn: what follows ``position`` is gone from now on,
             # so no new session is seeded from it while this step waits or runs.
-            self.sessions.truncate(session, position)
-            session.cache.crop(position)
+            self.caches.truncate(session, position)
+            session.kv.crop(position)
         try:
             blocks = (session.start, session.end)
             out = await self._scheduler.step(
-                session.cache, blocks, position, hidden, adapter=session.adapter
+                session.kv, blocks, position, hidden, adapter=session.adapter
             )
         except BaseException:
             # Cancelled (the stream dropped) while the compute thread may still be writing
             # this cache, or the forward failed halfway: nobody may use this cache again.
-            self.sessions.discard(session)
+            self.caches.discard(session)
             raise
-        self.sessions.commit_step(
+        self.caches.commit_step(
             session, position, hidden.shape[1], hashes, first=first, digest=step.digest
         )
         self._observe_step(hidden.shape[1], time.perf_counter() - began)
@@ -306,32 +304,32 @@ class InferenceStreams:
         here holds (a conversation sharing a system prompt, say): copied, never shared, so
         neither conversation can crop or overwrite the other. How many tokens it starts
         with. Never another caller's: block hashes are that caller's unchecked word."""
-        found = self.sessions.find_prefix(session, prefix_hashes)
+        found = self.caches.find_prefix(session, prefix_hashes)
         if found is None:
             return 0
         donor, tokens = found
-        version = donor.cache.version
+        version = donor.kv.version
         try:
             loop = asyncio.get_running_loop()
             copied = await loop.run_in_executor(
-                self._compute, _copy_prefix, donor.cache, version, session.cache, tokens
+                self._compute, _copy_prefix, donor.kv, version, session.kv, tokens
             )
         except BaseException:
-            self.sessions.discard(session)  # the copy may be half done
+            self.caches.discard(session)  # the copy may be half done
             raise
         if not copied:
             return 0
-        self.sessions.seed(session, donor, tokens)
+        self.caches.seed(session, donor, tokens)
         return tokens
 
-    async def _wait_until_idle(self, session_id: str) -> None:
+    async def _wait_until_idle(self, key: str) -> None:
         """A conversation's next turn can arrive before its last stream's end is processed
         here; give that stream a moment to finish rather than forking a cold cache."""
         # Still busy after that: a concurrent request, which gets a fork.
         async with self._released:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
-                    self._released.wait_for(lambda: not self.sessions.in_use(session_id)),
+                    self._released.wait_for(lambda: not self.caches.in_use(key)),
                     BUSY_WAIT_S,
                 )
 

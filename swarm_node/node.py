@@ -11,6 +11,9 @@ from pathlib import Path
 
 import psutil
 import torch
+from routing.dht import SwarmDHT
+from routing.discovery import announce, check_model, fetch_model, fetch_snapshot
+from routing.revocations import publish_revocations, watch_revocations
 
 from models.adapters import Adapter, AdapterError, attach_adapters, read_adapters
 from models.devices import CPU, DeviceError, Placement, dtype_name, free_bytes
@@ -22,14 +25,11 @@ from protocol.membership import PassIssuer
 from protocol.rpc import ServerInfo
 from protocol.swarm import ModelRecord, NodeState, ServerRecord, dht_prefix
 from routing.block_selection import choose_blocks
-from routing.dht import SwarmDHT
-from routing.discovery import announce, check_model, fetch_model, fetch_snapshot
-from routing.revocations import publish_revocations, watch_revocations
 from swarm_node.admission import AdmissionRules
+from swarm_node.cache_store import CacheStore
 from swarm_node.handler import BlockHandler, NodeHooks
-from swarm_node.kv_cache import SessionStore
+from swarm_node.kv_buffers import KVShape
 from swarm_node.metrics import InfoBoard, NodeMetrics
-from swarm_node.session_kv import KVShape
 from swarm_node.settings import NodeSettings
 from swarm_node.throughput import measure_decode_throughput
 
@@ -190,7 +190,7 @@ class BlockServer:
             else default_cache_bytes(span.device)
         )
         logger.info("KV cache budget: %.2f GiB on %s", budget / 2**30, span.device)
-        self.sessions = SessionStore(
+        self.caches = CacheStore(
             budget,
             KVShape.of(span.config, span.dtype, span.device).bytes_per_token_per_block,
             idle_ttl_s=settings.cache_ttl_s,
@@ -216,7 +216,7 @@ class BlockServer:
             link=simulated_link(),
         )
         self.handler = BlockHandler(
-            span, self.sessions, self.info, rules, hooks, prefill_chunk=settings.prefill_per_batch
+            span, self.caches, self.info, rules, hooks, prefill_chunk=settings.prefill_per_batch
         )
         await self.handler.register(p2p)
         self.state = NodeState.ONLINE
@@ -254,7 +254,7 @@ class BlockServer:
         return choose_blocks(snapshot, model.num_blocks, length)
 
     def record(self) -> ServerRecord:
-        stats = self.sessions.stats()
+        stats = self.caches.stats()
         return ServerRecord(
             model=self.model_digest,
             state=self.state,
@@ -272,8 +272,8 @@ class BlockServer:
 
     def info(self) -> ServerInfo:
         """The node's counters now; call on the event loop only (it expires idle sessions)."""
-        self.sessions.expire()
-        stats = self.sessions.stats()
+        self.caches.expire()
+        stats = self.caches.stats()
         return ServerInfo(
             start=self.span.start,
             end=self.span.end,
@@ -294,7 +294,7 @@ class BlockServer:
         )
 
     async def _announce(self, dht: SwarmDHT, model: ModelRecord) -> None:
-        self.sessions.expire()
+        self.caches.expire()
         ttl = 3 * self.settings.announce_period_s
         await announce(
             dht,

@@ -3,7 +3,7 @@
 Their blocks call ``layer_past.update(keys, values, layer_idx)`` and apply the 4D mask and
 ALiBi bias they are handed, so tokens of different sessions cannot share one sequence:
 each segment runs through the blocks on its own (batch 1), with a cache adapter over its
-``SessionKV`` and the mask and bias HF's own model would build for it. The projections of
+``KVBuffers`` and the mask and bias HF's own model would build for it. The projections of
 different sessions are therefore not batched together; decode steps of many sessions cost
 one small forward each.
 """
@@ -17,14 +17,14 @@ import torch
 
 from models.devices import to_device
 from models.loading import Span
-from swarm_node.session_kv import Segment, SessionKV
+from swarm_node.kv_buffers import KVBuffers, Segment
 
 
 class _SegmentCache:
     """Handed to the blocks as their ``layer_past``: writes the new keys and values into
     the session's buffers and returns views of its whole history (no copy of it)."""
 
-    def __init__(self, kv: SessionKV | None, position: int, first_block: int) -> None:
+    def __init__(self, kv: KVBuffers | None, position: int, first_block: int) -> None:
         self._kv = kv
         self._position = position
         self._first_block = first_block

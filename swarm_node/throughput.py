@@ -7,7 +7,7 @@ import time
 import torch
 
 from models.loading import Span
-from swarm_node.backend import forward_span, new_session_kv
+from swarm_node.backend import forward_span, new_kv_buffers
 
 WARMUP_STEPS = 2
 MEASURED_STEPS = 4
@@ -15,7 +15,7 @@ MEASURED_STEPS = 4
 
 def measure_decode_throughput(span: Span) -> float:
     """Single-token decode steps per second through the whole span (a short cache)."""
-    cache = new_session_kv(span, span.start, span.end)
+    cache = new_kv_buffers(span, span.start, span.end)
     hidden = torch.randn(1, 8, span.config.hidden_size)
     forward_span(span, hidden, cache)
     step = hidden[:, :1]

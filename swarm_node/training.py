@@ -28,7 +28,7 @@ from models.devices import to_device, to_host
 from models.loading import BlockLinear, Span
 from models.lora import lora_shapes
 from swarm_node.backend import run_span
-from swarm_node.session_kv import Segment
+from swarm_node.kv_buffers import Segment
 
 if TYPE_CHECKING:  # imported on the first training call: peft takes seconds to import
     from peft.tuners.lora import LoraLayer

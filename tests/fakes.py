@@ -15,7 +15,7 @@ from protocol.prefix import TokenHistory
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
 from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot
-from swarm_node.backend import forward_span, new_session_kv
+from swarm_node.backend import forward_span, new_kv_buffers
 
 
 class LocalSwarmClient:
@@ -105,7 +105,7 @@ class LocalSession:
         self._client = client
         self._adapter = adapter
         self.route = route
-        self._cache = new_session_kv(client.span, client.span.start, client.span.end)
+        self._cache = new_kv_buffers(client.span, client.span.start, client.span.end)
         self._steps = 0
         self._closed = False
 

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from swarm_node.session_kv import Segment
 from transformers import AutoModelForCausalLM
 
 from gateway.engine.head import batch_logits, embed_ids
 from models.adapters import attach_adapters, read_adapters, select_adapter
 from models.loading import Head, Span, load_config, load_head, load_span
-from swarm_node.backend import forward_packed, forward_span, new_session_kv
+from swarm_node.backend import forward_packed, forward_span, new_kv_buffers
+from swarm_node.kv_buffers import Segment
 from swarm_node.throughput import measure_decode_throughput
 from tests.tiny_model import TINY_BLOCKS
 
@@ -50,7 +50,7 @@ def through_spans(
 ) -> tuple[list[int], torch.Tensor]:
     """Greedy decoding as the swarm does it (host tensors between hops, the gateway's head
     functions): the ids and each step's logits [NEW_TOKENS, vocab] (fp32, host)."""
-    caches = [new_session_kv(span, span.start, span.end) for span in spans]
+    caches = [new_kv_buffers(span, span.start, span.end) for span in spans]
     step, position, ids, logits = list(prompt), 0, [], []
     for _ in range(NEW_TOKENS):
         hidden = embed_ids(head, step)
@@ -110,10 +110,10 @@ def test_packed_sessions_equal_each_alone_on_the_device(
     steps = [torch.randn(1, 1, 64, generator=generator) for _ in prompts]
     alone, packed_kvs = [], []
     for prompt, step in zip(prompts, steps, strict=True):
-        kv = new_session_kv(span, 0, TINY_BLOCKS)
+        kv = new_kv_buffers(span, 0, TINY_BLOCKS)
         forward_span(span, prompt, kv)
         alone.append(forward_span(span, step, kv, position=prompt.shape[1]))
-        packed_kv = new_session_kv(span, 0, TINY_BLOCKS)
+        packed_kv = new_kv_buffers(span, 0, TINY_BLOCKS)
         forward_span(span, prompt, packed_kv)
         packed_kvs.append(packed_kv)
     segments = [
@@ -153,8 +153,8 @@ def test_quantized_spans_serve_on_the_device(
     assert linear.weight.dtype in (torch.int8, torch.uint8)  # quantized, not a float copy
     plain = load_span(tiny_model, 0, 1, dtype, "none", device)
     hidden = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(1))
-    got = forward_span(quantized, hidden, new_session_kv(quantized, 0, 1))
-    want = forward_span(plain, hidden, new_session_kv(plain, 0, 1))
+    got = forward_span(quantized, hidden, new_kv_buffers(quantized, 0, 1))
+    want = forward_span(plain, hidden, new_kv_buffers(plain, 0, 1))
     assert torch.isfinite(got).all()
     # Approximate by design: one block's output near the unquantized one (the residual
     # stream carries the input through), never claimed token-exact.
@@ -168,7 +168,7 @@ def test_throughput_and_kv_budget_come_from_the_device(
 
     span = load_span(tiny_model, 0, TINY_BLOCKS, torch.bfloat16, "none", device)
     assert measure_decode_throughput(span) > 0
-    kv = new_session_kv(span, 0, TINY_BLOCKS)
+    kv = new_kv_buffers(span, 0, TINY_BLOCKS)
     forward_span(span, torch.randn(1, 4, 64), kv)
     assert kv.view(0, 4)[0].device.type == device.type
     if device.type != "cuda":

@@ -1,6 +1,6 @@
 """ChainSession over an in-process swarm: failover, catch-up, cache reuse and cleanup.
 
-Each fake server runs its span of the tiny model through the real ``SessionStore`` and
+Each fake server runs its span of the tiny model through the real ``CacheStore`` and
 ``forward_span``, as ``swarm_node/handler.py`` does, so the chain's output can be held to
 the whole model's (fp32, 1e-4) whatever fails under it.
 """
@@ -36,8 +36,8 @@ from protocol.rpc import OpenSession, PushTarget
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
 from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot
-from swarm_node.backend import forward_span, new_session_kv
-from swarm_node.kv_cache import CachedSession, SessionStore
+from swarm_node.backend import forward_span, new_kv_buffers
+from swarm_node.cache_store import CachedSession, CacheStore
 from tests.tiny_model import TINY_BLOCKS
 
 HIDDEN = 64
@@ -111,7 +111,7 @@ class FakeServer:
         self.takes_pushes = True
         self.refuse_pushes = False
         self.die_after_push_at: int | None = None
-        self.store = SessionStore(1 << 40, 1)
+        self.store = CacheStore(1 << 40, 1)
         self.openings: list[OpenSession] = []
         self.streams: list[FakeStream] = []
         self.kept_steps = 0
@@ -146,7 +146,7 @@ class FakeServer:
                 hop.end,
                 opening.max_length,
                 opening.prefix_hashes,
-                lambda: new_session_kv(self.span, hop.start, hop.end),
+                lambda: new_kv_buffers(self.span, hop.start, hop.end),
                 keep=opening.keep,
                 resume=(opening.resume_length, opening.resume_digest),
             )
@@ -311,7 +311,7 @@ class FakeStream:
         out = forward_span(
             server.span,
             hidden,
-            session.cache,
+            session.kv,
             position=position,
             start=self.hop.start,
             end=self.hop.end,
@@ -398,7 +398,7 @@ class FakeSwarm:
 def reference(model: Path, steps: Sequence[Sequence[int]]) -> list[torch.Tensor]:
     """The whole model's output for each step, fed the same way."""
     span = span_of(model, 0, TINY_BLOCKS)
-    cache = new_session_kv(span, span.start, span.end)
+    cache = new_kv_buffers(span, span.start, span.end)
     outputs, position = [], 0
     for tokens in steps:
         outputs.append(forward_span(span, embed(tokens), cache, position=position))
@@ -498,7 +498,7 @@ def test_two_hops_give_the_whole_models_output(tiny_model: Path) -> None:
         (stream,) = swarm[peer].streams  # one stream each, no replay
         assert stream.opening.keep and stream.closed
         assert stream.steps == [(0, PROMPT), *((p, 1) for p in range(PROMPT, FED))]
-        assert swarm[peer].store.session_ids() == [SESSION]  # kept for the next turn
+        assert swarm[peer].store.cache_keys() == [SESSION]  # kept for the next turn
     assert swarm.embedded == []  # nothing was rebuilt
     assert swarm.successes == Counter(a=1 + len(STEPS), b=1 + len(STEPS))  # open, steps
 
@@ -568,7 +568,7 @@ def test_the_last_hops_replacement_is_rebuilt_from_a_throwaway_replay(tiny_model
     assert replay.opening.session_id != SESSION
     assert replay.opening.max_length == held and replay.opening.prefix_hashes == []
     assert replay.steps == [(0, held)] and replay.closed
-    assert swarm["a"].store.session_ids() == [SESSION]  # the server dropped the replay
+    assert swarm["a"].store.cache_keys() == [SESSION]  # the server dropped the replay
     (own,) = swarm["a"].kept()  # the chain's own session on a never moved back
     assert own.steps == [(0, PROMPT), *((p, 1) for p in range(PROMPT, FED))]
     assert swarm.embedded == [held]  # rebuilt once, from the token history

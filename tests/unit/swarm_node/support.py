@@ -14,7 +14,7 @@ import torch
 
 from models.loading import Span
 from swarm_node import batching as batching_module
-from swarm_node.backend import forward_span, new_session_kv
+from swarm_node.backend import forward_span, new_kv_buffers
 
 HIDDEN = 64  # the tiny model's
 
@@ -25,7 +25,7 @@ def inputs(n: int, seed: int) -> torch.Tensor:
 
 def reference(span: Span, pieces: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each piece run after the previous ones on a session of its own, one at a time."""
-    kv, position, outs = new_session_kv(span, span.start, span.end), 0, []
+    kv, position, outs = new_kv_buffers(span, span.start, span.end), 0, []
     for piece in pieces:
         outs.append(forward_span(span, piece, kv, position=position))
         position += piece.shape[1]

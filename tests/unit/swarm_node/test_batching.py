@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from models.loading import Span, load_span
 from swarm_node import batching as batching_module
-from swarm_node.backend import forward_packed, forward_span, new_session_kv
+from swarm_node.backend import forward_packed, forward_span, new_kv_buffers
 from swarm_node.batching import StepScheduler
-from swarm_node.session_kv import Segment, SessionKV
+from swarm_node.kv_buffers import KVBuffers, Segment
 from tests.tiny_model import TINY_BLOCKS
 from tests.unit.swarm_node.support import HIDDEN, Gate, gated_forwards, inputs, reference, until
 
@@ -31,7 +31,7 @@ def test_a_packed_forward_equals_each_session_alone(span: Span) -> None:
     """Mixed history lengths, prompts and decode steps in one forward."""
     histories = [inputs(n, seed) for seed, n in enumerate([5, 40, 1, 17])]
     steps = [inputs(n, 10 + seed) for seed, n in enumerate([1, 1, 9, 1])]
-    kvs = [new_session_kv(span, 0, TINY_BLOCKS) for _ in histories]
+    kvs = [new_kv_buffers(span, 0, TINY_BLOCKS) for _ in histories]
     for kv, history in zip(kvs, histories, strict=True):
         forward_span(span, history, kv)
     segments = [
@@ -53,7 +53,7 @@ def test_the_swarm_span_equals_the_whole_transformers_model(tiny_model: Path, sp
     with torch.no_grad():
         embedded = model.model.embed_tokens(ids)
         expected = model.model(input_ids=ids).last_hidden_state
-    kv = new_session_kv(span, 0, TINY_BLOCKS)
+    kv = new_kv_buffers(span, 0, TINY_BLOCKS)
     prompt = forward_span(span, embedded[:, :20], kv)
     rest = [forward_span(span, embedded[:, i : i + 1], kv, position=i) for i in range(20, 30)]
     got = model.model.norm(torch.cat([prompt, *rest], 1))
@@ -79,7 +79,7 @@ def test_a_sliding_window_model_attends_only_within_its_window(tmp_path: Path) -
     with torch.no_grad():
         embedded = model.model.embed_tokens(ids)
         expected = model.model(input_ids=ids).last_hidden_state
-    kv = new_session_kv(span, 0, 2)
+    kv = new_kv_buffers(span, 0, 2)
     pieces = [forward_span(span, embedded[:, :12], kv)]  # a prompt longer than the window
     pieces += [forward_span(span, embedded[:, 12:15], kv, position=12)]  # a chunk past it
     pieces += [forward_span(span, embedded[:, i : i + 1], kv, position=i) for i in range(15, 24)]
@@ -88,7 +88,7 @@ def test_a_sliding_window_model_attends_only_within_its_window(tmp_path: Path) -
 
 
 def test_a_cache_grows_in_place_and_truncates_without_copying(span: Span) -> None:
-    kv = new_session_kv(span, 0, TINY_BLOCKS)
+    kv = new_kv_buffers(span, 0, TINY_BLOCKS)
     kv.limit = 1000
     forward_span(span, inputs(10, 1), kv)
     buffer = kv.view(0, kv.length)[0].data_ptr()
@@ -104,7 +104,7 @@ def test_a_cache_grows_in_place_and_truncates_without_copying(span: Span) -> Non
 
 
 def test_growth_stops_at_the_reserved_length(span: Span) -> None:
-    kv = new_session_kv(span, 0, TINY_BLOCKS)
+    kv = new_kv_buffers(span, 0, TINY_BLOCKS)
     kv.limit = 70
     forward_span(span, inputs(65, 1), kv)
     forward_span(span, inputs(1, 2), kv, position=65)
@@ -140,10 +140,10 @@ def test_steps_that_wait_together_run_as_one_forward(span: Span, gated: Gate) ->
     async def scenario() -> None:
         with ThreadPoolExecutor(1) as compute:
             scheduler = StepScheduler(span, compute, observe_batch=recorder)
-            kvs = [new_session_kv(span, 0, TINY_BLOCKS) for _ in prompts]
+            kvs = [new_kv_buffers(span, 0, TINY_BLOCKS) for _ in prompts]
             blocks = (0, TINY_BLOCKS)
             busy = asyncio.ensure_future(
-                scheduler.step(new_session_kv(span, 0, TINY_BLOCKS), blocks, 0, inputs(1, 99))
+                scheduler.step(new_kv_buffers(span, 0, TINY_BLOCKS), blocks, 0, inputs(1, 99))
             )
             await until(gated.entered.is_set)  # the thread is busy: everything else waits
             firsts = [
@@ -180,11 +180,11 @@ def test_a_long_prompt_runs_in_chunks_between_other_streams_decode_steps(span: S
         with ThreadPoolExecutor(1) as compute:
             scheduler = StepScheduler(span, compute, prefill_chunk=16, observe_batch=recorder)
             blocks = (0, TINY_BLOCKS)
-            decoding = new_session_kv(span, 0, TINY_BLOCKS)
+            decoding = new_kv_buffers(span, 0, TINY_BLOCKS)
             await scheduler.step(decoding, blocks, 0, history)
             recorder.batches.clear()
             long = asyncio.ensure_future(
-                scheduler.step(new_session_kv(span, 0, TINY_BLOCKS), blocks, 0, prompt)
+                scheduler.step(new_kv_buffers(span, 0, TINY_BLOCKS), blocks, 0, prompt)
             )
             short = asyncio.ensure_future(scheduler.step(decoding, blocks, 6, turn))
             done, _ = await asyncio.wait([long, short], return_when=asyncio.FIRST_COMPLETED)
@@ -206,10 +206,10 @@ def test_a_cancelled_step_leaves_the_others_in_its_batch_untouched(span: Span, g
             scheduler = StepScheduler(span, compute)
             blocks = (0, TINY_BLOCKS)
             busy = asyncio.ensure_future(
-                scheduler.step(new_session_kv(span, 0, TINY_BLOCKS), blocks, 0, inputs(2, 9))
+                scheduler.step(new_kv_buffers(span, 0, TINY_BLOCKS), blocks, 0, inputs(2, 9))
             )
             await until(gated.entered.is_set)
-            kept_kv, dropped_kv = (new_session_kv(span, 0, TINY_BLOCKS) for _ in range(2))
+            kept_kv, dropped_kv = (new_kv_buffers(span, 0, TINY_BLOCKS) for _ in range(2))
             kept = asyncio.ensure_future(scheduler.step(kept_kv, blocks, 0, inputs(4, 1)))
             dropped = asyncio.ensure_future(scheduler.step(dropped_kv, blocks, 0, inputs(4, 2)))
             await until(lambda: scheduler.waiting == 3)
@@ -242,10 +242,10 @@ def test_a_failed_forward_fails_its_batch_and_the_next_one_runs(
         with ThreadPoolExecutor(1) as compute:
             scheduler = StepScheduler(span, compute)
             blocks = (0, TINY_BLOCKS)
-            kv: SessionKV = new_session_kv(span, 0, TINY_BLOCKS)
+            kv: KVBuffers = new_kv_buffers(span, 0, TINY_BLOCKS)
             with pytest.raises(RuntimeError, match="out of memory"):
                 await scheduler.step(kv, blocks, 0, inputs(3, 1))
-            fresh = new_session_kv(span, 0, TINY_BLOCKS)
+            fresh = new_kv_buffers(span, 0, TINY_BLOCKS)
             out = await scheduler.step(fresh, blocks, 0, inputs(3, 1))
             scheduler.close()
         torch.testing.assert_close(out, reference(span, [inputs(3, 1)])[0], atol=1e-4, rtol=1e-4)
@@ -259,14 +259,14 @@ def test_sessions_over_other_blocks_run_in_their_own_forward(span: Span) -> None
     async def scenario() -> None:
         with ThreadPoolExecutor(1) as compute:
             scheduler = StepScheduler(span, compute, observe_batch=recorder)
-            whole, tail = new_session_kv(span, 0, TINY_BLOCKS), new_session_kv(span, 2, TINY_BLOCKS)
+            whole, tail = new_kv_buffers(span, 0, TINY_BLOCKS), new_kv_buffers(span, 2, TINY_BLOCKS)
             a, b = await asyncio.gather(
                 scheduler.step(whole, (0, TINY_BLOCKS), 0, inputs(3, 1)),
                 scheduler.step(tail, (2, TINY_BLOCKS), 0, inputs(3, 2)),
             )
             scheduler.close()
         assert sorted(recorder.batches) == [(1, 3), (1, 3)]
-        tail_alone = new_session_kv(span, 2, TINY_BLOCKS)
+        tail_alone = new_kv_buffers(span, 2, TINY_BLOCKS)
         expected = forward_span(span, inputs(3, 2), tail_alone, start=2, end=TINY_BLOCKS)
         torch.testing.assert_close(b, expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(a, reference(span, [inputs(3, 1)])[0], atol=1e-4, rtol=1e-4)
@@ -289,7 +289,7 @@ def test_a_forward_waits_for_steps_that_keep_arriving_not_for_a_stream_elsewhere
         with ThreadPoolExecutor(1) as compute:
             scheduler = StepScheduler(span, compute, observe_batch=recorder, open_streams=lambda: 3)
             blocks = (0, TINY_BLOCKS)
-            kvs = [new_session_kv(span, 0, TINY_BLOCKS) for _ in range(3)]
+            kvs = [new_kv_buffers(span, 0, TINY_BLOCKS) for _ in range(3)]
             await scheduler.step(kvs[0], blocks, 0, inputs(2, 0))  # times a forward
             first = asyncio.ensure_future(scheduler.step(kvs[1], blocks, 0, inputs(1, 1)))
             await until(lambda: scheduler.waiting == 1)
@@ -317,7 +317,7 @@ def test_a_step_waits_for_a_stream_whose_rhythm_says_its_step_is_due(
         with ThreadPoolExecutor(1) as compute:
             scheduler = StepScheduler(span, compute, observe_batch=recorder, open_streams=lambda: 2)
             blocks = (0, TINY_BLOCKS)
-            a, b = (new_session_kv(span, 0, TINY_BLOCKS) for _ in range(2))
+            a, b = (new_kv_buffers(span, 0, TINY_BLOCKS) for _ in range(2))
             await scheduler.step(a, blocks, 0, inputs(1, 0))
             await asyncio.sleep(0.3)
             await scheduler.step(a, blocks, 1, inputs(1, 1))  # a's next is due in 0.3 s

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from swarm_node.session_kv import KVShape, Segment
 from transformers import (
     AutoModelForCausalLM,
     BloomConfig,
@@ -37,7 +36,8 @@ from transformers import (
 from gateway.engine.head import batch_logits, embed_ids
 from models import loading
 from models.loading import Head, Span, load_config, load_head, load_span
-from swarm_node.backend import forward_packed, forward_span, new_session_kv, run_span
+from swarm_node.backend import forward_packed, forward_span, new_kv_buffers, run_span
+from swarm_node.kv_buffers import KVShape, Segment
 from swarm_node.throughput import measure_decode_throughput
 from tests.unit.swarm_node.support import HIDDEN, inputs, reference
 
@@ -124,7 +124,7 @@ def folder_of(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]
 @torch.no_grad()
 def decode_through_spans(head: Head, spans: list[Span], prompt: list[int]) -> list[torch.Tensor]:
     """Greedy decoding along a chain of spans with a cache each: the logits of every step."""
-    kvs = [new_session_kv(span, span.start, span.end) for span in spans]
+    kvs = [new_kv_buffers(span, span.start, span.end) for span in spans]
     step, position, logits = prompt, 0, []
     for _ in range(NEW_TOKENS):
         hidden = embed_ids(head, step)
@@ -164,7 +164,7 @@ def test_a_packed_step_equals_each_session_alone(
     span = load_span(folder_of(family), 1, BLOCKS)
     histories = [inputs(n, seed) for seed, n in enumerate([5, 23, 1])]
     steps = [inputs(n, 10 + seed) for seed, n in enumerate([1, 6, 1])]
-    kvs = [new_session_kv(span, 1, BLOCKS) for _ in histories]
+    kvs = [new_kv_buffers(span, 1, BLOCKS) for _ in histories]
     for kv, history in zip(kvs, histories, strict=True):
         forward_span(span, history, kv)
     segments = [
@@ -270,11 +270,11 @@ def test_a_span_and_head_on_another_device_keep_every_tensor_there(
     meta = torch.device("meta")
     folder = folder_of(family)
     span = load_span(folder, 0, BLOCKS, torch.float32, "none", meta)
-    first, second = new_session_kv(span, 0, BLOCKS), new_session_kv(span, 0, BLOCKS)
+    first, second = new_kv_buffers(span, 0, BLOCKS), new_kv_buffers(span, 0, BLOCKS)
     out = run_span(span, torch.randn(1, 5, HIDDEN), [Segment(first, 0, 5)], start=0, end=BLOCKS)
     assert out.device == meta and out.shape == (1, 5, HIDDEN)
     # A continued prompt (masked), a new one (causal) and a decode step, packed.
-    third = new_session_kv(span, 0, BLOCKS)
+    third = new_kv_buffers(span, 0, BLOCKS)
     run_span(span, torch.randn(1, 2, HIDDEN), [Segment(third, 0, 2)], start=0, end=BLOCKS)
     step = [Segment(first, 5, 2), Segment(second, 0, 3), Segment(third, 2, 1)]
     out = run_span(span, torch.randn(1, 6, HIDDEN), step, start=0, end=BLOCKS)

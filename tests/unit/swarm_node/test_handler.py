@@ -34,15 +34,15 @@ from swarm_node import batching as batching_module
 from swarm_node import inference_stream as inference_stream_module
 from swarm_node.admission import AdmissionRules
 from swarm_node.bounded_streams import Caller as StreamCaller
+from swarm_node.cache_store import CacheStore
 from swarm_node.handler import BlockHandler
-from swarm_node.inference_stream import session_key
-from swarm_node.kv_cache import SessionStore
+from swarm_node.inference_stream import cache_key
 from swarm_node.metrics import InfoBoard, _NodeCollector
 from tests.tiny_model import TINY_BLOCKS
 from tests.unit.swarm_node.support import Gate, gated_forwards, inputs, reference, until
 
 SECRET = "5e" * 16
-CONV = session_key("conv", SECRET)  # where the node keeps the session "conv"
+CONV = cache_key("conv", SECRET)  # where the node keeps the session "conv"
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,12 @@ def span(tiny_model: Path) -> Span:
     return load_span(tiny_model, 0, TINY_BLOCKS)
 
 
-def make_store(span: Span) -> SessionStore:
+def make_store(span: Span) -> CacheStore:
     per_token = 2 * span.config.num_key_value_heads * 16 * 4  # head_dim 16, fp32
-    return SessionStore(1 << 26, per_token)
+    return CacheStore(1 << 26, per_token)
 
 
-def info_of(store: SessionStore) -> ServerInfo:
+def info_of(store: CacheStore) -> ServerInfo:
     stats = store.stats()
     return ServerInfo(
         start=0,
@@ -159,7 +159,7 @@ def test_a_step_cancelled_mid_forward_leaves_no_half_written_session(
         with pytest.raises(asyncio.CancelledError):
             await pending
         await second.replies.aclose()
-        assert CONV not in store.session_ids(), "a half-written session must be dropped"
+        assert CONV not in store.cache_keys(), "a half-written session must be dropped"
         slow_forward.open.set()  # the orphaned forward now finishes writing to its own cache
 
         # A retry sees a consistent session: whatever it reports cached, resending from
@@ -192,7 +192,7 @@ def test_a_failed_forward_is_a_typed_error_and_drops_the_session(
         assert error.error is ErrorCode.INTERNAL
         with pytest.raises(StopAsyncIteration):
             await anext(stream.replies)
-        assert CONV not in store.session_ids()
+        assert CONV not in store.cache_keys()
 
     asyncio.run(scenario())
 
@@ -270,7 +270,7 @@ def test_a_step_past_the_cache_is_refused_and_the_session_stays_usable(span: Spa
 def test_the_metrics_thread_reads_a_snapshot_never_the_store(span: Span) -> None:
     loop_thread: list[int] = []
 
-    class WatchedStore(SessionStore):
+    class WatchedStore(CacheStore):
         touched_from: set[int] = set()
 
         def stats(self):  # type: ignore[no-untyped-def]
@@ -426,7 +426,7 @@ def test_a_session_resumes_only_with_the_secret_it_was_opened_with(span: Span) -
         again = FakeStream(handler)
         assert await again.open("conv", hashes_for(n)) == n
         await again.close()
-        assert CONV in store.session_ids() and "conv" not in store.session_ids()
+        assert CONV in store.cache_keys() and "conv" not in store.cache_keys()
 
     asyncio.run(scenario())
 
@@ -453,7 +453,7 @@ def test_a_new_conversation_starts_from_a_shared_prefix_and_leaves_the_other_int
         torch.testing.assert_close(out, expected[1], atol=1e-4, rtol=1e-4)
         await other.close()
 
-        kept = store._sessions[CONV]
+        kept = store._cached[CONV]
         assert kept.position == n and kept.hashes == hashes_for(n), "the owner lost nothing"
         again = FakeStream(handler)
         assert await again.open("conv", hashes_for(n)) == shared  # full blocks it still holds

@@ -23,9 +23,9 @@ from models.adapters import (
     select_adapter,
 )
 from models.loading import Head, Span, load_config, load_head, load_span
-from swarm_node.backend import forward_span, new_session_kv
+from swarm_node.backend import forward_span, new_kv_buffers
 from swarm_node.batching import StepScheduler
-from swarm_node.session_kv import SessionKV
+from swarm_node.kv_buffers import KVBuffers
 from tests.reference import greedy_ids
 from tests.tiny_model import TINY_BLOCKS, build_lora_adapter, build_tiny_family
 
@@ -49,7 +49,7 @@ def head(tiny_model: Path) -> Head:
 
 def greedy(spans: list[Span], head: Head, adapter: str | None, prompt: list[int]) -> list[int]:
     """Greedy tokens through the chain of spans, prefill then one token per step."""
-    caches = [new_session_kv(span, span.start, span.end) for span in spans]
+    caches = [new_kv_buffers(span, span.start, span.end) for span in spans]
     ids, position, out = list(prompt), 0, []
     with torch.inference_mode():
         for _ in range(NEW_TOKENS):
@@ -116,7 +116,7 @@ def test_forwards_of_different_adapters_never_share_a_batch(
 
     def alone(adapter: str | None) -> torch.Tensor:
         select_adapter(span, adapter)
-        return forward_span(span, hidden, new_session_kv(span, 0, TINY_BLOCKS))
+        return forward_span(span, hidden, new_kv_buffers(span, 0, TINY_BLOCKS))
 
     expected = {name: alone(name) for name in (None, "pirate")}
     batches: list[int] = []
@@ -128,7 +128,7 @@ def test_forwards_of_different_adapters_never_share_a_batch(
             )
 
             def step(adapter: str | None) -> asyncio.Future[torch.Tensor]:
-                kv: SessionKV = new_session_kv(span, 0, TINY_BLOCKS)
+                kv: KVBuffers = new_kv_buffers(span, 0, TINY_BLOCKS)
                 return asyncio.ensure_future(
                     scheduler.step(kv, (0, TINY_BLOCKS), 0, hidden, adapter=adapter)
                 )
@@ -211,7 +211,7 @@ def test_an_adapter_runs_on_a_quantized_span(
 
     def run(span: Span, adapter: str | None) -> torch.Tensor:
         select_adapter(span, adapter)
-        return forward_span(span, hidden, new_session_kv(span, 0, TINY_BLOCKS))
+        return forward_span(span, hidden, new_kv_buffers(span, 0, TINY_BLOCKS))
 
     pirate, base = run(exact, "pirate"), run(exact, None)
     drift = (run(quantized, "pirate") - pirate).norm()

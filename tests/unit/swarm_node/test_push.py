@@ -36,8 +36,8 @@ from protocol.rpc import (
 )
 from swarm_node import push as push_module
 from swarm_node.admission import AdmissionRules
+from swarm_node.cache_store import CacheStore
 from swarm_node.handler import BlockHandler
-from swarm_node.kv_cache import SessionStore
 from swarm_node.push import MAX_EARLY_PUSHES, Inbox, PushBoard, Pusher
 from tests.tiny_model import TINY_BLOCKS
 from tests.unit.swarm_node.support import HIDDEN, inputs, reference, until
@@ -376,7 +376,7 @@ def span(tiny_model: Path) -> Span:
     return load_span(tiny_model, 0, TINY_BLOCKS)
 
 
-def handler_of(span: Span, **kwargs: Any) -> tuple[BlockHandler, SessionStore]:
+def handler_of(span: Span, **kwargs: Any) -> tuple[BlockHandler, CacheStore]:
     store = make_store(span)
     return BlockHandler(span, store, lambda: info_of(store), **kwargs), store
 
@@ -523,7 +523,7 @@ def test_a_step_whose_input_never_comes_fails_with_a_clear_error(span: Span) -> 
         with pytest.raises(StopAsyncIteration):
             await anext(stream.replies)
         assert len(handler.pushes) == 0 and handler.active_streams == 0
-        assert not any(store.in_use(k) for k in store.session_ids())
+        assert not any(store.in_use(k) for k in store.cache_keys())
 
     run(scenario())
 
@@ -544,7 +544,7 @@ def test_a_stream_closed_while_its_step_waits_frees_everything(span: Span) -> No
         refused = await early
         assert refusal(refused).error is ErrorCode.INVALID_REQUEST
         assert len(handler.pushes) == 0 and handler.active_streams == 0
-        assert not any(store.in_use(k) for k in store.session_ids())
+        assert not any(store.in_use(k) for k in store.cache_keys())
 
     run(scenario())
 
@@ -710,6 +710,6 @@ def test_an_input_that_is_not_finite_float32_is_refused_on_every_path(
         assert error.error is ErrorCode.INVALID_REQUEST
         assert ("non-finite" if kind in ("nan", "inf") else "float32") in error.message
         assert store.tokens_computed == 0
-        assert all(store._sessions[k].position == 0 for k in store.session_ids())
+        assert all(store._cached[k].position == 0 for k in store.cache_keys())
 
     run(scenario())

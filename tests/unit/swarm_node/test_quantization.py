@@ -31,7 +31,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer
 from models import quantization
 from models.loading import Head, Span, load_head, load_span
 from models.quantization import QuantizationError, module_bytes, quantize_blocks
-from swarm_node.backend import forward_span, new_session_kv
+from swarm_node.backend import forward_span, new_kv_buffers
 from tests.tiny_model import build_tiny_llama
 
 # int8 (LLM.int8(), activations quantized per row as well): measured 0.88 at worst.
@@ -146,7 +146,7 @@ def test_a_mixed_chain_decodes_with_its_caches_as_it_prefills(
     ]
     ids = prompts[0]
     whole = _logits(head, chain, [ids])[0]
-    caches = [new_session_kv(span, span.start, span.end) for span in chain]
+    caches = [new_kv_buffers(span, span.start, span.end) for span in chain]
     for position in range(ids.shape[1]):
         hidden = head.embed(ids[:, position : position + 1])
         for span, kv in zip(chain, caches, strict=True):
@@ -165,7 +165,7 @@ def test_the_kv_cache_and_untouched_weights_keep_the_compute_dtype(
     tiny_model: Path, dtype: torch.dtype, quant: str
 ) -> None:
     span = load_span(tiny_model, 0, 2, dtype, quant)
-    assert new_session_kv(span, 0, 2).shape.dtype == dtype
+    assert new_kv_buffers(span, 0, 2).shape.dtype == dtype
     for layer in span.layers:
         assert layer.input_layernorm.weight.dtype == dtype
         assert type(layer.self_attn.q_proj) is not torch.nn.Linear

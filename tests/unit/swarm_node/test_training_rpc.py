@@ -24,8 +24,8 @@ from protocol.rpc import ErrorCode, LoraSpec, RpcError, TrainCall, TrainDone, de
 from swarm_node.admission import AdmissionRules
 from swarm_node.backend import forward_span
 from swarm_node.bounded_streams import Caller as StreamCaller
+from swarm_node.cache_store import CacheStore
 from swarm_node.handler import BlockHandler
-from swarm_node.kv_cache import SessionStore
 from swarm_node.training import LoraCall, train_backward, train_forward
 from tests.tiny_model import TINY_BLOCKS
 from tests.unit.swarm_node.test_handler import info_of, make_store
@@ -39,7 +39,7 @@ def span(tiny_model: Path) -> Span:
 
 
 def handler_of(span: Span, **kw: Any) -> BlockHandler:
-    store: SessionStore = make_store(span)
+    store: CacheStore = make_store(span)
     return BlockHandler(span, store, lambda: info_of(store), **kw)
 
 

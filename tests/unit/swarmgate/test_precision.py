@@ -11,7 +11,7 @@ import torch
 from models.resolve import ModelSource
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
 from routing.snapshot import SwarmSnapshot
-from swarm_node.kv_cache import SessionStore
+from swarm_node.cache_store import CacheStore
 from swarm_node.node import BlockServer
 from swarm_node.settings import NodeSettings
 from swarmgate.cli import build_parser
@@ -49,7 +49,7 @@ def test_a_node_announces_its_dtype_and_quant() -> None:
     server.adapters = [SimpleNamespace(name="pirate")]  # type: ignore[list-item]
     server.model_digest, server.throughput = "d", 3.0
     server.span = SimpleNamespace(start=0, end=2, dtype=torch.bfloat16)  # type: ignore[assignment]
-    server.sessions = SessionStore(1 << 20, 1024)
+    server.caches = CacheStore(1 << 20, 1024)
     server.handler = SimpleNamespace(active_streams=0)  # type: ignore[assignment]
     record = ServerRecord.from_wire(server.record().to_wire())
     assert (record.dtype, record.quant, record.precision) == ("bfloat16", "int8", "bfloat16/int8")

@@ -1,4 +1,9 @@
-"""Per-session KV caches that outlive their streams, under a byte budget.
+"""The node's KV caches, one per session, under a byte budget: the ``CacheStore``.
+
+A session here is a gateway's inference session over some of this span's blocks, found by
+its cache key (``inference_stream.cache_key``); ``CachedSession`` is what the node keeps of
+one: its place in the budget, its position and block hashes, and its keys and values
+(``kv``, a ``KVBuffers``).
 
 The only place that creates, trims or drops caches. A session's cache stays after its
 stream closes so that the conversation's next turn sends only its new tokens; idle
@@ -22,7 +27,7 @@ from dataclasses import dataclass, field
 
 from protocol.errors import CapacityExceeded, InvalidRequest
 from protocol.prefix import BLOCK_TOKENS, common_blocks
-from swarm_node.session_kv import SessionKV
+from swarm_node.kv_buffers import KVBuffers
 
 
 @dataclass
@@ -30,7 +35,7 @@ class CachedSession:
     key: str
     start: int
     end: int
-    cache: SessionKV
+    kv: KVBuffers
     reserved_bytes: int = 0  # held while in use, so the request can reach max_length
     position: int = 0  # tokens in the cache
     hashes: list[str] = field(default_factory=list)  # one per full block of those tokens
@@ -58,7 +63,9 @@ class CacheStats:
     tokens_reused: int
 
 
-class SessionStore:
+class CacheStore:
+    """Every session's cache on this node, by cache key, LRU first."""
+
     def __init__(
         self,
         budget_bytes: int,
@@ -71,7 +78,7 @@ class SessionStore:
         self._per_token_block = bytes_per_token_per_block
         self._idle_ttl_s = idle_ttl_s
         self._clock = clock
-        self._sessions: OrderedDict[str, CachedSession] = OrderedDict()  # LRU first
+        self._cached: OrderedDict[str, CachedSession] = OrderedDict()  # LRU first
         # Block hash → keys of the sessions holding that block: chained hashes make a hash
         # name a whole prefix, so a new session can be seeded from any holder of its own.
         self._holders: dict[str, set[str]] = {}
@@ -81,14 +88,14 @@ class SessionStore:
         self.tokens_reused = 0
 
     def __len__(self) -> int:
-        return len(self._sessions)
+        return len(self._cached)
 
-    def in_use(self, session_id: str) -> bool:
-        session = self._sessions.get(session_id)
+    def in_use(self, key: str) -> bool:
+        session = self._cached.get(key)
         return session is not None and session.in_use
 
-    def session_ids(self) -> list[str]:
-        return list(self._sessions)
+    def cache_keys(self) -> list[str]:
+        return list(self._cached)
 
     @property
     def used_bytes(self) -> int:
@@ -107,12 +114,12 @@ class SessionStore:
 
     def open(
         self,
-        session_id: str,
+        key: str,
         start: int,
         end: int,
         max_length: int,
         prefix_hashes: Sequence[str],
-        new_cache: Callable[[], SessionKV],
+        new_kv: Callable[[], KVBuffers],
         *,
         keep: bool = True,
         resume: tuple[int, str] = (0, ""),
@@ -128,29 +135,27 @@ class SessionStore:
         and then counts as that caller's."""
         self.expire()
         reserve = max_length * (end - start) * self._per_token_block
-        session = self._sessions.get(session_id)
+        session = self._cached.get(key)
         if session is not None and session.in_use:
             # Another stream is using this cache right now: never share it, fork a fresh one.
-            session_id, session = f"{session_id}#{uuid.uuid4().hex[:8]}", None
+            key, session = f"{key}#{uuid.uuid4().hex[:8]}", None
         elif session is not None and (session.start, session.end, session.adapter) != (
             start,
             end,
             adapter,
         ):
-            self._drop(session_id)
+            self._drop(key)
             session = None
         kept = session is not None
         if session is None:
-            session = CachedSession(
-                session_id, start, end, new_cache(), adapter=adapter, caller=caller
-            )
+            session = CachedSession(key, start, end, new_kv(), adapter=adapter, caller=caller)
             cached = 0
         else:
             blocks = common_blocks(session.hashes, prefix_hashes)
             cached = min(blocks * BLOCK_TOKENS, session.position)
             if session.digest and resume == (session.position, session.digest):
                 cached = session.position  # the partial last block too
-            self._remove(session_id)
+            self._remove(key)
         try:
             self._make_room(max(reserve, session.size_bytes))  # what it is charged once back
         except CapacityExceeded:
@@ -176,7 +181,7 @@ class SessionStore:
         for index in range(len(prefix_hashes) - 1, -1, -1):
             tokens = (index + 1) * BLOCK_TOKENS
             for key in self._holders.get(prefix_hashes[index], ()):
-                donor = self._sessions[key]
+                donor = self._cached[key]
                 if (
                     donor is not session
                     and (
@@ -193,7 +198,7 @@ class SessionStore:
     def seed(self, session: CachedSession, donor: CachedSession, tokens: int) -> None:
         """``session`` now holds a copy of ``donor``'s first ``tokens`` tokens."""
         hashes = donor.hashes[: tokens // BLOCK_TOKENS]
-        size = session.cache.nbytes
+        size = session.kv.nbytes
         self._change(session, position=tokens, hashes=hashes, size_bytes=size)
 
     def check_step(
@@ -241,7 +246,7 @@ class SessionStore:
         """
         if first:
             self.tokens_reused += min(position, session.position)
-        size = session.cache.nbytes
+        size = session.kv.nbytes
         end = position + tokens
         self._change(session, position=end, hashes=hashes, size_bytes=size, digest=digest)
         self.tokens_computed += tokens
@@ -250,21 +255,21 @@ class SessionStore:
         """Forget a session whose cache may be half-written; a forward may still be running
         on it. The next stream under its id starts from an empty cache of its own."""
         self._change(session, in_use=False, keep=False)
-        if self._sessions.get(session.key) is session:
+        if self._cached.get(session.key) is session:
             self._drop(session.key)
 
     def release(self, session: CachedSession) -> None:
         """The stream closed: the cache stays for the next turn (forks are not reusable)."""
         self._change(session, in_use=False, last_used=self._clock())
         reusable = session.keep and "#" not in session.key and session.position > 0
-        if not reusable and self._sessions.get(session.key) is session:
+        if not reusable and self._cached.get(session.key) is session:
             self._drop(session.key)
 
     def expire(self) -> None:
         now = self._clock()
         for key in [
             k
-            for k, s in self._sessions.items()
+            for k, s in self._cached.items()
             if not s.in_use and now - s.last_used > self._idle_ttl_s
         ]:
             self._drop(key, evicted=True)
@@ -272,18 +277,18 @@ class SessionStore:
     def _make_room(self, need: int) -> None:
         if self._used + need <= self.budget_bytes:
             return
-        idle = sum(s.charge() for s in self._sessions.values() if not s.in_use)
+        idle = sum(s.charge() for s in self._cached.values() if not s.in_use)
         if self._used - idle + need > self.budget_bytes:
             # Refused before anything is evicted: a request too big for the budget must not
             # cost every other conversation its cache.
             raise CapacityExceeded("no room for this session's cache here right now")
         while self._used + need > self.budget_bytes:
-            victim = next(k for k, s in self._sessions.items() if not s.in_use)
+            victim = next(k for k, s in self._cached.items() if not s.in_use)
             self._drop(victim, evicted=True)
 
     def _change(self, session: CachedSession, **fields: object) -> None:
         """Set ``fields`` on ``session``, keeping the byte total and the index right."""
-        stored = self._sessions.get(session.key) is session
+        stored = self._cached.get(session.key) is session
         if stored:
             self._used -= session.charge()
             if "hashes" in fields:
@@ -294,12 +299,12 @@ class SessionStore:
             self._used += session.charge()
 
     def _insert(self, session: CachedSession) -> None:
-        self._sessions[session.key] = session
+        self._cached[session.key] = session
         self._used += session.charge()
         self._index(session)
 
     def _remove(self, key: str) -> CachedSession | None:
-        session = self._sessions.pop(key, None)
+        session = self._cached.pop(key, None)
         if session is not None:
             self._used -= session.charge()
             self._unindex(session)

@@ -46,7 +46,7 @@ class KVShape:
         return 2 * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
 
 
-class SessionKV:
+class KVBuffers:
     """Keys and values of ``blocks`` consecutive blocks; slot ``i`` is the session's i-th."""
 
     def __init__(self, blocks: int, shape: KVShape) -> None:
@@ -99,7 +99,7 @@ class SessionKV:
             self._values[slot, :, :length].unsqueeze(0),
         )
 
-    def copy_prefix(self, donor: SessionKV, tokens: int) -> None:
+    def copy_prefix(self, donor: KVBuffers, tokens: int) -> None:
         """Hold a copy of ``donor``'s first ``tokens`` positions (this session is empty)."""
         self.ensure(tokens)
         self._keys[:, :, :tokens] = donor._keys[:, :, :tokens]
@@ -121,6 +121,6 @@ class Segment:
 
     ``kv`` None: no cache, the tokens attend causally to each other only (probes, training)."""
 
-    kv: SessionKV | None
+    kv: KVBuffers | None
     position: int
     length: int
