@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
         prompt_tokens = complete(urls["miss"], model, conversation, 1)["usage"]["prompt_tokens"]
 
     # Greedy: the swarm's every answer must be `generate`'s on the whole model.
-    reference = greedy_texts(source.path, [c for c, _ in asked], NEXT_TURN_TOKENS)
-    reference += greedy_texts(source.path, [c for c, _ in turns_asked], TURN_TOKENS)
+    tokens = [NEXT_TURN_TOKENS] * len(asked) + [TURN_TOKENS] * len(turns_asked)
+    reference = greedy_texts(source.path, [c for c, _ in asked + turns_asked], tokens)
     hit_s, miss_s = statistics.median(runs["hit"]), statistics.median(runs["miss"])
     result = {
         "date": time.strftime("%Y-%m-%d"),

@@ -198,27 +198,54 @@ def complete(url: str, model: str, messages: list[dict[str, Any]], max_tokens: i
 def greedy_texts(
     path: Path,
     conversations: list[list[dict[str, Any]]],
-    max_tokens: int,
+    max_tokens: int | list[int],
     device: str = "auto",
     dtype: str = "auto",
 ) -> list[str]:
     """What `transformers` ``generate`` answers greedily to each conversation (chat template,
-    at most ``max_tokens`` new tokens, special tokens left out of the text), run in a child
-    process that exits before this returns: the swarm must stream exactly this text, and
-    the measuring process keeps none of the whole model's state."""
+    at most ``max_tokens`` new tokens, one for all or one each, special tokens left out of
+    the text), run in a child process that exits before this returns: the swarm must stream
+    exactly this text, and the measuring process keeps none of the whole model's state."""
+    with greedy_reference(path, conversations, max_tokens, device, dtype) as texts:
+        return texts()
+
+
+@contextlib.contextmanager
+def greedy_reference(
+    path: Path,
+    conversations: list[list[dict[str, Any]]],
+    max_tokens: int | list[int],
+    device: str = "auto",
+    dtype: str = "auto",
+) -> Iterator[Callable[[], list[str]]]:
+    """``greedy_texts`` computed in a child while the block goes on (a swarm starting, say);
+    the function yielded waits for the texts, and the child exits once they are in."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    if isinstance(max_tokens, int):
+        max_tokens = [max_tokens] * len(conversations)
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as child:
-        texts: list[str] = child.submit(
-            _greedy_texts, path, conversations, max_tokens, device, dtype
-        ).result()
-    return texts
+    child = ProcessPoolExecutor(max_workers=1, mp_context=spawn)
+    future = child.submit(_greedy_texts, path, conversations, max_tokens, device, dtype)
+
+    def texts() -> list[str]:
+        done: list[str] = future.result()
+        child.shutdown()
+        return done
+
+    try:
+        yield texts
+    finally:
+        child.shutdown(cancel_futures=True)
 
 
 def _greedy_texts(
-    path: Path, conversations: list[list[dict[str, Any]]], max_tokens: int, device: str, dtype: str
+    path: Path,
+    conversations: list[list[dict[str, Any]]],
+    max_tokens: list[int],
+    device: str,
+    dtype: str,
 ) -> list[str]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -231,12 +258,12 @@ def _greedy_texts(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=placement.dtype).eval()
     model.to(placement.device)
     texts = []
-    for messages in conversations:
+    for messages, tokens in zip(conversations, max_tokens, strict=True):
         prompt = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"].to(placement.device)
         with torch.no_grad():
-            out = model.generate(prompt, max_new_tokens=max_tokens, do_sample=False)
+            out = model.generate(prompt, max_new_tokens=tokens, do_sample=False)
         texts.append(tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True))
     return texts
 

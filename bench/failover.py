@@ -48,7 +48,7 @@ from bench.common import (
     add_record_flag,
     finish,
     greedy_check,
-    greedy_texts,
+    greedy_reference,
     log_dir,
     stream_chat,
 )
@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--fault-at must be within the stream: 0 < --fault-at < --tokens")
     source = resolve_model(args.model)
     source.fetch_whole()  # a Hub model: the greedy reference needs all of it
-    reference = greedy_texts(source.path, [MESSAGES], args.tokens)[0]
     blocks = load_config(source.path).num_hidden_layers
     half = blocks // 2
     logs = log_dir()
@@ -179,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, dict[str, Any]] = {}
     texts: list[str] = []
-    with no_orphans():
+    # `generate`'s answer is computed in a child while the swarm starts.
+    with greedy_reference(source.path, [MESSAGES], args.tokens) as reference, no_orphans():
         try:
             dht = Process("bench-failover-dht", ["dht"], logs)
             processes.append(dht)
@@ -192,10 +192,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             gateway.append(Process("bench-failover-gateway", gateway_argv, logs))
             processes += gateway
             wait_for(lambda: http_ok(f"{url}/health") and four_live_servers(), 600, "the swarm")
+            want = reference()[0]  # before any stream: the child is gone when they run
             stream_chat(url, source.name, MESSAGES, 4)  # warm-up
             for hop in args.hops:
                 runs: list[tuple[Run, Run]] = []
-                for _ in range(args.repeats):
+                for repeat in range(args.repeats):
                     baseline = Run(stream_chat(url, source.name, MESSAGES, args.tokens), None)
                     struck: list[Process] = []
 
@@ -210,13 +211,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     runs.append((baseline, run))
                     texts += [baseline.streamed.text, run.streamed.text]
                     # The struck server goes for good (a hung one too: SIGKILL ends a
-                    # stopped process), and a fresh one takes its span.
+                    # stopped process), and a fresh one takes its span unless this was the
+                    # last run.
+                    last = hop == args.hops[-1] and repeat == args.repeats - 1
                     for victim in struck:
                         victim.kill_group()
                         nodes.remove(victim)
                         name = f"bench-failover-node-{len(processes)}"
-                        nodes.append(start_node(node_identity(victim)[1], name))
-                    wait_for(four_live_servers, 600, "the replacement server")
+                        if not last:
+                            nodes.append(start_node(node_identity(victim)[1], name))
+                    if not last:
+                        wait_for(four_live_servers, 600, "the replacement server")
                 results[hop] = summary(runs)
         finally:
             for process in reversed(processes):
@@ -231,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "fault_after_token": args.fault_at,
         "repeats": args.repeats,
         **results,
-        **greedy_check(texts, [reference] * len(texts)),
+        **greedy_check(texts, [want] * len(texts)),
     }
     finish("failover", result, args)
     return result

@@ -6,12 +6,17 @@ steps on a toy dataset and prints one JSON object: seconds per step (the first s
 which warms up, excluded), bytes sent and received per step (over all hops, forward and
 backward), and the loss of the first and last steps.
 
+With ``--initial-peers`` (and ``--model-name``, the model's id there) it trains through a
+swarm that is already running instead.
+
     python bench/finetune.py --model smollm2 --batch-size 4 --length 64 --rank 8 [--record]
+                             [--initial-peers ADDR ... --model-name ID]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import json
@@ -19,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,7 @@ from models.loading import load_config
 from models.resolve import resolve_model
 from protocol.credentials import Role
 from protocol.membership import Membership
-from tests.processes import Process, no_orphans, wait_for
+from tests.processes import Process, no_orphans, stop_all, wait_for
 from training import FinetuneSettings, train_lora
 
 
@@ -50,22 +56,16 @@ def membership() -> Membership | None:
     return Membership.load(key, Role.FINETUNE) if key else None
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--nodes", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
-    add_record_flag(parser)
-    args = parser.parse_args(argv)
-    source = resolve_model(args.model)
-    blocks = load_config(source.path).num_hidden_layers
+@contextlib.contextmanager
+def swarm_peers(args: argparse.Namespace, folder: Path) -> Iterator[list[str]]:
+    """The DHT to train through: ``--initial-peers`` as given, else a DHT and ``--nodes``
+    servers splitting the model's blocks evenly, started here and stopped on exit."""
+    if args.initial_peers:
+        yield args.initial_peers
+        return
+    blocks = load_config(resolve_model(args.model).path).num_hidden_layers
     cuts = [round(i * blocks / args.nodes) for i in range(args.nodes + 1)]
-    with tempfile.TemporaryDirectory() as tmp, no_orphans():
-        folder = Path(tmp)
+    with no_orphans():
         dht = Process("dht", ["dht"], folder)
         processes = [dht]
         try:
@@ -78,33 +78,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 processes.append(Process(f"node {start}:{end}", argv, folder))
             for node in processes[1:]:
                 wait_for(lambda n=node: "serving blocks" in n.output(), 300, node.name)
-            settings = FinetuneSettings(
-                model_name=source.name,
-                model_path=source.path,
-                initial_peers=tuple(peers),
-                data=toy_data(folder, args.length),
-                out=folder / "adapter",
-                rank=args.rank,
-                alpha=2 * args.rank,
-                targets=tuple(args.targets.split(",")),
-                steps=args.steps,
-                batch_size=args.batch_size,
-                max_length=args.length,
-                membership=membership(),
-            )
-            progress = io.StringIO()
-            began = time.monotonic()
-            result = train_lora(settings, progress=progress)
-            wall = time.monotonic() - began
+            yield peers
         finally:
-            for process in reversed(processes):
-                process.stop()
+            stop_all(processes)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    add_record_flag(parser)
+    parser.add_argument(
+        "--initial-peers",
+        nargs="+",
+        help="train through this running swarm (its DHT's multiaddrs) instead of starting one",
+    )
+    parser.add_argument("--model-name", help="the model's id in that swarm")
+    args = parser.parse_args(argv)
+    source = resolve_model(args.model)
+    with tempfile.TemporaryDirectory() as tmp, swarm_peers(args, Path(tmp)) as peers:
+        folder = Path(tmp)
+        settings = FinetuneSettings(
+            model_name=args.model_name or source.name,
+            model_path=source.path,
+            initial_peers=tuple(peers),
+            data=toy_data(folder, args.length),
+            out=folder / "adapter",
+            rank=args.rank,
+            alpha=2 * args.rank,
+            targets=tuple(args.targets.split(",")),
+            steps=args.steps,
+            batch_size=args.batch_size,
+            max_length=args.length,
+            membership=membership(),
+        )
+        progress = io.StringIO()
+        began = time.monotonic()
+        result = train_lora(settings, progress=progress)
+        wall = time.monotonic() - began
     lines = [ln for ln in progress.getvalue().splitlines() if ln.startswith("step ")]
     step_seconds = [float(ln.split("  ")[2].split()[0]) for ln in lines]
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "model": source.name,
-        "nodes": args.nodes,
+        "nodes": None if args.initial_peers else args.nodes,
         "batch_size": args.batch_size,
         "length": args.length,
         "rank": args.rank,

@@ -299,7 +299,7 @@ def finetune(runs: list[tuple[str, Record]]) -> str:
             [
                 run_cell(name, record),
                 date(record),
-                f"{r['model']} ({r['nodes']} nodes)",
+                f"{r['model']} ({r['nodes'] or 'a running swarm of'} nodes)",
                 f"r {r['rank']}, {r['targets'].replace(',', '/')}",
                 f"{r['batch_size']} x {r['length']}",
                 num(r["seconds_per_step"]),

@@ -1,9 +1,9 @@
 """Every bench runs end to end for a couple of tokens with the smallest settings: the tiny
 model, one repeat. The benches that measure a gateway share the session's swarm (``--url``);
-the ones that start swarms of their own (wan, failover, finetune) start them on the tiny
-model. Figures are not checked here (they mean nothing at this size and on a shared
-machine), only that each bench finishes, that the greedy checks it makes of the swarm
-hold, and that bench/report.py renders its result as the README's table."""
+so does finetune (``--initial-peers``); wan and failover, which start swarms of their own,
+start them on the tiny model. Figures are not checked here (they mean nothing at this size
+and on a shared machine), only that each bench finishes, that the greedy checks it makes of
+the swarm hold, and that bench/report.py renders its result as the README's table."""
 
 from __future__ import annotations
 
@@ -93,9 +93,10 @@ def test_failover_hang(tiny_model: Path) -> None:
     assert result["last"]["identical"] and result["greedy_equal"], result
 
 
-def test_finetune(tiny_model: Path) -> None:
+def test_finetune(swarm: Swarm) -> None:
+    peers = ["--initial-peers", *swarm.initial_peers, "--model-name", swarm.model_id]
     settings = ["--steps", "2", "--batch-size", "1", "--length", "16", "--rank", "2"]
-    assert run(finetune, "--model", tiny_model, *settings)["bytes_sent_per_step"] > 0
+    assert run(finetune, "--model", swarm.model_path, *peers, *settings)["bytes_sent_per_step"] > 0
 
 
 def test_the_benches_without_a_swarm(tiny_model: Path) -> None:
