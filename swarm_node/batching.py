@@ -24,6 +24,7 @@ import torch
 
 from models.adapters import select_adapter
 from models.loading import Span
+from protocol import gather
 from swarm_node.backend import forward_packed
 from swarm_node.cadence import Cadences
 from swarm_node.kv_buffers import KVBuffers, Segment
@@ -31,12 +32,6 @@ from swarm_node.kv_buffers import KVBuffers, Segment
 logger = logging.getLogger(__name__)
 
 PREFILL_CHUNK_TOKENS = 128  # how long a prompt may hold up other streams' decode steps
-# How long a forward may wait for the steps of other open streams, as a share of a forward's
-# duration and at most in seconds, and how long without a new step ends the wait: see
-# StepScheduler._gather.
-GATHER_SHARE = 0.5
-MAX_GATHER_S = 0.05
-GATHER_GAP_S = 0.01
 # How long a forward may wait for the steps that open streams' rhythms say are due, as a
 # share of a forward and at most: waiting less than a forward saves one (see _gather).
 ALIGN_SHARE = 1.0
@@ -171,7 +166,8 @@ class StepScheduler:
         - *Bursts.* Streams that decode together reach this server a few milliseconds apart
           (the previous hop answers them one by one). While steps keep arriving, each within
           ``GATHER_GAP_S`` of the last, the forward waits, at most ``GATHER_SHARE`` of a
-          forward. Without it, the first arrival would run alone and the rest next.
+          forward (``protocol/gather.py``: the gateway's head gathers its rows the same
+          way). Without it, the first arrival would run alone and the rest next.
         - *Rhythms.* Open streams whose next step is due (``Cadences``) within ``ALIGN_SHARE``
           of a forward are waited for too. Groups of streams that drifted apart (a prompt
           joined, a stream ran alone once) would otherwise alternate forever, each forward
@@ -187,15 +183,15 @@ class StepScheduler:
             return
         loop = asyncio.get_running_loop()
         began = loop.time()
-        window = began + min(MAX_GATHER_S, GATHER_SHARE * forward_s)
+        window = began + gather.gather_window(forward_s)
         horizon = began + min(MAX_ALIGN_S, ALIGN_SHARE * forward_s)
         while len(self._waiting) < self._open_streams():
             now = loop.time()
-            until = min(window, self._last_arrival + GATHER_GAP_S)
+            until = min(window, self._last_arrival + gather.GATHER_GAP_S)
             present = {job.kv for job in self._waiting}
             due = self._cadences.due_by(now, horizon - now, present)
             if due is not None:
-                until = max(until, min(due + GATHER_GAP_S, horizon))
+                until = max(until, min(due + gather.GATHER_GAP_S, horizon))
             left = until - now
             if left <= 0:
                 return

@@ -6,7 +6,8 @@ anyway.
 
 A call that finds the thread idle runs at once, unless the owner ``expected`` more calls
 than are queued: then the job waits while calls keep coming, each within ``gap_s`` of the
-last, and at most ``GATHER_SHARE`` of a job's time (``MAX_GATHER_S`` at most). Calls that
+last, and at most ``GATHER_SHARE`` of a job's time (``MAX_GATHER_S`` at most: the gather
+policy a block server's step scheduler shares, ``protocol/gather.py``). Calls that
 belong together (the rows of one server's batched forward, answered stream by stream)
 arrive within milliseconds; starting on the first would run it alone and the rest in a
 second job costing as much, and the split would then persist, step after step. A lone
@@ -24,8 +25,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
-GATHER_SHARE = 0.5
-MAX_GATHER_S = 0.05
+from protocol.gather import gather_window
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")
@@ -96,7 +96,7 @@ class MicroBatcher(Generic[Req, Res]):
         now = loop.time()
         if self._gathering_since is None:
             self._gathering_since = now
-        until = self._gathering_since + min(MAX_GATHER_S, GATHER_SHARE * self._job_s)
+        until = self._gathering_since + gather_window(self._job_s)
         if len(self._waiting) >= self._expected() or now >= until or self._gap_s <= 0:
             self._stop_gathering()
             self._start_next()

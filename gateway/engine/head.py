@@ -28,13 +28,11 @@ from gateway.engine.sampling import StreamSampler, TokenChoice
 from gateway.metrics import GatewayMetrics
 from models.devices import to_device, to_host
 from models.loading import Head
+from protocol.gather import GATHER_GAP_S
 
 # Rows of one job: 64 rows of the default model took ~70 ms on one CPU core, so a call
 # queued behind a full batch is not held long.
 MAX_BATCH_ROWS = 64
-# The last hop answers the streams of one batched forward one by one, ~1 ms apart here: an
-# idle head thread waits this long after each for the next (see gateway/engine/batching.py).
-GATHER_GAP_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ class HeadRunner:
             thread_name="head",
             on_batch=self._observe,
             expected=lambda: self._decoding,
-            gap_s=GATHER_GAP_S,
+            gap_s=GATHER_GAP_S,  # the last hop answers one forward's streams one by one
         )
 
     @property

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from gateway.engine import batching
 from gateway.engine.batching import MicroBatcher
+from protocol import gather
 
 
 class Jobs:
@@ -63,6 +63,6 @@ def test_a_call_never_waits_longer_than_the_window_for_calls_that_do_not_come() 
         finally:
             batcher.close()
 
-    assert batching.MAX_GATHER_S < 1
+    assert gather.MAX_GATHER_S < 1
     assert asyncio.run(asyncio.wait_for(scenario(), 10)) == 2
     assert jobs.sizes == [1, 1]

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 
 from models.loading import Span, load_span
+from protocol import gather
 from swarm_node import batching as batching_module
 from swarm_node.backend import forward_packed, forward_span, new_kv_buffers
 from swarm_node.batching import StepScheduler
@@ -280,9 +281,9 @@ def test_a_forward_waits_for_steps_that_keep_arriving_not_for_a_stream_elsewhere
     """Three open streams, two of which send a step now: the forward waits for the second
     (it came within the gap of the first), then runs without the third, which is elsewhere
     in its cycle: a gap without arrivals ends the wait long before the window."""
-    monkeypatch.setattr(batching_module, "MAX_GATHER_S", 60.0)
-    monkeypatch.setattr(batching_module, "GATHER_SHARE", 1e9)  # the window: a minute
-    monkeypatch.setattr(batching_module, "GATHER_GAP_S", 0.5)
+    monkeypatch.setattr(gather, "MAX_GATHER_S", 60.0)
+    monkeypatch.setattr(gather, "GATHER_SHARE", 1e9)  # the window: a minute
+    monkeypatch.setattr(gather, "GATHER_GAP_S", 0.5)
     recorder = Recorder()
 
     async def scenario() -> None:
@@ -307,8 +308,8 @@ def test_a_step_waits_for_a_stream_whose_rhythm_says_its_step_is_due(
     """Stream a steps every 0.3 s (the sleeps make its rhythm: they are the input here).
     Stream b's step arrives between two of a's: instead of running alone, it waits for
     a's, which is due within the horizon, and both run in one forward."""
-    monkeypatch.setattr(batching_module, "MAX_GATHER_S", 0.001)  # no waiting for bursts
-    monkeypatch.setattr(batching_module, "GATHER_GAP_S", 0.5)  # slack after a due step
+    monkeypatch.setattr(gather, "MAX_GATHER_S", 0.001)  # no waiting for bursts
+    monkeypatch.setattr(gather, "GATHER_GAP_S", 0.5)  # slack after a due step
     monkeypatch.setattr(batching_module, "MAX_ALIGN_S", 60.0)
     monkeypatch.setattr(batching_module, "ALIGN_SHARE", 1e9)
     recorder = Recorder()
