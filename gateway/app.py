@@ -14,7 +14,7 @@ from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException
 
 from client.swarm_client import P2PSwarmClient, SwarmClient
-from gateway.engine.affinity import (
+from gateway.engine.affinity_stores import (
     AffinityStore,
     InMemoryAffinityStore,
     NoAffinity,

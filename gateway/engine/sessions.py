@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from gateway.engine.affinity import AffinityStore, SessionPin
+from gateway.engine.affinity_stores import AffinityStore, SessionPin
 from gateway.metrics import GatewayMetrics
 from protocol.prefix import TokenHistory
 from routing.planner import Hop

@@ -10,7 +10,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from gateway.engine.affinity import RedisAffinityStore, SessionPin
+from gateway.engine.affinity_stores import RedisAffinityStore, SessionPin
 from gateway.openai.models import ChatMessage
 from gateway.responses.models import OutputMessage, OutputText, Response
 from gateway.responses.store import RedisResponseStore, StoredResponse, record_key

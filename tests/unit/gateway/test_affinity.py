@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.engine.affinity import InMemoryAffinityStore, SessionPin
+from gateway.engine.affinity_stores import InMemoryAffinityStore, SessionPin
 from protocol.prefix import BLOCK_TOKENS, TokenHistory, block_hashes, common_blocks
 from routing.planner import Hop
 

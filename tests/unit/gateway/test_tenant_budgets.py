@@ -10,7 +10,7 @@ from pathlib import Path
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.engine.affinity import InMemoryAffinityStore, SessionPin
+from gateway.engine.affinity_stores import InMemoryAffinityStore, SessionPin
 from gateway.openai.models import ChatMessage
 from gateway.responses.models import OutputMessage, OutputText, Response
 from gateway.responses.store import InMemoryResponseStore, StoredResponse
