@@ -54,6 +54,7 @@ COPY protocol/ protocol/
 COPY client/ client/
 COPY gateway/ gateway/
 COPY routing/ routing/
+COPY swarm_dht/ swarm_dht/
 COPY swarm_node/ swarm_node/
 COPY models/ models/
 COPY swarmgate/ swarmgate/

@@ -60,12 +60,14 @@ def hop_secret(secret: str, peer_id: str, start: int, end: int) -> str:
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-class ChainHost(Protocol):
-    """What a chain needs from the gateway's swarm client."""
+# ids → hidden [1, n, H] (fp32, on the host), the input of the first block: the model's
+# token embedding, handed down to the session, which rebuilds a replacement hop's inputs
+# with it (in a worker thread: a replay must not hold up the event loop).
+Embedding = Callable[[list[int]], torch.Tensor]
 
-    async def embed(self, ids: list[int]) -> torch.Tensor:
-        """ids → hidden [1, n, H], the input of the first block."""
-        ...
+
+class ChainHost(Protocol):
+    """What a chain needs from the swarm client: routes, hops, and where to report them."""
 
     def plan(self, start: int, end: int, exclude: Set[str], session: ChainSession) -> list[Hop]:
         """Live servers for blocks [start, end); ``NoRouteError`` if none."""
@@ -101,6 +103,7 @@ class ChainSession:
         session_id: str,
         secret: str,
         max_length: int,
+        embedding: Embedding,
         on_failover: Callable[[], None] = lambda: None,
         resume: tuple[int, str] = (0, ""),
         push: bool = False,
@@ -108,6 +111,7 @@ class ChainSession:
         adapter: str | None = None,
     ) -> None:
         self._host = host
+        self._embedding = embedding
         self.adapter = adapter  # every hop, replacements too, must run this LoRA adapter
         self._push = push  # hops push hidden states to each other where servers can
         self._on_input = on_input
@@ -299,7 +303,8 @@ class ChainSession:
         known = {k: v for k, v in self._known.items() if k <= index and v.shape[1] >= start}
         first = max(known, default=None)
         if first is None:
-            first, hidden = 0, await self._host.embed(history.tokens[:start])
+            first = 0
+            hidden = await asyncio.to_thread(self._embedding, list(history.tokens[:start]))
         else:
             hidden = known[first][:, :start]
         for k in range(first, index):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -34,7 +33,7 @@ from hivemind.proto import runtime_pb2
 from client.frames import ReplyReader, receive_frame, send_frame
 from protocol.codec import make_request, read_tensors
 from protocol.errors import BadReply, PeerUnavailable, SwarmError
-from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
+from protocol.latency import SimulatedLink
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import (
     PUSH_TIMEOUT_S,
@@ -55,15 +54,7 @@ CLOSE_TIMEOUT_S = 10.0  # how long a closing stream may take to say goodbye
 # last probe: slow, not hung), until the step's hard deadline.
 REPROBE_S = 1.0
 T = TypeVar("T")
-# Read once, when the gateway starts: no delay unless a benchmark sets the variable.
-SIMULATED_LINK = SimulatedLink.from_env()
-if SIMULATED_LINK.enabled:
-    logging.getLogger(__name__).warning(
-        "%s is set: every hop stream waits %.0f ms per round trip (benchmarks only)",
-        SIMULATED_RTT_ENV,
-        SIMULATED_LINK.rtt_s * 1000,
-    )
-
+NO_DELAY = SimulatedLink()  # a link as it is: the simulated delay is for benchmarks only
 _detached: set[asyncio.Task[None]] = set()  # strong references until each task finishes
 
 
@@ -137,8 +128,9 @@ class HopStream:
     ``position``: tokens this server's session holds (and the next step starts at).
     ``deadline_s(tokens)``: how long the server may take to answer a step of that many
     tokens before it counts as failed (derived from its advertised throughput).
-    ``link``: a simulated network delay on every message of the stream (benchmarks only);
-    each timeout is widened by its round trip, so a slow link alone never fails a hop.
+    ``link``: a simulated network delay on every message of the stream (benchmarks only,
+    injected by whoever starts the process; none by default); each timeout is widened by
+    its round trip, so a slow link alone never fails a hop.
     ``watch``: past a step's soft deadline (``Watch.suspect_after_s``) the hop is probed,
     and a hop that leaves the probe unanswered fails at once as hung, long before the hard
     deadline ``deadline_s``; None: the hard deadline alone.
@@ -157,7 +149,7 @@ class HopStream:
         deadline_s: Callable[[int], float],
         on_close: Callable[[], None] = lambda: None,
         on_step: Callable[[float], None] = lambda seconds: None,
-        link: SimulatedLink = SIMULATED_LINK,
+        link: SimulatedLink = NO_DELAY,
         watch: Watch | None = None,
     ) -> None:
         self.hop = hop

@@ -15,7 +15,7 @@ hung between steps fails its streams before their next step waits for it.
 The same call tells the gateway which owner tag each server signs its DHT records with
 (``identify``): the answer comes over a connection libp2p authenticated as that server, so
 it binds the server's records to it, and records another member signed in its name are
-ignored (``routing.discovery.snapshot_of``). In a closed swarm the answer must also carry a
+ignored (``swarm_dht.discovery.snapshot_of``). In a closed swarm the answer must also carry a
 server credential for that owner tag: a gateway or a fine-tuner that announces blocks, or a
 server whose credential was revoked, is never routed to.
 """
@@ -180,7 +180,7 @@ class Liveness:
     async def identify(self, peers: Iterable[str]) -> None:
         """Ask each of ``peers`` (not asked in the last ``RECHECK_S``) which owner tag it
         signs its records with. libp2p authenticates the connection as that peer, so its
-        answer binds its records to it (``routing.discovery.snapshot_of``): a member that
+        answer binds its records to it (``swarm_dht.discovery.snapshot_of``): a member that
         stores records under another server's peer id with its own signature is ignored."""
         now = self._clock()
         due = [p for p in dict.fromkeys(peers) if now - self._asked.get(p, -math.inf) >= RECHECK_S]

@@ -11,7 +11,7 @@ do and check everyone else, but can grant nothing.
 - ``gateway`` and ``finetune`` may read the DHT and call servers, never announce.
 
 A credential can be revoked before it expires: the swarm key signs a revocation naming its
-id, stored in the DHT, which every member reads (``routing.revocations``).
+id, stored in the DHT, which every member reads (``swarm_dht.revocations``).
 
 Everything here is pure: parsing, signing, checking. Files and the DHT are elsewhere.
 """

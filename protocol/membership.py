@@ -17,7 +17,7 @@ What a process shows, hivemind's pattern for moderated networks, in two places:
   handshake), so a stolen pass is useless from any other peer, and a node refuses
   everything else before it reads a tensor or reserves a byte.
 
-A revoked credential (``Revocations``, read from the DHT by ``routing.revocations``) is
+A revoked credential (``Revocations``, read from the DHT by ``swarm_dht.revocations``) is
 refused in both places, and its server's records are no longer used by gateways.
 """
 

@@ -11,9 +11,6 @@ from pathlib import Path
 
 import psutil
 import torch
-from routing.dht import SwarmDHT
-from routing.discovery import announce, check_model, fetch_model, fetch_snapshot
-from routing.revocations import publish_revocations, watch_revocations
 
 from models.adapters import Adapter, AdapterError, attach_adapters, read_adapters
 from models.devices import CPU, DeviceError, Placement, dtype_name, free_bytes
@@ -21,10 +18,13 @@ from models.loading import Span, load_config, load_span
 from models.quantization import QuantizationError
 from models.resolve import ModelSourceError, resolve_model
 from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
-from protocol.membership import PassIssuer
 from protocol.rpc import ServerInfo
 from protocol.swarm import ModelRecord, NodeState, ServerRecord, dht_prefix
 from routing.block_selection import choose_blocks
+from swarm_dht.dht import SwarmDHT
+from swarm_dht.discovery import announce, fetch_model, fetch_snapshot, warn_if_model_differs
+from swarm_dht.join import SwarmMember, join_swarm
+from swarm_dht.revocations import publish_revocations, watch_revocations
 from swarm_node.admission import AdmissionRules
 from swarm_node.cache_store import CacheStore
 from swarm_node.handler import BlockHandler, NodeHooks
@@ -113,29 +113,29 @@ class BlockServer:
             source.name, config, dtype_name(placement.dtype), revision=source.revision or ""
         )
         self.prefix = dht_prefix(source.name, settings.namespace)
-        dht = SwarmDHT(
-            initial_peers=list(settings.initial_peers),
-            start=True,
+        member = join_swarm(
+            settings.initial_peers,
+            settings.membership,
             host_maddrs=list(settings.host_maddrs),
             announce_maddrs=list(settings.announce_maddrs) or None,
             identity_path=settings.identity_path,
-            membership=settings.membership,
         )
         try:
-            await self._serve(dht, source.path, model, placement)
+            await self._serve(member, source.path, model, placement)
         finally:
-            dht.shutdown()
+            member.leave()
             logger.info("left the swarm")
 
     async def _serve(
-        self, dht: SwarmDHT, folder: object, model: ModelRecord, placement: Placement
+        self, member: SwarmMember, folder: object, model: ModelRecord, placement: Placement
     ) -> None:
         settings = self.settings
-        self.peer_id = dht.peer_id.to_base58()
+        dht = member.dht
+        self.peer_id = member.peer_id
         self.owner_tag = dht.owner_tag
         self.model_digest = model.digest
         with contextlib.suppress(Exception):  # a first node finds none
-            check_model(await fetch_model(dht, self.prefix), model)
+            warn_if_model_differs(await fetch_model(dht, self.prefix), model)
         start, end = settings.blocks or await self._choose_blocks(dht, model)
         # Claim the span while loading, so that servers joining meanwhile pick other blocks.
         joining = ServerRecord(
@@ -199,11 +199,7 @@ class BlockServer:
         p2p = await dht.replicate_p2p()
         # Scraped only once served, below, when the board exists.
         metrics = NodeMetrics(lambda: board.latest, budget)
-        member_pass = (
-            PassIssuer(settings.membership, self.peer_id).current
-            if settings.membership is not None
-            else lambda: ""
-        )
+        member_pass = member.member_pass
         rules = AdmissionRules(
             members=settings.membership,
             accepting=lambda: self.state is NodeState.ONLINE,

@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level, args.log_format)
     from models.devices import DeviceError
-    from routing.dht import SwarmJoinError
+    from swarm_dht.dht import SwarmJoinError
     from swarmgate import commands, credential_commands
 
     handler = {

@@ -18,8 +18,8 @@ from models.devices import Placement
 from models.resolve import ModelSource, ModelSourceError, resolve_model
 from protocol.credentials import Role
 from protocol.membership import Membership, SwarmKey, SwarmKeyError
-from routing.dht import SwarmDHT
 from routing.snapshot import SwarmSnapshot
+from swarm_dht.dht import SwarmDHT
 from swarmgate.bootstrap import resolve_initial_peers, serve_maddrs
 from swarmgate.flags import settings_values
 from swarmgate.options import FLAGS
@@ -186,7 +186,7 @@ def check_exposure(role: str, host: str, keys: tuple[str, ...], allow_open: bool
 
 
 def status(args: argparse.Namespace) -> int:
-    from routing.discovery import fetch_models, fetch_snapshot
+    from swarm_dht.discovery import fetch_models, fetch_snapshot
     from swarmgate.status import format_table, summarize
 
     client = SwarmDHT(

@@ -22,8 +22,8 @@ from protocol.credentials import (
     revoke as sign_revocation,
 )
 from protocol.membership import Membership, SwarmKey, SwarmKeyError, write_private
-from routing.dht import SwarmDHT
-from routing.revocations import fetch_revocations, publish_revocations
+from swarm_dht.dht import SwarmDHT
+from swarm_dht.revocations import fetch_revocations, publish_revocations
 
 
 def _swarm_key(args: argparse.Namespace, command: str) -> SwarmKey:

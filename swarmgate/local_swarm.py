@@ -27,7 +27,7 @@ from protocol.credentials import Role
 from protocol.membership import Membership, SwarmKey, SwarmKeyError
 from protocol.swarm import LOOPBACK_MADDRS
 from routing.block_selection import split_evenly
-from routing.dht import SwarmDHT, die_with_parent
+from swarm_dht.dht import SwarmDHT, die_with_parent
 from swarmgate.flags import command_line
 from swarmgate.options import UP_GATEWAY, UP_NODE
 

@@ -16,7 +16,7 @@ from typing import Any
 from protocol.credentials import Role
 from protocol.membership import Membership
 from protocol.swarm import MAX_THROUGHPUT, ServerRecord
-from routing.dht import SwarmDHT
+from swarm_dht.dht import SwarmDHT
 from swarm_node import node as node_module
 from swarmgate import commands
 from swarmgate.cli import main

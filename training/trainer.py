@@ -28,16 +28,17 @@ from typing import TextIO
 
 import torch
 
-from client.swarm_client import P2PSwarmClient
+from client.swarm_view import SwarmView
 from models.devices import Placement, to_host
 from models.families import family_of
 from models.loading import Head, block_linears, load_config, load_head, load_tokenizer
-from protocol.errors import NoRouteError, SwarmError
+from protocol.errors import SwarmError
+from protocol.latency import SimulatedLink
 from protocol.membership import Membership
 from protocol.rpc import LoraSpec
 from protocol.swarm import ModelRecord, dht_prefix
-from routing.dht import SwarmDHT
-from routing.planner import Hop, plan_route
+from routing.planner import Hop
+from swarm_dht.join import join_swarm
 from training.data import IGNORE, Example, batches, collate, read_examples, token_loss
 from training.lora import ClientLora
 from training.remote import CALL_TIMEOUT_S, TrainClient
@@ -107,29 +108,23 @@ async def _train(settings: FinetuneSettings, progress: TextIO) -> TrainResult:
     lora = ClientLora(
         linears, config.num_hidden_layers, spec, seed=settings.seed, blocks_path=blocks_path
     )
-    dht = SwarmDHT(
-        initial_peers=list(settings.initial_peers),
-        start=True,
-        client_mode=True,
-        membership=settings.membership,
-    )
+    member = join_swarm(settings.initial_peers, settings.membership, client_mode=True)
     try:
         model = ModelRecord.of(settings.model_name, config, revision=settings.model_revision)
-        swarm = P2PSwarmClient(
-            dht,
+        swarm = SwarmView(
+            member,
             dht_prefix(settings.model_name, settings.namespace),
             model,
-            embed=_no_embed,
-            membership=settings.membership,
+            link=SimulatedLink.from_env(),  # its probes cross the link a benchmark simulates
         )
         await swarm.start()
         try:
             client = TrainClient(
-                await dht.replicate_p2p(),
+                await member.dht.replicate_p2p(),
                 config.hidden_size,
                 linears,
                 spec,
-                member_pass=swarm.member_pass,
+                member_pass=member.member_pass,
                 timeout_s=settings.call_timeout_s,
             )
             pad = tokenizer.pad_token_id
@@ -139,19 +134,15 @@ async def _train(settings: FinetuneSettings, progress: TextIO) -> TrainResult:
         finally:
             await swarm.aclose()
     finally:
-        dht.shutdown()
-
-
-async def _no_embed(ids: list[int]) -> torch.Tensor:
-    raise RuntimeError("training embeds on its own")  # never called: no inference sessions
+        member.leave()
 
 
 class Trainer:
-    """The training loop over a swarm client (plans, health) and a ``TrainClient``."""
+    """The training loop over a view of the swarm (plans, health) and a ``TrainClient``."""
 
     def __init__(
         self,
-        swarm: P2PSwarmClient,
+        swarm: SwarmView,
         client: TrainClient,
         head: Head,
         lora: ClientLora,
@@ -291,11 +282,7 @@ class Trainer:
     def _plan(self) -> list[Hop]:
         """A chain without the servers that failed this run, unless none exists without
         them (a ban alone only makes a server expensive: a fast one would be picked again)."""
-        snapshot, costs = self._swarm.snapshot(), self._swarm.costs()
-        try:
-            return plan_route(snapshot, snapshot.num_blocks, exclude=self._failed, costs=costs)
-        except NoRouteError:
-            return plan_route(snapshot, snapshot.num_blocks, costs=costs)
+        return self._swarm.plan(avoid=self._failed)
 
     def _span(self, hop: Hop) -> list[torch.nn.Parameter]:
         return self._lora.span(hop.start, hop.end)

@@ -42,7 +42,7 @@ from gateway.openai.models import (
     ToolCallFunction,
     TopLogprob,
 )
-from gateway.openai.prepare import RequestLimits, ServedModel, check_model, generation_request
+from gateway.openai.prepare import RequestLimits, ServedModel, generation_request, requested_adapter
 from gateway.openai.templating import PromptBuilder
 from gateway.openai.tool_calls import (
     CallFound,
@@ -74,7 +74,7 @@ class ChatService:
 
     def check(self, request: ChatCompletionRequest) -> None:
         """Refusals that need no tokenizer, made before the request waits for a slot."""
-        check_model(self.model, request.model)
+        requested_adapter(self.model, request.model)
         _refuse_unsupported(request, structured=self._grammars is not None)
         _check_tools(request)
 

@@ -32,9 +32,9 @@ from gateway.openai.models import (
 from gateway.openai.prepare import (
     RequestLimits,
     ServedModel,
-    check_model,
     check_token_ids,
     generation_request,
+    requested_adapter,
 )
 from protocol.errors import InvalidRequest
 from routing.planner import Hop
@@ -63,7 +63,7 @@ class CompletionService:
 
     def check(self, request: CompletionRequest) -> None:
         """Refusals that need no tokenizer, made before the request waits for a slot."""
-        check_model(self.model, request.model)
+        requested_adapter(self.model, request.model)
         if request.suffix:
             raise InvalidRequest(
                 "suffix is not supported by this model",

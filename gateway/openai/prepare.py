@@ -30,7 +30,7 @@ class RequestLimits:
     max_generation_s: float = 600.0  # then a request's generation ends with "length"
 
 
-def check_model(model: ServedModel, requested: str) -> str | None:
+def requested_adapter(model: ServedModel, requested: str) -> str | None:
     """The LoRA adapter a request's model names (``BASE:ADAPTER``), or None for the base
     model; ``ModelNotFound`` for anything the swarm does not serve."""
     if requested == model.id:
@@ -99,5 +99,5 @@ def generation_request(
         tenant=tenant,
         received_at=received_at,
         deadline=received_at + limits.max_generation_s,
-        adapter=check_model(model, request.model),
+        adapter=requested_adapter(model, request.model),
     )

@@ -23,7 +23,7 @@ from typing import Literal
 from gateway.engine.generation import Generation, GenerationRequest
 from gateway.openai.chat_service import ChatService
 from gateway.openai.models import ChatCompletionRequest, ChatMessage
-from gateway.openai.prepare import ServedModel, check_model
+from gateway.openai.prepare import ServedModel, requested_adapter
 from gateway.responses.models import (
     InputItem,
     Response,
@@ -89,7 +89,7 @@ class ResponsesService:
     ) -> Turn:
         """Refusals first; then the stored conversation that the request continues (one
         read of the store, before the request waits for a slot)."""
-        check_model(self.model, request.model)
+        requested_adapter(self.model, request.model)
         refuse_unsupported(request)
         previous = await self._previous(request, tenant)
         response_id = new_id("resp")

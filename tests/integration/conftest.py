@@ -169,8 +169,8 @@ def node_infos(peers: list[str], model_id: str = MODEL_ID) -> dict[str, ServerIn
     from hivemind.proto import runtime_pb2
 
     from protocol.rpc import RPC_INFO, InfoRequest, decode
-    from routing.dht import SwarmDHT
-    from routing.discovery import fetch_model, fetch_snapshot
+    from swarm_dht.dht import SwarmDHT
+    from swarm_dht.discovery import fetch_model, fetch_snapshot
 
     key = session_member()
 

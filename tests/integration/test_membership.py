@@ -31,8 +31,8 @@ from protocol.membership import Membership, PassIssuer, SwarmKey
 from protocol.prefix import TokenHistory
 from protocol.rpc import RPC_INFO, InfoRequest, OpenSession, RpcError
 from protocol.swarm import MAX_THROUGHPUT, ServerRecord, block_key
-from routing.dht import SwarmDHT
 from routing.planner import Hop
+from swarm_dht.dht import SwarmDHT
 from tests.integration.conftest import (
     MODEL_ID,
     Swarm,

@@ -111,7 +111,7 @@ class DirectHost:
         self.shown: dict[str, OpenSession] = {}  # peer id → its hop's latest opening
         self.cached: dict[str, int] = {}  # peer id → the tokens its hop held when opened
 
-    async def embed(self, ids: list[int]) -> torch.Tensor:
+    def embedding(self, ids: list[int]) -> torch.Tensor:
         return torch.randn(1, len(ids), self.hidden_size)
 
     def plan(self, start: int, end: int, exclude: Set[str], session: ChainSession) -> list[Hop]:
@@ -149,7 +149,7 @@ def test_a_server_cannot_resume_the_session_on_another_hop_with_its_own_secret(
         thief_p2p, thief_pass = await member_p2p(swarm)  # the first hop's server, say
         try:
             host = DirectHost(p2p, member_pass, hidden_size)
-            chain = ChainSession(host, session_id, secret, 64)
+            chain = ChainSession(host, session_id, secret, 64, host.embedding)
             await chain.open(route, history.hashes)
             await chain.step(torch.randn(1, BLOCK_TOKENS, hidden_size), history)
             await chain.close()
@@ -166,7 +166,7 @@ def test_a_server_cannot_resume_the_session_on_another_hop_with_its_own_secret(
             assert cached == 0
 
             # The conversation's next turn, on the same servers, resumes everywhere.
-            again = ChainSession(host, session_id, secret, 64)
+            again = ChainSession(host, session_id, secret, 64, host.embedding)
             await again.open(route, history.hashes)
             await again.close()
             assert [host.cached[hop.peer_id] for hop in route] == [BLOCK_TOKENS] * 2

@@ -23,13 +23,23 @@ ROOT = Path(__file__).resolve().parents[2]
 ALLOWED: dict[str, frozenset[str]] = {
     "protocol": frozenset(),
     "routing": frozenset({"protocol"}),
+    "swarm_dht": frozenset({"protocol", "routing"}),
     "models": frozenset({"protocol"}),
-    "swarm_node": frozenset({"protocol", "routing", "models"}),
-    "client": frozenset({"protocol", "routing"}),
-    "gateway": frozenset({"protocol", "routing", "models", "client"}),
-    "training": frozenset({"protocol", "routing", "models", "client"}),
+    "swarm_node": frozenset({"protocol", "routing", "swarm_dht", "models"}),
+    "client": frozenset({"protocol", "routing", "swarm_dht"}),
+    "gateway": frozenset({"protocol", "routing", "swarm_dht", "models", "client"}),
+    "training": frozenset({"protocol", "routing", "swarm_dht", "models", "client"}),
     "swarmgate": frozenset(
-        {"protocol", "routing", "models", "swarm_node", "client", "gateway", "training"}
+        {
+            "protocol",
+            "routing",
+            "swarm_dht",
+            "models",
+            "swarm_node",
+            "client",
+            "gateway",
+            "training",
+        }
     ),
 }
 

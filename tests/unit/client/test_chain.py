@@ -132,7 +132,7 @@ class FakeServer:
         assert (hop.start, hop.end) == (opening.start, opening.end)
         assert self.span.start <= hop.start < hop.end <= self.span.end
         self.openings.append(opening)
-        # Like P2PSwarmClient.open_hop: the stream exists before it opens, and closes if not.
+        # Like InferenceClient.open_hop: the stream exists before it opens, and closes if not.
         stream = FakeStream(self, hop, opening)
         self.streams.append(stream)
         try:
@@ -370,14 +370,15 @@ class FakeSwarm:
     def failed_peers(self) -> list[str]:
         return [p for p, _ in self.failures]
 
-    # ---- ChainHost ----
-
-    async def embed(self, ids: list[int]) -> torch.Tensor:
+    def embedding(self, ids: list[int]) -> torch.Tensor:
+        """The model's embedding, as the session is handed it; counts the tokens of each call."""
         self.embedded.append(len(ids))
         return embed(ids)
 
+    # ---- ChainHost ----
+
     def plan(self, start: int, end: int, exclude: Set[str], session: ChainSession) -> list[Hop]:
-        # As P2PSwarmClient.plan: servers already in the chain only when nobody else can.
+        # As InferenceClient.plan: servers already in the chain only when nobody else can.
         snapshot, in_chain = self.snapshot(), {hop.peer_id for hop in session.route}
         try:
             return plan_route(snapshot, end, start=start, exclude=exclude | in_chain)
@@ -435,6 +436,7 @@ async def opened(
         SESSION,
         SECRET,
         MAX_LENGTH,
+        swarm.embedding,
         push=push,
         on_input=on_input,
     )
@@ -443,10 +445,11 @@ async def opened(
 
 
 async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(100):
+    # Loop turns first; then real time, since a replay embeds in a worker thread.
+    for turn in range(2100):
         if condition():
             return
-        await asyncio.sleep(0)
+        await asyncio.sleep(0 if turn < 100 else 0.001)
     raise AssertionError("the condition never held")
 
 
@@ -472,7 +475,7 @@ def fails(swarm: FakeSwarm, error: type[SwarmError], route: Sequence[Hop] = ROUT
     """Open ``route`` and feed STEPS until the chain raises ``error``; then close it."""
 
     async def scenario() -> SwarmError:
-        session = ChainSession(swarm, SESSION, SECRET, MAX_LENGTH)  # type: ignore[arg-type]
+        session = ChainSession(swarm, SESSION, SECRET, MAX_LENGTH, swarm.embedding)  # type: ignore[arg-type]
         try:
             with pytest.raises(error) as raised:
                 await session.open(route, ())
@@ -989,7 +992,7 @@ def test_cancelling_open_closes_the_hops_that_opened(tiny_model: Path) -> None:
 
     async def scenario() -> ChainSession:
         swarm["b"].open_gate = asyncio.Event()
-        session = ChainSession(swarm, SESSION, SECRET, MAX_LENGTH)  # type: ignore[arg-type]
+        session = ChainSession(swarm, SESSION, SECRET, MAX_LENGTH, swarm.embedding)  # type: ignore[arg-type]
         task = asyncio.create_task(session.open(ROUTE, ()))
         await until(lambda: swarm["b"].waiting == 1 and bool(swarm["a"].kept()))
         task.cancel()

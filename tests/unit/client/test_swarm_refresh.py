@@ -14,10 +14,12 @@ import torch
 from hivemind.utils import get_dht_time
 
 from client.chain import ChainSession
-from client.swarm_client import P2PSwarmClient
+from client.swarm_client import InferenceClient
+from client.swarm_view import SwarmView
 from protocol.errors import NoRouteError, PeerUnavailable
 from protocol.swarm import ModelRecord, NodeState, ServerRecord, block_key
 from routing.planner import Hop
+from swarm_dht.join import SwarmMember
 
 MODEL = ModelRecord(name="m", architecture="llama", num_blocks=4, hidden_size=8, max_length=64)
 PATIENCE_S = 5.0  # a read that should come comes within milliseconds
@@ -82,31 +84,33 @@ class FakeDHT:
             await asyncio.wait_for(self._read.wait(), PATIENCE_S)
 
 
-async def no_embedding(ids: list[int]) -> torch.Tensor:
+def no_embedding(ids: list[int]) -> torch.Tensor:
     raise AssertionError("not used")
 
 
-def run(scenario: Callable[[P2PSwarmClient, FakeDHT], Awaitable[T]], **settings: Any) -> T:
+def run(scenario: Callable[[InferenceClient, FakeDHT], Awaitable[T]], **settings: Any) -> T:
     async def main() -> T:
         dht = FakeDHT({peer(1): server(0, 2), peer(2): server(2, 4)})
-        client = P2PSwarmClient(dht, "m", MODEL, embed=no_embedding, **settings)  # type: ignore[arg-type]
-        await client.start()
+        member = SwarmMember(dht, None, lambda: "")  # type: ignore[arg-type]
+        view = SwarmView(member, "m", MODEL, **settings)
+        client = InferenceClient(view, no_embedding)
+        await view.start()
         try:
             return await scenario(client, dht)
         finally:
-            await client.aclose()
+            await view.aclose()
 
     return asyncio.run(asyncio.wait_for(main(), PATIENCE_S * 4))
 
 
 def test_a_settled_swarm_is_read_less_often_and_a_changed_one_fast_again() -> None:
-    async def scenario(client: P2PSwarmClient, dht: FakeDHT) -> tuple[float, float]:
+    async def scenario(client: InferenceClient, dht: FakeDHT) -> tuple[float, float]:
         await dht.until_reads(6)  # 0.01, 0.02, 0.04, 0.08, 0.08 s apart
-        backed_off = client._refresh_wait_s
+        backed_off = client.view._refresh_wait_s
         dht.servers[peer(3)] = server(0, 4)  # a server joins
         await dht.until_reads(dht.reads + 2)  # the read that sees it, and one more
         assert peer(3) in client.snapshot().servers
-        return backed_off, client._refresh_wait_s
+        return backed_off, client.view._refresh_wait_s
 
     backed_off, after_change = run(scenario, refresh_period_s=0.01, max_refresh_period_s=0.08)
     assert backed_off == 0.08
@@ -114,13 +118,13 @@ def test_a_settled_swarm_is_read_less_often_and_a_changed_one_fast_again() -> No
 
 
 def test_a_failed_server_wakes_a_read_at_once() -> None:
-    async def scenario(client: P2PSwarmClient, dht: FakeDHT) -> int:
+    async def scenario(client: InferenceClient, dht: FakeDHT) -> int:
         await dht.until_reads(2)  # the loop runs
-        client._refresh_wait_s = 3600.0  # as if settled long ago: the next read is far off
+        client.view._refresh_wait_s = 3600.0  # as if settled long ago: the next read is far off
         client.failed(peer(1), PeerUnavailable("gone", peer(1)))
         await dht.until_reads(3)  # woken
         await dht.until_reads(4)  # and reading fast again, not in an hour
-        return client._refresh_wait_s
+        return client.view._refresh_wait_s
 
     assert run(scenario, refresh_period_s=0.01, max_refresh_period_s=3600.0) < 1.0
 
@@ -135,9 +139,9 @@ def test_a_request_nobody_can_take_reads_the_swarm_again_first(
 
     monkeypatch.setattr(ChainSession, "open", opened)
 
-    async def scenario(client: P2PSwarmClient, dht: FakeDHT) -> None:
+    async def scenario(client: InferenceClient, dht: FakeDHT) -> None:
         await dht.until_reads(2)
-        client._refresh_wait_s = 3600.0  # the loop reads again in an hour
+        client.view._refresh_wait_s = 3600.0  # the loop reads again in an hour
         with pytest.raises(NoRouteError):  # nobody holds the adapter
             await client.open_session(32, session_id="s", secret="0" * 32, adapter="x")
         assert not routes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,11 @@ import torch
 from transformers import AutoTokenizer
 
 from models.loading import Span, block_linears, load_config, load_head, load_span
-from protocol.errors import PeerUnavailable, SwarmError
+from protocol.errors import NoRouteError, PeerUnavailable, SwarmError
 from protocol.rpc import LoraSpec
 from protocol.swarm import ModelRecord, NodeState, ServerRecord
 from routing.costs import RouteCosts
-from routing.planner import Hop
+from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot
 from swarm_node.training import LoraCall, train_backward, train_forward
 from tests.tiny_model import TINY_BLOCKS
@@ -58,6 +58,14 @@ class LocalSwarm:
 
     def costs(self) -> RouteCosts:
         return RouteCosts(banned=frozenset(self.banned))
+
+    def plan(self, *, avoid: Set[str] = frozenset()) -> list[Hop]:
+        # As SwarmView.plan: the servers to avoid only when nobody else can take a span.
+        snapshot, costs = self._snapshot, self.costs()
+        try:
+            return plan_route(snapshot, snapshot.num_blocks, exclude=avoid, costs=costs)
+        except NoRouteError:
+            return plan_route(snapshot, snapshot.num_blocks, costs=costs)
 
     def failed(self, peer_id: str, error: SwarmError) -> None:
         self.banned.add(peer_id)

@@ -1,7 +1,7 @@
-"""The thin I/O shell of routing: read and write swarm records in the hivemind DHT.
+"""Swarm records in the hivemind DHT: read them, write them.
 
-Everything here talks to the DHT; everything that decides lives in the pure modules next
-to it and takes the ``SwarmSnapshot`` built here.
+Everything here talks to the DHT; everything that decides lives in the pure planning of
+``routing/``, which takes the ``SwarmSnapshot`` built here.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from protocol.swarm import (
     model_key,
     models_key,
 )
-from routing.dht import SwarmDHT
 from routing.snapshot import SwarmSnapshot
+from swarm_dht.dht import SwarmDHT
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def _rank(record: ServerRecord) -> tuple[bool, float]:
     return record.state is NodeState.ONLINE, record.throughput
 
 
-def check_model(found: ModelRecord | None, local: ModelRecord) -> None:
+def warn_if_model_differs(found: ModelRecord | None, local: ModelRecord) -> None:
     """Warn when the swarm describes this model differently from the local files: servers
     of the other shape are then never used (their records carry its digest)."""
     if found is not None and (diff := local.disagreement(found)):

@@ -11,12 +11,12 @@ import base58
 import pytest
 
 from protocol.swarm import ModelRecord, NodeState, ServerRecord, block_key
-from routing.discovery import (
+from swarm_dht.discovery import (
     MAX_SERVERS_PER_BLOCK,
-    check_model,
     fetch_candidates,
     fetch_snapshot,
     snapshot_of,
+    warn_if_model_differs,
 )
 
 MODEL = ModelRecord(name="m", architecture="llama", num_blocks=2, hidden_size=64, max_length=256)
@@ -100,9 +100,9 @@ def test_the_planner_considers_a_bounded_number_of_the_best_servers() -> None:
 def test_a_model_record_of_another_shape_is_reported(caplog: pytest.LogCaptureFixture) -> None:
     poisoned = ModelRecord(**{**MODEL.model_dump(), "num_blocks": 1})
     with caplog.at_level(logging.WARNING):
-        check_model(MODEL, MODEL)
+        warn_if_model_differs(MODEL, MODEL)
         assert not caplog.text
-        check_model(poisoned, MODEL)
+        warn_if_model_differs(poisoned, MODEL)
     assert "num_blocks 1 (here 2)" in caplog.text
 
 
@@ -114,16 +114,16 @@ def test_the_digest_ignores_precision_but_not_shape() -> None:
 def test_every_block_is_read_in_one_call_and_each_announcement_parsed_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import routing.discovery
+    import swarm_dht.discovery
 
     parsed: list[object] = []
-    real = routing.discovery._parse
+    real = swarm_dht.discovery._parse
 
     def counting(key: str, subkey: object, *rest: Any) -> Any:
         parsed.append(subkey)
         return real(key, subkey, *rest)
 
-    monkeypatch.setattr(routing.discovery, "_parse", counting)
+    monkeypatch.setattr(swarm_dht.discovery, "_parse", counting)
     model = ModelRecord(**{**MODEL.model_dump(), "num_blocks": 6})
     wide = ServerRecord.model_validate(
         {"model": model.digest, "state": "online", "start": 0, "end": 6, "throughput": 1.0}

@@ -24,7 +24,7 @@ from hivemind.dht.validation import RecordValidatorBase
 from hivemind.utils.crypto import RSAPrivateKey
 
 from protocol.membership import Membership, SwarmAuthorizer
-from routing.revocations import RevocationValidator
+from swarm_dht.revocations import RevocationValidator
 
 logger = logging.getLogger(__name__)
 

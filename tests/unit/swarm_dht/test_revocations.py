@@ -13,7 +13,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 
 from protocol.credentials import Role, revoke
 from protocol.membership import Membership, SwarmKey
-from routing.revocations import REVOKED_KEY, RevocationValidator, learn_revocations
+from swarm_dht.revocations import REVOKED_KEY, RevocationValidator, learn_revocations
 
 ID = "0123456789abcdef"
 
