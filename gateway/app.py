@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from client.swarm_client import InferenceClient, SwarmClient
 from client.swarm_view import SwarmView
+from gateway.engine.affinity import SessionAffinity
 from gateway.engine.affinity_stores import (
     AffinityStore,
     InMemoryAffinityStore,
@@ -26,7 +27,6 @@ from gateway.engine.generation import Generator
 from gateway.engine.grammar import GrammarCompiler
 from gateway.engine.greedy_head import greedy_screen
 from gateway.engine.head import HeadRunner, embed_ids
-from gateway.engine.sessions import SessionAffinity
 from gateway.metrics import GatewayMetrics
 from gateway.openai.chat_service import ChatService
 from gateway.openai.completion_service import CompletionService

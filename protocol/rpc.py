@@ -94,7 +94,7 @@ BlockHash = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 # One hash of a session's whole token history, partial last block included
 # (protocol.prefix.TokenHistory.digest); "" when unknown.
 HistoryDigest = Annotated[str, StringConstraints(pattern=r"^([0-9a-f]{32})?$")]
-# A session's secret: random hex from the gateway that opened it (gateway.engine.sessions).
+# A session's secret: random hex from the gateway that opened it (gateway.engine.affinity).
 SessionSecret = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32,128}$")]
 # A caller's proof of membership (protocol.membership); empty in an open swarm.
 MemberPass = Annotated[str, StringConstraints(max_length=MAX_PASS_CHARS)]

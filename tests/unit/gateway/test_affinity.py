@@ -88,7 +88,7 @@ def test_a_digest_covers_the_partial_last_block_too() -> None:
 
 
 def test_only_an_exact_continuation_claims_a_pinned_session_others_fork_near_it() -> None:
-    from gateway.engine.sessions import SessionAffinity
+    from gateway.engine.affinity import SessionAffinity
     from gateway.metrics import GatewayMetrics
 
     system = list(range(2 * BLOCK_TOKENS))  # a shared system prompt, two full blocks
