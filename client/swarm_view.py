@@ -20,8 +20,6 @@ from collections import Counter
 from collections.abc import Set
 
 from hivemind.p2p import P2P
-from swarm_dht.discovery import fetch_candidates, fetch_model, snapshot_of, warn_if_model_differs
-from swarm_dht.revocations import learn_revocations, watch_revocations
 
 from client.hop_stream import NO_DELAY
 from client.liveness import Liveness
@@ -33,7 +31,9 @@ from routing.costs import RouteCosts
 from routing.health import PeerHealth
 from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot, carry_over, next_refresh_s, settled
+from swarm_dht.discovery import fetch_candidates, fetch_model, snapshot_of, warn_if_model_differs
 from swarm_dht.join import SwarmMember
+from swarm_dht.revocations import learn_revocations, watch_revocations
 
 __all__ = ["SwarmView"]
 
