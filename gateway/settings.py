@@ -176,6 +176,18 @@ class GatewaySettings:
     # (past that, a 400 when its compile had begun: the schema is too complex).
     grammar_cache_size: int = 256
     grammar_compile_timeout_s: float = 5.0
+    # Greedy tokens through a bf16 copy of an fp32 LM head on a CPU, checked in fp32
+    # (gateway/engine/greedy_head.py): on, off, or auto (where it is timed faster at start).
+    greedy_screen: str = field(
+        default="auto",
+        metadata={
+            "flag": "--greedy-screen",
+            "choices": ("on", "off", "auto"),
+            "help": "greedy tokens through a bf16 copy of an fp32 LM head on a CPU, checked in "
+            "fp32: auto where it is faster on this machine (timed at start), on wherever it "
+            "can (its bound checked at start), off never",
+        },
+    )
     # How long a stored response (`store: true`) is kept.
     response_ttl_s: float = field(
         default=86400.0,

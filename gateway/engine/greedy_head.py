@@ -45,7 +45,9 @@ largest error seen was 15% of the undoubled bound.
 
 Anything unusual falls back to the full fp32 head: non-finite logits or bounds, too many
 candidates.
-Where bf16 is not faster than fp32 (CPUs without bf16 arithmetic), it is not used at all.
+Where bf16 is not faster than fp32 (CPUs without bf16 arithmetic), it is not used at all
+(``--greedy-screen auto``, the default; ``on`` uses it wherever the bound holds, ``off``
+never).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ MAX_CANDIDATES = 4096
 # bf16 must beat fp32 by this much on one row to be worth holding a second copy of the head.
 MIN_SPEEDUP = 1.2
 CHECKED_BATCH = 16  # the bound is checked at startup on one row and on a batch this size
+MODES = ("on", "off", "auto")  # --greedy-screen (gateway/settings.py)
 
 
 @dataclass(frozen=True)
@@ -137,13 +140,16 @@ class GreedyScreen:
         bound += self.flush_per_norm * norms
         return approx, bound
 
-    @torch.inference_mode()
     def pays_off(self, repeats: int = 7) -> bool:
         """Whether the screen holds and is clearly faster than the fp32 head on this
-        machine. Both are measured: speed depends on the CPU's instructions, and a matmul
-        that summed in bf16 (no CPU kernel seen does) would break the bound, on one row or
-        on a batch (kernels may differ by batch size). Timed on one thread, alternating:
-        what starts beside a gateway (nodes loading) skews multi-threaded timings most."""
+        machine (``--greedy-screen auto``)."""
+        return self.holds() and self.faster(repeats)
+
+    @torch.inference_mode()
+    def holds(self) -> bool:
+        """Whether every logit lies within its bound on random hidden states: a matmul that
+        summed in bf16 (no CPU kernel seen does) would break the bound, on one row or on a
+        batch (kernels may differ by batch size)."""
         generator = torch.Generator().manual_seed(0)
         for rows in (1, CHECKED_BATCH):
             x = torch.randn(rows, self.weight.shape[1], generator=generator)
@@ -151,7 +157,15 @@ class GreedyScreen:
             exact = torch.nn.functional.linear(x, self.weight)
             if not bool(((approx - exact).abs() <= bound / SAFETY).all()):
                 return False
-        one = x[:1]
+        return True
+
+    @torch.inference_mode()
+    def faster(self, repeats: int = 7) -> bool:
+        """Whether one screened row takes at most 1/MIN_SPEEDUP of the fp32 head's time:
+        speed depends on the CPU's instructions, so it is measured. Timed on one thread,
+        alternating: what starts beside a gateway (nodes loading) skews multi-threaded
+        timings most."""
+        one = torch.randn(1, self.weight.shape[1], generator=torch.Generator().manual_seed(1))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -181,7 +195,13 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - began
 
 
-def greedy_screen(lm_head: torch.nn.Module) -> GreedyScreen | None:
-    """The screen for ``lm_head`` if it is one and pays off on this machine."""
-    screen = GreedyScreen.of(lm_head)
-    return screen if screen is not None and screen.pays_off() else None
+def greedy_screen(lm_head: torch.nn.Module, mode: str = "auto") -> GreedyScreen | None:
+    """The screen for ``lm_head`` as ``--greedy-screen`` says: ``auto`` where it is one, holds
+    and is faster on this machine; ``on`` wherever it is one and holds (where the startup
+    timing misjudges a machine, or to measure it); ``off`` never."""
+    if mode not in MODES:
+        raise ValueError(f"greedy screen mode {mode!r} is not one of {', '.join(MODES)}")
+    screen = GreedyScreen.of(lm_head) if mode != "off" else None
+    if screen is None or not screen.holds():
+        return None
+    return screen if mode == "on" or screen.faster() else None

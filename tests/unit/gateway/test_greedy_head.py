@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from gateway.engine import greedy_head
-from gateway.engine.greedy_head import SAFETY, GreedyScreen, greedy_screen
+from gateway.engine.greedy_head import MIN_SPEEDUP, MODES, SAFETY, GreedyScreen, greedy_screen
+from gateway.settings import GatewaySettings
 from models.loading import Head, load_head
 
 
@@ -36,9 +38,11 @@ def screen_of(weight: torch.Tensor) -> GreedyScreen:
 
 @pytest.mark.parametrize("scale", [0.01, 1.0, 30.0, 1e4])
 def test_the_screened_argmax_is_the_full_heads(head: Head, scale: float) -> None:
+    """Normed hidden states at several magnitudes: the final norm divides out its input's
+    scale, so it is applied after (as a norm weight of that size would)."""
     screen = GreedyScreen.of(head.lm_head)
     assert screen is not None
-    x = head.norm(rows(300, head.config.hidden_size, scale, seed=int(scale)))
+    x = scale * head.norm(rows(300, head.config.hidden_size, 1.0, seed=int(scale)))
     assert screen.argmax(x) == full_argmax(screen.weight, x)
 
 
@@ -122,10 +126,64 @@ def test_a_copy_that_breaks_the_bound_is_never_used(head: Head) -> None:
     assert not wrong.pays_off()
 
 
-def test_a_screen_is_offered_only_where_it_pays_off(
+def fake_timer(monkeypatch: pytest.MonkeyPatch, fp32_s: float, screened_s: float) -> None:
+    """Times the fp32 head at ``fp32_s`` and the screen at ``screened_s`` a row, told apart
+    by what they return (logits, or a list of tokens)."""
+
+    def timed(fn: Callable[[], object]) -> float:
+        return screened_s if isinstance(fn(), list) else fp32_s
+
+    monkeypatch.setattr(greedy_head, "_timed", timed)
+
+
+@pytest.mark.parametrize(
+    ("screened_s", "faster"),
+    [(0.5, True), (0.8, True), (0.85, False), (1.0, False), (2.0, False)],
+)
+def test_the_screen_is_faster_only_by_min_speedup(
+    head: Head, monkeypatch: pytest.MonkeyPatch, screened_s: float, faster: bool
+) -> None:
+    """MIN_SPEEDUP (1.2) or more: 0.8 s against 1 s is, 0.85 s is not."""
+    assert MIN_SPEEDUP == 1.2
+    screen = GreedyScreen.of(head.lm_head)
+    assert screen is not None
+    fake_timer(monkeypatch, fp32_s=1.0, screened_s=screened_s)
+    assert screen.faster() is faster
+    assert screen.pays_off() is faster
+    assert (greedy_screen(head.lm_head) is not None) is faster
+
+
+def test_a_tiny_head_is_timed_slower_through_the_screen() -> None:
+    """Really timed: for 20 tokens the screen's per-row steps cost far more than the head's
+    one small matmul, so `auto` leaves it off and `on` still uses it."""
+    head = torch.nn.Linear(8, 20, bias=False)
+    screen = GreedyScreen.of(head)
+    assert screen is not None and screen.holds()
+    assert not screen.faster()
+    assert greedy_screen(head) is None
+    assert greedy_screen(head, "on") is not None
+
+
+def test_greedy_screen_on_off_and_auto(head: Head, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_timer(monkeypatch, fp32_s=1.0, screened_s=2.0)  # slower: auto leaves it off
+    assert greedy_screen(head.lm_head, "auto") is None
+    assert greedy_screen(head.lm_head, "on") is not None
+    assert greedy_screen(head.lm_head, "off") is None
+    fake_timer(monkeypatch, fp32_s=1.0, screened_s=0.1)  # faster: still off when told
+    assert greedy_screen(head.lm_head, "auto") is not None
+    assert greedy_screen(head.lm_head, "off") is None
+    with pytest.raises(ValueError, match="not one of on, off, auto"):
+        greedy_screen(head.lm_head, "yes")
+
+
+def test_on_never_uses_a_screen_whose_bound_breaks(
     head: Head, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(GreedyScreen, "pays_off", lambda self: False)
-    assert greedy_screen(head.lm_head) is None
-    monkeypatch.setattr(GreedyScreen, "pays_off", lambda self: True)
-    assert greedy_screen(head.lm_head) is not None
+    monkeypatch.setattr(GreedyScreen, "holds", lambda self: False)
+    assert greedy_screen(head.lm_head, "on") is None
+    assert greedy_screen(torch.nn.Linear(8, 20, bias=True), "on") is None  # not screenable
+
+
+def test_the_flags_choices_are_the_modes() -> None:
+    spec = {f.name: f for f in dataclasses.fields(GatewaySettings)}["greedy_screen"]
+    assert spec.metadata["choices"] == MODES and spec.default == "auto"

@@ -73,7 +73,8 @@ def sample(flag: Flag) -> tuple[str, list[str]]:
     if flag.switch:
         return "1", []
     if flag.choices:
-        return flag.choices[-1], [flag.choices[-1]]
+        other = next(choice for choice in reversed(flag.choices) if choice != flag.default)
+        return other, [other]
     if flag.words or flag.repeat:
         return "/a, /b", ["/a", "/b"]
     if flag.name == "--blocks":
@@ -249,7 +250,8 @@ def test_up_leaves_unset_flags_to_its_childrens_defaults(tmp_path: Path) -> None
 
 # ---- what the docs and the deployment name ----
 
-ELSEWHERE = {  # flags of docker, kubectl, helm and ruff
+ELSEWHERE = {  # argparse's own, and flags of docker, kubectl, helm and ruff
+    "--help",
     "--build-arg",
     "--check",
     "--from-file",
