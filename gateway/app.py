@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -13,7 +14,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException
 
-from client.swarm_client import P2PSwarmClient, SwarmClient
+from client.swarm_client import InferenceClient, SwarmClient
+from client.swarm_view import SwarmView
+from gateway.engine.affinity import SessionAffinity
 from gateway.engine.affinity_stores import (
     AffinityStore,
     InMemoryAffinityStore,
@@ -23,8 +26,7 @@ from gateway.engine.affinity_stores import (
 from gateway.engine.generation import Generator
 from gateway.engine.grammar import GrammarCompiler
 from gateway.engine.greedy_head import greedy_screen
-from gateway.engine.head import HeadRunner
-from gateway.engine.sessions import SessionAffinity
+from gateway.engine.head import HeadRunner, embed_ids
 from gateway.metrics import GatewayMetrics
 from gateway.openai.chat_service import ChatService
 from gateway.openai.completion_service import CompletionService
@@ -41,8 +43,9 @@ from gateway.web.routes import api, ops
 from models.devices import Placement
 from models.loading import load_config, load_head, load_tokenizer
 from protocol.errors import RequestError, SwarmError
+from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
 from protocol.swarm import ModelRecord, dht_prefix
-from routing.dht import SwarmDHT
+from swarm_dht.join import join_swarm
 
 logger = logging.getLogger("swarmgate.gateway")
 
@@ -78,30 +81,29 @@ def create_app(
             settings.greedy_screen,
         )
         head = HeadRunner(weights, screen=screen, metrics=app.state.metrics)
-        dht = None
+        member, view = None, None
         swarm = swarm_client
         if swarm is None:
-            dht = SwarmDHT(
-                initial_peers=list(settings.initial_peers),
-                start=True,
-                client_mode=True,
-                membership=settings.membership,
-            )
-            client = P2PSwarmClient(
-                dht,
+            member = join_swarm(settings.initial_peers, settings.membership, client_mode=True)
+            view = SwarmView(
+                member,
                 dht_prefix(settings.model_id, settings.namespace),
                 ModelRecord.of(settings.model_id, config, revision=settings.model_revision),
                 refresh_period_s=settings.refresh_period_s,
                 max_refresh_period_s=settings.max_refresh_period_s,
-                embed=head.embed,
-                membership=settings.membership,
                 metrics=app.state.metrics,
+                link=_simulated_link(),
+            )
+            # A failover replays a hop's inputs from the token embedding: the weights'
+            # own, not a call back into the head's thread.
+            swarm = InferenceClient(
+                view,
+                functools.partial(embed_ids, weights),
                 step_floor_s=settings.step_floor_s,
                 prefill_chunk_tokens=settings.prefill_chunk_tokens,
                 push=settings.push,
             )
-            await client.start()
-            swarm = client
+            await view.start()
         app.state.swarm = swarm
         metrics = app.state.metrics
         store = affinity_store or _affinity_store(settings)
@@ -151,10 +153,10 @@ def create_app(
             yield
         finally:
             await responses.aclose()
-            if isinstance(swarm, P2PSwarmClient):
-                await swarm.aclose()
-            if dht is not None:
-                dht.shutdown()
+            if view is not None:
+                await view.aclose()
+            if member is not None:
+                member.leave()
             head.close()
             if grammars is not None:
                 grammars.close()
@@ -179,6 +181,19 @@ async def _error_response(request: Request, exc: Exception) -> JSONResponse:
     error = to_http_error(exc)
     request.app.state.metrics.requests.labels(str(error.status)).inc()
     return JSONResponse(error.body.model_dump(mode="json"), error.status, headers=error.headers)
+
+
+def _simulated_link() -> SimulatedLink:
+    """The delay ``SWARMGATE_SIMULATED_RTT_MS`` puts on every hop stream of this gateway
+    (benchmarks only), read once as it starts and handed to the swarm client."""
+    link = SimulatedLink.from_env()
+    if link.enabled:
+        logger.warning(
+            "%s is set: every hop stream waits %.0f ms per round trip (benchmarks only)",
+            SIMULATED_RTT_ENV,
+            link.rtt_s * 1000,
+        )
+    return link
 
 
 def _admission(settings: GatewaySettings) -> Admission:
