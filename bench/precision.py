@@ -15,7 +15,7 @@ compute), in this process, one after the other:
   argmax matches fp32's); and greedy answers to a few chat questions, ``--greedy-tokens``
   each: ``greedy_identical`` (share of answers equal to fp32's) and
   ``greedy_common_prefix`` (tokens they share with fp32's before they part, mean).
-  ``--no-accuracy`` skips all of it.
+  ``--no-accuracy`` skips all of it, ``--accuracy-prompts N`` takes the first N of each.
 
 Ratios are against the fp32 run of the same process.
 
@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--greedy-tokens", type=int, default=24)
     parser.add_argument("--no-accuracy", action="store_true")
+    parser.add_argument(
+        "--accuracy-prompts",
+        type=int,
+        default=len(PROMPTS),
+        help="how many of the prompts, and of the chat questions, to compare (default: all)",
+    )
     add_record_flag(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -147,7 +153,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = load_config(source.path)
     head = load_head(source.path)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    prompts = [tokenizer(p, return_tensors="pt")["input_ids"] for p in PROMPTS]
+    prompts = [
+        tokenizer(p, return_tensors="pt")["input_ids"] for p in PROMPTS[: args.accuracy_prompts]
+    ]
     with torch.inference_mode():
         prompt = head.embed(torch.arange(args.prompt_tokens).unsqueeze(0) + 1000)
     results: dict[str, dict[str, float]] = {}
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return_tensors="pt",
             return_dict=True,
         )["input_ids"]
-        for q in QUESTIONS
+        for q in QUESTIONS[: args.accuracy_prompts]
     ]
     reference: list[torch.Tensor] = []
     reference_answers: list[list[int]] = []
@@ -194,8 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "prompt_tokens": args.prompt_tokens,
         "decode_tokens": args.tokens,
         "repeats": args.repeats,
-        "accuracy_prompts": len(PROMPTS),
-        "greedy_questions": len(QUESTIONS),
+        "accuracy_prompts": len(prompts),
+        "greedy_questions": len(chats),
         "greedy_tokens": args.greedy_tokens,
         "torch_threads": torch.get_num_threads(),
         "precisions": results,
