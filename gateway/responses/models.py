@@ -2,7 +2,7 @@
 
 Requests ignore unknown fields, as OpenAI does. Fields and item kinds that this gateway
 cannot honour (built-in tools, images, background runs ...) are still parsed, loosely, so
-that the gateway can refuse them by name (gateway/responses/translation.py) instead of
+that the gateway can refuse them by name (gateway/responses/refusals.py) instead of
 ignoring what a client asked for.
 """
 

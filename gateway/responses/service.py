@@ -3,7 +3,7 @@
 A request is first resolved against the conversation it continues (``previous_response_id``)
 into a ``Turn``: the chat request to run and what to store once it has run. From then on it
 goes the way of a chat completion (admission, template, swarm session), and its result is
-translated back (gateway/responses/translation.py).
+translated back (the other modules of gateway/responses/).
 
 Every turn of a stored conversation runs under one session key, so that it finds the KV
 caches of the turn before: the request's ``prompt_cache_key`` (or ``X-Session-ID``) when it
@@ -24,6 +24,8 @@ from gateway.engine.generation import Generation, GenerationRequest
 from gateway.openai.chat_service import ChatService
 from gateway.openai.models import ChatCompletionRequest, ChatMessage
 from gateway.openai.prepare import ServedModel, requested_adapter
+from gateway.responses.events import ResponseEvents
+from gateway.responses.items import input_items, items_page, listed_items
 from gateway.responses.models import (
     InputItem,
     Response,
@@ -31,19 +33,10 @@ from gateway.responses.models import (
     ResponseItemList,
     ResponsesRequest,
 )
+from gateway.responses.output import new_id, response_from_completion, response_skeleton
+from gateway.responses.refusals import refuse_unsupported
 from gateway.responses.store import MAX_RECORD_BYTES, ResponseStore, StoredResponse
-from gateway.responses.translation import (
-    ResponseEvents,
-    chat_request,
-    input_items,
-    items_page,
-    listed_items,
-    new_id,
-    output_messages,
-    refuse_unsupported,
-    response_from_completion,
-    response_skeleton,
-)
+from gateway.responses.to_chat import chat_request, output_messages
 from gateway.web.errors import to_http_error
 from protocol.errors import InvalidRequest, NotFound, RequestError
 from routing.planner import Hop

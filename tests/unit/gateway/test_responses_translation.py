@@ -33,19 +33,11 @@ from gateway.openai.models import (
     ToolCallFunction,
 )
 from gateway.openai.models import Choice as ChatChoice
+from gateway.responses.events import ResponseEvents
+from gateway.responses.items import input_items, items_page, listed_items
 from gateway.responses.models import FunctionCall, MessageItem, OutputMessage, ResponsesRequest
-from gateway.responses.translation import (
-    ResponseEvents,
-    chat_messages,
-    chat_request,
-    input_items,
-    items_page,
-    listed_items,
-    output_items,
-    output_messages,
-    response_from_completion,
-    response_skeleton,
-)
+from gateway.responses.output import output_items, response_from_completion, response_skeleton
+from gateway.responses.to_chat import chat_messages, chat_request, output_messages
 from protocol.errors import InvalidRequest
 
 EVENT = TypeAdapter(ResponseStreamEvent)
