@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from gateway.engine.generation import GenerationRequest
 from gateway.engine.sampling import SamplingParams
 from gateway.openai.models import SamplingRequest
+from gateway.settings import GatewaySettings
 from protocol.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 
 
@@ -24,10 +25,12 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class RequestLimits:
-    """What the gateway fills in, or cuts short, when a request leaves it open."""
+    """What the gateway fills in, or cuts short, when a request leaves it open (by default
+    as a gateway's settings do: their defaults are written there once)."""
 
-    default_max_tokens: int = 1024  # when a chat request sets no max_tokens (still ≤ context)
-    max_generation_s: float = 600.0  # then a request's generation ends with "length"
+    # When a chat request sets no max_tokens (still ≤ context).
+    default_max_tokens: int = GatewaySettings.default_max_tokens
+    max_generation_s: float = GatewaySettings.max_generation_s  # then it ends with "length"
 
 
 def requested_adapter(model: ServedModel, requested: str) -> str | None:
