@@ -16,6 +16,7 @@ from typing import Any
 from protocol.credentials import Role
 from protocol.membership import Membership
 from protocol.swarm import MAX_THROUGHPUT, ServerRecord
+from swarm_dht import join as join_module
 from swarm_dht.dht import SwarmDHT
 from swarm_node import node as node_module
 from swarmgate import commands
@@ -39,6 +40,6 @@ def any_role(args: Any, role: Role) -> Membership | None:
 
 if __name__ == "__main__":
     commands.membership = any_role  # type: ignore[assignment]
-    node_module.SwarmDHT = StubbornDHT  # type: ignore[misc]
+    join_module.SwarmDHT = StubbornDHT  # type: ignore[misc]  # every process joins there
     node_module.BlockServer = BoastfulServer  # type: ignore[misc]
     main()
