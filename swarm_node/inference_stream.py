@@ -74,10 +74,6 @@ def _copy_prefix(donor: KVBuffers, version: int, kv: KVBuffers, tokens: int) -> 
     return True
 
 
-def _ignore_step(tokens: int, seconds: float) -> None:
-    pass
-
-
 class InferenceStreams:
     """The node's inference streams: how many are open (its load), and each one's life."""
 
@@ -89,7 +85,7 @@ class InferenceStreams:
         compute: ThreadPoolExecutor,
         pushes: PushBoard,
         *,
-        observe_step: Callable[[int, float], None] = _ignore_step,
+        observe_step: Callable[[int, float], None],
         input_wait_s: float = INPUT_WAIT_S,
     ) -> None:
         self.caches = caches
