@@ -10,7 +10,7 @@ import asyncio
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -52,6 +52,8 @@ class Swarm:
     initial_peers: list[str]
     nodes: list[Process]
     gateway: Process
+    # Each node's Prometheus /metrics URL, where the swarm's nodes serve one (run_swarm's do).
+    node_metrics: list[str] = field(default_factory=list)
 
 
 def start_gateway(
@@ -104,6 +106,7 @@ def run_swarm(
     with no_orphans():
         dht = Process("dht", ["dht"], logs)
         processes: list[Process] = [dht]
+        metrics_ports = [free_port() for _ in spans]
         try:
             wait_for(lambda: "--initial-peers" in dht.output() or not dht.alive(), 60, "the DHT")
             peers = printed_initial_peers(dht.output())
@@ -120,6 +123,8 @@ def run_swarm(
                     f"{start}:{end}",
                     "--announce-period",
                     "2",
+                    "--metrics-port",
+                    str(metrics_ports[index]),
                     *node_flags,
                 ]
                 name = f"node {start}:{end}" + (
@@ -142,7 +147,8 @@ def run_swarm(
                 return http_ok(f"{url}/health")
 
             wait_for(ready, 180, "the swarm to become healthy")
-            yield Swarm(url, MODEL_ID, model, peers, processes[1:-1], gateway)
+            node_metrics = [f"http://127.0.0.1:{port}/metrics" for port in metrics_ports]
+            yield Swarm(url, MODEL_ID, model, peers, processes[1:-1], gateway, node_metrics)
         finally:
             stop_all(processes)
 

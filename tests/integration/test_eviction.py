@@ -10,7 +10,7 @@ import pytest
 
 from tests.integration.conftest import Swarm, node_infos, run_swarm
 from tests.integration.test_affinity import Conversation, assistant, user
-from tests.processes import free_port, wait_for
+from tests.processes import wait_for
 from tests.tiny_model import TINY_BLOCKS
 
 pytestmark = pytest.mark.integration
@@ -20,14 +20,11 @@ pytestmark = pytest.mark.integration
 BUDGET_BYTES = 100 * 1024
 
 
-METRICS_PORT = free_port()
-
-
 @pytest.fixture(scope="module")
 def small_swarm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     logs = tmp_path_factory.mktemp("small-swarm-logs")
-    flags = ["--cache-bytes", str(BUDGET_BYTES), "--metrics-port", str(METRICS_PORT)]
-    with run_swarm(tiny_model, logs, [(0, TINY_BLOCKS)], *flags) as s:
+    # run_swarm gives the node its --metrics-port (no port chosen at import time here).
+    with run_swarm(tiny_model, logs, [(0, TINY_BLOCKS)], "--cache-bytes", str(BUDGET_BYTES)) as s:
         yield s
 
 
@@ -44,7 +41,7 @@ def test_a_tiny_budget_evicts_idle_sessions_and_answers_stay_exact(small_swarm: 
     evictions = f"swarmgate_node_cache_evictions_total {float(info.evictions)}"
 
     def scraped() -> str:
-        return httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).text
+        return httpx.get(small_swarm.node_metrics[0], timeout=5).text
 
     wait_for(lambda: evictions in scraped(), 10, "the node's metrics to show the eviction")
     assert f"swarmgate_node_cache_bytes_budget {float(BUDGET_BYTES)}" in scraped()

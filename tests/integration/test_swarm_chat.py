@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -11,7 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
 from tests.integration.conftest import PREFILL_CHUNK_TOKENS, Swarm
 from tests.processes import wait_for
@@ -38,9 +39,13 @@ def _reference(model_path: Path) -> tuple[AutoModelForCausalLM, AutoTokenizer]:
 
 
 def hf_greedy(
-    model_path: Path, messages: list[dict], max_new_tokens: int
+    model_path: Path,
+    messages: list[dict],
+    max_new_tokens: int,
+    logits_processor: LogitsProcessorList | None = None,
 ) -> tuple[list[int], list[int]]:
-    """Prompt ids and the greedy continuation from `generate` on the whole model."""
+    """Prompt ids and the greedy continuation from `generate` on the whole model (after
+    ``logits_processor``, where given)."""
     model, tokenizer = _reference(model_path)
     flat = [
         {
@@ -54,7 +59,12 @@ def hf_greedy(
     text = tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            logits_processor=logits_processor,
+        )
     generated = out[0, len(prompt) :].tolist()
     if generated and generated[-1] == tokenizer.eos_token_id:
         generated = generated[:-1]
@@ -97,9 +107,27 @@ def test_concurrent_streams_each_equal_transformers_generate(swarm: Swarm) -> No
             )
         return response.choices[0].message.content
 
+    batched_before = [multi_session_batches(url) for url in swarm.node_metrics]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         answers = list(pool.map(chat, range(len(PROMPTS))))
     assert answers == [tokenizer.decode(e, skip_special_tokens=True) for e in expected]
+
+    # And they did run together: some node ran a forward of more than one session.
+    def batched() -> bool:
+        now = [multi_session_batches(url) for url in swarm.node_metrics]
+        return any(a > b for a, b in zip(now, batched_before, strict=True))
+
+    wait_for(batched, 10, "a node's metrics to show a batch of more than one session")
+
+
+def multi_session_batches(node_metrics_url: str) -> float:
+    """How many forwards a node ran with more than one session, from its /metrics (a
+    snapshot the node publishes every second)."""
+    text = httpx.get(node_metrics_url, timeout=5).text
+    count = re.search(r"^swarmgate_node_batch_sessions_count (\S+)$", text, re.M)
+    single = re.search(r'^swarmgate_node_batch_sessions_bucket\{le="1.0"\} (\S+)$', text, re.M)
+    assert count and single, "the node publishes its batch sizes"
+    return float(count[1]) - float(single[1])
 
 
 def test_long_prompt_spans_several_prefill_messages(swarm: Swarm) -> None:
