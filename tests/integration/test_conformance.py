@@ -13,9 +13,13 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel, Field
+from transformers import LogitsProcessorList
 
 from tests.integration.conftest import Swarm, running_gateway, start_gateway
+from tests.integration.test_swarm_chat import hf_greedy
 from tests.processes import wait_for
+from tests.reference import OpenAIPenalties, token_texts
+from tests.reference import tokenizer as reference_tokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -61,12 +65,37 @@ def test_every_chat_parameter_is_honoured(swarm: Swarm) -> None:
     b = client.chat.completions.create(**base, temperature=1.2, top_p=0.9, seed=11)
     assert a.choices[0].message.content == b.choices[0].message.content
 
-    # logit_bias: a +100 bias makes greedy decoding repeat one token
-    biased = client.chat.completions.create(**base, temperature=0, logit_bias={"42": 100})
+    # logit_bias: a +100 bias makes greedy decoding repeat that token, which it does not
+    # pick unbiased
+    biased = client.chat.completions.create(
+        **base, temperature=0, logit_bias={"42": 100}, logprobs=True
+    )
     assert biased.usage.completion_tokens == 6
+    assert [t.token for t in biased.choices[0].logprobs.content] == token_texts(
+        swarm.model_path, [42] * 6
+    )
+    assert biased.choices[0].message.content != greedy.choices[0].message.content
 
-    # penalties are accepted and change a repetitive greedy answer or leave it valid
-    client.chat.completions.create(**base, temperature=0, presence_penalty=2, frequency_penalty=2)
+    # penalties: OpenAI's, subtracted from the logits of tokens generated so far; the
+    # answer is transformers' with the same penalties, and differs from plain greedy's
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.0}
+    tokenizer = reference_tokenizer(swarm.model_path)
+    # 64 tokens: the first where plain greedy repeats a token on this prompt, so that the
+    # penalties have something to change
+    prompt, plain = hf_greedy(swarm.model_path, HELLO, 64)
+    _, penalised = hf_greedy(
+        swarm.model_path,
+        HELLO,
+        64,
+        LogitsProcessorList([OpenAIPenalties(len(prompt), **penalties)]),
+    )
+    assert penalised != plain, "the penalties must matter on this prompt"
+    answer = client.chat.completions.create(
+        **{**base, "max_tokens": 64}, temperature=0, **penalties
+    )
+    assert answer.choices[0].message.content == tokenizer.decode(
+        penalised, skip_special_tokens=True
+    )
 
     # logprobs with alternatives
     lp = client.chat.completions.create(**base, temperature=0, logprobs=True, top_logprobs=3)
@@ -74,10 +103,18 @@ def test_every_chat_parameter_is_honoured(swarm: Swarm) -> None:
     assert all(len(t.top_logprobs) == 3 for t in lp.choices[0].logprobs.content)
 
     # stop: cut before the sequence, also in streams
-    text = greedy.choices[0].message.content or ""
-    if len(text) > 4:
-        cut = client.chat.completions.create(**base, temperature=0, stop=[text[2:4]])
-        assert cut.choices[0].message.content == text[: text.index(text[2:4])]
+    long = {**base, "max_tokens": 24, "temperature": 0}
+    text = client.chat.completions.create(**long).choices[0].message.content or ""
+    assert len(text) > 4, "the answer must be long enough to stop inside"
+    stop = text[2:4]
+    cut = client.chat.completions.create(**long, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    chunks = raw_chat(swarm.base_url, {**long, "stop": [stop]})
+    streamed = "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+    )
+    assert streamed == text[: text.index(stop)]
 
     # user, prompt_cache_key, developer role, text parts, text response_format, unknown field
     extra = client.chat.completions.create(

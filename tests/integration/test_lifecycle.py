@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from transformers import LogitsProcessorList
 
 from gateway.web.routes import ROUTE_HEADER
 from tests.integration.conftest import (
@@ -29,7 +30,10 @@ from tests.integration.conftest import (
     start_gateway,
     start_node,
 )
+from tests.integration.test_swarm_chat import hf_greedy
 from tests.processes import Process, free_port, http_ok, no_orphans, stop_all, wait_for
+from tests.reference import LogitBias
+from tests.reference import tokenizer as reference_tokenizer
 from tests.tiny_model import TINY_BLOCKS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -61,6 +65,15 @@ def peer_id(node: Process) -> str:
     found = _PEER_ID.search(node.output())
     assert found, f"{node.name} printed no peer id:\n{node.output()[-2000:]}"
     return found.group(1)
+
+
+def generated(model: Path, max_tokens: int) -> str:
+    """What transformers' ``generate`` answers ``MESSAGES`` with, greedily under ``NO_EOS``:
+    every answer of these tests is compared with it, token for token."""
+    processors = LogitsProcessorList([LogitBias(NO_EOS)])
+    _, ids = hf_greedy(model, MESSAGES, max_tokens, processors)
+    assert len(ids) == max_tokens
+    return str(reference_tokenizer(model).decode(ids, skip_special_tokens=True))
 
 
 def swarm_servers(url: str) -> dict[str, dict]:
@@ -244,6 +257,7 @@ def test_a_request_can_be_followed_through_readiness_metrics_and_logs(life: Life
 
 def test_sigterm_drains_a_node_while_its_stream_finishes(life: Lifecycle) -> None:
     before, _ = ask(life.url, 16)
+    assert before["choices"][0]["message"]["content"] == generated(life.model, 16)
     began = time.monotonic()
     calibration, _ = ask(life.url, 100)
     rate = 100 / (time.monotonic() - began)  # tokens per second, prefill included
@@ -294,6 +308,7 @@ def test_sigterm_drains_a_node_while_its_stream_finishes(life: Lifecycle) -> Non
     finish = json.loads(stream.events[-2][len("data: ") :])["choices"][0]["finish_reason"]
     assert finish == "length"
     assert stream.watched_alive_at_last_text, "the node left before the stream's last text"
+    assert "".join(stream.text) == generated(life.model, max_tokens)
     assert f"{draining} failed" not in life.gateway.output(), "the stream failed over"
 
     # (4) The node then leaves on its own, promptly, and takes its p2pd along.
@@ -312,6 +327,7 @@ def test_the_swarm_outlives_its_bootstrap_peer_and_is_joined_through_a_node(
     life: Lifecycle,
 ) -> None:
     before, _ = ask(life.url, 16)
+    assert before["choices"][0]["message"]["content"] == generated(life.model, 16)
     dead_bootstrap = printed_initial_peers(life.dht.output())
     alive_node = printed_initial_peers(life.head.output())  # the node says how to join it
     assert alive_node and alive_node != dead_bootstrap
