@@ -11,9 +11,11 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 echo "run_all: load average $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores" >&2
 
+# A bench that fails is reported at the end; the others still run (and record).
+failed=()
 run() {
   echo "run_all: $(date -u +%H:%M:%S) $*" >&2
-  "$PY" "$@" --record >/dev/null
+  "$PY" "$@" --record >/dev/null || failed+=("$*")
 }
 
 run bench/fit.py                                            # seconds: computed from configs
@@ -39,3 +41,7 @@ run bench/finetune.py --model smollm2 --targets "$ALL7"
 "$PY" bench/report.py --write
 echo "run_all: done at $(date -u +%H:%M:%S); README.md's tables are rendered: review and commit" \
   "bench/results/ and README.md" >&2
+if ((${#failed[@]})); then
+  printf 'run_all: failed: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
