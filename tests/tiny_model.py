@@ -13,7 +13,12 @@ from models.resolve import resolve_model
 TINY_BLOCKS = 4
 
 
-def build_tiny_llama(folder: Path, *, seed: int = 0, intermediate_size: int = 128) -> Path:
+def build_tiny_llama(
+    folder: Path, *, seed: int = 0, intermediate_size: int = 128, initializer_range: float = 0.2
+) -> Path:
+    """The tiny Llama; ``initializer_range=0.02`` (a trained model's init) gives close
+    logits, where numeric differences between a split and a whole model could flip greedy
+    choices."""
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2").path)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -23,9 +28,9 @@ def build_tiny_llama(folder: Path, *, seed: int = 0, intermediate_size: int = 12
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        # Wide weights give well separated logits, so greedy choices are not near-ties that
-        # ~1e-5 numeric differences between split and whole models could flip.
-        initializer_range=0.2,
+        # Wide weights (the default) give well separated logits, so greedy choices are not
+        # near-ties that ~1e-5 numeric differences between split and whole models could flip.
+        initializer_range=initializer_range,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from models.resolve import resolve_model
 from tests.processes import Process, free_port, http_ok, no_orphans, wait_for
+from tests.reference import greedy_ids, token_texts
+from tests.reference import tokenizer as reference_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +73,37 @@ def test_sdk_stream_is_token_exact_with_transformers(up: tuple[str, Process]) ->
         out = model.generate(prompt, max_new_tokens=20, do_sample=False)
     expected = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
     assert text == expected and text.strip()
+
+
+NO_EOS = {"0": -100, "2": -100}  # <|endoftext|>, <|im_end|>: all LONG_TOKENS are compared
+LONG_TOKENS = 256
+
+
+def test_the_embedded_models_256_greedy_tokens_are_generates_own(up: tuple[str, Process]) -> None:
+    """A trained model's logits are close where the tiny random models' are not: 256 greedy
+    tokens through the swarm's chain are, position by position, the ids ``generate`` picks
+    on the whole model. The API returns no ids, so each position's token text (logprobs)
+    is compared with the text of the expected id at that position."""
+    url, _ = up
+    path = resolve_model("smollm2").path
+    prompt = reference_tokenizer(path)("The history of the river began", add_special_tokens=False)[
+        "input_ids"
+    ]
+    expected = greedy_ids(path, prompt, LONG_TOKENS, logit_bias=NO_EOS)
+    assert len(expected) == LONG_TOKENS
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    [model_id] = [m.id for m in client.models.list()]
+    answer = client.completions.create(
+        model=model_id,
+        prompt=prompt,
+        max_tokens=LONG_TOKENS,
+        temperature=0,
+        logprobs=0,
+        logit_bias=NO_EOS,
+    )
+    tokens = answer.choices[0].logprobs.tokens
+    assert answer.usage.completion_tokens == LONG_TOKENS
+    assert tokens == token_texts(path, expected)
 
 
 def test_up_runs_a_closed_swarm_with_a_key_only_its_user_can_read(
