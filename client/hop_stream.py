@@ -1,11 +1,10 @@
-"""One ``rpc_inference`` stream to one server: open, step, close, and nothing a server sends
-back is used before it is checked.
+"""The step protocol with one server of the chain: open the session, step it, and nothing
+the server sends back is used before it is checked. The stream under it, which stays failed
+once broken and is watched for a hung server, is ``client.hop_connection``.
 
-Every way a hop can fail (dialing, the daemon, a timeout, a closed stream, a malformed or
-non-finite reply) surfaces as a ``SwarmError`` naming the peer, so the chain above can
-route around it: ``CapacityExceeded`` for "full or draining, try a replica",
+Every way a hop can fail surfaces as a ``SwarmError`` naming the peer, so the chain above
+can route around it: ``CapacityExceeded`` for "full or draining, try a replica",
 ``PeerUnavailable`` (and ``BadReply``) or ``ProtocolMismatch`` for "broken, ban it".
-A stream whose connection failed stays failed: every later call raises the same error.
 
 A step is either one call (``step``: send the input, read the output) or, when servers push
 to each other, split in two: ``begin`` sends it (with its input, or awaiting it by push),
@@ -19,25 +18,22 @@ once the hop it pushed to has answered, the push evidently got through
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
 
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
-from client.frames import ReplyReader, receive_frame, send_frame
+from client.hop_connection import NO_DELAY, OPEN_TIMEOUT_S, HopConnection, Watch
 from protocol.codec import make_request, read_tensors
-from protocol.errors import BadReply, PeerUnavailable, SwarmError
+from protocol.errors import BadReply, SwarmError
 from protocol.latency import SimulatedLink
 from protocol.prefix import BLOCK_TOKENS, TokenHistory
 from protocol.rpc import (
     PUSH_TIMEOUT_S,
-    RPC_INFERENCE,
     OpenSession,
     PushTarget,
     Relay,
@@ -47,22 +43,6 @@ from protocol.rpc import (
     decode_reply,
 )
 from routing.planner import Hop
-
-OPEN_TIMEOUT_S = 10.0  # dialing a server and hearing its first reply
-CLOSE_TIMEOUT_S = 10.0  # how long a closing stream may take to say goodbye
-# A suspect hop is probed again this often while its step stays unanswered (it answered the
-# last probe: slow, not hung), until the step's hard deadline.
-REPROBE_S = 1.0
-T = TypeVar("T")
-NO_DELAY = SimulatedLink()  # a link as it is: the simulated delay is for benchmarks only
-_detached: set[asyncio.Task[None]] = set()  # strong references until each task finishes
-
-
-def detach(coroutine: Coroutine[Any, Any, None]) -> None:
-    """Run ``coroutine`` outside the current task, so cancelling the caller cannot stop it."""
-    task = asyncio.get_running_loop().create_task(coroutine)
-    _detached.add(task)
-    task.add_done_callback(_detached.discard)
 
 
 def check_hidden(tensor: torch.Tensor, shape: torch.Size, peer_id: str) -> torch.Tensor:
@@ -79,27 +59,6 @@ def check_hidden(tensor: torch.Tensor, shape: torch.Size, peer_id: str) -> torch
     if not bool(torch.isfinite(tensor).all()):
         raise BadReply(f"{peer_id} returned non-finite hidden states", peer_id)
     return tensor
-
-
-class Watch(Protocol):
-    """How a stream tells a slow hop from a hung one (client.liveness): a soft deadline
-    from the hop's own step times, and a liveness probe once it passes."""
-
-    def suspect_after_s(self, peer_id: str, tokens: int) -> float:
-        """How long a step of ``tokens`` may stay unanswered before the hop is probed."""
-        ...
-
-    async def alive(self, peer_id: str) -> bool:
-        """Whether the peer answers a probe now (False: it is hung, and banned)."""
-        ...
-
-    def hung(self, peer_id: str) -> bool:
-        """Whether a probe found the peer hung and it has not answered since."""
-        ...
-
-    def stepped(self, peer_id: str, seconds: float, tokens: int) -> None:
-        """A step of ``tokens`` answered in ``seconds``."""
-        ...
 
 
 @dataclass
@@ -122,23 +81,17 @@ def check_cached(cached: int, prefix_hashes: Sequence[str], peer_id: str, resume
     return cached
 
 
-class HopStream:
-    """One bidirectional ``rpc_inference`` stream to one server of the chain.
+class HopStream(HopConnection):
+    """The step protocol with one server of the chain, over its stream (``HopConnection``).
 
     ``position``: tokens this server's session holds (and the next step starts at).
     ``deadline_s(tokens)``: how long the server may take to answer a step of that many
     tokens before it counts as failed (derived from its advertised throughput).
     ``link``: a simulated network delay on every message of the stream (benchmarks only,
-    injected by whoever starts the process; none by default); each timeout is widened by
-    its round trip, so a slow link alone never fails a hop.
+    injected by whoever starts the process; none by default).
     ``watch``: past a step's soft deadline (``Watch.suspect_after_s``) the hop is probed,
     and a hop that leaves the probe unanswered fails at once as hung, long before the hard
     deadline ``deadline_s``; None: the hard deadline alone.
-
-    The stream is framed here rather than through hivemind's ``iterate_protobuf_handler``:
-    that iterator notices a dead connection only once the caller sends its next request,
-    so a server killed mid-step would cost a whole deadline instead of a moment; and
-    here a reply's length is checked before it is read into memory.
     """
 
     def __init__(
@@ -152,27 +105,15 @@ class HopStream:
         link: SimulatedLink = NO_DELAY,
         watch: Watch | None = None,
     ) -> None:
+        super().__init__(p2p, hop.peer_id, link, watch, on_close)
         self.hop = hop
-        self._link = link
-        self._watch = watch
         self._on_step = on_step  # the seconds each completed step took
-        self._p2p = p2p
         self._chunk_tokens = chunk_tokens
         self._deadline_s = deadline_s
-        self._on_close = on_close
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
         self.position = 0
         self.open_rtt_s = 0.0  # the opening round trip: no compute, mostly network
-        self._closed = False
-        self._failed: SwarmError | None = None  # the error that broke this stream
         self._push_token: str | None = None  # accepted by the server: it takes pushes
         self._unanswered: deque[_Pending] = deque()  # begun steps, oldest first
-        self._replies: ReplyReader | None = None  # once steps overlap: replies as they come
-
-    @property
-    def peer_id(self) -> str:
-        return self.hop.peer_id
 
     @property
     def chunk_tokens(self) -> int:
@@ -207,18 +148,7 @@ class HopStream:
     async def open(self, opening: OpenSession) -> int:
         """Open the session; how many of ``opening.prefix_hashes``' tokens the server holds."""
         began = time.monotonic()
-        try:
-            peer = PeerID.from_base58(self.peer_id)
-            _, self._reader, self._writer = await asyncio.wait_for(
-                self._p2p.call_binary_stream_handler(peer, RPC_INFERENCE), OPEN_TIMEOUT_S
-            )
-        except TimeoutError:
-            raise PeerUnavailable(f"{self.peer_id} did not answer in time", self.peer_id) from None
-        except Exception as e:  # a malformed peer id, dial errors, daemon control failures
-            raise PeerUnavailable(f"{self.peer_id}: {e}", self.peer_id) from e
-        if self._closed:  # closed while dialing: nobody will close this stream later
-            self._writer.close()
-            raise PeerUnavailable(f"the stream to {self.peer_id} is closed", self.peer_id)
+        await self._dial()
         reply = await self._exchange(make_request(opening), OPEN_TIMEOUT_S)
         self.open_rtt_s = time.monotonic() - began
         opened = decode_reply(SessionOpened, reply.metadata, self.peer_id)
@@ -368,49 +298,6 @@ class HopStream:
         if self._watch is not None:
             self._watch.stepped(self.peer_id, seconds, tokens)
 
-    async def _watched(
-        self, work: Awaitable[T], hard_s: float, tokens: int, also: HopStream | None = None
-    ) -> T:
-        """``work`` (this hop's answer) within ``hard_s``. Once the hop's soft deadline
-        passes, it is probed, and ``also`` with it (the hop it pushes to: while that one
-        hangs, the push and so this answer wait for it); a probed hop that does not answer
-        is marked hung, and this one raises at once. A hop that answers its probe is slow,
-        not hung: it is probed again every ``REPROBE_S`` until the hard deadline."""
-        if self._watch is None:
-            return await asyncio.wait_for(work, hard_s)
-        watch = self._watch
-        task = asyncio.ensure_future(work)
-        deadline = time.monotonic() + hard_s
-        wait_s = min(watch.suspect_after_s(self.peer_id, tokens) + self._link.rtt_s, hard_s)
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=wait_s)
-                if done:
-                    return task.result()
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError
-                suspects = [self] + ([also] if also is not None and also._failed is None else [])
-                answers = await asyncio.gather(*(watch.alive(h.peer_id) for h in suspects))
-                for hop, answered in zip(suspects, answers, strict=True):
-                    if not answered:
-                        hop._hang()
-                if task.done():  # it answered while being probed after all
-                    return task.result()
-                if self._failed is not None:
-                    raise self._failed
-                wait_s = min(REPROBE_S, max(left, 0.0))
-        finally:
-            task.cancel()
-
-    def _hang(self) -> None:
-        """A probe found the server hung: this stream fails, now and on every later call."""
-        if self._failed is None:
-            self._failed = PeerUnavailable(
-                f"{self.peer_id} is hung: it answers neither its step nor a liveness probe",
-                self.peer_id,
-            )
-
     async def _outrun_by(self, successor: HopStream) -> bool:
         """Wait until our answer or ``successor``'s is there; whether the successor's came
         first and says its step is done (so it took our push: nothing else could feed it)."""
@@ -439,11 +326,6 @@ class HopStream:
             return False
         return done.position == current.end
 
-    async def _ready(self, n: int) -> runtime_pb2.ExpertResponse | None:
-        """The ``n``-th unread answer once it arrived; None if the stream ended first."""
-        assert self._replies is not None
-        return await self._replies.ready(n)
-
     async def _settle(self, keep: int = 0) -> None:
         """Read the acknowledgements of pushed steps, leaving the ``keep`` newest steps."""
         while len(self._unanswered) > keep:
@@ -454,114 +336,8 @@ class HopStream:
             self._unanswered.popleft()
             self._answer(pending, reply)
 
-    def _read_ahead(self) -> None:
-        if self._replies is None:
-            reader, _ = self._streams()
-            self._replies = ReplyReader(reader, self.peer_id, self._link)
-
-    async def _next_reply(self) -> runtime_pb2.ExpertResponse:
-        assert self._replies is not None
-        await self._replies.ready(1)
-        return self._replies.take()
-
-    def close(self) -> None:
-        """End the stream; the server frees or keeps the session when it sees the end.
-
-        Synchronous on purpose: it runs while a disconnected client's request is being
-        cancelled, where any await would be cancelled too and leave the stream open.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        self._on_close()
-        if self._reader is not None and self._writer is not None:
-            detach(self._say_goodbye(self._reader, self._writer, self._replies))
-
-    async def _say_goodbye(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        replies: ReplyReader | None,
-    ) -> None:
-        try:
-            with contextlib.suppress(Exception):
-                if replies is not None:
-                    await replies.stop()
-                await self._link.outbound()
-                await asyncio.wait_for(send_frame(writer, P2P.ERROR_MARKER, b""), CLOSE_TIMEOUT_S)
-                # The server ends its side once it has released the session.
-                await asyncio.wait_for(reader.read(), CLOSE_TIMEOUT_S)
-        finally:
-            writer.close()
-
     def _output(self, reply: runtime_pb2.ExpertResponse, shape: torch.Size) -> torch.Tensor:
         tensors = read_tensors(reply)
         if len(tensors) != 1:
             raise BadReply(f"{self.peer_id} returned {len(tensors)} tensors", self.peer_id)
         return check_hidden(tensors[0], shape, self.peer_id)
-
-    def _streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._failed is None and self._watch is not None and self._watch.hung(self.peer_id):
-            self._hang()  # an idle probe found it hung: no step waits for it again
-        if self._failed is not None:
-            raise self._failed
-        if self._reader is None or self._writer is None or self._closed:
-            raise PeerUnavailable(f"the stream to {self.peer_id} is closed", self.peer_id)
-        return self._reader, self._writer
-
-    async def _exchange(
-        self, request: runtime_pb2.ExpertRequest, timeout_s: float, tokens: int | None = None
-    ) -> runtime_pb2.ExpertResponse:
-        """One message and its answer within ``timeout_s``; a step (``tokens``) is watched
-        for a hung hop past its soft deadline."""
-        reader, writer = self._streams()
-
-        async def round_trip() -> runtime_pb2.ExpertResponse:
-            await self._link.outbound()
-            await send_frame(writer, P2P.MESSAGE_MARKER, request.SerializeToString())
-            if self._replies is not None:  # steps overlapped before: it reads every reply
-                return await self._next_reply()
-            reply = await receive_frame(reader, self.peer_id)
-            await self._link.inbound()
-            return reply
-
-        timeout_s += self._link.rtt_s  # the server's time to answer, plus the wire's
-        with self._failures(timeout_s):
-            if tokens is None:
-                return await asyncio.wait_for(round_trip(), timeout_s)
-            return await self._watched(round_trip(), timeout_s, tokens)
-
-    async def _send(self, request: runtime_pb2.ExpertRequest) -> None:
-        """One message to the server, answered later (or never: a relay)."""
-        _, writer = self._streams()
-
-        async def deliver() -> None:
-            await self._link.outbound()
-            await send_frame(writer, P2P.MESSAGE_MARKER, request.SerializeToString())
-
-        timeout_s = OPEN_TIMEOUT_S + self._link.rtt_s  # a write waits only on flow control
-        with self._failures(timeout_s):
-            await asyncio.wait_for(deliver(), timeout_s)
-
-    @contextlib.contextmanager
-    def _failures(self, timeout_s: float) -> Iterator[None]:
-        """Every way the stream can break, as the ``SwarmError`` it stays failed with."""
-        try:
-            yield
-        except SwarmError as e:
-            self._failed = e
-            raise
-        except asyncio.IncompleteReadError:
-            error: SwarmError = PeerUnavailable(f"{self.peer_id} closed the stream", self.peer_id)
-            self._failed = error
-            raise error from None
-        except TimeoutError:
-            error = PeerUnavailable(
-                f"{self.peer_id} did not answer within {timeout_s:.1f} s", self.peer_id
-            )
-            self._failed = error
-            raise error from None
-        except Exception as e:  # connection resets, the daemon going away
-            error = PeerUnavailable(f"{self.peer_id}: {e}", self.peer_id)
-            self._failed = error
-            raise error from e

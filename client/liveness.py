@@ -57,7 +57,7 @@ MAX_PEERS = 10_000
 
 
 class Liveness:
-    """The gateway's ``Watch`` (client.hop_stream) over every hop it opens."""
+    """The gateway's ``Watch`` (client.hop_connection) over every hop it opens."""
 
     def __init__(
         self,

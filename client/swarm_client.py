@@ -17,7 +17,8 @@ from typing import Protocol
 import torch
 
 from client.chain import ChainSession, Embedding
-from client.hop_stream import HopStream, detach
+from client.hop_connection import detach
+from client.hop_stream import HopStream
 from client.swarm_view import SwarmView
 from protocol.errors import NoRouteError, SwarmError
 from protocol.logs import request_id

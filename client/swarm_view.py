@@ -21,7 +21,7 @@ from collections.abc import Set
 
 from hivemind.p2p import P2P
 
-from client.hop_stream import NO_DELAY
+from client.hop_connection import NO_DELAY
 from client.liveness import Liveness
 from client.metrics import ClientMetrics
 from protocol.errors import NoRouteError, SwarmError

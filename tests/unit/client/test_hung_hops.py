@@ -1,6 +1,6 @@
 """A hop's silence past its soft deadline gets it probed: a hop that answers the probe is
 slow and keeps its step; one that does not is hung and fails at once, long before the hard
-deadline (client/hop_stream.py ``Watch``, client/liveness.py)."""
+deadline (client/hop_connection.py ``Watch``, client/liveness.py)."""
 
 from __future__ import annotations
 
