@@ -20,14 +20,14 @@ from gateway.engine.generation import (
     TextDelta,
     TokenLogprob,
 )
-from gateway.openai.chat_service import SYSTEM_FINGERPRINT, usage_of
-from gateway.openai.fanout import fan_in, fan_out
+from gateway.openai.choices import SYSTEM_FINGERPRINT, choices, collected, usage_of
 from gateway.openai.models import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionUsage,
+    FinishReason,
 )
 from gateway.openai.prepare import (
     RequestLimits,
@@ -136,8 +136,9 @@ class CompletionService:
         first = prompt.generation.prompt_ids[0]
         return str(self._tokenizer.decode([first], skip_special_tokens=False))
 
-    async def open(self, prepared: PreparedPrompt) -> Generation:
-        return await self._generator.open(prepared.generation)
+    async def open(self, prepared: list[PreparedPrompt]) -> Generation:
+        """The first prompt's generation."""
+        return await self._generator.open(prepared[0].generation)
 
     async def close(self, generation: Generation) -> None:
         await self._generator.close(generation)
@@ -145,78 +146,33 @@ class CompletionService:
     async def complete(
         self, request: CompletionRequest, prepared: list[PreparedPrompt]
     ) -> tuple[Completion, tuple[Hop, ...]]:
-        """The whole completion, and the route its first prompt was generated on.
+        """The whole completion, collected from its stream, and the route its first prompt
+        was generated on."""
+        first = await self.open(prepared)
+        stream = self._chunks(request, prepared, first, usage=True)
+        chunks = await collected(self._generator, first, stream)
+        return _completion(request, chunks), first.route
 
-        Its prompts generate at once (gateway/openai/fanout.py): a list of prompts is how
+    def stream(
+        self, request: CompletionRequest, prepared: list[PreparedPrompt], first: Generation
+    ) -> AsyncGenerator[Completion, None]:
+        """Chunks of each prompt's choice (``first`` is already open), then usage.
+
+        Its prompts generate at once (gateway/openai/choices.py): a list of prompts is how
         evaluation harnesses batch. The first leads, the others start once its prompt is
         on the servers, so a few-shot prefix they share is computed once; prompts scored
-        whole (echo with logprobs) reuse nothing and all start at once."""
-        lead: list[tuple[Hop, ...]] = []  # the first prompt's route, once open
+        whole (echo with logprobs) reuse nothing and all start at once. Their chunks
+        interleave as they come, each with its choice's index."""
+        return self._chunks(request, prepared, first, usage=request.include_usage())
 
-        async def run(index: int, prompt_done: Callable[[], None]) -> _Outcome:
-            prompt = prepared[index]
-            generation = await self._generator.open(prompt.generation, near=lead[0] if lead else ())
-            if index == 0:
-                lead.append(generation.route)
-            return await self._choice(request, index, prompt, generation, prompt_done)
-
-        scoring = any(p.generation.prompt_logprobs is not None for p in prepared)
-        outcomes = await fan_out(run, len(prepared), lead=not scoring)
-        completion = Completion(
-            id=_completion_id(),
-            model=request.model,
-            choices=[choice for choice, _ in outcomes],
-            system_fingerprint=SYSTEM_FINGERPRINT,
-            usage=_total_usage([finished for _, finished in outcomes]),
-        )
-        return completion, lead[0] if lead else ()
-
-    async def _choice(
-        self,
-        request: CompletionRequest,
-        index: int,
-        prompt: PreparedPrompt,
-        generation: Generation,
-        prompt_done: Callable[[], None],
-    ) -> _Outcome:
-        outcome: _Outcome | None = None
-        try:
-            parts = [prompt.text] if request.echo else []
-            offsets = _Offsets(len(prompt.text) if request.echo else 0)
-            events = self._generator.generate(
-                prompt.generation, generation, prompt_done=prompt_done
-            )
-            async with aclosing(events):
-                async for event in events:
-                    if isinstance(event, PromptLogprobs):
-                        first = self._first_token(prompt)
-                        offsets.add_prompt(first, event.logprobs, prompt.text)
-                    elif isinstance(event, TextDelta):
-                        parts.append(event.text)
-                        offsets.add(event.logprobs)
-                    else:
-                        choice = CompletionChoice(
-                            index=index,
-                            text="".join(parts),
-                            finish_reason=event.finish_reason,
-                            logprobs=offsets.all if request.logprobs is not None else None,
-                        )
-                        outcome = choice, event  # read on to the end: leaving early cancels it
-        finally:  # also when cancelled before its generation began
-            await self._generator.close(generation)
-        if outcome is None:
-            raise RuntimeError("the generation ended without finishing")  # it always does
-        return outcome
-
-    async def stream(
+    async def _chunks(
         self,
         request: CompletionRequest,
         prepared: list[PreparedPrompt],
         first: Generation,
+        *,
+        usage: bool,
     ) -> AsyncGenerator[Completion, None]:
-        """Chunks of each prompt's choice (``first`` is already open), then usage. The
-        prompts generate at once, as in ``complete``; their chunks interleave as they come,
-        each with its choice's index."""
         completion_id, created = _completion_id(), int(time.time())
 
         def chunk(
@@ -242,60 +198,85 @@ class CompletionService:
         finished: list[Finished] = []
 
         async def chunks(
-            index: int, prompt_done: Callable[[], None]
+            index: int, generation: Generation, prompt_done: Callable[[], None]
         ) -> AsyncGenerator[Completion, None]:
             prompt = prepared[index]
-            generation = first if index == 0 else None
-            try:
-                generation = generation or await self._generator.open(
-                    prompt.generation, near=first.route
-                )
-                offsets = _Offsets(len(prompt.text) if request.echo else 0)
-                if request.echo and prompt.generation.prompt_logprobs is None:
-                    yield chunk(index, prompt.text)
-                # Closed with the stream, even when its reader stops at a `yield`.
-                events = self._generator.generate(
-                    prompt.generation, generation, prompt_done=prompt_done
-                )
-                async with aclosing(events):
-                    async for event in events:
-                        if isinstance(event, PromptLogprobs):  # the echo, with its logprobs
-                            first_token = self._first_token(prompt)
-                            scored = offsets.add_prompt(first_token, event.logprobs, prompt.text)
-                            yield chunk(index, prompt.text, logprobs=scored)
-                        elif isinstance(event, TextDelta):
-                            logprobs = offsets.add(event.logprobs)
-                            yield chunk(
-                                index,
-                                event.text,
-                                logprobs=logprobs if request.logprobs is not None else None,
-                            )
-                        else:
-                            finished.append(event)
-                            yield chunk(index, "", event)
-            finally:  # also when the client leaves before its generation began
-                if generation is not None:
-                    await self._generator.close(generation)
+            offsets = _Offsets(len(prompt.text) if request.echo else 0)
+            if request.echo and prompt.generation.prompt_logprobs is None:
+                yield chunk(index, prompt.text)
+            events = self._generator.generate(
+                prompt.generation, generation, prompt_done=prompt_done
+            )
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, PromptLogprobs):  # the echo, with its logprobs
+                        first_token = self._first_token(prompt)
+                        scored = offsets.add_prompt(first_token, event.logprobs, prompt.text)
+                        yield chunk(index, prompt.text, logprobs=scored)
+                    elif isinstance(event, TextDelta):
+                        logprobs = offsets.add(event.logprobs)
+                        yield chunk(
+                            index,
+                            event.text,
+                            logprobs=logprobs if request.logprobs is not None else None,
+                        )
+                    else:
+                        finished.append(event)
+                        yield chunk(index, "", event)
 
-        scoring = any(p.generation.prompt_logprobs is not None for p in prepared)
-        try:
-            async with aclosing(fan_in(chunks, len(prepared), lead=not scoring)) as merged:
-                async for made in merged:
-                    yield made
-            if request.include_usage():
-                yield Completion(
-                    id=completion_id,
-                    created=created,
-                    model=request.model,
-                    choices=[],
-                    system_fingerprint=SYSTEM_FINGERPRINT,
-                    usage=_total_usage(finished),
-                )
-        finally:  # the first prompt's, when the stream ended before it began
-            await self._generator.close(first)
+        requests = [p.generation for p in prepared]
+        scoring = any(r.prompt_logprobs is not None for r in requests)
+        merged = choices(self._generator, requests, first, chunks, lead=not scoring)
+        async with aclosing(merged):
+            async for made in merged:
+                yield made
+        if usage:
+            yield Completion(
+                id=completion_id,
+                created=created,
+                model=request.model,
+                choices=[],
+                system_fingerprint=SYSTEM_FINGERPRINT,
+                usage=_total_usage(finished),
+            )
 
 
-_Outcome = tuple[CompletionChoice, Finished]
+def _completion(request: CompletionRequest, chunks: list[Completion]) -> Completion:
+    """The completion that a stream's chunks add up to: each choice's text, its logprobs
+    (the chunks' parts, end to end) and finish reason, and the usage."""
+    texts: dict[int, list[str]] = {}
+    logprobs: dict[int, CompletionLogprobs] = {}
+    reasons: dict[int, FinishReason] = {}
+    usage = None
+    for made in chunks:
+        usage = made.usage or usage
+        for part in made.choices:
+            i = part.index
+            texts.setdefault(i, []).append(part.text)
+            if part.logprobs is not None:
+                whole = logprobs.setdefault(i, CompletionLogprobs())
+                for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    getattr(whole, name).extend(getattr(part.logprobs, name))
+            if part.finish_reason is not None:
+                reasons[i] = part.finish_reason
+    if usage is None:
+        raise RuntimeError("the stream ended without its usage")  # it always has it
+    wanted = request.logprobs is not None
+    return Completion(
+        id=_completion_id(),
+        model=request.model,
+        choices=[
+            CompletionChoice(
+                index=i,
+                text="".join(texts.get(i, [])),
+                finish_reason=reasons[i],
+                logprobs=logprobs.get(i, CompletionLogprobs()) if wanted else None,
+            )
+            for i in sorted(reasons)
+        ],
+        system_fingerprint=SYSTEM_FINGERPRINT,
+        usage=usage,
+    )
 
 
 class _Offsets:

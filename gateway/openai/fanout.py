@@ -7,51 +7,26 @@ or completion prompts with a common few-shot prefix) should not all compute it, 
 so each of them starts from a copy of that cache (the servers' prefix index) and computes
 only what is its own.
 
-A task group runs them: the first failure cancels the others (each closes its own session
-as it unwinds) and is raised as itself, not as a group, so it maps to its HTTP status.
-Streamed, ``fan_in`` merges the choices' chunks as they come, each choice's in its order
-(OpenAI interleaves the chunks of ``n`` choices the same way).
+``fan_in`` runs them and merges their chunks as they come, each choice's in its order
+(OpenAI interleaves the chunks of ``n`` choices the same way). The first failure cancels
+the others (each closes its own stream as it unwinds) and is raised as itself, not as a
+group, so it maps to its HTTP status. A response sent whole collects the same chunks
+(gateway/openai/choices.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
-# Runs choice ``index``; calls ``prompt_done`` once its prompt's forward has returned.
-Run = Callable[[int, Callable[[], None]], Coroutine[Any, Any, T]]
-# Streams choice ``index``, the same way.
+# Streams choice ``index``; calls ``prompt_done`` once its prompt's forward has returned.
 Stream = Callable[[int, Callable[[], None]], AsyncGenerator[T, None]]
 FAN_IN_BUFFER = 16  # chunks the choices may run ahead of a slow reader, in all
-
-
-async def fan_out(run: Run[T], count: int, *, lead: bool) -> list[T]:
-    """The outcomes of choices ``0 .. count - 1``, in order."""
-    if count < 1:
-        return []
-    prompt_done = asyncio.Event()
-
-    async def follow(index: int) -> T:
-        await prompt_done.wait()
-        return await run(index, lambda: None)
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            first = group.create_task(run(0, prompt_done.set))
-            # However the first ends, the others go on (or are cancelled with the group).
-            first.add_done_callback(lambda _: prompt_done.set())
-            tasks = [first] + [
-                group.create_task(follow(i) if lead else run(i, lambda: None))
-                for i in range(1, count)
-            ]
-    except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None
-    return [task.result() for task in tasks]
 
 
 @dataclass(frozen=True)
@@ -61,9 +36,10 @@ class _Ended:
 
 async def fan_in(stream: Stream[T], count: int, *, lead: bool) -> AsyncGenerator[T, None]:
     """The items of choices ``0 .. count - 1`` as they come, each choice's in order, with
-    the followers started as ``fan_out`` starts them. The first failure cancels the
-    others and is raised as itself; closing this generator (a reader that left) cancels
-    every choice, and each closes its own stream as it unwinds."""
+    the followers started once the first's prompt is done (with ``lead``), else at once.
+    The first failure cancels the others and is raised as itself; closing this generator
+    (a reader that left) cancels every choice, and each closes its own stream as it
+    unwinds."""
     if count < 1:
         return
     merged: asyncio.Queue[T | _Ended] = asyncio.Queue(FAN_IN_BUFFER)

@@ -20,8 +20,8 @@ from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.engine.generation import Generation, GenerationRequest
-from gateway.openai.chat_service import ChatService
+from gateway.engine.generation import Generation
+from gateway.openai.chat_service import ChatService, PreparedChat
 from gateway.openai.models import ChatCompletionRequest, ChatMessage
 from gateway.openai.prepare import ServedModel, requested_adapter
 from gateway.responses.events import ResponseEvents
@@ -131,7 +131,7 @@ class ResponsesService:
         *,
         received_at: float | None = None,
         tenant: str = "",
-    ) -> list[GenerationRequest]:
+    ) -> PreparedChat:
         with _responses_params():
             # A context overflow names the prompt in its text too; _PARAMS renames its param.
             return await self._chat.prepare(
@@ -142,14 +142,14 @@ class ResponsesService:
                 prompt_param="input",
             )
 
-    async def open(self, prepared: GenerationRequest) -> Generation:
+    async def open(self, prepared: PreparedChat) -> Generation:
         return await self._chat.open(prepared)
 
     async def close(self, generation: Generation) -> None:
         await self._chat.close(generation)
 
     async def complete(
-        self, turn: Turn, prepared: list[GenerationRequest]
+        self, turn: Turn, prepared: PreparedChat
     ) -> tuple[Response, tuple[Hop, ...]]:
         completion, route = await self._chat.complete(turn.chat, prepared)
         response = response_from_completion(turn.response, completion)
@@ -157,7 +157,7 @@ class ResponsesService:
         return response, route
 
     async def stream(
-        self, turn: Turn, prepared: list[GenerationRequest], first: Generation
+        self, turn: Turn, prepared: PreparedChat, first: Generation
     ) -> AsyncGenerator[ResponseEvent, None]:
         """The response's events. A failure after the first event ends the stream with an
         `error` event and `response.failed`, and stores nothing."""

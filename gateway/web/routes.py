@@ -31,6 +31,7 @@ from gateway.responses.service import ResponsesService
 from gateway.web import sse
 from gateway.web.auth import client_key, tenant_of
 from gateway.web.cancellation import unless_disconnected
+from gateway.web.endpoint import Body, Chunk, Endpoint, Prepared, Result
 from gateway.web.errors import to_http_error
 from gateway.web.limits import Admission, Slot
 from gateway.web.streaming import EventStream
@@ -62,7 +63,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 @api.post("/v1/completions", responses=_ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     session_key = request.headers.get("x-session-id") or body.user
-    return await _respond(request, request.app.state.completions, body, session_key)
+    return await _respond(request, _completions(request), body, session_key)
+
+
+def _completions(request: Request) -> CompletionService:
+    return request.app.state.completions  # type: ignore[no-any-return]
 
 
 def _responses(request: Request) -> ResponsesService:
@@ -123,13 +128,10 @@ def route_header(route: Sequence[Hop]) -> str:
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
 
 
-Service = ChatService | CompletionService | ResponsesService
-
-
 async def _respond(
     request: Request,
-    service: Service,
-    body: Any,
+    service: Endpoint[Body, Prepared, Result, Chunk],
+    body: Body,
     session_key: str | None,
     *,
     framing: sse.Framing = sse.CHUNKS,
@@ -147,8 +149,8 @@ async def _respond(
 
 async def _serve(
     request: Request,
-    service: Service,
-    body: Any,
+    service: Endpoint[Body, Prepared, Result, Chunk],
+    body: Body,
     session_key: str | None,
     received_at: float,
     framing: sse.Framing,
@@ -164,7 +166,7 @@ async def _serve(
     slot = await admission.admit(client_key(authorization), service.generations(body))
     stream: EventStream | None = None
     try:
-        prepared: Any = await service.prepare(
+        prepared = await service.prepare(
             body,
             session_key,
             received_at=received_at,
@@ -173,7 +175,7 @@ async def _serve(
         if not body.stream:
             completion, route = await service.complete(body, prepared)
             return JSONResponse(dump(completion), headers={ROUTE_HEADER: route_header(route)})
-        first = await service.open(prepared[0])
+        first = await service.open(prepared)
         chunks = service.stream(body, prepared, first)
         timeout_s = request.app.state.send_timeout_s
         stream = _stream(service, chunks, first, slot, timeout_s, framing)
@@ -184,8 +186,8 @@ async def _serve(
 
 
 def _stream(
-    service: Service,
-    chunks: AsyncGenerator[BaseModel, None],
+    service: Endpoint[Body, Prepared, Result, Chunk],
+    chunks: AsyncGenerator[Chunk, None],
     first: Generation,
     slot: Slot,
     send_timeout_s: float,

@@ -13,59 +13,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from gateway.app import create_app
-from gateway.openai.fanout import fan_in, fan_out
+from gateway.openai.fanout import fan_in
 from gateway.settings import GatewaySettings
 from protocol.errors import NoRouteError
 from tests.fakes import LocalSwarmClient
-
-
-def test_followers_start_once_the_leader_s_prompt_is_done() -> None:
-    events: list[str] = []
-
-    async def run(index: int, prompt_done: Callable[[], None]) -> int:
-        events.append(f"start {index}")
-        await asyncio.sleep(0)
-        if index == 0:
-            events.append("prompt 0 done")
-            prompt_done()
-            await asyncio.sleep(0.01)  # still decoding while the others start
-        events.append(f"end {index}")
-        return index * 10
-
-    assert asyncio.run(fan_out(run, 3, lead=True)) == [0, 10, 20]
-    assert events.index("prompt 0 done") < events.index("start 1")
-    assert events.index("start 2") < events.index("end 0")  # they run alongside it
-
-    events.clear()
-    assert asyncio.run(fan_out(run, 3, lead=False)) == [0, 10, 20]
-    assert events[:3] == ["start 0", "start 1", "start 2"]  # nothing shared to wait for
-
-
-def test_a_leader_that_ends_without_its_prompt_done_does_not_strand_the_others() -> None:
-    async def run(index: int, prompt_done: Callable[[], None]) -> int:
-        return index
-
-    assert asyncio.run(asyncio.wait_for(fan_out(run, 3, lead=True), 5)) == [0, 1, 2]
-    assert asyncio.run(fan_out(run, 0, lead=True)) == []
-
-
-def test_the_first_failure_cancels_the_others_and_is_raised_as_itself() -> None:
-    cancelled: list[int] = []
-
-    async def run(index: int, prompt_done: Callable[[], None]) -> int:
-        prompt_done()
-        if index == 1:
-            raise NoRouteError("gone")
-        try:
-            await asyncio.sleep(10)
-        except asyncio.CancelledError:
-            cancelled.append(index)
-            raise
-        return index
-
-    with pytest.raises(NoRouteError):
-        asyncio.run(asyncio.wait_for(fan_out(run, 3, lead=True), 5))
-    assert sorted(cancelled) == [0, 2]
 
 
 def test_chat_choices_follow_the_first_one_s_prompt_and_decode_alongside(

@@ -17,7 +17,8 @@ from starlette.testclient import TestClient
 
 from gateway.app import create_app
 from gateway.engine.generation import Finished, Generation, GenerationRequest, TextDelta
-from gateway.openai.chat_service import ChatService, tool_plan
+from gateway.openai.chat_request import tool_plan
+from gateway.openai.chat_service import ChatService
 from gateway.openai.models import ChatCompletionRequest, ChatMessage, ChatTool
 from gateway.openai.prepare import ServedModel
 from gateway.openai.templating import PromptBuilder
@@ -101,7 +102,7 @@ def complete(svc: ChatService, req: ChatCompletionRequest) -> chat_types.ChatCom
 def stream(svc: ChatService, req: ChatCompletionRequest) -> list[chat_types.ChatCompletionChunk]:
     async def run() -> list[Any]:
         prepared = await svc.prepare(req)
-        first = await svc.open(prepared[0])
+        first = await svc.open(prepared)
         return [chunk.model_dump(mode="json") async for chunk in svc.stream(req, prepared, first)]
 
     return [chat_types.ChatCompletionChunk.model_validate(c) for c in asyncio.run(run())]
