@@ -14,25 +14,27 @@ from gateway.openai.models import (
     FinishReason,
 )
 from gateway.responses.models import (
-    ContentPartEvent,
-    ErrorEvent,
     FunctionCall,
-    FunctionCallArgumentsDelta,
-    FunctionCallArgumentsDone,
     Logprob,
     OutputItem,
-    OutputItemEvent,
     OutputMessage,
     OutputText,
-    OutputTextDelta,
-    OutputTextDone,
     Response,
     ResponseError,
-    ResponseEvent,
-    ResponseLifecycleEvent,
     ResponseUsage,
 )
 from gateway.responses.output import delta_logprobs, finished, new_id, output_logprobs, usage_of
+from gateway.responses.stream_events import (
+    ContentPartEvent,
+    ErrorEvent,
+    FunctionCallArgumentsDelta,
+    FunctionCallArgumentsDone,
+    OutputItemEvent,
+    OutputTextDelta,
+    OutputTextDone,
+    ResponseEvent,
+    ResponseLifecycleEvent,
+)
 
 
 class ResponseEvents:

@@ -20,8 +20,6 @@ from gateway.openai.models import (
     FinishReason,
 )
 from gateway.responses.models import (
-    DeltaLogprob,
-    DeltaLogprobTop,
     FunctionCall,
     IncompleteDetails,
     InputTokensDetails,
@@ -36,6 +34,7 @@ from gateway.responses.models import (
     ResponseUsage,
     TextConfig,
 )
+from gateway.responses.stream_events import DeltaLogprob, DeltaLogprobTop
 
 
 def new_id(prefix: str) -> str:

@@ -26,16 +26,11 @@ from gateway.openai.models import ChatCompletionRequest, ChatMessage
 from gateway.openai.prepare import ServedModel, requested_adapter
 from gateway.responses.events import ResponseEvents
 from gateway.responses.items import input_items, items_page, listed_items
-from gateway.responses.models import (
-    InputItem,
-    Response,
-    ResponseEvent,
-    ResponseItemList,
-    ResponsesRequest,
-)
+from gateway.responses.models import InputItem, Response, ResponseItemList, ResponsesRequest
 from gateway.responses.output import new_id, response_from_completion, response_skeleton
 from gateway.responses.refusals import refuse_unsupported
 from gateway.responses.store import MAX_RECORD_BYTES, ResponseStore, StoredResponse
+from gateway.responses.stream_events import ResponseEvent
 from gateway.responses.to_chat import chat_request, output_messages
 from gateway.web.errors import to_http_error
 from protocol.errors import InvalidRequest, NotFound, RequestError
