@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
-from tests.integration.conftest import PREFILL_CHUNK_TOKENS, Swarm
+from tests.integration.conftest import PREFILL_CHUNK_TOKENS, Swarm, running_gateway
 from tests.processes import wait_for
 
 pytestmark = pytest.mark.integration
@@ -90,6 +90,26 @@ def test_greedy_output_equals_transformers_generate(swarm: Swarm, messages: list
         expected, skip_special_tokens=True
     )
     assert response.choices[0].finish_reason == ("length" if len(expected) == 24 else "stop")
+
+
+@pytest.mark.parametrize("screen", ["on", "off"])
+def test_greedy_output_is_exact_with_the_greedy_screen_on_and_off(
+    swarm: Swarm, tmp_path: Path, screen: str
+) -> None:
+    """`--greedy-screen on` finds each greedy token without the full LM head wherever its
+    bound holds, `off` never: both answer exactly as ``generate``."""
+    tokenizer = _reference(swarm.model_path)[1]
+    flags = ("--greedy-screen", screen, "--prefill-chunk-tokens", str(PREFILL_CHUNK_TOKENS))
+    with running_gateway(swarm, tmp_path, *flags, name=f"gateway screen {screen}") as url:
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for messages in PROMPTS:
+            _, expected = hf_greedy(swarm.model_path, messages, max_new_tokens=24)
+            response = sdk.chat.completions.create(
+                model=swarm.model_id, messages=messages, max_tokens=24, temperature=0
+            )
+            assert response.choices[0].message.content == tokenizer.decode(
+                expected, skip_special_tokens=True
+            )
 
 
 def test_concurrent_streams_each_equal_transformers_generate(swarm: Swarm) -> None:
