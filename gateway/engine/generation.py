@@ -16,12 +16,12 @@ from typing import Any
 
 from client.swarm_client import InferenceSession, SwarmClient, detach
 from gateway.engine.affinity import Claim, SessionAffinity
+from gateway.engine.finish import FinishReason
 from gateway.engine.grammar import Grammar
 from gateway.engine.head import HeadRunner
 from gateway.engine.sampling import SamplingParams, StreamSampler, TokenChoice
 from gateway.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
 from gateway.metrics import GatewayMetrics
-from gateway.openai.models import FinishReason
 from protocol.prefix import TokenHistory
 from routing.planner import Hop
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
+from gateway.engine.finish import FinishReason
 from gateway.engine.generation import (
     Finished,
     Generation,
@@ -39,7 +40,6 @@ from gateway.openai.models import (
     ChoiceDeltaToolCall,
     ChoiceLogprobs,
     ChunkChoice,
-    FinishReason,
     ToolCall,
     ToolCallFunction,
     TopLogprob,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 
 from transformers import PreTrainedTokenizerBase
 
+from gateway.engine.finish import FinishReason
 from gateway.engine.generation import (
     Finished,
     Generation,
@@ -27,7 +28,6 @@ from gateway.openai.models import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionUsage,
-    FinishReason,
 )
 from gateway.openai.prepare import (
     RequestLimits,

@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from gateway.engine.finish import FinishReason
+
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -299,8 +301,6 @@ class CompletionRequest(SamplingRequest):
 
 
 # ---- responses ----
-
-FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class PromptTokensDetails(OpenAIModel):

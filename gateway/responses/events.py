@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from gateway.engine.finish import FinishReason
 from gateway.openai.models import (
     ChatCompletionChunk,
     ChoiceDeltaToolCall,
-    FinishReason,
 )
 from gateway.responses.models import (
     FunctionCall,

@@ -11,13 +11,13 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+from gateway.engine.finish import FinishReason
 from gateway.openai.models import (
     ChatCompletion,
     ChatCompletionMessage,
     ChatCompletionTokenLogprob,
     ChoiceLogprobs,
     CompletionUsage,
-    FinishReason,
 )
 from gateway.responses.models import (
     FunctionCall,
