@@ -17,7 +17,8 @@ import math
 import statistics
 import time
 from collections import Counter
-from collections.abc import Set
+from collections.abc import Sequence, Set
+from typing import Any
 
 from hivemind.p2p import P2P
 
@@ -26,16 +27,19 @@ from client.liveness import Liveness
 from client.metrics import ClientMetrics
 from protocol.errors import NoRouteError, SwarmError
 from protocol.latency import SimulatedLink
+from protocol.membership import Membership
 from protocol.swarm import ModelRecord
 from routing.costs import RouteCosts
 from routing.health import PeerHealth
 from routing.planner import Hop, plan_route
 from routing.snapshot import SwarmSnapshot, carry_over, next_refresh_s, settled
 from swarm_dht.discovery import fetch_candidates, fetch_model, snapshot_of, warn_if_model_differs
-from swarm_dht.join import SwarmMember
+from swarm_dht.join import SwarmMember, join_swarm
 from swarm_dht.revocations import learn_revocations, watch_revocations
 
-__all__ = ["SwarmView"]
+# Hop is the client's word for one server of a planned chain: its users plan through the
+# view and need not reach into the planner for the type.
+__all__ = ["Hop", "SwarmView"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,28 @@ class SwarmView:
             membership=membership,
         )
         self.liveness.on_hung = lambda peer_id: self._wake.set()
+        self._own_member: SwarmMember | None = None  # left on aclose: see join()
+
+    @classmethod
+    def join(
+        cls,
+        initial_peers: Sequence[str],
+        membership: Membership | None,
+        prefix: str,
+        model: ModelRecord,
+        **options: Any,
+    ) -> SwarmView:
+        """A view over a DHT peer of its own (client mode), joined through
+        ``initial_peers``, which ``aclose`` leaves: how a gateway or a fine-tuner uses the
+        swarm. ``options`` as for the constructor."""
+        member = join_swarm(initial_peers, membership, client_mode=True)
+        try:
+            view = cls(member, prefix, model, **options)
+        except BaseException:
+            member.leave()
+            raise
+        view._own_member = member
+        return view
 
     def member_pass(self) -> str:
         """This process's pass to servers' RPCs (empty in an open swarm)."""
@@ -118,11 +144,16 @@ class SwarmView:
         )
 
     async def aclose(self) -> None:
-        for task in (self._refresher, self._watcher, self._revocations, self._reading):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        try:
+            for task in (self._refresher, self._watcher, self._revocations, self._reading):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        finally:
+            if self._own_member is not None:
+                self._own_member.leave()
+                self._own_member = None
 
     def snapshot(self) -> SwarmSnapshot:
         return self._snapshot

@@ -30,13 +30,13 @@ from gateway.engine.head import HeadRunner, embed_ids
 from gateway.metrics import GatewayMetrics
 from gateway.openai.chat_service import ChatService
 from gateway.openai.completion_service import CompletionService
+from gateway.openai.errors import to_http_error
 from gateway.openai.prepare import RequestLimits, ServedModel
 from gateway.openai.templating import PromptBuilder
 from gateway.responses.service import ResponsesService
 from gateway.responses.store import InMemoryResponseStore, RedisResponseStore, ResponseStore
 from gateway.settings import GatewaySettings
 from gateway.web.auth import ApiKeyGuard
-from gateway.web.errors import to_http_error
 from gateway.web.limits import Admission, BodySizeLimit
 from gateway.web.request_ids import RequestIdMiddleware
 from gateway.web.routes import api, ops
@@ -45,7 +45,6 @@ from models.loading import load_config, load_head, load_tokenizer
 from protocol.errors import RequestError, SwarmError
 from protocol.latency import SIMULATED_RTT_ENV, SimulatedLink
 from protocol.swarm import ModelRecord, dht_prefix
-from swarm_dht.join import join_swarm
 
 logger = logging.getLogger("swarmgate.gateway")
 
@@ -81,12 +80,12 @@ def create_app(
             settings.greedy_screen,
         )
         head = HeadRunner(weights, screen=screen, metrics=app.state.metrics)
-        member, view = None, None
+        view = None
         swarm = swarm_client
         if swarm is None:
-            member = join_swarm(settings.initial_peers, settings.membership, client_mode=True)
-            view = SwarmView(
-                member,
+            view = SwarmView.join(
+                settings.initial_peers,
+                settings.membership,
                 dht_prefix(settings.model_id, settings.namespace),
                 ModelRecord.of(settings.model_id, config, revision=settings.model_revision),
                 refresh_period_s=settings.refresh_period_s,
@@ -103,7 +102,11 @@ def create_app(
                 prefill_chunk_tokens=settings.prefill_chunk_tokens,
                 push=settings.push,
             )
-            await view.start()
+            try:
+                await view.start()
+            except BaseException:  # the lifespan's finally below is not reached yet
+                await view.aclose()
+                raise
         app.state.swarm = swarm
         metrics = app.state.metrics
         store = affinity_store or _affinity_store(settings)
@@ -154,9 +157,7 @@ def create_app(
         finally:
             await responses.aclose()
             if view is not None:
-                await view.aclose()
-            if member is not None:
-                member.leave()
+                await view.aclose()  # and leaves the swarm
             head.close()
             if grammars is not None:
                 grammars.close()

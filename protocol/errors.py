@@ -20,7 +20,7 @@ Errors about one server carry its ``peer_id`` so that the gateway can route arou
 
     StoreUnavailable            the gateway's shared store (Redis) did not answer
 
-The gateway maps each class to an HTTP status once, in ``gateway/web/errors.py``.
+The gateway maps each class to an HTTP status once, in ``gateway/openai/errors.py``.
 """
 
 from __future__ import annotations

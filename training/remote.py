@@ -10,6 +10,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from client.swarm_view import Hop
 from models.loading import BlockLinear
 from models.lora import lora_shapes
 from protocol.codec import make_request, read_pieces, request_pieces
@@ -23,7 +24,6 @@ from protocol.rpc import (
     TrainDone,
     decode_reply,
 )
-from routing.planner import Hop
 
 CALL_TIMEOUT_S = 300.0  # one call, sending, compute and reply: a long span on a busy CPU
 

@@ -28,7 +28,7 @@ from typing import TextIO
 
 import torch
 
-from client.swarm_view import SwarmView
+from client.swarm_view import Hop, SwarmView
 from models.devices import Placement, to_host
 from models.families import family_of
 from models.loading import Head, block_linears, load_config, load_head, load_tokenizer
@@ -37,8 +37,6 @@ from protocol.latency import SimulatedLink
 from protocol.membership import Membership
 from protocol.rpc import LoraSpec
 from protocol.swarm import ModelRecord, dht_prefix
-from routing.planner import Hop
-from swarm_dht.join import join_swarm
 from training.data import IGNORE, Example, batches, collate, read_examples, token_loss
 from training.lora import ClientLora
 from training.remote import CALL_TIMEOUT_S, TrainClient
@@ -108,33 +106,29 @@ async def _train(settings: FinetuneSettings, progress: TextIO) -> TrainResult:
     lora = ClientLora(
         linears, config.num_hidden_layers, spec, seed=settings.seed, blocks_path=blocks_path
     )
-    member = join_swarm(settings.initial_peers, settings.membership, client_mode=True)
+    swarm = SwarmView.join(
+        settings.initial_peers,
+        settings.membership,
+        dht_prefix(settings.model_name, settings.namespace),
+        ModelRecord.of(settings.model_name, config, revision=settings.model_revision),
+        link=SimulatedLink.from_env(),  # its probes cross the link a benchmark simulates
+    )
     try:
-        model = ModelRecord.of(settings.model_name, config, revision=settings.model_revision)
-        swarm = SwarmView(
-            member,
-            dht_prefix(settings.model_name, settings.namespace),
-            model,
-            link=SimulatedLink.from_env(),  # its probes cross the link a benchmark simulates
-        )
         await swarm.start()
-        try:
-            client = TrainClient(
-                await member.dht.replicate_p2p(),
-                config.hidden_size,
-                linears,
-                spec,
-                member_pass=member.member_pass,
-                timeout_s=settings.call_timeout_s,
-            )
-            pad = tokenizer.pad_token_id
-            pad = tokenizer.eos_token_id if pad is None else pad
-            trainer = Trainer(swarm, client, head, lora, pad_id=int(pad or 0))
-            return await trainer.run(examples, settings, progress)
-        finally:
-            await swarm.aclose()
+        client = TrainClient(
+            swarm.p2p,
+            config.hidden_size,
+            linears,
+            spec,
+            member_pass=swarm.member_pass,
+            timeout_s=settings.call_timeout_s,
+        )
+        pad = tokenizer.pad_token_id
+        pad = tokenizer.eos_token_id if pad is None else pad
+        trainer = Trainer(swarm, client, head, lora, pad_id=int(pad or 0))
+        return await trainer.run(examples, settings, progress)
     finally:
-        member.leave()
+        await swarm.aclose()
 
 
 class Trainer:

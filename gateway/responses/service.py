@@ -22,6 +22,7 @@ from typing import Literal
 
 from gateway.engine.generation import Generation
 from gateway.openai.chat_service import ChatService, PreparedChat
+from gateway.openai.errors import to_http_error
 from gateway.openai.models import ChatCompletionRequest, ChatMessage
 from gateway.openai.prepare import ServedModel, requested_adapter
 from gateway.responses.events import ResponseEvents
@@ -32,7 +33,6 @@ from gateway.responses.refusals import refuse_unsupported
 from gateway.responses.store import MAX_RECORD_BYTES, ResponseStore, StoredResponse
 from gateway.responses.stream_events import ResponseEvent
 from gateway.responses.to_chat import chat_request, output_messages
-from gateway.web.errors import to_http_error
 from protocol.errors import InvalidRequest, NotFound, RequestError
 from routing.planner import Hop
 

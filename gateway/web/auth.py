@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.metrics import GatewayMetrics
-from gateway.web.errors import to_http_error
+from gateway.openai.errors import to_http_error
 from protocol.errors import Unauthorized
 
 # What stays open with API keys configured: the probes (Kubernetes sends no key). Everything

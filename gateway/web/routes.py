@@ -18,6 +18,7 @@ from client.swarm_client import SwarmClient
 from gateway.engine.generation import Generation
 from gateway.openai.chat_service import ChatService
 from gateway.openai.completion_service import CompletionService
+from gateway.openai.errors import to_http_error
 from gateway.openai.models import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -32,7 +33,6 @@ from gateway.web import sse
 from gateway.web.auth import client_key, tenant_of
 from gateway.web.cancellation import unless_disconnected
 from gateway.web.endpoint import Body, Chunk, Endpoint, Prepared, Result
-from gateway.web.errors import to_http_error
 from gateway.web.limits import Admission, Slot
 from gateway.web.streaming import EventStream
 from protocol.errors import ModelNotFound, NoRouteError

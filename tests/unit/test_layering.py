@@ -28,7 +28,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "swarm_node": frozenset({"protocol", "routing", "swarm_dht", "models"}),
     "client": frozenset({"protocol", "routing", "swarm_dht"}),
     "gateway": frozenset({"protocol", "routing", "swarm_dht", "models", "client"}),
-    "training": frozenset({"protocol", "routing", "swarm_dht", "models", "client"}),
+    "training": frozenset({"protocol", "models", "client"}),
     "swarmgate": frozenset(
         {
             "protocol",
@@ -165,4 +165,57 @@ def test_every_kind_of_import_is_seen() -> None:
             "training.trainer",
             "swarm_node.handler",
         ]
+    )
+
+
+# Inside the gateway: its four packages import one another only downwards; the modules at
+# its root that they share (metrics, settings) import none of them. `app.py`, the
+# composition root, may import anything.
+GATEWAY_ALLOWED: dict[str, frozenset[str]] = {
+    "engine": frozenset(),
+    "openai": frozenset({"engine"}),
+    "responses": frozenset({"openai", "engine"}),
+    "web": frozenset({"responses", "openai", "engine"}),
+    "metrics": frozenset(),
+    "settings": frozenset(),
+}
+
+
+def gateway_imports(part: str) -> list[tuple[str, str]]:
+    """(file:line, imported gateway part) of every import of another gateway part in
+    ``gateway/<part>`` (a package, or a module at the gateway's root)."""
+    folder = ROOT / "gateway" / part
+    paths = sorted(folder.rglob("*.py")) if folder.is_dir() else [folder.with_suffix(".py")]
+    found = []
+    for path in paths:
+        relative = path.relative_to(ROOT)
+        is_package = path.name == "__init__.py"
+        module = ".".join(relative.with_suffix("").parts[: -1 if is_package else None])
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(relative))
+        for line, name in imported_modules(tree, module, is_package):
+            parts = name.split(".")
+            if parts[0] == "gateway" and len(parts) > 1 and parts[1] != part:
+                found.append((f"{relative}:{line}", parts[1]))
+    return found
+
+
+def test_the_gateway_map_names_every_part_of_the_gateway() -> None:
+    parts = {
+        path.stem if path.is_file() else path.name
+        for path in (ROOT / "gateway").iterdir()
+        if (path.suffix == ".py" and path.stem not in ("__init__", "app"))
+        or (path.is_dir() and (path / "__init__.py").exists())
+    }
+    assert parts == set(GATEWAY_ALLOWED)
+
+
+@pytest.mark.parametrize("part", sorted(GATEWAY_ALLOWED))
+def test_a_gateway_package_imports_only_the_packages_below_it(part: str) -> None:
+    shared = {"metrics", "settings"}
+    allowed = GATEWAY_ALLOWED[part] | (shared if part not in shared else frozenset())
+    forbidden = [(where, other) for where, other in gateway_imports(part) if other not in allowed]
+    assert not forbidden, (
+        f"gateway/{part} may import only {sorted(allowed) or 'no other gateway part'} "
+        "(docs/ARCHITECTURE.md, inside the gateway), but imports: "
+        + "; ".join(f"{other} at {where}" for where, other in forbidden)
     )

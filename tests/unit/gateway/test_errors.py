@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
 from gateway.openai.models import ErrorResponse
-from gateway.web.errors import RETRY_AFTER_S, HTTPError, to_http_error
+from gateway.openai.errors import RETRY_AFTER_S, HTTPError, to_http_error
 from protocol.errors import (
     CapacityExceeded,
     ContextLengthExceeded,
@@ -138,7 +138,7 @@ def test_generic_exception_is_500_without_leaking_details(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     secret = "password=hunter2 at /srv/secret/path.py"
-    with caplog.at_level(logging.ERROR, logger="gateway.web.errors"):
+    with caplog.at_level(logging.ERROR, logger="gateway.openai.errors"):
         error = to_http_error(RuntimeError(secret))
     assert error.status == 500
     body = body_of(error)

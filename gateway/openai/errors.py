@@ -1,4 +1,6 @@
-"""The one place where exceptions become OpenAI-shaped error responses."""
+"""The one place where exceptions become OpenAI-shaped errors: the HTTP status and error
+body of each, for the routes' responses and for errors a stream reports in-band (a
+Responses stream's `response.failed`)."""
 
 from __future__ import annotations
 
