@@ -35,7 +35,8 @@ from models.resolve import resolve_model
 from protocol.credentials import Role
 from protocol.membership import Membership
 from tests.processes import Process, no_orphans, stop_all, wait_for
-from training import FinetuneSettings, train_lora
+from training.settings import FinetuneSettings
+from training.trainer import train_lora
 
 
 def toy_data(folder: Path, length: int) -> Path:

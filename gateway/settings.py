@@ -143,7 +143,15 @@ class GatewaySettings:
             "generations to finish; then 429 with Retry-After (0: at once)",
         },
     )
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = field(
+        default=4 * 1024 * 1024,
+        metadata={
+            "flag": "--max-body-bytes",
+            "check": "positive",
+            "help": "largest request body read; a larger one is refused (413) before it is "
+            "read whole",
+        },
+    )
     # A stream whose client reads nothing this long is cancelled.
     send_timeout_s: float = field(
         default=30.0,
@@ -174,8 +182,23 @@ class GatewaySettings:
     )
     # Structured outputs: compiled grammars kept, and how long a request waits for its own
     # (past that, a 400 when its compile had begun: the schema is too complex).
-    grammar_cache_size: int = 256
-    grammar_compile_timeout_s: float = 5.0
+    grammar_cache_size: int = field(
+        default=256,
+        metadata={
+            "flag": "--grammar-cache-size",
+            "check": "positive",
+            "help": "compiled response formats (JSON schemas, tool grammars) kept for reuse",
+        },
+    )
+    grammar_compile_timeout_s: float = field(
+        default=5.0,
+        metadata={
+            "flag": "--grammar-compile-timeout",
+            "check": "positive",
+            "help": "seconds a request waits for its response format to compile; then 400 "
+            "(the schema is too complex)",
+        },
+    )
     # Greedy tokens through a bf16 copy of an fp32 LM head on a CPU, checked in fp32
     # (gateway/engine/greedy_head.py): on, off, or auto (where it is timed faster at start).
     greedy_screen: str = field(

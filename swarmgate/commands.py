@@ -225,8 +225,10 @@ def up(args: argparse.Namespace) -> int:
 def finetune(args: argparse.Namespace) -> int:
     from models.loading import block_linears, load_config
     from protocol.rpc import MAX_LORA_RANK
-    from training import DataError, FinetuneSettings, train_lora
+    from training.data import DataError
     from training.lora import parse_targets
+    from training.settings import FinetuneSettings
+    from training.trainer import train_lora
 
     source = model_source(args, "finetune")
     Placement.of(args.device, args.dtype)
@@ -240,26 +242,16 @@ def finetune(args: argparse.Namespace) -> int:
         targets = parse_targets(args.targets, list(block_linears(load_config(source.path))))
     except ValueError as e:
         raise SystemExit(f"swarmgate finetune: --targets: {e}") from None
-    settings = FinetuneSettings(
+    values = settings_values(FinetuneSettings, FLAGS, args)
+    values.update(
         model_name=source.name,
         model_path=source.path,
         model_revision=source.revision or "",
         initial_peers=tuple(initial_peers(args)),
-        data=Path(args.data),
-        out=Path(args.out),
-        rank=args.rank,
-        alpha=args.alpha,
         targets=tuple(targets),
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        seed=args.seed,
         membership=membership(args, Role.FINETUNE),
-        namespace=args.namespace,
-        device=args.device,
-        dtype=args.dtype,
     )
+    settings = FinetuneSettings(**values)
     try:
         train_lora(settings)
     except DataError as e:

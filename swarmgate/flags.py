@@ -6,9 +6,10 @@ modules import nothing of the command line); `Flag.of` reads it:
 
 - ``flag``: the name. Without ``help``, the field takes the flag another field declares
   (a gateway's ``--device`` is the one a node's settings declare).
-- ``help``; ``default`` (else the field's); ``env`` (else ``SWARMGATE_`` and the name, or
-  None for no variable); ``check``: ``positive``, ``non_negative``, ``device`` or
-  ``blocks``; ``choices``; ``metavar``; ``repeat`` (a list flag given once per value).
+- ``help``; ``default`` (else the field's; a field with neither is a required flag);
+  ``env`` (else ``SWARMGATE_`` and the name, or None for no variable); ``check``:
+  ``positive``, ``non_negative``, ``device`` or ``blocks``; ``choices``; ``metavar``;
+  ``repeat`` (a list flag given once per value).
 - ``local: False``: ``swarmgate up`` does not offer it (its processes would share one port,
   one identity). ``secret: True``: ``up`` hands it to its child in the environment, never on
   a command line, which every user of the machine can read.
@@ -27,6 +28,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 FlagValue = str | int | float | bool | tuple[str, ...] | tuple[int, int] | None
@@ -75,7 +77,8 @@ class Flag:
         hint = typing.get_type_hints(settings)[spec.name]
         kind = _unwrap_optional(hint)
         default = meta.get("default", spec.default)
-        if default is dataclasses.MISSING:
+        required = default is dataclasses.MISSING  # a field without a default: a must
+        if required:
             default = None
         flag = cls(
             name=meta["flag"],
@@ -88,6 +91,7 @@ class Flag:
             field=spec.name,
             local=bool(meta.get("local", True)),
             secret=bool(meta.get("secret", False)),
+            required=required,
         )
         if kind is bool:
             if flag.name.startswith("--no-") != (default is True):
@@ -251,7 +255,7 @@ def _unwrap_optional(hint: object) -> object:
 def _parser(kind: object, check: str | None, choices: Sequence[str]) -> Callable[[str], object]:
     if choices:
         return _one_of(tuple(choices))
-    if check is None and kind in (str, int, float):
+    if check is None and kind in (str, int, float, Path):
         return typing.cast(Callable[[str], object], kind)
     parsers: dict[tuple[object, str | None], Callable[[str], object]] = {
         (int, "positive"): positive_int,

@@ -1,9 +1,10 @@
 """Every flag of `swarmgate`, each declared once, and the flags each command takes.
 
-A node's and a gateway's flags are declared on their settings fields (swarm_node/settings.py,
-gateway/settings.py); the rest, which fill no process's settings as they are (the swarm key,
-the log, `up`'s own, `finetune`'s), here. `swarmgate up` takes the node's and the
-gateway's flags that make sense on one machine, from the same declarations.
+A node's, a gateway's and a fine-tuning run's flags are declared on their settings fields
+(swarm_node/settings.py, gateway/settings.py, training/settings.py); the rest, which fill no
+process's settings as they are (the swarm key, the log, `up`'s own), here. `swarmgate up`
+takes the node's and the gateway's flags that make sense on one machine, from the same
+declarations.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from swarmgate.flags import (
     settings_flags,
     unique,
 )
+from training.settings import DEFAULT_TARGETS, FinetuneSettings
 
 NODE_FLAGS = settings_flags(NodeSettings)
 GATEWAY_FLAGS = settings_flags(GatewaySettings)
@@ -102,30 +104,15 @@ ISSUE = [
     Flag("--days", "how long it is valid", default=30, env=None, parse=positive_int),
     Flag("--name", "a label for logs, e.g. gateway-eu-1", default="", env=None),
 ]
+# `finetune`'s own flags are declared on its settings; its targets are a spec the model's
+# projections resolve (training/settings.py), so that flag is declared here.
 FINETUNE = [
-    Flag(
-        "--data",
-        'JSONL: {"messages": [...]}, {"prompt", "completion"} or {"text"} per line',
-        env=None,
-        required=True,
-    ),
-    Flag("--out", "folder for the peft adapter", env=None, required=True),
-    Flag("--rank", "LoRA rank (max 64)", default=8, env=None, parse=positive_int),
-    Flag("--alpha", "LoRA alpha", default=16, env=None, parse=positive_int),
+    *settings_flags(FinetuneSettings),
     Flag(
         "--targets",
         "comma-separated projections to adapt, or `all`",
-        default="q_proj,k_proj,v_proj,o_proj",
+        default=",".join(DEFAULT_TARGETS),
         env=None,
-    ),
-    Flag("--steps", "training steps", default=100, env=None, parse=positive_int),
-    Flag("--lr", "AdamW learning rate", default=1e-3, env=None, parse=positive_float),
-    Flag("--batch-size", "examples per step", default=4, env=None, parse=positive_int),
-    Flag(
-        "--max-length", "tokens per example (cut beyond)", default=256, env=None, parse=positive_int
-    ),
-    Flag(
-        "--seed", "seeds the adapter's start and the data's order", default=0, env=None, parse=int
     ),
 ]
 STATUS = [Flag("--json", "print JSON instead of a table", env=None, switch=True)]
@@ -189,6 +176,6 @@ COMMANDS: dict[str, list[Flag]] = {
     "dht": [FLAGS["--initial-peers"], JOIN_TIMEOUT, *P2P, SWARM_KEY, *DHT],
     "node": list(unique([*MODEL, *PEERS, *P2P, SWARM_KEY, *_of(NodeSettings)])),
     "gateway": list(unique([*MODEL, *PEERS, SWARM_KEY, *_of(GatewaySettings), *GATEWAY_ACCESS])),
-    "finetune": [*MODEL, *_named("--device", "--dtype"), *PEERS, SWARM_KEY, *FINETUNE],
+    "finetune": list(unique([*MODEL, *PEERS, SWARM_KEY, *_of(FinetuneSettings), *FINETUNE])),
     "status": [*PEERS, SWARM_KEY, FLAGS["--namespace"], *STATUS],
 }

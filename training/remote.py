@@ -24,8 +24,7 @@ from protocol.rpc import (
     TrainDone,
     decode_reply,
 )
-
-CALL_TIMEOUT_S = 300.0  # one call, sending, compute and reply: a long span on a busy CPU
+from training.settings import CALL_TIMEOUT_S
 
 
 class TrainClient:

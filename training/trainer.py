@@ -34,43 +34,18 @@ from models.families import family_of
 from models.loading import Head, block_linears, load_config, load_head, load_tokenizer
 from protocol.errors import SwarmError
 from protocol.latency import SimulatedLink
-from protocol.membership import Membership
 from protocol.rpc import LoraSpec
 from protocol.swarm import ModelRecord, dht_prefix
 from training.data import IGNORE, Example, batches, collate, read_examples, token_loss
 from training.lora import ClientLora
-from training.remote import CALL_TIMEOUT_S, TrainClient
+from training.remote import TrainClient
+from training.settings import FinetuneSettings
 
 logger = logging.getLogger("swarmgate.finetune")
 
-MAX_RETRIES = 3  # runs of one step after the first that failed
 RETRY_DELAY_S = 1.0
 EVAL_EXAMPLES = 256  # the final loss is measured on the first examples of the data
 SWARM_WAIT_S = 60.0  # how long to wait for a full chain at the start
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    model_name: str  # the swarm's model id; also the adapter's base_model_name_or_path
-    model_path: Path  # the local model folder (tokenizer, embedding, norm, LM head)
-    initial_peers: tuple[str, ...]
-    data: Path  # JSONL (training/data.py)
-    out: Path  # where the peft adapter folder goes
-    rank: int = 8
-    alpha: int = 16
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    steps: int = 100
-    lr: float = 1e-3
-    batch_size: int = 4
-    max_length: int = 256  # tokens per example; longer ones are cut
-    seed: int = 0
-    membership: Membership | None = None
-    namespace: str = ""
-    model_revision: str = ""  # the commit of a Hub model (servers' records carry it); "" local
-    device: str = "auto"  # where the head and the loss compute (models/devices.py)
-    dtype: str = "auto"
-    max_retries: int = MAX_RETRIES
-    call_timeout_s: float = CALL_TIMEOUT_S
 
 
 @dataclass

@@ -20,8 +20,9 @@ from protocol.credentials import Role
 from tests.integration.conftest import MODEL_ID, Swarm, run_swarm, session_member
 from tests.processes import wait_for
 from tests.tiny_model import TINY_BLOCKS
-from training import FinetuneSettings, TrainResult, read_examples, train_lora
-from training.data import collate
+from training.data import collate, read_examples
+from training.settings import FinetuneSettings
+from training.trainer import TrainResult, train_lora
 
 pytestmark = pytest.mark.integration
 

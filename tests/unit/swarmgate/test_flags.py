@@ -16,6 +16,7 @@ import pytest
 from gateway.settings import GatewaySettings
 from models.resolve import ModelSource
 from swarm_node.settings import NodeSettings
+from training.settings import FinetuneSettings
 from swarmgate import commands
 from swarmgate.cli import build_parser
 from swarmgate.flags import Flag, flag_fields
@@ -36,9 +37,18 @@ NOT_FLAGS = {
         "key_limits",
         "refresh_period_s",
         "max_refresh_period_s",
-        "max_body_bytes",
-        "grammar_cache_size",
-        "grammar_compile_timeout_s",
+    },
+    # The model as resolved, the peers and the key as every command reads them; the targets
+    # as --targets resolves against the model; retries and call timeouts are tunables.
+    FinetuneSettings: {
+        "model_name",
+        "model_path",
+        "model_revision",
+        "initial_peers",
+        "membership",
+        "targets",
+        "max_retries",
+        "call_timeout_s",
     },
 }
 
@@ -50,19 +60,22 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-@pytest.mark.parametrize("settings", [NodeSettings, GatewaySettings])
+@pytest.mark.parametrize("settings", [NodeSettings, GatewaySettings, FinetuneSettings])
 def test_every_settings_field_has_a_flag(settings: type) -> None:
     fields = {spec.name for spec in dataclasses.fields(settings)}
     assert set(flag_fields(settings)) == fields - NOT_FLAGS[settings]
 
 
-@pytest.mark.parametrize("settings", [NodeSettings, GatewaySettings])
+@pytest.mark.parametrize("settings", [NodeSettings, GatewaySettings, FinetuneSettings])
 def test_a_flag_filling_two_settings_has_one_default(settings: type) -> None:
     """--device, --namespace, ...: declared on a node's field, named on a gateway's."""
     for spec in dataclasses.fields(settings):
         if "flag" in spec.metadata:
             flag = FLAGS[spec.metadata["flag"]]
             own = spec.metadata.get("default", spec.default)
+            if own is dataclasses.MISSING:  # a required flag
+                assert flag.required and flag.default is None, (settings.__name__, spec.name)
+                continue
             expected = (not flag.default) if flag.inverts else flag.default
             assert own == expected, (settings.__name__, spec.name)
 

@@ -24,7 +24,8 @@ from swarm_node.training import LoraCall, train_backward, train_forward
 from tests.tiny_model import TINY_BLOCKS
 from training.data import parse_lines
 from training.lora import ClientLora
-from training.trainer import FinetuneSettings, Trainer
+from training.settings import FinetuneSettings
+from training.trainer import Trainer
 
 SPEC = LoraSpec(rank=2, alpha=4, targets=["q_proj", "v_proj"])
 HALF = TINY_BLOCKS // 2
