@@ -32,7 +32,7 @@ class GenerationRequest:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
-    session_key: str | None = None  # the client's name for the conversation, if any
+    conversation_key: str | None = None  # the client's name for the conversation, if any
     # Whose caches these are: a digest of the caller's API key ("" on a gateway without
     # keys). Prefix hashes and session keys are salted with it, so one tenant can neither
     # hit nor probe (through cached_tokens) another's cached prompts.
@@ -126,7 +126,7 @@ class Generator:
         """
         model = self._salt if request.adapter is None else f"{self._salt}:{request.adapter}"
         history = TokenHistory(request.prompt_ids, salt=f"{model}\0{request.tenant}")
-        key = request.session_key
+        key = request.conversation_key
         if key and request.adapter is not None:
             key = f"{key}\0{request.adapter}"  # the same conversation on another adapter
         claim = await self._affinity.claim(

@@ -86,7 +86,7 @@ class ChatService:
     async def prepare(
         self,
         request: ChatCompletionRequest,
-        session_key: str | None = None,
+        conversation_key: str | None = None,
         *,
         received_at: float | None = None,
         tenant: str = "",
@@ -100,7 +100,7 @@ class ChatService:
         fmt = self._prompts.tool_format
         grammar = await response_grammar(request, tools, self._grammars, fmt)
         prepared = await asyncio.to_thread(
-            self._prepare, request, tools, session_key, received_at, tenant, prompt_param
+            self._prepare, request, tools, conversation_key, received_at, tenant, prompt_param
         )
         if grammar:
             prepared = [replace(p, grammar=grammar) for p in prepared]
@@ -110,18 +110,18 @@ class ChatService:
         self,
         request: ChatCompletionRequest,
         tools: ToolPlan | None,
-        session_key: str | None,
+        conversation_key: str | None,
         received_at: float | None,
         tenant: str,
         prompt_param: str,
     ) -> list[GenerationRequest]:
         prompt = self._prompts.chat_prompt(request.messages, tools.offered if tools else ())
-        key = request.prompt_cache_key or session_key or request.user
+        key = request.prompt_cache_key or conversation_key or request.user
         first = generation_request(
             self.model,
             prompt,
             request,
-            session_key=key,
+            conversation_key=key,
             param=prompt_param,
             limits=self._limits,
             received_at=received_at,

@@ -80,18 +80,20 @@ class CompletionService:
     async def prepare(
         self,
         request: CompletionRequest,
-        session_key: str | None = None,
+        conversation_key: str | None = None,
         *,
         received_at: float | None = None,
         tenant: str = "",
     ) -> list[PreparedPrompt]:
         """A checked request as one generation per prompt, tokenized on a thread."""
-        return await asyncio.to_thread(self._prepare, request, session_key, received_at, tenant)
+        return await asyncio.to_thread(
+            self._prepare, request, conversation_key, received_at, tenant
+        )
 
     def _prepare(
         self,
         request: CompletionRequest,
-        session_key: str | None,
+        conversation_key: str | None,
         received_at: float | None,
         tenant: str,
     ) -> list[PreparedPrompt]:
@@ -107,7 +109,7 @@ class CompletionService:
                 self.model,
                 ids or self._start(),
                 request,
-                session_key=session_key,
+                conversation_key=conversation_key,
                 param="prompt",
                 limits=self._limits,
                 received_at=received_at,

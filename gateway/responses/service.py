@@ -55,7 +55,7 @@ class Turn:
     conversation: tuple[ChatMessage, ...]  # stored turns and this input; no instructions
     input: tuple[InputItem, ...]  # this request's own input, as items
     response: Response  # before any output: its id and the parameters it echoes
-    session_key: str | None  # the conversation's session, see the module's docstring
+    conversation_key: str | None  # the client's name for the conversation (docstring above)
     tenant: str
 
     @property
@@ -73,7 +73,7 @@ class ResponsesService:
         return self._chat.model
 
     async def resolve(
-        self, request: ResponsesRequest, *, tenant: str, session_key: str | None = None
+        self, request: ResponsesRequest, *, tenant: str, conversation_key: str | None = None
     ) -> Turn:
         """Refusals first; then the stored conversation that the request continues (one
         read of the store, before the request waits for a slot)."""
@@ -83,10 +83,10 @@ class ResponsesService:
         response_id = new_id("resp")
         with _responses_params():
             chat, conversation = chat_request(request, previous.messages if previous else ())
-        if request.prompt_cache_key or session_key:
-            key: str | None = request.prompt_cache_key or session_key
+        if request.prompt_cache_key or conversation_key:
+            key: str | None = request.prompt_cache_key or conversation_key
         elif previous is not None:
-            key = previous.session_key
+            key = previous.conversation_key
         else:
             key = f"response:{response_id}" if request.stores() else None
         return Turn(
@@ -122,7 +122,7 @@ class ResponsesService:
     async def prepare(
         self,
         turn: Turn,
-        session_key: str | None = None,  # already part of the turn's
+        conversation_key: str | None = None,  # already part of the turn's
         *,
         received_at: float | None = None,
         tenant: str = "",
@@ -131,7 +131,7 @@ class ResponsesService:
             # A context overflow names the prompt in its text too; _PARAMS renames its param.
             return await self._chat.prepare(
                 turn.chat,
-                turn.session_key,
+                turn.conversation_key,
                 received_at=received_at,
                 tenant=turn.tenant,
                 prompt_param="input",
@@ -182,7 +182,7 @@ class ResponsesService:
         if not response.store:
             return
         messages = (*turn.conversation, *output_messages(response.output))
-        record = StoredResponse(response, messages, turn.session_key or "", turn.input)
+        record = StoredResponse(response, messages, turn.conversation_key or "", turn.input)
         if len(record.to_json()) > MAX_RECORD_BYTES:
             logger.warning(
                 "response %s is over %d bytes: not stored", response.id, MAX_RECORD_BYTES

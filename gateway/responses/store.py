@@ -42,7 +42,9 @@ class StoredResponse:
 
     response: Response
     messages: tuple[ChatMessage, ...]  # every turn so far, this response's output included
-    session_key: str  # the name of the conversation's swarm session, for its next turn
+    # The client's name for the conversation, which its next turn continues (stored as
+    # "session_key", the name records have always had).
+    conversation_key: str
     # This request's own input items, as sent (a string as one user message). None in a
     # record written before they were kept: an older reader ignores the field, and a newer
     # one reads such a record without it, so the version stays.
@@ -51,7 +53,7 @@ class StoredResponse:
     def to_json(self) -> str:
         record: dict[str, Any] = {
             "v": RECORD_VERSION,
-            "session_key": self.session_key,
+            "session_key": self.conversation_key,
             "messages": [m.model_dump(mode="json", exclude_none=True) for m in self.messages],
             "response": self.response.model_dump(mode="json"),
         }

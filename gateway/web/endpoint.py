@@ -39,7 +39,7 @@ class Endpoint(Protocol[Body, Prepared, Result, Chunk]):
         ...
 
     async def prepare(
-        self, body: Body, session_key: str | None, *, received_at: float, tenant: str
+        self, body: Body, conversation_key: str | None, *, received_at: float, tenant: str
     ) -> Prepared:
         """The request templated and tokenized, once it holds its slot."""
         ...

@@ -56,14 +56,14 @@ def _swarm(request: Request) -> SwarmClient:
 
 @api.post("/v1/chat/completions", responses=_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    session_key = request.headers.get("x-session-id")
-    return await _respond(request, _chat(request), body, session_key)
+    conversation_key = request.headers.get("x-session-id")
+    return await _respond(request, _chat(request), body, conversation_key)
 
 
 @api.post("/v1/completions", responses=_ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    session_key = request.headers.get("x-session-id") or body.user
-    return await _respond(request, _completions(request), body, session_key)
+    conversation_key = request.headers.get("x-session-id") or body.user
+    return await _respond(request, _completions(request), body, conversation_key)
 
 
 def _completions(request: Request) -> CompletionService:
@@ -81,10 +81,10 @@ def _tenant(request: Request) -> str:
 @api.post("/v1/responses", responses=_ERRORS)
 async def create_response(body: ResponsesRequest, request: Request) -> Response:
     service = _responses(request)
-    session_key = request.headers.get("x-session-id")
+    conversation_key = request.headers.get("x-session-id")
     # The stored conversation is read before the request waits for a slot.
-    turn = await service.resolve(body, tenant=_tenant(request), session_key=session_key)
-    return await _respond(request, service, turn, session_key, framing=sse.TYPED_EVENTS)
+    turn = await service.resolve(body, tenant=_tenant(request), conversation_key=conversation_key)
+    return await _respond(request, service, turn, conversation_key, framing=sse.TYPED_EVENTS)
 
 
 @api.get("/v1/responses/{response_id}", responses=_ERRORS)
@@ -132,7 +132,7 @@ async def _respond(
     request: Request,
     service: Endpoint[Body, Prepared, Result, Chunk],
     body: Body,
-    session_key: str | None,
+    conversation_key: str | None,
     *,
     framing: sse.Framing = sse.CHUNKS,
 ) -> Response:
@@ -140,7 +140,7 @@ async def _respond(
     closed, slot freed) if the client leaves before the response is ready."""
     received_at = time.monotonic()
     service.check(body)
-    work = _serve(request, service, body, session_key, received_at, framing)
+    work = _serve(request, service, body, conversation_key, received_at, framing)
     try:
         return await unless_disconnected(request.receive, work)
     except ClientDisconnect:
@@ -151,7 +151,7 @@ async def _serve(
     request: Request,
     service: Endpoint[Body, Prepared, Result, Chunk],
     body: Body,
-    session_key: str | None,
+    conversation_key: str | None,
     received_at: float,
     framing: sse.Framing,
 ) -> Response:
@@ -168,7 +168,7 @@ async def _serve(
     try:
         prepared = await service.prepare(
             body,
-            session_key,
+            conversation_key,
             received_at=received_at,
             tenant=tenant_of(authorization, request.app.state.api_keys),
         )

@@ -224,7 +224,7 @@ def test_requests_survive_redis_going_away_and_hits_resume(
     assert t4.cached == reusable(t3.fed, t4.prompt) > 0
 
 
-def test_concurrent_requests_on_one_session_key_are_both_exact(
+def test_concurrent_requests_on_one_conversation_key_are_both_exact(
     swarm: Swarm, two_gateways: list[str]
 ) -> None:
     a, b = two_gateways

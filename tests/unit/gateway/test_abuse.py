@@ -305,7 +305,7 @@ def test_the_default_is_cut_to_the_context_instead_of_refused() -> None:
     request = ChatCompletionRequest.model_validate(CHAT | {"max_tokens": None})
     limits = RequestLimits(default_max_tokens=1024)
     prepared = generation_request(
-        model, [1] * 90, request, session_key=None, param="messages", limits=limits
+        model, [1] * 90, request, conversation_key=None, param="messages", limits=limits
     )
     assert prepared.max_new_tokens == 10
 
@@ -339,7 +339,7 @@ def test_a_context_overflow_is_worded_as_openai_words_it(
     request = ChatCompletionRequest.model_validate(CHAT | {"max_tokens": max_tokens})
     with pytest.raises(ContextLengthExceeded) as raised:
         generation_request(
-            model, prompt, request, session_key=None, param=param, limits=RequestLimits()
+            model, prompt, request, conversation_key=None, param=param, limits=RequestLimits()
         )
     assert (raised.value.message, raised.value.param) == (message, param)
 

@@ -50,7 +50,7 @@ def test_a_records_input_round_trips_and_an_older_record_has_none() -> None:
         FunctionCallOutputItem(type="function_call_output", call_id="call_1", output="42"),
     )
     stored = record("resp_1")
-    with_input = StoredResponse(stored.response, stored.messages, stored.session_key, items)
+    with_input = StoredResponse(stored.response, stored.messages, stored.conversation_key, items)
     assert StoredResponse.from_json(with_input.to_json()) == with_input
     older = json.loads(with_input.to_json())
     del older["input"]

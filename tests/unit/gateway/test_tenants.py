@@ -22,7 +22,7 @@ def chat(client: TestClient, key: str, **extra: Any) -> None:
     assert r.status_code == 200, r.text
 
 
-def test_prefix_hashes_and_session_keys_are_salted_per_api_key(tiny_model: Path) -> None:
+def test_prefix_hashes_and_conversation_keys_are_salted_per_api_key(tiny_model: Path) -> None:
     swarm = LocalSwarmClient(tiny_model, MODEL_ID)
     settings = GatewaySettings(model_id=MODEL_ID, model_path=tiny_model, api_keys=("ka", "kb"))
     with TestClient(create_app(settings, swarm_client=swarm)) as client:

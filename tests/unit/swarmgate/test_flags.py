@@ -16,12 +16,12 @@ import pytest
 from gateway.settings import GatewaySettings
 from models.resolve import ModelSource
 from swarm_node.settings import NodeSettings
-from training.settings import FinetuneSettings
 from swarmgate import commands
 from swarmgate.cli import build_parser
 from swarmgate.flags import Flag, flag_fields
 from swarmgate.local_swarm import BY_HAND, LocalSwarm
 from swarmgate.options import COMMANDS, FLAGS, UP_GATEWAY, UP_NODE
+from training.settings import FinetuneSettings
 
 ROOT = Path(__file__).resolve().parents[3]
 PEER = "/ip4/10.0.0.1/tcp/31337/p2p/QmPeer"
