@@ -20,6 +20,19 @@ from gateway.engine.generation import (
     TokenLogprob,
 )
 from gateway.engine.grammar import GrammarCompiler
+from gateway.openai.answers import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionTokenLogprob,
+    Choice,
+    ChoiceDelta,
+    ChoiceDeltaFunction,
+    ChoiceDeltaToolCall,
+    ChoiceLogprobs,
+    ChunkChoice,
+    TopLogprob,
+)
 from gateway.openai.chat_request import (
     ToolPlan,
     check_tools,
@@ -28,22 +41,7 @@ from gateway.openai.chat_request import (
     tool_plan,
 )
 from gateway.openai.choices import SYSTEM_FINGERPRINT, choices, collected, usage_of
-from gateway.openai.models import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionMessage,
-    ChatCompletionRequest,
-    ChatCompletionTokenLogprob,
-    Choice,
-    ChoiceDelta,
-    ChoiceDeltaFunction,
-    ChoiceDeltaToolCall,
-    ChoiceLogprobs,
-    ChunkChoice,
-    ToolCall,
-    ToolCallFunction,
-    TopLogprob,
-)
+from gateway.openai.models import ChatCompletionRequest, ToolCall, ToolCallFunction
 from gateway.openai.prepare import RequestLimits, ServedModel, generation_request, requested_adapter
 from gateway.openai.templating import PromptBuilder
 from gateway.openai.tool_calls import CallFound, ToolCallStream, new_call_id

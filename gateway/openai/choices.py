@@ -17,8 +17,8 @@ from contextlib import aclosing
 from typing import TypeVar
 
 from gateway.engine.generation import Finished, Generation, GenerationRequest, Generator
+from gateway.openai.answers import CompletionUsage, PromptTokensDetails
 from gateway.openai.fanout import fan_in
-from gateway.openai.models import CompletionUsage, PromptTokensDetails
 
 T = TypeVar("T")
 

@@ -21,14 +21,9 @@ from gateway.engine.generation import (
     TextDelta,
     TokenLogprob,
 )
+from gateway.openai.answers import Completion, CompletionChoice, CompletionLogprobs, CompletionUsage
 from gateway.openai.choices import SYSTEM_FINGERPRINT, choices, collected, usage_of
-from gateway.openai.models import (
-    Completion,
-    CompletionChoice,
-    CompletionLogprobs,
-    CompletionRequest,
-    CompletionUsage,
-)
+from gateway.openai.models import CompletionRequest
 from gateway.openai.prepare import (
     RequestLimits,
     ServedModel,

@@ -12,7 +12,8 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
-from gateway.openai.models import UNSUPPORTED, ErrorDetail, ErrorResponse
+from gateway.openai.answers import ErrorDetail, ErrorResponse
+from gateway.openai.models import UNSUPPORTED
 from protocol.errors import (
     CapacityExceeded,
     ContextLengthExceeded,

@@ -9,10 +9,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from gateway.engine.finish import FinishReason
-from gateway.openai.models import (
-    ChatCompletionChunk,
-    ChoiceDeltaToolCall,
-)
+from gateway.openai.answers import ChatCompletionChunk, ChoiceDeltaToolCall
 from gateway.responses.models import (
     FunctionCall,
     Logprob,

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from gateway.engine.finish import FinishReason
-from gateway.openai.models import (
+from gateway.openai.answers import (
     ChatCompletion,
     ChatCompletionMessage,
     ChatCompletionTokenLogprob,

@@ -16,17 +16,11 @@ from starlette.requests import ClientDisconnect
 
 from client.swarm_client import SwarmClient
 from gateway.engine.generation import Generation
+from gateway.openai.answers import ErrorResponse, ModelCard, ModelList, dump
 from gateway.openai.chat_service import ChatService
 from gateway.openai.completion_service import CompletionService
 from gateway.openai.errors import to_http_error
-from gateway.openai.models import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ErrorResponse,
-    ModelCard,
-    ModelList,
-    dump,
-)
+from gateway.openai.models import ChatCompletionRequest, CompletionRequest
 from gateway.responses.models import DeletedResponse, ResponsesRequest
 from gateway.responses.service import ResponsesService
 from gateway.web import sse

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 from sse_starlette import ServerSentEvent
 
-from gateway.openai.models import ErrorResponse
+from gateway.openai.answers import ErrorResponse
 
 SEP = "\n"
 PING_PERIOD_S = 15  # keep-alive comments stop proxies from closing a slow stream

@@ -9,8 +9,8 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from gateway.openai.answers import ErrorResponse
 from gateway.openai.errors import RETRY_AFTER_S, HTTPError, to_http_error
-from gateway.openai.models import ErrorResponse
 from protocol.errors import (
     CapacityExceeded,
     ContextLengthExceeded,

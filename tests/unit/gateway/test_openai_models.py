@@ -8,11 +8,10 @@ import openai.types.chat as sdk
 import pytest
 from pydantic import ValidationError
 
-from gateway.openai.models import (
+from gateway.openai.answers import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionMessage,
-    ChatCompletionRequest,
     ChatCompletionTokenLogprob,
     ChoiceDelta,
     ChoiceLogprobs,
@@ -22,7 +21,8 @@ from gateway.openai.models import (
     TopLogprob,
     dump,
 )
-from gateway.openai.models import Choice as ChatChoice
+from gateway.openai.answers import Choice as ChatChoice
+from gateway.openai.models import ChatCompletionRequest
 
 BASE: dict[str, Any] = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]}
 

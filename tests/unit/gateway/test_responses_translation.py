@@ -17,22 +17,19 @@ from openai.types.responses import ResponseItemList as SDKResponseItemList
 from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from gateway.openai.models import (
-    MAX_MESSAGES,
+from gateway.openai.answers import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionMessage,
-    ChatMessage,
     ChoiceDelta,
     ChoiceDeltaFunction,
     ChoiceDeltaToolCall,
     ChunkChoice,
     CompletionUsage,
     PromptTokensDetails,
-    ToolCall,
-    ToolCallFunction,
 )
-from gateway.openai.models import Choice as ChatChoice
+from gateway.openai.answers import Choice as ChatChoice
+from gateway.openai.models import MAX_MESSAGES, ChatMessage, ToolCall, ToolCallFunction
 from gateway.responses.events import ResponseEvents
 from gateway.responses.items import input_items, items_page, listed_items
 from gateway.responses.models import FunctionCall, MessageItem, OutputMessage, ResponsesRequest

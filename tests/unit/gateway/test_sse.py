@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gateway.openai.models import (
+from gateway.openai.answers import (
     ChatCompletionChunk,
     ChoiceDelta,
     ChunkChoice,
