@@ -23,6 +23,7 @@ from gateway.engine.affinity_stores import (
     NoAffinity,
     RedisAffinityStore,
 )
+from gateway.engine.drafting import Speculation
 from gateway.engine.generation import Generator
 from gateway.engine.grammar import GrammarCompiler
 from gateway.engine.greedy_head import greedy_screen
@@ -128,6 +129,7 @@ def create_app(
             salt=settings.model_id,
             reuse=settings.affinity,
             metrics=metrics,
+            speculation=Speculation(settings.speculate, settings.speculate_tokens),
         )
         admission = _admission(settings)
         app.state.admission = admission

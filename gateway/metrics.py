@@ -63,5 +63,33 @@ class GatewayMetrics(ClientMetrics):
             registry=self.registry,
         )
 
+        # Speculative decoding (--speculate), per drafter: what it proposed, what the chain's
+        # passes confirmed, and how many tokens each pass with drafts yielded.
+        self.draft_tokens = Counter(
+            "swarmgate_draft_tokens",
+            "Draft tokens sent through the chain to be verified",
+            ["drafter"],
+            registry=self.registry,
+        )
+        self.draft_tokens_accepted = Counter(
+            "swarmgate_draft_tokens_accepted",
+            "Draft tokens the chain's pass confirmed",
+            ["drafter"],
+            registry=self.registry,
+        )
+        self.tokens_per_pass = Histogram(
+            "swarmgate_tokens_per_pass",
+            "Tokens one chain pass with drafts yielded: the drafts accepted, plus one",
+            ["drafter"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16),
+            registry=self.registry,
+        )
+
+    def observe_speculation(self, drafter: str, drafted: int, accepted: int) -> None:
+        """A pass verified ``drafted`` drafts and kept ``accepted``."""
+        self.draft_tokens.labels(drafter).inc(drafted)
+        self.draft_tokens_accepted.labels(drafter).inc(accepted)
+        self.tokens_per_pass.labels(drafter).observe(accepted + 1)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from protocol.membership import Membership
 
+# --speculate: no drafts, or prompt lookup's (gateway/engine/drafting.py).
+SPECULATE_MODES = ("off", "lookup")
+
 
 @dataclass(frozen=True)
 class GatewaySettings:
@@ -209,6 +212,27 @@ class GatewaySettings:
             "help": "greedy tokens through a bf16 copy of an fp32 LM head on a CPU, checked in "
             "fp32: auto where it is faster on this machine (timed at start), on wherever it "
             "can (its bound checked at start), off never",
+        },
+    )
+    # Speculative decoding (gateway/engine/drafting.py): drafts verified in one chain pass.
+    speculate: str = field(
+        default="off",
+        metadata={
+            "flag": "--speculate",
+            "choices": SPECULATE_MODES,
+            "help": "draft tokens and verify them in one pass of the chain, with output "
+            "identical to decoding without: lookup proposes the continuation of an earlier "
+            "occurrence of the last tokens in the conversation (pays on edits, code and "
+            "quotes, and most across slow links)",
+        },
+    )
+    speculate_tokens: int = field(
+        default=8,
+        metadata={
+            "flag": "--speculate-tokens",
+            "check": "positive",
+            "help": "most draft tokens one pass verifies (each stream adapts its own drafts "
+            "to what it accepts, and stops drafting where they do not pay)",
         },
     )
     # How long a stored response (`store: true`) is kept.

@@ -60,6 +60,13 @@ class TokenHistory:
             previous = self.hashes[-1] if self.hashes else self._salt
             self.hashes.append(_chain(previous, self.tokens[start : start + BLOCK_TOKENS]))
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens (drafts not taken, an edited turn)."""
+        if not 0 <= length <= len(self.tokens):
+            raise ValueError(f"cannot keep {length} of {len(self.tokens)} tokens")
+        del self.tokens[length:]
+        del self.hashes[length // BLOCK_TOKENS :]
+
     def digest(self, length: int) -> str:
         """One hash of the first ``length`` tokens, partial last block included: equal digests
         mean equal token histories, where block hashes only vouch for full blocks."""

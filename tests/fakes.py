@@ -110,7 +110,10 @@ class LocalSession:
         self._closed = False
 
     def reuse(self, tokens: int) -> None:
-        assert tokens == 0
+        """The next step starts after ``tokens``: at the start none are cached here;
+        later, a rewind past drafts not taken."""
+        assert 0 <= tokens <= self._cache.length
+        self._cache.crop(tokens)
 
     async def step(self, hidden: torch.Tensor, history: TokenHistory) -> torch.Tensor:
         self._client.step_started.set()

@@ -14,11 +14,14 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from client.swarm_client import InferenceSession, SwarmClient, detach
 from gateway.engine.affinity import Claim, SessionAffinity
+from gateway.engine.drafting import Drafter, Speculation, SpeculationPace
 from gateway.engine.finish import FinishReason
 from gateway.engine.grammar import Grammar
-from gateway.engine.head import HeadRunner
+from gateway.engine.head import HeadRunner, Verified
 from gateway.engine.sampling import SamplingParams, StreamSampler, TokenChoice
 from gateway.engine.text import Decoder, IncrementalDetokenizer, StopMatcher
 from gateway.metrics import GatewayMetrics
@@ -50,6 +53,8 @@ class GenerationRequest:
     # The LoRA adapter to run (model "BASE:ADAPTER"); None: the base model. Its sessions,
     # prefix hashes and routes are its own: caches never mix with the base model's.
     adapter: str | None = None
+    # False: no drafts for this request, whatever the gateway's --speculate says.
+    speculate: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class Generator:
         salt: str,
         metrics: GatewayMetrics | None = None,
         reuse: bool = True,
+        speculation: Speculation | None = None,
     ) -> None:
         self._head = head
         self._tokenizer = tokenizer
@@ -115,6 +121,7 @@ class Generator:
         # even what they could seed from another conversation's cache (cold baselines).
         self._reuse = reuse
         self._metrics = metrics or GatewayMetrics()
+        self._speculation = speculation or Speculation()
 
     async def open(self, request: GenerationRequest, *, near: Sequence[Hop] = ()) -> Generation:
         """The conversation's session (or a fresh one), with room for the whole generation.
@@ -187,41 +194,63 @@ class Generator:
                 generated = 0
                 finish: FinishReason = "length"
                 last = request.received_at
+                drafter = self._drafter(request)
+                pace = SpeculationPace(self._speculation.max_tokens)
+                drafts: list[int] = []  # fed after the last token chosen, in the last step
                 with self._head.decoding():  # from here, a row every step
                     while generated < request.max_new_tokens:
-                        decoded = await self._head.decode(hidden, sampler)
-                        choice, token = decoded.choice, decoded.choice.token
-                        now = time.monotonic()
-                        (metrics.token_latency if generated else metrics.ttft).observe(now - last)
-                        last = now
-                        if token in self._eos_ids:
-                            finish = "stop"
+                        room = request.max_new_tokens - generated
+                        verified = await self._pass(hidden, drafts, sampler, drafter, pace, room)
+                        choices, next_drafts = verified.choices, verified.drafts
+                        texts: list[TextDelta] = []
+                        ended, unfed = False, 0  # unfed: drafts fed after the last token
+                        for index, choice in enumerate(choices):
+                            token = choice.token
+                            now = time.monotonic()
+                            (metrics.token_latency if generated else metrics.ttft).observe(
+                                now - last
+                            )
+                            last = now
+                            if token in self._eos_ids:
+                                finish, ended, unfed = "stop", True, len(drafts) - index
+                                break
+                            generated += 1
+                            metrics.generated_tokens.inc()
+                            if request.logprobs is not None:
+                                pending.append(self._logprob(choice))
+                            text = stops.push(detokenizer.push(token))
+                            if text:
+                                texts.append(TextDelta(text, tuple(pending)))
+                                pending.clear()
+                            stopped = stops.stopped or (matcher is not None and matcher.stopped)
+                            if (
+                                stopped
+                                or generated == request.max_new_tokens
+                                or time.monotonic() >= request.deadline
+                            ):
+                                if stopped:
+                                    finish = "stop"
+                                # Else "length"; the last token needs no pass.
+                                ended, unfed = True, len(drafts) - index
+                                break
+                        if ended:
+                            # What the servers hold past the last token fed for this answer
+                            # (drafts after it) is not the conversation's.
+                            self._rewind(session, history, unfed)
+                            for delta in texts:
+                                yield delta
                             break
-                        generated += 1
-                        metrics.generated_tokens.inc()
-                        if request.logprobs is not None:
-                            pending.append(self._logprob(choice))
-                        text = stops.push(detokenizer.push(token))
-                        stopped = stops.stopped or (matcher is not None and matcher.stopped)
-                        if (
-                            stopped
-                            or generated == request.max_new_tokens
-                            or time.monotonic() >= request.deadline
-                        ):
-                            if text:
-                                yield TextDelta(text, tuple(pending))
-                                pending.clear()
-                            if stopped:
-                                finish = "stop"
-                            break  # else "length"; the last token needs no forward pass
-                        history.extend([token])
-                        # The next step leaves before the client hears of this token, so
+                        # Drafts after the first one not taken followed a token never
+                        # emitted: every server drops them with the next step.
+                        self._rewind(session, history, len(drafts) - (len(choices) - 1))
+                        history.extend([choices[-1].token, *next_drafts])
+                        drafts = next_drafts
+                        # The next step leaves before the client hears of these tokens, so
                         # the swarm computes while the text is streamed.
-                        stepping = asyncio.ensure_future(session.step(decoded.embedding, history))
+                        stepping = asyncio.ensure_future(session.step(verified.embedding, history))
                         try:
-                            if text:
-                                yield TextDelta(text, tuple(pending))
-                                pending.clear()
+                            for delta in texts:
+                                yield delta
                             hidden = await stepping
                         finally:
                             await _end(stepping)
@@ -243,6 +272,48 @@ class Generator:
             metrics.active_streams.dec()
             metrics.requests.labels(outcome).inc()
             await self.close(generation)
+
+    async def _pass(
+        self,
+        hidden: torch.Tensor,
+        drafts: list[int],
+        sampler: StreamSampler,
+        drafter: Drafter | None,
+        pace: SpeculationPace,
+        room: int,
+    ) -> Verified:
+        """The tokens a chain pass's output ``hidden`` yields (one, or with ``drafts`` fed
+        after the token before, up to one more than were drafted), and the next input: the
+        last of them and, with a ``drafter``, up to the pace's drafts (within ``room``, the
+        tokens the stream may still emit)."""
+        if drafter is None:
+            decoded = await self._head.decode(hidden, sampler)
+            return Verified([decoded.choice], [], decoded.embedding)
+        verified = await self._head.verify(hidden, drafts, sampler, drafter, pace.limit, room)
+        if drafts:
+            pace.observe(len(drafts), verified.accepted)
+            self._metrics.observe_speculation(
+                self._speculation.mode, len(drafts), verified.accepted
+            )
+        return verified
+
+    def _drafter(self, request: GenerationRequest) -> Drafter | None:
+        """This stream's drafter, told its prompt; None: it decodes a token per step.
+        A grammar's stream never drafts: its matcher follows one token at a time."""
+        if not request.speculate or request.grammar is not None:
+            return None
+        drafter = self._speculation.drafter()
+        if drafter is not None:
+            drafter.extend(request.prompt_ids)
+        return drafter
+
+    @staticmethod
+    def _rewind(session: InferenceSession, history: TokenHistory, tokens: int) -> None:
+        """Forget the last ``tokens`` fed (drafts not taken): the next step starts before
+        them, and each server drops them first."""
+        if tokens > 0:
+            history.truncate(len(history) - tokens)
+            session.reuse(len(history))
 
     def _logprob(self, choice: TokenChoice) -> TokenLogprob:
         """The model's own log-probabilities (before temperature, penalties and bias)."""

@@ -23,6 +23,7 @@ from typing import TypeVar
 import torch
 
 from gateway.engine.batching import MicroBatcher
+from gateway.engine.drafting import Drafter
 from gateway.engine.greedy_head import GreedyScreen
 from gateway.engine.sampling import StreamSampler, TokenChoice
 from gateway.metrics import GatewayMetrics
@@ -52,6 +53,23 @@ class _NextToken:
 
 
 @dataclass(frozen=True)
+class _Verify:
+    """A speculative step's output: row 0 follows the token chosen before, row j + 1 the
+    draft j fed after it. Then the stream's next drafts, and the next step's input."""
+
+    hidden: torch.Tensor  # [1, n, hidden_size], n >= len(drafts) + 1
+    drafts: list[int]
+    sampler: StreamSampler
+    drafter: Drafter
+    limit: int  # drafts to propose after this one, at most
+    room: int  # tokens the stream may still emit, this step's included
+
+    @property
+    def rows(self) -> int:
+        return len(self.drafts) + 1
+
+
+@dataclass(frozen=True)
 class _Score:
     hidden: torch.Tensor  # [m, hidden_size]: the swarm's output at the positions before ...
     tokens: list[int]  # ... these m tokens, each scored given those before it
@@ -64,10 +82,26 @@ class Decoded:
     embedding: torch.Tensor  # [1, 1, hidden_size]: the chosen token, as the next step's input
 
 
+@dataclass(frozen=True)
+class Verified:
+    """The tokens a speculative step yields: one per draft accepted, then the token drawn
+    where a draft was not (or after the last one); and what to feed next."""
+
+    choices: list[TokenChoice]
+    drafts: list[int]  # the next drafts, fed after the last choice
+    embedding: torch.Tensor  # [1, 1 + len(drafts), hidden_size]: the last choice, the drafts
+
+    @property
+    def accepted(self) -> int:
+        """Drafts taken."""
+        return len(self.choices) - 1
+
+
 T = TypeVar("T")
 
-_Call = _Embed | _Logits | _NextToken | _Score
-_Outcome = torch.Tensor | Decoded | list[TokenChoice]
+_Call = _Embed | _Logits | _NextToken | _Verify | _Score
+_Rows = _Logits | _NextToken | _Verify
+_Outcome = torch.Tensor | Decoded | Verified | list[TokenChoice]
 
 # Prompt positions scored in one job: other streams' rows wait behind it at most this many
 # rows' worth of LM head (64 rows of the default model: ~35 ms on one core, as a step of 16).
@@ -125,6 +159,30 @@ class HeadRunner:
         assert isinstance(out, Decoded)
         return out
 
+    async def verify(
+        self,
+        hidden: torch.Tensor,
+        drafts: Sequence[int],
+        sampler: StreamSampler,
+        drafter: Drafter,
+        limit: int,
+        room: int,
+    ) -> Verified:
+        """hidden: [1, n, hidden_size], the swarm's output for the token chosen before and
+        then ``drafts`` (n > len(drafts) after a prefill) → the tokens ``sampler`` draws
+        there, one position after another, for as long as each equals the draft fed after
+        it: every draw exactly as without drafts. Then ``drafter``, told the tokens drawn,
+        proposes up to ``limit`` more, and the last token's and their embeddings come with
+        them: one trip to the thread. ``room``: tokens the stream may still emit; the next
+        drafts leave room for the token after them."""
+        hidden = self._checked(hidden)
+        if hidden.shape[1] <= len(drafts):
+            raise ValueError(f"{hidden.shape[1]} positions to verify {len(drafts)} drafts")
+        call = _Verify(hidden, list(drafts), sampler, drafter, limit, room)
+        out = await self._batcher.submit(call)
+        assert isinstance(out, Verified)
+        return out
+
     async def score(self, hidden: torch.Tensor, ids: list[int], top: int) -> list[TokenChoice]:
         """hidden: [1, n, hidden_size], the swarm's output for the prompt ``ids`` (n tokens)
         → each token after the first as the model scores it given those before it: its
@@ -169,7 +227,11 @@ class HeadRunner:
         return hidden
 
     def _observe(self, calls: Sequence[_Call]) -> None:
-        rows = sum(not isinstance(call, _Embed) for call in calls)
+        rows = sum(
+            call.rows if isinstance(call, _Verify) else 1
+            for call in calls
+            if not isinstance(call, _Embed)
+        )
         if rows:
             self._metrics.head_batch_rows.observe(rows)
 
@@ -186,8 +248,8 @@ def run_calls(
             outcomes[i] = _attempt(embed_ids, head, call.ids)
         elif isinstance(call, _Score):
             outcomes[i] = _attempt(score_rows, head, call)
-    rows = [i for i, call in enumerate(calls) if isinstance(call, _Logits | _NextToken)]
-    heads = [call for call in calls if isinstance(call, _Logits | _NextToken)]
+    rows = [i for i, call in enumerate(calls) if isinstance(call, _Rows)]
+    heads = [call for call in calls if isinstance(call, _Rows)]
     outcomes.update(zip(rows, _run_rows(head, heads, screen), strict=True))
     return [outcomes[i] for i in range(len(calls))]
 
@@ -204,10 +266,14 @@ def _on_head(head: Head, hidden: torch.Tensor) -> torch.Tensor:
     return to_device(hidden, head.device).to(head.dtype)
 
 
-def final_rows(head: Head, hidden: Sequence[torch.Tensor]) -> torch.Tensor:
-    """hidden: B tensors [1, n_i, hidden_size] → each one's last position through the final
-    norm [B, hidden_size], on the head's device in its dtype: what the LM head multiplies."""
-    last = torch.cat([h[:, -1].float() for h in hidden])  # [B, hidden_size]
+def final_rows(
+    head: Head, hidden: Sequence[torch.Tensor], counts: Sequence[int] | None = None
+) -> torch.Tensor:
+    """hidden: B tensors [1, n_i, hidden_size] → each one's last position (or last
+    ``counts[i]`` positions) through the final norm [sum, hidden_size], on the head's device
+    in its dtype: what the LM head multiplies."""
+    counts = counts or [1] * len(hidden)
+    last = torch.cat([h[0, -c:].float() for h, c in zip(hidden, counts, strict=True)])
     rows: torch.Tensor = head.norm(_on_head(head, last))
     return rows
 
@@ -243,41 +309,77 @@ def score_rows(head: Head, call: _Score) -> list[TokenChoice]:
 
 
 def _run_rows(
-    head: Head, calls: Sequence[_Logits | _NextToken], screen: GreedyScreen | None
+    head: Head, calls: Sequence[_Rows], screen: GreedyScreen | None
 ) -> list[_Outcome | Exception]:
     if not calls:
         return []
-    outcomes: list[_Outcome | Exception | None] = [None] * len(calls)
+    counts = [call.rows if isinstance(call, _Verify) else 1 for call in calls]
+    starts = [sum(counts[:i]) for i in range(len(calls))]
+    # Each row's greedy token where the screen found it; None: from its full logits.
+    screened: list[int | None] = [None] * sum(counts)
     try:  # the rows are computed together: they fail together
-        rows = final_rows(head, [call.hidden for call in calls])  # [B, hidden_size]
+        rows = final_rows(head, [call.hidden for call in calls], counts)  # [R, hidden_size]
         greedy = [
-            (i, call)
-            for i, call in enumerate(calls)
-            if isinstance(call, _NextToken) and not call.sampler.needs_logits
+            r
+            for call, start, count in zip(calls, starts, counts, strict=True)
+            if isinstance(call, _NextToken | _Verify) and not call.sampler.needs_logits
+            for r in range(start, start + count)
         ]
         if screen is not None and greedy:
-            tokens = screen.argmax(rows[[i for i, _ in greedy]])
-            for (i, decoding), token in zip(greedy, tokens, strict=True):
-                if token is not None:
-                    outcomes[i] = _attempt(_take, head, decoding, token)
-        full = [i for i, outcome in enumerate(outcomes) if outcome is None]
+            for r, token in zip(greedy, screen.argmax(rows[greedy]), strict=True):
+                screened[r] = token
+        full = [r for r, token in enumerate(screened) if token is None]
         logits = head_logits(head, rows[full]) if full else None  # [len(full), vocab]
     except Exception as error:
         return [error] * len(calls)
+    by_row: dict[int, torch.Tensor] = {}
     if logits is not None:
-        for i, row in zip(full, logits, strict=True):
-            call = calls[i]
-            outcomes[i] = (
-                _attempt(_choose, head, call, row)
-                if isinstance(call, _NextToken)
-                else row.clone()  # a view would keep the whole batch's logits alive
-            )
-    done = [outcome for outcome in outcomes if outcome is not None]
-    assert len(done) == len(calls)  # every row was screened or went through the full head
-    return done
+        # A row alone: a view would keep the whole batch's logits alive.
+        by_row = {r: row for r, row in zip(full, logits, strict=True)}
+    outcomes: list[_Outcome | Exception] = []
+    for call, start, count in zip(calls, starts, counts, strict=True):
+        at = range(start, start + count)
+        found = [(screened[r], by_row.get(r)) for r in at]
+        if isinstance(call, _Logits):
+            row = found[0][1]
+            assert row is not None
+            outcomes.append(row.clone())
+        elif isinstance(call, _NextToken):
+            outcomes.append(_attempt(_decide, head, call, *found[0]))
+        else:
+            outcomes.append(_attempt(_verify, head, call, found))
+    return outcomes
 
 
-def _choose(head: Head, call: _NextToken, row: torch.Tensor) -> Decoded:
+def _decide(head: Head, call: _NextToken, token: int | None, row: torch.Tensor | None) -> Decoded:
+    return _take(head, call, token) if token is not None else _choose(head, call, row)
+
+
+def _draw(sampler: StreamSampler, token: int | None, row: torch.Tensor | None) -> TokenChoice:
+    """The sampler's choice at one row: its screened argmax, or from its full logits."""
+    if token is not None:
+        return sampler.take(token)
+    assert row is not None  # every row the screen did not decide has its logits
+    return sampler.choose(row)
+
+
+def _verify(
+    head: Head, call: _Verify, rows: Sequence[tuple[int | None, torch.Tensor | None]]
+) -> Verified:
+    choices: list[TokenChoice] = []
+    for j, (token, row) in enumerate(rows):
+        choice = _draw(call.sampler, token, row)
+        choices.append(choice)
+        if j >= len(call.drafts) or choice.token != call.drafts[j]:
+            break  # the rows after a wrong draft followed a token never emitted
+    call.drafter.extend([choice.token for choice in choices])
+    # The next pass yields a token per draft taken and one more: all within the room left.
+    drafts = call.drafter.propose(min(call.limit, call.room - len(choices) - 1))
+    return Verified(choices, drafts, embed_ids(head, [choices[-1].token, *drafts]))
+
+
+def _choose(head: Head, call: _NextToken, row: torch.Tensor | None) -> Decoded:
+    assert row is not None  # every row the screen did not decide has its logits
     choice = call.sampler.choose(row)
     return Decoded(choice, embed_ids(head, [choice.token]))
 

@@ -193,6 +193,9 @@ class SamplingRequest(OpenAIModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = Field(default=None, max_length=1024)
+    # swarmgate's own: false turns the gateway's speculative decoding (--speculate) off for
+    # this request (the output is the same either way; only its speed differs).
+    speculate: bool | None = None
 
     _null_n_stream = field_validator("n", "stream", mode="before")(null_is_default)
 

@@ -103,4 +103,5 @@ def generation_request(
         received_at=received_at,
         deadline=received_at + limits.max_generation_s,
         adapter=requested_adapter(model, request.model),
+        speculate=request.speculate is not False,
     )

@@ -1,0 +1,146 @@
+"""Speculative decoding's drafts: tokens the gateway guesses will come next, so that one
+pass of the chain scores several positions at once (gateway/engine/generation.py).
+
+A drafter proposes deterministic tokens, never a distribution. Verification then draws
+each position's token exactly as decoding without speculation would (the same sampler, the
+same random generator, one draw per emitted token) and keeps a draft only while it equals
+that draw. For a deterministic draft d this is the standard rejection rule: accepting d
+with probability min(1, p(d)/q(d)) = p(d) and otherwise drawing from p without d is the
+same as drawing from p and comparing. So the output is identical to decoding without
+speculation, greedy or sampled, seeded or not, whatever the drafter guesses.
+
+``LookupDrafter`` is prompt lookup: the continuation of the latest earlier occurrence of
+the conversation's last few tokens. It needs no model and pays on edits, code, quoting
+and summaries, where the answer repeats its context. ``SpeculationPace`` sizes each
+stream's drafts from what it has accepted, and stops a stream's drafting where it does not
+pay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.settings import SPECULATE_MODES
+
+# The n-grams prompt lookup matches, longest first. One token alone matches too often to
+# be worth a pass's extra rows.
+LOOKUP_MAX_NGRAM = 4
+LOOKUP_MIN_NGRAM = 2
+
+
+class Drafter(Protocol):
+    """One stream's drafter: told every token the stream holds, asked for guesses."""
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        """These tokens follow those told before (the prompt first, then each emitted one)."""
+        ...
+
+    def propose(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens that may follow all those told so far (none: no guess)."""
+        ...
+
+
+class LookupDrafter:
+    """Prompt lookup over the stream's own tokens.
+
+    An index from every n-gram seen (n from ``LOOKUP_MIN_NGRAM`` to ``LOOKUP_MAX_NGRAM``) to
+    where its latest occurrence was followed, kept as tokens arrive: a proposal costs a few
+    dictionary reads, not a scan of the conversation."""
+
+    def __init__(
+        self, max_ngram: int = LOOKUP_MAX_NGRAM, min_ngram: int = LOOKUP_MIN_NGRAM
+    ) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"n-gram sizes {min_ngram}..{max_ngram}")
+        self._sizes = range(max_ngram, min_ngram - 1, -1)
+        self._tokens: list[int] = []
+        # n → n-gram → the position of the token that followed its latest occurrence.
+        self._follows: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self._sizes}
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            at = len(self._tokens)  # the n-grams ending just before it are followed by it
+            for n in self._sizes:
+                if at >= n:
+                    self._follows[n][tuple(self._tokens[at - n : at])] = at
+            self._tokens.append(token)
+
+    def propose(self, limit: int) -> list[int]:
+        if limit <= 0:
+            return []
+        tokens = self._tokens
+        for n in self._sizes:  # the longest match predicts best
+            if len(tokens) < n:
+                continue
+            follower = self._follows[n].get(tuple(tokens[-n:]))
+            if follower is not None:
+                return tokens[follower : follower + limit]
+        return []
+
+
+# Adaptive draft length, per stream, as transformers' assisted generation sizes its own:
+# up by two after a pass that took every draft, down by one after one that did not.
+GROW_TOKENS = 2
+SHRINK_TOKENS = 1
+START_TOKENS = 4
+# A stream stops drafting once its passes with drafts have, on average over the last
+# ``PACE_WINDOW``, accepted fewer than this many tokens each: a draft that is rarely right
+# only costs the chain and the head extra rows.
+MIN_ACCEPTED_PER_PASS = 0.5
+PACE_WINDOW = 8
+
+
+@dataclass
+class SpeculationPace:
+    """How many tokens one stream drafts next, from how many of its drafts were accepted."""
+
+    max_tokens: int
+    tokens: int = START_TOKENS
+    stopped: bool = False
+    _recent: list[int] = field(default_factory=list)  # accepted drafts of the last passes
+
+    def __post_init__(self) -> None:
+        self.tokens = max(1, min(self.tokens, self.max_tokens))
+
+    @property
+    def limit(self) -> int:
+        """Drafts to ask for now (0: this stream no longer drafts)."""
+        return 0 if self.stopped or self.max_tokens <= 0 else self.tokens
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        """A pass verified ``drafted`` drafts and kept the first ``accepted``."""
+        if drafted <= 0:
+            return
+        if accepted >= drafted:
+            self.tokens = min(self.max_tokens, self.tokens + GROW_TOKENS)
+        else:
+            self.tokens = max(1, self.tokens - SHRINK_TOKENS)
+        self._recent = [*self._recent, accepted][-PACE_WINDOW:]
+        if (
+            len(self._recent) == PACE_WINDOW
+            and sum(self._recent) / PACE_WINDOW < MIN_ACCEPTED_PER_PASS
+        ):
+            self.stopped = True
+
+
+DEFAULT_SPECULATE_TOKENS = 8
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """A gateway's way of drafting (``--speculate``) and its longest drafts."""
+
+    mode: str = "off"
+    max_tokens: int = DEFAULT_SPECULATE_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.mode not in SPECULATE_MODES:
+            raise ValueError(f"speculate {self.mode!r}: expected one of {SPECULATE_MODES}")
+        if self.max_tokens < 1:
+            raise ValueError(f"speculate tokens {self.max_tokens}: at least 1")
+
+    def drafter(self) -> Drafter | None:
+        """A new stream's drafter; None when speculation is off."""
+        return LookupDrafter() if self.mode == "lookup" else None
