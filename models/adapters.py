@@ -125,6 +125,8 @@ def _block_tree(span: Span) -> torch.nn.Module:
 def attach_adapters(span: Span, adapters: Sequence[Adapter]) -> None:
     """Inject every adapter into the span's layers, base weights untouched; afterwards
     the base model is selected."""
+    if not adapters:
+        return  # nor import peft (and the bitsandbytes it loads): over a second per start
     import peft
 
     tree = _block_tree(span)
