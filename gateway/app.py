@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import start_http_server
 from starlette.exceptions import HTTPException
+from transformers import PreTrainedTokenizerBase
 
 from client.swarm_client import InferenceClient, SwarmClient
 from client.swarm_view import SwarmView
@@ -23,6 +24,7 @@ from gateway.engine.affinity_stores import (
     NoAffinity,
     RedisAffinityStore,
 )
+from gateway.engine.draft_model import DraftModel
 from gateway.engine.drafting import Speculation
 from gateway.engine.generation import Generator
 from gateway.engine.grammar import GrammarCompiler
@@ -80,6 +82,8 @@ def create_app(
             "and with auto only where it is faster)",
             settings.greedy_screen,
         )
+        # Before the head's thread starts: a draft model refused ends the start-up here.
+        speculation = _speculation(settings, tokenizer, placement)
         head = HeadRunner(weights, screen=screen, metrics=app.state.metrics)
         view = None
         swarm = swarm_client
@@ -129,7 +133,7 @@ def create_app(
             salt=settings.model_id,
             reuse=settings.affinity,
             metrics=metrics,
-            speculation=Speculation(settings.speculate, settings.speculate_tokens),
+            speculation=speculation,
         )
         admission = _admission(settings)
         app.state.admission = admission
@@ -178,6 +182,32 @@ def create_app(
     for exc_type in (RequestError, SwarmError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(exc_type, _error_response)
     return app
+
+
+def _speculation(
+    settings: GatewaySettings, tokenizer: PreTrainedTokenizerBase, placement: Placement
+) -> Speculation:
+    """How streams draft (--speculate); with a draft model, loaded beside the head (same
+    device and dtype), once for all streams."""
+    draft = None
+    if settings.speculate == "draft":
+        if settings.draft_model is None:  # the command line refuses this before
+            raise ValueError("--speculate draft needs --draft-model MODEL")
+        draft = DraftModel.load(
+            settings.draft_model,
+            tokenizer,
+            device=placement.device,
+            dtype=placement.dtype,
+            layers=settings.draft_layers,
+            quantization=settings.draft_quantization,
+        )
+    if settings.speculate != "off":
+        logger.info(
+            "speculative decoding: %s drafts, at most %d per pass",
+            settings.speculate if draft is None else f"{draft.name}'s",
+            settings.speculate_tokens,
+        )
+    return Speculation(settings.speculate, settings.speculate_tokens, draft)
 
 
 async def _error_response(request: Request, exc: Exception) -> JSONResponse:

@@ -12,8 +12,11 @@ from pathlib import Path
 
 from protocol.membership import Membership
 
-# --speculate: no drafts, or prompt lookup's (gateway/engine/drafting.py).
-SPECULATE_MODES = ("off", "lookup")
+# --speculate: no drafts, prompt lookup's (gateway/engine/drafting.py), or a draft model's
+# (gateway/engine/draft_model.py).
+SPECULATE_MODES = ("off", "lookup", "draft")
+# --draft-quantization: as a node's --quant (models/quantization.py).
+DRAFT_QUANTIZATIONS = ("none", "int8", "nf4")
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,36 @@ class GatewaySettings:
             "help": "draft tokens and verify them in one pass of the chain, with output "
             "identical to decoding without: lookup proposes the continuation of an earlier "
             "occurrence of the last tokens in the conversation (pays on edits, code and "
-            "quotes, and most across slow links)",
+            "quotes, and most across slow links); draft runs --draft-model on the gateway",
+        },
+    )
+    # --speculate draft: a whole small model on the gateway (device and dtype as the head's)
+    # guesses each stream's next tokens greedily (gateway/engine/draft_model.py).
+    draft_model: str | None = field(
+        default=None,
+        metadata={
+            "flag": "--draft-model",
+            "help": "with --speculate draft: a small model sharing the served model's "
+            "tokenizer, e.g. smollm2 over a bigger model of its family; smollm2, a folder or "
+            "a Hub id ORG/NAME",
+        },
+    )
+    draft_layers: int | None = field(
+        default=None,
+        metadata={
+            "flag": "--draft-layers",
+            "check": "positive",
+            "help": "run only the draft model's first N blocks: faster drafts, fewer of them "
+            "right (default: all)",
+        },
+    )
+    draft_quantization: str = field(
+        default="none",
+        metadata={
+            "flag": "--draft-quantization",
+            "choices": DRAFT_QUANTIZATIONS,
+            "help": "the draft model's blocks through bitsandbytes: int8 or nf4 (less memory; "
+            "drafts right a little less often, the output stays the same)",
         },
     )
     speculate_tokens: int = field(

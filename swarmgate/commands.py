@@ -132,6 +132,7 @@ def gateway(args: argparse.Namespace) -> None:
         model_id=source.name,
         model_path=source.path,
         model_revision=source.revision or "",
+        draft_model=draft_model(args, source, "gateway"),
         initial_peers=tuple(initial_peers(args)),
         membership=membership(args, Role.GATEWAY),
         api_keys=keys.keys,
@@ -140,6 +141,31 @@ def gateway(args: argparse.Namespace) -> None:
     settings = GatewaySettings(**values)
     # log_config=None: uvicorn's loggers go through the root handler (--log-format).
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None)
+
+
+def draft_model(args: argparse.Namespace, served: ModelSource, role: str) -> str | None:
+    """The folder of the draft model ``--speculate draft`` runs, made local now: without
+    one, or with one that cannot be had or does not share the served model's tokenizer,
+    the command ends before anything starts."""
+    if args.speculate != "draft":
+        return None
+    if not args.draft_model:
+        raise SystemExit(
+            f"swarmgate {role}: --speculate draft needs --draft-model MODEL (a small model "
+            "sharing the served model's tokenizer, e.g. smollm2 over a bigger model of its "
+            "family)"
+        )
+    from gateway.engine.draft_model import check_vocabulary
+    from models.loading import load_tokenizer
+
+    with model_errors(role):
+        draft = resolve_model(args.draft_model)
+        draft.fetch_whole()
+    try:
+        check_vocabulary(load_tokenizer(draft.path), load_tokenizer(served.path), args.draft_model)
+    except ValueError as e:
+        raise SystemExit(f"swarmgate {role}: {e}") from None
+    return str(draft.path)
 
 
 def api_keys(keys: list[str], key_file: str | None) -> tuple[str, ...]:
@@ -218,6 +244,7 @@ def up(args: argparse.Namespace) -> int:
     check_exposure("up", args.host, keys.keys, args.allow_open)
     source = model_source(args, "up")
     Placement.of(args.device, args.dtype)
+    draft_model(args, source, "up")  # its gateway would refuse it only once the nodes run
     swarm = LocalSwarm(source, args)
     return swarm.run()
 

@@ -13,16 +13,19 @@ speculation, greedy or sampled, seeded or not, whatever the drafter guesses.
 the conversation's last few tokens. It needs no model and pays on edits, code, quoting
 and summaries, where the answer repeats its context. ``SpeculationPace`` sizes each
 stream's drafts from what it has accepted, and stops a stream's drafting where it does not
-pay.
+pay. A draft model's drafter (``--speculate draft``) is in gateway/engine/draft_model.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from gateway.settings import SPECULATE_MODES
+
+if TYPE_CHECKING:  # torch and transformers: only a gateway that drafts with a model loads one
+    from gateway.engine.draft_model import DraftModel
 
 # The n-grams prompt lookup matches, longest first. One token alone matches too often to
 # be worth a pass's extra rows.
@@ -134,13 +137,22 @@ class Speculation:
 
     mode: str = "off"
     max_tokens: int = DEFAULT_SPECULATE_TOKENS
+    # Mode "draft": the gateway's draft model, shared by its streams (each its own cache).
+    draft: DraftModel | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in SPECULATE_MODES:
             raise ValueError(f"speculate {self.mode!r}: expected one of {SPECULATE_MODES}")
         if self.max_tokens < 1:
             raise ValueError(f"speculate tokens {self.max_tokens}: at least 1")
+        if self.mode == "draft" and self.draft is None:
+            raise ValueError("speculate draft needs a draft model (--draft-model)")
 
     def drafter(self) -> Drafter | None:
         """A new stream's drafter; None when speculation is off."""
-        return LookupDrafter() if self.mode == "lookup" else None
+        if self.mode == "lookup":
+            return LookupDrafter()
+        if self.mode == "draft":
+            assert self.draft is not None  # checked above
+            return self.draft.drafter()
+        return None
