@@ -43,7 +43,9 @@ class InferenceSession(Protocol):
     def route(self) -> list[Hop]: ...
 
     def reuse(self, tokens: int) -> None:
-        """Start the next step after ``tokens`` cached tokens (at most ``cached_tokens``)."""
+        """Start the next step after the first ``tokens`` tokens the servers hold (at most
+        ``cached_tokens``): the cached prompt a new generation reuses, or a rewind past
+        drafts not taken. Each server drops what follows them at the next step."""
         ...
 
     async def step(self, hidden: torch.Tensor, history: TokenHistory) -> torch.Tensor:

@@ -1149,3 +1149,75 @@ def test_a_cancelled_pushed_step_then_close_leaves_nothing_open(tiny_model: Path
     asyncio.run(scenario())
 
     assert len(swarm.streams) == 2 and swarm.open_streams() == [] and swarm.inboxes == {}
+
+
+# ---- speculative steps: a token and its drafts in one step, then a rewind ----
+
+# (tokens fed in one step, how many of them the conversation keeps): the gateway feeds a
+# token and its drafts, keeps the token and the drafts taken, and rewinds past the rest.
+# The chain never looks at the tokens: any will do.
+SPECULATIVE = [
+    (TOKENS[:PROMPT], PROMPT),
+    (TOKENS[PROMPT : PROMPT + 4], 2),  # one draft of three taken
+    (TOKENS[60:63], 3),  # both drafts taken
+    (TOKENS[70:73], 1),  # none taken
+    (TOKENS[80:82], 2),
+    ([TOKENS[90]], 1),  # no drafts
+]
+
+
+def speculative_reference(model: Path) -> list[torch.Tensor]:
+    """The whole model's output for each step, its cache cropped as the chain rewinds."""
+    span = span_of(model, 0, TINY_BLOCKS)
+    cache = new_kv_buffers(span, span.start, span.end)
+    outputs, position = [], 0
+    for tokens, kept in SPECULATIVE:
+        outputs.append(forward_span(span, embed(tokens), cache, position=position))
+        position += kept
+        cache.crop(position)
+    return outputs
+
+
+def run_speculative(swarm: FakeSwarm, push: bool) -> tuple[ChainSession, list[torch.Tensor]]:
+    async def scenario() -> tuple[ChainSession, list[torch.Tensor]]:
+        session = await opened(swarm, push=push)
+        history, outputs = TokenHistory(), []
+        try:
+            for tokens, kept in SPECULATIVE:
+                history.extend(tokens)
+                outputs.append(await session.step(embed(tokens), history))
+                history.truncate(len(history) - (len(tokens) - kept))
+                session.reuse(len(history))
+            return session, outputs
+        finally:
+            await session.close()
+
+    return asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("push", [False, True], ids=["relay", "push"])
+@pytest.mark.parametrize("at_step", [None, 2, 3, 4])
+@pytest.mark.parametrize("dead", ["a", "b"])
+def test_speculative_steps_and_rewinds_stay_exact_through_a_failover(
+    tiny_model: Path, dead: str, at_step: int | None, push: bool
+) -> None:
+    """Servers crop what the chain rewinds past (a step below what they hold drops the
+    rest first); a replacement is rebuilt from the history as rewound, never from drafts
+    that were not taken, whether the hop dies on the step after a rewind or on the one
+    that fed the drafts."""
+    replica = f"{dead}2"
+    spans = {"a": (0, 2), "b": (2, 4), replica: dict(a=(0, 2), b=(2, 4))[dead]}
+    swarm = FakeSwarm(tiny_model, spans)
+    if at_step is not None:
+        swarm[dead].fail_at(at_step)
+
+    session, outputs = run_speculative(swarm, push)
+
+    assert_matches(outputs, speculative_reference(tiny_model))
+    assert session.failovers == (0 if at_step is None else 1)
+    # Every live hop holds what the conversation kept, nothing it rewound past.
+    live = {"a", "b"} if at_step is None else {"a", "b", replica} - {dead}
+    for peer in live:
+        (stream,) = swarm[peer].kept()
+        assert stream.session is not None
+        assert stream.session.position == sum(kept for _, kept in SPECULATIVE)
