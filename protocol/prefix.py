@@ -31,14 +31,19 @@ def block_hashes(tokens: Sequence[int], salt: str = "") -> list[str]:
     return hashes
 
 
-def common_blocks(a: Sequence[str], b: Sequence[str]) -> int:
-    """How many leading blocks two hash lists share (chaining makes equal ⇒ equal prefix)."""
+def common_prefix(a: Sequence[object], b: Sequence[object]) -> int:
+    """How many leading items ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
     return n
+
+
+def common_blocks(a: Sequence[str], b: Sequence[str]) -> int:
+    """How many leading blocks two hash lists share (chaining makes equal ⇒ equal prefix)."""
+    return common_prefix(a, b)
 
 
 class TokenHistory:

@@ -29,6 +29,7 @@ from models.families import family_of
 from models.loading import load_config, load_tokenizer
 from models.quantization import QUANTS, quantize_blocks
 from models.resolve import resolve_model
+from protocol.prefix import common_prefix
 
 logger = logging.getLogger("swarmgate.gateway")
 
@@ -207,13 +208,3 @@ class DraftModelDrafter:
         if dropped > 0:
             self._cache.crop(-dropped)  # transformers 5: a negative count removes as many
             del self._fed[kept:]
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
