@@ -242,6 +242,7 @@ class ResponsesRequest(OpenAIModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     truncation: Literal["auto", "disabled"] | None = None
     user: str | None = Field(default=None, max_length=1024)
+    speculate: bool | None = None  # swarmgate's own, as on chat: false turns drafts off
 
     _null_stream = field_validator("stream", mode="before")(null_is_default)
 

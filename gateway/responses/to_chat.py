@@ -122,6 +122,7 @@ def chat_request(
             # The usage of a streamed response comes in the chat stream's last chunk.
             stream_options=StreamOptions(include_usage=True) if request.stream else None,
             user=request.user,
+            speculate=request.speculate,
             prompt_cache_key=request.prompt_cache_key,
             tools=tools or None,
             tool_choice=_chat_tool_choice(request),

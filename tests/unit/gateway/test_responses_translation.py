@@ -98,6 +98,11 @@ def test_text_formats_become_response_formats() -> None:
     SDKResponse.model_validate(echoed.model_dump(mode="json"))
 
 
+def test_a_response_may_turn_speculation_off_as_a_chat_does() -> None:
+    assert chat_request(request(speculate=False))[0].speculate is False
+    assert chat_request(request())[0].speculate is None
+
+
 def test_calls_and_their_outputs_become_chat_turns() -> None:
     items = [
         {"role": "user", "content": "Weather in Paris and Rome?"},
