@@ -207,7 +207,12 @@ def _speculation(
             settings.speculate if draft is None else f"{draft.name}'s",
             settings.speculate_tokens,
         )
-    return Speculation(settings.speculate, settings.speculate_tokens, draft)
+    return Speculation(
+        settings.speculate,
+        settings.speculate_tokens,
+        draft,
+        max_streams=settings.speculate_max_streams,
+    )
 
 
 async def _error_response(request: Request, exc: Exception) -> JSONResponse:

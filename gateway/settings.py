@@ -267,6 +267,16 @@ class GatewaySettings:
             "to what it accepts, and stops drafting where they do not pay)",
         },
     )
+    speculate_max_streams: int = field(
+        default=8,
+        metadata={
+            "flag": "--speculate-max-streams",
+            "check": "positive",
+            "help": "above this many streams decoding at once, no stream drafts: the servers "
+            "have rows enough to compute, and drafts' rows would cost more than the round "
+            "trips they save",
+        },
+    )
     # How long a stored response (`store: true`) is kept.
     response_ttl_s: float = field(
         default=86400.0,

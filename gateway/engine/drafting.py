@@ -129,6 +129,7 @@ class SpeculationPace:
 
 
 DEFAULT_SPECULATE_TOKENS = 8
+DEFAULT_SPECULATE_MAX_STREAMS = 8
 
 
 @dataclass(frozen=True)
@@ -139,14 +140,24 @@ class Speculation:
     max_tokens: int = DEFAULT_SPECULATE_TOKENS
     # Mode "draft": the gateway's draft model, shared by its streams (each its own cache).
     draft: DraftModel | None = field(default=None, repr=False, compare=False)
+    # Above this many streams decoding at once, passes carry no drafts: the servers and the
+    # head then have rows enough to compute, and a draft's rows cost more than the trip it
+    # may save (vLLM's speculative_disable_by_batch_size).
+    max_streams: int = DEFAULT_SPECULATE_MAX_STREAMS
 
     def __post_init__(self) -> None:
         if self.mode not in SPECULATE_MODES:
             raise ValueError(f"speculate {self.mode!r}: expected one of {SPECULATE_MODES}")
         if self.max_tokens < 1:
             raise ValueError(f"speculate tokens {self.max_tokens}: at least 1")
+        if self.max_streams < 1:
+            raise ValueError(f"speculate max streams {self.max_streams}: at least 1")
         if self.mode == "draft" and self.draft is None:
             raise ValueError("speculate draft needs a draft model (--draft-model)")
+
+    def limit(self, pace: SpeculationPace, decoding: int) -> int:
+        """Drafts a stream asks for now, at its ``pace``, while ``decoding`` streams run."""
+        return pace.limit if decoding <= self.max_streams else 0
 
     def drafter(self) -> Drafter | None:
         """A new stream's drafter; None when speculation is off."""

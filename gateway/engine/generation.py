@@ -289,7 +289,8 @@ class Generator:
         if drafter is None:
             decoded = await self._head.decode(hidden, sampler)
             return Verified([decoded.choice], [], decoded.embedding)
-        verified = await self._head.verify(hidden, drafts, sampler, drafter, pace.limit, room)
+        limit = self._speculation.limit(pace, self._head.decoding_streams)
+        verified = await self._head.verify(hidden, drafts, sampler, drafter, limit, room)
         if drafts:
             pace.observe(len(drafts), verified.accepted)
             self._metrics.observe_speculation(

@@ -53,9 +53,7 @@ def test_drafts_through_the_chain_change_nothing_of_the_answer(
     with running_gateway(swarm, tmp_path, *flags, name=f"gateway speculating {transport}") as url:
         greedy = completion(url, swarm.model_id, temperature=0)
         expected = greedy_ids(swarm.model_path, PROMPT, NEW_TOKENS, logit_bias=FEW)
-        assert greedy["choices"][0]["logprobs"]["tokens"] == token_texts(
-            swarm.model_path, expected
-        )
+        assert greedy["choices"][0]["logprobs"]["tokens"] == token_texts(swarm.model_path, expected)
         proposed = counter(url, "swarmgate_draft_tokens_total")
         accepted = counter(url, "swarmgate_draft_tokens_accepted_total")
         # Drafts were taken (several tokens a pass) and refused (servers cropped them).

@@ -12,6 +12,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.engine.drafting import (
+    DEFAULT_SPECULATE_MAX_STREAMS,
     MIN_ACCEPTED_PER_PASS,
     PACE_WINDOW,
     START_TOKENS,
@@ -20,6 +21,7 @@ from gateway.engine.drafting import (
     SpeculationPace,
 )
 from gateway.engine.generation import Finished, GenerationRequest, TextDelta, TokenLogprob
+from gateway.engine.head import HeadRunner
 from gateway.engine.sampling import SamplingParams
 from gateway.settings import GatewaySettings
 from tests.fakes import LocalSwarmClient
@@ -282,3 +284,27 @@ def test_greedy_rows_of_a_pass_are_verified_through_the_screen_or_the_full_head(
     accepted = metric(metrics, "swarmgate_draft_tokens_accepted_total")
     assert 0 < accepted < metric(metrics, "swarmgate_draft_tokens_total")
     assert swarm.steps < plain_swarm.steps / 2
+
+
+def test_no_stream_drafts_while_more_than_max_streams_decode() -> None:
+    speculation = Speculation("lookup", max_streams=2)
+    pace = SpeculationPace(max_tokens=8)
+    assert speculation.limit(pace, decoding=2) == pace.limit > 0
+    assert speculation.limit(pace, decoding=3) == 0
+    with pytest.raises(ValueError):
+        Speculation("lookup", max_streams=0)
+
+
+def test_a_stream_drafts_only_while_few_enough_streams_decode(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway's count of decoding streams decides each pass: held above the cap, a
+    stream that would draft at every pass drafts at none."""
+    greedy = SamplingParams(temperature=0.0, logit_bias=FEW)
+    _, _, _, alone, _ = generate(tiny_model, "lookup", greedy)
+    assert metric(alone, "swarmgate_draft_tokens_total") > 0
+    busy = DEFAULT_SPECULATE_MAX_STREAMS + 1
+    monkeypatch.setattr(HeadRunner, "decoding_streams", property(lambda self: busy))
+    drafted, _, _, crowded, swarm = generate(tiny_model, "lookup", greedy)
+    assert metric(crowded, "swarmgate_draft_tokens_total") == 0
+    assert swarm.steps == len(drafted)  # the prompt's step, then one per token but the last
