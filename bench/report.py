@@ -154,6 +154,49 @@ def wan(runs: list[tuple[str, Record]]) -> str:
     return table(header, rows)
 
 
+def speculative(runs: list[tuple[str, Record]]) -> str:
+    rows = []
+    for name, record in runs:
+        r = record["result"]
+        draft = r.get("draft") or {}
+        setup = [draft.get("model", "")]
+        if draft.get("quantization", "none") != "none":
+            setup.append(draft["quantization"])
+        if draft.get("layers"):
+            setup.append(f"{draft['layers']} blocks")
+        labels = {"draft": f"draft ({', '.join(setup)})"}
+        for rtt, by_task in r["rtt"].items():
+            for task, by_mode in by_task.items():
+                for mode in r["modes"]:
+                    m = by_mode[mode]
+                    ratio = num(m["vs_off"]["decode_tok_s"])
+                    accepted = "-"
+                    if m["draft_tokens"]:
+                        accepted = (
+                            f"{m['draft_tokens_accepted']} of {m['draft_tokens']} "
+                            f"({100 * m['acceptance']:.0f}%)"
+                        )
+                    rows.append(
+                        [
+                            run_cell(name, record),
+                            date(record),
+                            r["model"],
+                            task,
+                            f"{rtt} ms",
+                            labels.get(mode, mode),
+                            num(m["decode_tok_s"], 1),
+                            ratio if mode == "off" else f"**{ratio}**",
+                            f"{num(m['ttft_s'])} s",
+                            num(m["tokens_per_pass"]),
+                            accepted,
+                            num(m["identical"]),
+                        ]
+                    )
+    header = ["run", "date", "model", "task", "RTT per hop", "speculation", "decode tok/s"]
+    header += ["x off", "TTFT", "tokens per drafted pass", "drafts accepted", "= off"]
+    return table(header, rows)
+
+
 def affinity(runs: list[tuple[str, Record]]) -> str:
     rows = []
     for name, record in runs:
@@ -334,6 +377,7 @@ RENDERERS: dict[str, Callable[[list[tuple[str, Record]]], str]] = {
     "decode": decode,
     "concurrency": concurrency,
     "wan": wan,
+    "speculative": speculative,
     "affinity": affinity,
     "failover": failover,
     "precision": precision,

@@ -24,6 +24,7 @@ from bench import (
     planner,
     precision,
     report,
+    speculative,
     wan,
 )
 from bench.common import run_record
@@ -76,6 +77,15 @@ def test_finetune(swarm: Swarm) -> None:
 def test_wan(tiny_model: Path) -> None:
     result = run(wan, *flags(model=tiny_model, rtt_ms=0, modes="push", tokens=2))
     assert result["rtt"]["0"]["push"]["completion_tokens"] == 2
+
+
+def test_speculative(tiny_model: Path) -> None:
+    settings = flags(model=tiny_model, rtt_ms=0, modes="lookup", tasks="edit", tokens=4)
+    result = run(speculative, *settings)
+    runs = result["rtt"]["0"]["edit"]
+    assert list(runs) == ["off", "lookup"]  # off always runs: the baseline
+    assert all(run["completion_tokens"] == 4 for run in runs.values())
+    assert result["identical"] and result["equals_generate"], result
 
 
 def test_failover_hang(tiny_model: Path) -> None:
