@@ -25,7 +25,7 @@ run bench/precision.py --repeats 5 --greedy-tokens 16       # ~4 min: six precis
 run bench/decode.py                                         # ~2 min
 run bench/concurrency.py                                    # ~3 min
 run bench/wan.py --rtt-ms 20 100                            # ~5 min: six swarms
-run bench/speculative.py                                    # ~15 min: nine swarms, 100 ms slowest
+run bench/speculative.py                                    # ~8 min: nine swarms
 run bench/affinity.py                                       # ~2 min
 run bench/failover.py --fault kill                          # ~4 min
 run bench/failover.py --fault hang                          # ~4 min
