@@ -186,6 +186,17 @@ class DraftModelDrafter:
     def extend(self, tokens: Sequence[int]) -> None:
         self._tokens.extend(tokens)
 
+    def prepare(self) -> None:
+        """Read what the stream holds (its prompt) into the cache now: the first proposal
+        then feeds only the token chosen after it."""
+        if not self._tokens:
+            return
+        self._rewind()
+        unread = self._tokens[len(self._fed) :]
+        if unread and len(self._tokens) < self._model.max_positions:
+            self._model.next_token(unread, self._cache)
+            self._fed = list(self._tokens)
+
     def propose(self, limit: int) -> list[int]:
         # The cache ends up holding the stream's tokens and all drafts but the last: within
         # the draft model's positions.

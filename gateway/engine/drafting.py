@@ -44,6 +44,11 @@ class Drafter(Protocol):
         """Up to ``limit`` tokens that may follow all those told so far (none: no guess)."""
         ...
 
+    def prepare(self) -> None:
+        """Do now what needs no token to come (a draft model reads the prompt): the head
+        thread runs it while the swarm computes the prompt, not in the first token's way."""
+        ...
+
 
 class LookupDrafter:
     """Prompt lookup over the stream's own tokens.
@@ -69,6 +74,9 @@ class LookupDrafter:
                 if at >= n:
                     self._follows[n][tuple(self._tokens[at - n : at])] = at
             self._tokens.append(token)
+
+    def prepare(self) -> None:
+        pass  # the index is kept as tokens arrive
 
     def propose(self, limit: int) -> list[int]:
         if limit <= 0:

@@ -186,7 +186,18 @@ class Generator:
                 pending: list[TokenLogprob] = []  # logprobs of tokens whose text is held back
                 detokenizer = IncrementalDetokenizer(self._tokenizer)
                 stops = StopMatcher(request.stop)
-                hidden = await session.step(await self._head.embed(prompt[reused:]), history)
+                drafter = self._drafter(request)
+                embedded = await self._head.embed(prompt[reused:])
+                # The drafter's own reading of the prompt (a draft model's) runs on the head
+                # thread while the swarm computes the prompt: not in the first token's way.
+                preparing = asyncio.ensure_future(self._head.prepare(drafter)) if drafter else None
+                try:
+                    hidden = await session.step(embedded, history)
+                    if preparing is not None:
+                        await preparing
+                finally:
+                    if preparing is not None:
+                        await _end(preparing)
                 prompt_done()
                 if request.prompt_logprobs is not None:
                     scored = await self._head.score(hidden, prompt, request.prompt_logprobs)
@@ -194,7 +205,6 @@ class Generator:
                 generated = 0
                 finish: FinishReason = "length"
                 last = request.received_at
-                drafter = self._drafter(request)
                 pace = SpeculationPace(self._speculation.max_tokens)
                 drafts: list[int] = []  # fed after the last token chosen, in the last step
                 with self._head.decoding():  # from here, a row every step

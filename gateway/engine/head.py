@@ -42,6 +42,11 @@ class _Embed:
 
 
 @dataclass(frozen=True)
+class _Prepare:
+    drafter: Drafter
+
+
+@dataclass(frozen=True)
 class _Logits:
     hidden: torch.Tensor  # [1, n, hidden_size]; its last position is the row
 
@@ -99,9 +104,9 @@ class Verified:
 
 T = TypeVar("T")
 
-_Call = _Embed | _Logits | _NextToken | _Verify | _Score
+_Call = _Embed | _Prepare | _Logits | _NextToken | _Verify | _Score
 _Rows = _Logits | _NextToken | _Verify
-_Outcome = torch.Tensor | Decoded | Verified | list[TokenChoice]
+_Outcome = torch.Tensor | Decoded | Verified | list[TokenChoice] | None
 
 # Prompt positions scored in one job: other streams' rows wait behind it at most this many
 # rows' worth of LM head (64 rows of the default model: ~35 ms on one core, as a step of 16).
@@ -149,6 +154,10 @@ class HeadRunner:
         out = await self._batcher.submit(_Embed(list(ids)))
         assert isinstance(out, torch.Tensor)
         return out
+
+    async def prepare(self, drafter: Drafter) -> None:
+        """``drafter.prepare()`` on the thread (a draft model reading a prompt)."""
+        await self._batcher.submit(_Prepare(drafter))
 
     async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [1, n, hidden_size] → logits of the last position [vocab] (fp32)."""
@@ -235,7 +244,7 @@ class HeadRunner:
         rows = sum(
             call.rows if isinstance(call, _Verify) else 1
             for call in calls
-            if not isinstance(call, _Embed)
+            if not isinstance(call, _Embed | _Prepare)
         )
         if rows:
             self._metrics.head_batch_rows.observe(rows)
@@ -251,6 +260,8 @@ def run_calls(
     for i, call in enumerate(calls):
         if isinstance(call, _Embed):
             outcomes[i] = _attempt(embed_ids, head, call.ids)
+        elif isinstance(call, _Prepare):
+            outcomes[i] = _attempt(call.drafter.prepare)
         elif isinstance(call, _Score):
             outcomes[i] = _attempt(score_rows, head, call)
     rows = [i for i, call in enumerate(calls) if isinstance(call, _Rows)]

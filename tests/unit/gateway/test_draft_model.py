@@ -79,6 +79,19 @@ def test_a_draft_of_the_served_model_proposes_its_greedy_continuation(
     assert drafter.propose(0) == []
 
 
+def test_a_prompt_read_ahead_changes_no_guess(draft: DraftModel, greedy_answer: list[int]) -> None:
+    """The prompt read while the swarm computes it (``prepare``): the first proposal then
+    feeds only what came after it, and guesses the same."""
+    drafter = told(draft, PROMPT)
+    drafter.prepare()
+    drafter.prepare()  # twice: nothing left to read
+    assert drafter.propose(4) == greedy_answer[:4]
+    drafter.extend(greedy_answer[:2])
+    ahead = told(draft, [*PROMPT, *greedy_answer[:2]])
+    ahead.prepare()
+    assert drafter.propose(5) == ahead.propose(5) == greedy_answer[2:7]
+
+
 def test_guesses_not_taken_are_forgotten(draft: DraftModel, greedy_answer: list[int]) -> None:
     """A stream that went another way than the guesses: the drafter, its cache cropped,
     proposes what a fresh drafter told the same tokens does."""

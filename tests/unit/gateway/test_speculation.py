@@ -248,6 +248,9 @@ class Recorder:
     def propose(self, limit: int) -> list[int]:
         return []
 
+    def prepare(self) -> None:
+        pass
+
 
 class Oracle(Recorder):
     """Knows the answer, and proposes it with every third guess wrong at its second token."""
