@@ -194,7 +194,30 @@ def speculative(runs: list[tuple[str, Record]]) -> str:
                     )
     header = ["run", "date", "model", "task", "RTT per hop", "speculation", "decode tok/s"]
     header += ["x off", "TTFT", "tokens per drafted pass", "drafts accepted", "= off"]
-    return table(header, rows)
+    together = []
+    for name, record in runs:
+        r = record["result"]
+        if not r.get("concurrent"):
+            continue  # runs from before it was measured
+        for mode in r["modes"]:
+            c = r["concurrent"][mode]
+            together.append(
+                [
+                    run_cell(name, record),
+                    date(record),
+                    str(c["streams"]),
+                    mode,
+                    num(c["tok_s"], 1),
+                    num(c["vs_off"]) if mode == "off" else f"**{num(c['vs_off'])}**",
+                    str(c["draft_tokens"]),
+                    str(c["failures"]),
+                ]
+            )
+    if not together:
+        return table(header, rows)
+    header_together = ["run", "date", "streams at once (0 ms)", "speculation", "tok/s"]
+    header_together += ["x off", "drafts verified", "failures"]
+    return table(header, rows) + "\n\n" + table(header_together, together)
 
 
 def affinity(runs: list[tuple[str, Record]]) -> str:

@@ -81,11 +81,14 @@ def test_wan(tiny_model: Path) -> None:
 
 def test_speculative(tiny_model: Path) -> None:
     settings = flags(model=tiny_model, rtt_ms=0, modes="lookup", tasks="edit", tokens=4)
-    result = run(speculative, *settings)
+    result = run(speculative, *settings, "--concurrent", "2")
     runs = result["rtt"]["0"]["edit"]
     assert list(runs) == ["off", "lookup"]  # off always runs: the baseline
     assert all(run["completion_tokens"] == 4 for run in runs.values())
     assert result["identical"] and result["equals_generate"], result
+    together = result["concurrent"]
+    assert [together[m]["failures"] for m in ("off", "lookup")] == [0, 0], together
+    assert together["lookup"]["completion_tokens"] == together["off"]["completion_tokens"]
 
 
 def test_failover_hang(tiny_model: Path) -> None:
