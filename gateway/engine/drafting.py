@@ -148,7 +148,7 @@ class Speculation:
     max_tokens: int = DEFAULT_SPECULATE_TOKENS
     # Mode "draft": the gateway's draft model, shared by its streams (each its own cache).
     draft: DraftModel | None = field(default=None, repr=False, compare=False)
-    # Above this many streams decoding at once, passes carry no drafts: the servers and the
+    # Above this many generations at once, passes carry no drafts: the servers and the
     # head then have rows enough to compute, and a draft's rows cost more than the trip it
     # may save (vLLM's speculative_disable_by_batch_size).
     max_streams: int = DEFAULT_SPECULATE_MAX_STREAMS
@@ -163,9 +163,13 @@ class Speculation:
         if self.mode == "draft" and self.draft is None:
             raise ValueError("speculate draft needs a draft model (--draft-model)")
 
-    def limit(self, pace: SpeculationPace, decoding: int) -> int:
-        """Drafts a stream asks for now, at its ``pace``, while ``decoding`` streams run."""
-        return pace.limit if decoding <= self.max_streams else 0
+    def drafting(self, streams: int) -> bool:
+        """Whether streams draft while ``streams`` generations run."""
+        return streams <= self.max_streams
+
+    def limit(self, pace: SpeculationPace, streams: int) -> int:
+        """Drafts a stream asks for now, at its ``pace``, while ``streams`` generations run."""
+        return pace.limit if self.drafting(streams) else 0
 
     def drafter(self) -> Drafter | None:
         """A new stream's drafter; None when speculation is off."""

@@ -140,11 +140,6 @@ class HeadRunner:
         )
 
     @property
-    def decoding_streams(self) -> int:
-        """Streams decoding now (inside ``decoding``)."""
-        return self._decoding
-
-    @property
     def waiting(self) -> int:
         """Calls queued behind the job on the thread."""
         return self._batcher.waiting

@@ -20,7 +20,13 @@ from gateway.engine.drafting import (
     Speculation,
     SpeculationPace,
 )
-from gateway.engine.generation import Finished, GenerationRequest, TextDelta, TokenLogprob
+from gateway.engine.generation import (
+    Finished,
+    GenerationRequest,
+    Generator,
+    TextDelta,
+    TokenLogprob,
+)
 from gateway.engine.head import HeadRunner
 from gateway.engine.sampling import SamplingParams
 from gateway.settings import GatewaySettings
@@ -292,8 +298,9 @@ def test_greedy_rows_of_a_pass_are_verified_through_the_screen_or_the_full_head(
 def test_no_stream_drafts_while_more_than_max_streams_decode() -> None:
     speculation = Speculation("lookup", max_streams=2)
     pace = SpeculationPace(max_tokens=8)
-    assert speculation.limit(pace, decoding=2) == pace.limit > 0
-    assert speculation.limit(pace, decoding=3) == 0
+    assert speculation.limit(pace, streams=2) == pace.limit > 0
+    assert speculation.limit(pace, streams=3) == 0
+    assert speculation.drafting(2) and not speculation.drafting(3)
     with pytest.raises(ValueError):
         Speculation("lookup", max_streams=0)
 
@@ -301,13 +308,18 @@ def test_no_stream_drafts_while_more_than_max_streams_decode() -> None:
 def test_a_stream_drafts_only_while_few_enough_streams_decode(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The gateway's count of decoding streams decides each pass: held above the cap, a
-    stream that would draft at every pass drafts at none."""
+    """The gateway's count of running generations decides each pass: held above the cap,
+    a stream that would draft at every pass drafts at none (nor reads its prompt ahead)."""
     greedy = SamplingParams(temperature=0.0, logit_bias=FEW)
     _, _, _, alone, _ = generate(tiny_model, "lookup", greedy)
     assert metric(alone, "swarmgate_draft_tokens_total") > 0
     busy = DEFAULT_SPECULATE_MAX_STREAMS + 1
-    monkeypatch.setattr(HeadRunner, "decoding_streams", property(lambda self: busy))
+    # Every generator counts ``busy`` generations running, whatever it counts itself.
+    crowd = property(lambda self: busy, lambda self, value: None)
+    monkeypatch.setattr(Generator, "streams", crowd, raising=False)
+    prepared: list[object] = []
+    monkeypatch.setattr(HeadRunner, "prepare", lambda self, drafter: prepared.append(drafter))
     drafted, _, _, crowded, swarm = generate(tiny_model, "lookup", greedy)
     assert metric(crowded, "swarmgate_draft_tokens_total") == 0
     assert swarm.steps == len(drafted)  # the prompt's step, then one per token but the last
+    assert prepared == []
