@@ -195,7 +195,11 @@ class Generator:
                 # Not while too many streams run to draft: 16 draft models reading 16 prompts
                 # on the head thread held up every stream's rows (the bench saw 0.87x).
                 preparing = (
-                    asyncio.ensure_future(self._head.prepare(drafter))
+                    asyncio.ensure_future(
+                        self._head.prepare(
+                            drafter, lambda: self._speculation.drafting(self.streams)
+                        )
+                    )
                     if drafter and self._speculation.drafting(self.streams)
                     else None
                 )

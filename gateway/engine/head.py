@@ -44,6 +44,7 @@ class _Embed:
 @dataclass(frozen=True)
 class _Prepare:
     drafter: Drafter
+    wanted: Callable[[], bool]  # asked when the thread gets to it, not when it was queued
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,11 @@ class HeadRunner:
         assert isinstance(out, torch.Tensor)
         return out
 
-    async def prepare(self, drafter: Drafter) -> None:
-        """``drafter.prepare()`` on the thread (a draft model reading a prompt)."""
-        await self._batcher.submit(_Prepare(drafter))
+    async def prepare(self, drafter: Drafter, wanted: Callable[[], bool]) -> None:
+        """``drafter.prepare()`` on the thread (a draft model reading a prompt), if it is
+        still ``wanted()`` once the thread gets to it: a burst of streams all ask at once,
+        before any of them knows how many came."""
+        await self._batcher.submit(_Prepare(drafter, wanted))
 
     async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [1, n, hidden_size] → logits of the last position [vocab] (fp32)."""
@@ -256,7 +259,7 @@ def run_calls(
         if isinstance(call, _Embed):
             outcomes[i] = _attempt(embed_ids, head, call.ids)
         elif isinstance(call, _Prepare):
-            outcomes[i] = _attempt(call.drafter.prepare)
+            outcomes[i] = _attempt(call.drafter.prepare) if call.wanted() else None
         elif isinstance(call, _Score):
             outcomes[i] = _attempt(score_rows, head, call)
     rows = [i for i, call in enumerate(calls) if isinstance(call, _Rows)]

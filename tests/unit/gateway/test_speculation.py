@@ -27,7 +27,7 @@ from gateway.engine.generation import (
     TextDelta,
     TokenLogprob,
 )
-from gateway.engine.head import HeadRunner
+from gateway.engine.head import HeadRunner, _Prepare, run_calls
 from gateway.engine.sampling import SamplingParams
 from gateway.settings import GatewaySettings
 from tests.fakes import LocalSwarmClient
@@ -318,8 +318,22 @@ def test_a_stream_drafts_only_while_few_enough_streams_decode(
     crowd = property(lambda self: busy, lambda self, value: None)
     monkeypatch.setattr(Generator, "streams", crowd, raising=False)
     prepared: list[object] = []
-    monkeypatch.setattr(HeadRunner, "prepare", lambda self, drafter: prepared.append(drafter))
+    monkeypatch.setattr(HeadRunner, "prepare", lambda self, d, wanted: prepared.append(d))
     drafted, _, _, crowded, swarm = generate(tiny_model, "lookup", greedy)
     assert metric(crowded, "swarmgate_draft_tokens_total") == 0
     assert swarm.steps == len(drafted)  # the prompt's step, then one per token but the last
     assert prepared == []
+
+
+def test_a_prompt_read_ahead_no_longer_wanted_when_its_turn_comes_is_skipped() -> None:
+    """A burst of streams queues its read-aheads before any knows how many came: each
+    asks again when the head thread gets to it."""
+    read: list[str] = []
+
+    class Reader(Recorder):
+        def prepare(self) -> None:
+            read.append("read")
+
+    calls = [_Prepare(Reader(), lambda: True), _Prepare(Reader(), lambda: False)]
+    assert run_calls(None, calls) == [None, None]  # type: ignore[arg-type]  # no head needed
+    assert read == ["read"]
