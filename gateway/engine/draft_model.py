@@ -175,6 +175,8 @@ def truncate(config: PretrainedConfig, layers: int) -> None:
 class DraftModelDrafter:
     """One stream's drafts from a ``DraftModel``, with its own KV cache."""
 
+    costly = True  # a forward of the draft model per guess, on the head thread
+
     def __init__(self, model: DraftModel) -> None:
         self._model = model
         self._tokens: list[int] = []  # what the stream holds, as told

@@ -36,6 +36,10 @@ LOOKUP_MIN_NGRAM = 2
 class Drafter(Protocol):
     """One stream's drafter: told every token the stream holds, asked for guesses."""
 
+    # Whether proposing costs real compute on the head thread (a draft model): such a
+    # drafter drafts only for a stream whose prompt it read ahead.
+    costly: bool
+
     def extend(self, tokens: Sequence[int]) -> None:
         """These tokens follow those told before (the prompt first, then each emitted one)."""
         ...
@@ -74,6 +78,8 @@ class LookupDrafter:
                 if at >= n:
                     self._follows[n][tuple(self._tokens[at - n : at])] = at
             self._tokens.append(token)
+
+    costly = False  # a few dictionary reads a proposal
 
     def prepare(self) -> None:
         pass  # the index is kept as tokens arrive

@@ -203,13 +203,18 @@ class Generator:
                     if drafter and self._speculation.drafting(self.streams)
                     else None
                 )
+                prepared = False
                 try:
                     hidden = await session.step(embedded, history)
                     if preparing is not None:
-                        await preparing
+                        prepared = await preparing
                 finally:
                     if preparing is not None:
                         await _end(preparing)
+                if drafter is not None and drafter.costly and not prepared:
+                    # Read later, when a crowd thins out, its whole conversation would hold
+                    # up the head thread at once: a stream that came in a crowd never drafts.
+                    drafter = None
                 prompt_done()
                 if request.prompt_logprobs is not None:
                     scored = await self._head.score(hidden, prompt, request.prompt_logprobs)

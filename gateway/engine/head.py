@@ -107,7 +107,7 @@ T = TypeVar("T")
 
 _Call = _Embed | _Prepare | _Logits | _NextToken | _Verify | _Score
 _Rows = _Logits | _NextToken | _Verify
-_Outcome = torch.Tensor | Decoded | Verified | list[TokenChoice] | None
+_Outcome = torch.Tensor | Decoded | Verified | list[TokenChoice] | bool
 
 # Prompt positions scored in one job: other streams' rows wait behind it at most this many
 # rows' worth of LM head (64 rows of the default model: ~35 ms on one core, as a step of 16).
@@ -151,11 +151,12 @@ class HeadRunner:
         assert isinstance(out, torch.Tensor)
         return out
 
-    async def prepare(self, drafter: Drafter, wanted: Callable[[], bool]) -> None:
+    async def prepare(self, drafter: Drafter, wanted: Callable[[], bool]) -> bool:
         """``drafter.prepare()`` on the thread (a draft model reading a prompt), if it is
         still ``wanted()`` once the thread gets to it: a burst of streams all ask at once,
-        before any of them knows how many came."""
-        await self._batcher.submit(_Prepare(drafter, wanted))
+        before any of them knows how many came. Whether it ran."""
+        out = await self._batcher.submit(_Prepare(drafter, wanted))
+        return out is True
 
     async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [1, n, hidden_size] → logits of the last position [vocab] (fp32)."""
@@ -259,7 +260,7 @@ def run_calls(
         if isinstance(call, _Embed):
             outcomes[i] = _attempt(embed_ids, head, call.ids)
         elif isinstance(call, _Prepare):
-            outcomes[i] = _attempt(call.drafter.prepare) if call.wanted() else None
+            outcomes[i] = _attempt(_prepare, call) if call.wanted() else False
         elif isinstance(call, _Score):
             outcomes[i] = _attempt(score_rows, head, call)
     rows = [i for i, call in enumerate(calls) if isinstance(call, _Rows)]
@@ -401,6 +402,11 @@ def _choose(head: Head, call: _NextToken, row: torch.Tensor | None) -> Decoded:
 def _take(head: Head, call: _NextToken, token: int) -> Decoded:
     choice = call.sampler.take(token)
     return Decoded(choice, embed_ids(head, [choice.token]))
+
+
+def _prepare(call: _Prepare) -> bool:
+    call.drafter.prepare()
+    return True
 
 
 def _attempt(fn: Callable[..., T], *args: object) -> T | Exception:

@@ -245,6 +245,8 @@ def test_a_stop_sequence_inside_accepted_drafts_ends_the_text_there(tiny_model: 
 class Recorder:
     """A drafter that never guesses: it records the tokens a stream holds."""
 
+    costly = False
+
     def __init__(self) -> None:
         self.tokens: list[int] = []
 
@@ -335,5 +337,29 @@ def test_a_prompt_read_ahead_no_longer_wanted_when_its_turn_comes_is_skipped() -
             read.append("read")
 
     calls = [_Prepare(Reader(), lambda: True), _Prepare(Reader(), lambda: False)]
-    assert run_calls(None, calls) == [None, None]  # type: ignore[arg-type]  # no head needed
+    assert run_calls(None, calls) == [True, False]  # type: ignore[arg-type]  # no head needed
     assert read == ["read"]
+
+
+@pytest.mark.parametrize("costly", [False, True])
+def test_a_costly_drafter_that_read_no_prompt_ahead_never_drafts(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, costly: bool
+) -> None:
+    """A stream that came in a crowd (its read-ahead not wanted) drafts later with a cheap
+    drafter, never with a costly one: reading its whole conversation then would hold up
+    every stream's rows."""
+    greedy = SamplingParams(temperature=0.0)
+    recorder = Recorder()
+    monkeypatch.setattr(Speculation, "drafter", lambda self: recorder)
+    generate(tiny_model, "lookup", greedy)
+    oracle = Oracle(recorder.tokens)
+    oracle.costly = costly
+
+    async def not_wanted(self: HeadRunner, drafter: object, wanted: object) -> bool:
+        return False
+
+    monkeypatch.setattr(Speculation, "drafter", lambda self: oracle)
+    monkeypatch.setattr(HeadRunner, "prepare", not_wanted)
+    _, _, _, metrics, _ = generate(tiny_model, "lookup", greedy)
+    drafted = metric(metrics, "swarmgate_draft_tokens_total")
+    assert (drafted == 0) is costly
