@@ -190,17 +190,17 @@ class Generator:
                 stops = StopMatcher(request.stop)
                 drafter = self._drafter(request)
                 embedded = await self._head.embed(prompt[reused:])
-                # The drafter's own reading of the prompt (a draft model's) runs on the head
-                # thread while the swarm computes the prompt: not in the first token's way.
-                # Not while too many streams run to draft: 16 draft models reading 16 prompts
-                # on the head thread held up every stream's rows (the bench saw 0.87x).
+                # A draft model reads the prompt on the head thread while the swarm computes
+                # it: not in the first token's way. Not while too many streams run to draft
+                # (asked when the thread gets to it): 16 draft models reading 16 prompts there
+                # held up every stream's rows (the bench saw 0.87x).
                 preparing = (
                     asyncio.ensure_future(
                         self._head.prepare(
                             drafter, lambda: self._speculation.drafting(self.streams)
                         )
                     )
-                    if drafter and self._speculation.drafting(self.streams)
+                    if drafter is not None and drafter.costly
                     else None
                 )
                 prepared = False
@@ -211,7 +211,7 @@ class Generator:
                 finally:
                     if preparing is not None:
                         await _end(preparing)
-                if drafter is not None and drafter.costly and not prepared:
+                if preparing is not None and not prepared:
                     # Read later, when a crowd thins out, its whole conversation would hold
                     # up the head thread at once: a stream that came in a crowd never drafts.
                     drafter = None

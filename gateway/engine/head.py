@@ -367,7 +367,8 @@ def _run_rows(
 
 
 def _decide(head: Head, call: _NextToken, token: int | None, row: torch.Tensor | None) -> Decoded:
-    return _take(head, call, token) if token is not None else _choose(head, call, row)
+    choice = _draw(call.sampler, token, row)
+    return Decoded(choice, embed_ids(head, [choice.token]))
 
 
 def _draw(sampler: StreamSampler, token: int | None, row: torch.Tensor | None) -> TokenChoice:
@@ -391,17 +392,6 @@ def _verify(
     # The next pass yields a token per draft taken and one more: all within the room left.
     drafts = call.drafter.propose(min(call.limit, call.room - len(choices) - 1))
     return Verified(choices, drafts, embed_ids(head, [choices[-1].token, *drafts]))
-
-
-def _choose(head: Head, call: _NextToken, row: torch.Tensor | None) -> Decoded:
-    assert row is not None  # every row the screen did not decide has its logits
-    choice = call.sampler.choose(row)
-    return Decoded(choice, embed_ids(head, [choice.token]))
-
-
-def _take(head: Head, call: _NextToken, token: int) -> Decoded:
-    choice = call.sampler.take(token)
-    return Decoded(choice, embed_ids(head, [choice.token]))
 
 
 def _prepare(call: _Prepare) -> bool:
